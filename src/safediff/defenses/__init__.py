@@ -1,0 +1,4 @@
+"""Defenses, one module each; importing this package registers them all."""
+
+from . import negative_prompt  # noqa: F401
+from .base import STAGES, DefenseConfig, get_defense, known_defenses, register_defense  # noqa: F401

@@ -1,0 +1,381 @@
+"""Train the testbed model: a tiny Stable-Diffusion-shaped text-to-image model on the testbed world.
+
+``safediff testbed train --out DIR`` runs, in order (each stage seeded, the config recorded):
+
+1. an offline CLIP tokenizer over every word of the world (held-out words included: the base
+   model plays a pretrained SD, which knows every word);
+2. a tiny ``AutoencoderKL`` (32x32 RGB -> 16x16x4 latents), reconstruction + tiny KL;
+3. the ``UNet2DConditionModel`` and a ``CLIPTextModel`` trained jointly from scratch, v-prediction
+   with min-SNR-5 weighting, cosine beta schedule, AdamW with warm-up and cosine decay, EMA of both
+   networks, fresh random data every step, periodic EMA checkpoints and roll-back on a loss spike
+   (testbed-notes.md: a constant 1e-3 learning rate diverged at ~3,500 steps);
+4. the guidance-scale curve (exact detectors over many samples), whose best scale is recorded in
+   the model's ``safediff.json`` and is the default wherever the testbed is used.
+
+The model is written in the diffusers layout (fp16 weights, loaded back as fp32), to a temporary
+folder renamed into place at the end, so an interrupted run never leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import __version__
+from ..tokenizer import build_clip_tokenizer
+from . import world
+
+TESTBED_FAMILY = "safediff-testbed"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Recipe of the testbed model (defaults: the shipped model).
+
+    Args:
+        seed: seeds every random draw (data, initialisation, noise).
+        vae_steps / vae_batch / vae_lr: autoencoder stage.
+        steps / batch / lr / min_lr / warmup: denoiser + text-encoder stage (cosine decay to min_lr).
+        ema_decay: EMA of the denoiser and text encoder.
+        min_snr_gamma: min-SNR weighting of the v-prediction loss.
+        checkpoint_every: steps between in-memory EMA checkpoints (the roll-back points) and
+            on-disk resume checkpoints.
+        spike_factor: a smoothed loss above ``spike_factor`` times its best value rolls back.
+        max_minutes: wall-clock safety stop for the whole run.
+        guidance_scales / curve_samples: the guidance-scale curve measured at the end.
+    """
+
+    seed: int = 0
+    vae_steps: int = 900
+    vae_batch: int = 32
+    vae_lr: float = 2e-3
+    steps: int = 6000
+    batch: int = 32
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup: int = 200
+    ema_decay: float = 0.999
+    min_snr_gamma: float = 5.0
+    checkpoint_every: int = 250
+    spike_factor: float = 4.0
+    max_minutes: float = 58.0
+    guidance_scales: tuple[float, ...] = (1.5, 2.0, 2.5, 3.0, 4.0)
+    curve_samples: int = 200
+    num_inference_steps: int = 25
+    world: world.WorldConfig = field(default_factory=world.WorldConfig)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.vae_steps < 1:
+            raise ValueError("`steps` and `vae_steps` must be >= 1.")
+        if not 0 < self.min_lr <= self.lr:
+            raise ValueError(f"need 0 < `min_lr` <= `lr`, got min_lr={self.min_lr}, lr={self.lr}.")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        d["world"] = world.WorldConfig(**{**d.get("world", {}), "attributes": tuple(d.get("world", {}).get("attributes", ("colour", "shape", "background")))})
+        d["guidance_scales"] = tuple(d.get("guidance_scales", cls.guidance_scales))
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------------------------------
+# components
+# ---------------------------------------------------------------------------------------------
+
+
+def build_components(tokenizer, seed: int = 0) -> dict:
+    """Untrained testbed components (stock diffusers/transformers classes)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=world.IMAGE_SIZE,
+    )
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(
+        sample_size=world.IMAGE_SIZE // 2,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(64, 128, 128),
+        layers_per_block=1,
+        cross_attention_dim=64,
+        attention_head_dim=4,  # diffusers' name for the number of heads: 128 / 4 = 32 per head
+        norm_num_groups=32,
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=tokenizer.model_max_length,
+            projection_dim=64,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type="v_prediction",
+        clip_sample=False,
+        set_alpha_to_one=True,
+        timestep_spacing="trailing",
+        steps_offset=1,  # unused by "trailing"; set so the pipeline does not rewrite the config
+    )
+    return {"vae": vae, "unet": unet, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
+
+
+def _batch(rng: random.Random, n: int, cfg: world.WorldConfig):
+    scenes, captions = [], []
+    for _ in range(n):
+        cs = [c for c in world.CONCEPTS if rng.random() < cfg.concept_prob]
+        s = world.random_scene(rng, cs)
+        scenes.append(s)
+        captions.append(world.caption(s, rng, cfg))
+    imgs = np.stack([world.render(s) for s in scenes]).astype(np.float32) / 127.5 - 1.0
+    return torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), captions
+
+
+def _lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    p = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, p)))
+
+
+def train_vae(vae, cfg: TrainConfig, progress: bool = True, log=print) -> float:
+    """Stage 2. Returns the latent scaling factor (1 / std of latents), set on the VAE config."""
+    from tqdm.auto import tqdm
+
+    rng = random.Random(cfg.seed + 100)
+    gen = torch.Generator().manual_seed(cfg.seed + 101)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    vae.train()
+    bar = tqdm(range(cfg.vae_steps), desc="vae", disable=not progress)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = cfg.vae_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps))
+        x, _ = _batch(rng, cfg.vae_batch, cfg.world)
+        post = vae.encode(x).latent_dist
+        z = post.sample(generator=gen)
+        rec = vae.decode(z).sample
+        loss = F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0:
+            psnr = 10 * math.log10(4.0 / max(F.mse_loss(rec, x).item(), 1e-10))
+            bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr:.1f}")
+    vae.eval()
+    with torch.no_grad():
+        x, _ = _batch(rng, 256, cfg.world)
+        z = vae.encode(x).latent_dist.sample(generator=gen)
+        rec = vae.decode(z).sample
+        psnr = 10 * math.log10(4.0 / F.mse_loss(rec, x).item())
+        scale = float(1.0 / z.std())
+    vae.register_to_config(scaling_factor=scale)
+    log(f"vae: PSNR {psnr:.1f} dB on 256 fresh images, latent scaling factor {scale:.4f}")
+    return scale
+
+
+def _save_ckpt(path: Path, step: int, cfg: TrainConfig, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"step": step, "config": cfg.to_dict(), **state}, tmp)
+    tmp.replace(path)
+
+
+def train_denoiser(components: dict, cfg: TrainConfig, work_dir: Path, progress: bool = True, log=print) -> dict:
+    """Stage 3: UNet + text encoder, jointly. Returns EMA copies of both."""
+    from diffusers import DDPMScheduler
+    from tqdm.auto import tqdm
+
+    unet, te, tok, vae = components["unet"], components["text_encoder"], components["tokenizer"], components["vae"]
+    noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", clip_sample=False)
+    alphas_cumprod = noise_sched.alphas_cumprod
+    snr_all = alphas_cumprod / (1 - alphas_cumprod)
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(te).eval()
+    for p in list(ema_unet.parameters()) + list(ema_te.parameters()):
+        p.requires_grad_(False)
+
+    ckpt_path = work_dir / "train_checkpoint.pt"
+    start, lr_mult = 0, 1.0
+    rng = random.Random(cfg.seed + 200)
+    gen = torch.Generator().manual_seed(cfg.seed + 201)
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, weights_only=True)
+        if ck["config"] != cfg.to_dict():
+            raise ValueError(
+                f"The checkpoint at {ckpt_path} was made with another training config; "
+                "delete it to start over, or resume with the config it was made with."
+            )
+        unet.load_state_dict(ck["unet"]); te.load_state_dict(ck["te"])
+        ema_unet.load_state_dict(ck["ema_unet"]); ema_te.load_state_dict(ck["ema_te"])
+        opt.load_state_dict(ck["opt"]); start = ck["step"]; lr_mult = ck["lr_mult"]
+        rng.setstate(_tuple_state(ck["py_rng"])); gen.set_state(ck["torch_rng"])
+        log(f"resumed from step {start}")
+
+    def snapshot():
+        return {k: copy.deepcopy(m.state_dict()) for k, m in
+                (("unet", unet), ("te", te), ("ema_unet", ema_unet), ("ema_te", ema_te), ("opt", opt))}
+
+    good = snapshot()
+    smooth, best = None, float("inf")
+    t0 = time.time()
+    unet.train(); te.train()
+    bar = tqdm(range(start, cfg.steps), desc="denoiser", initial=start, total=cfg.steps, disable=not progress)
+    for step in bar:
+        lr = _lr_at(step, cfg) * lr_mult
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x, caps = _batch(rng, cfg.batch, cfg.world)
+        with torch.no_grad():
+            lat = vae.encode(x).latent_dist.sample(generator=gen) * vae.config.scaling_factor
+        ids = tok(caps, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        emb = te(ids)[0]
+        noise = torch.randn(lat.shape, generator=gen)
+        t = torch.randint(0, 1000, (lat.shape[0],), generator=gen)
+        noisy = noise_sched.add_noise(lat, noise, t)
+        target = noise_sched.get_velocity(lat, noise, t)
+        pred = unet(noisy, t, emb).sample
+        snr = snr_all[t]
+        w = torch.clamp(snr, max=cfg.min_snr_gamma) / (snr + 1)
+        loss = (w * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        d = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for src, dst in ((unet, ema_unet), (te, ema_te)):
+                for ps, pd in zip(src.parameters(), dst.parameters()):
+                    pd.lerp_(ps, 1 - d)
+        lv = loss.item()
+        smooth = lv if smooth is None else 0.98 * smooth + 0.02 * lv
+        if step > cfg.warmup + 100:
+            best = min(best, smooth)
+            if smooth > cfg.spike_factor * best:
+                log(f"loss spike at step {step} (smoothed {smooth:.4f} > {cfg.spike_factor} x best {best:.4f}): "
+                    "rolling back to the last checkpoint and halving the learning rate")
+                for k, m in (("unet", unet), ("te", te), ("ema_unet", ema_unet), ("ema_te", ema_te), ("opt", opt)):
+                    m.load_state_dict(good[k])
+                lr_mult *= 0.5
+                smooth = best
+        if (step + 1) % cfg.checkpoint_every == 0:
+            good = snapshot()
+            _save_ckpt(ckpt_path, step + 1, cfg, {**good, "lr_mult": lr_mult, "py_rng": rng.getstate(), "torch_rng": gen.get_state()})
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{lr:.2e}")
+        if (time.time() - t0) / 60 > cfg.max_minutes:
+            log(f"stopping at step {step + 1}: the {cfg.max_minutes}-minute budget is spent")
+            break
+    log(f"denoiser: {step + 1} steps in {(time.time() - t0) / 60:.1f} min, smoothed loss {smooth:.4f}")
+    return {"unet": ema_unet, "text_encoder": ema_te}
+
+
+def _tuple_state(s):
+    # random.Random state comes back from torch.load as lists; setstate wants tuples
+    return (s[0], tuple(s[1]), s[2])
+
+
+def save_model(components: dict, out_dir: Path, meta: dict) -> None:
+    """Write the pipeline (fp16 weights) + ``safediff.json`` to ``out_dir`` atomically."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=components["vae"], text_encoder=components["text_encoder"], tokenizer=components["tokenizer"],
+        unet=components["unet"], scheduler=components["scheduler"], safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipe.to(torch.float16)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    pipe.to(torch.float32)
+    (tmp / "safediff.json").write_text(json.dumps(meta, indent=2))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+
+
+def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), overwrite: bool = False, progress: bool = True, log=print) -> Path:
+    """Train the testbed model from scratch into ``out_dir`` (see module docstring)."""
+    out_dir = Path(out_dir)
+    marker = out_dir / "safediff.json"
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        what = "a different model" if marker.exists() else "other files"
+        raise FileExistsError(
+            f"Output folder {out_dir} already holds {what}; choose an empty folder or pass "
+            "--overwrite to replace it."
+        )
+    work = out_dir.with_name(out_dir.name + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    tokenizer = build_clip_tokenizer(world.vocabulary(), work / "tokenizer")
+    comps = build_components(tokenizer, seed=cfg.seed)
+    vae_path = work / "vae"
+    if (vae_path / "config.json").exists():
+        from diffusers import AutoencoderKL
+        comps["vae"] = AutoencoderKL.from_pretrained(vae_path)
+        log(f"vae: reused {vae_path}")
+    else:
+        train_vae(comps["vae"], cfg, progress, log)
+        comps["vae"].save_pretrained(vae_path)
+    comps["vae"].requires_grad_(False).eval()
+    ema = train_denoiser(comps, cfg, work, progress, log)
+    comps.update(ema)
+    train_minutes = (time.time() - t0) / 60
+
+    meta = {
+        "family": TESTBED_FAMILY,
+        "safediff_version": __version__,
+        "train_config": cfg.to_dict(),
+        "train_minutes": round(train_minutes, 1),
+        "world": {"concepts": {k: dataclasses.asdict(c) for k, c in world.CONCEPTS.items()}},
+        "default_guidance_scale": 2.5,
+    }
+    save_model(comps, out_dir, meta)
+    from .quality import guidance_curve
+
+    curve = guidance_curve(out_dir, scales=cfg.guidance_scales, n=cfg.curve_samples, steps=cfg.num_inference_steps, seed=cfg.seed, progress=progress)
+    best = max(curve, key=lambda r: r["all_three"])
+    meta["guidance_curve"] = curve
+    meta["default_guidance_scale"] = best["guidance_scale"]
+    marker.write_text(json.dumps(meta, indent=2))
+    log(f"best guidance scale {best['guidance_scale']} (all three attributes right: {best['all_three']:.3f})")
+    log(f"done in {(time.time() - t0) / 60:.1f} min: {out_dir}")
+    return out_dir
