@@ -1,0 +1,81 @@
+"""The library entry points; the CLI is a thin layer over these."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .models import Model, load_model
+from .pipeline import GenerationOutput, SafePipeline
+from .stack import DefenseStack
+
+
+def write_images(output: GenerationOutput, out_dir: str | Path, model_source: str = "") -> list[Path]:
+    """Write each image as PNG with its provenance in PNG text chunks and a JSON sidecar.
+
+    Existing files are never overwritten silently: a name that exists gets a numbered suffix.
+    """
+    from PIL.PngImagePlugin import PngInfo
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for r in output.records:
+        meta = {
+            "prompt": r.prompt, "prompt_index": r.prompt_index, "seed": r.seed, "image_index": r.image_index,
+            "stack": output.stack, "stack_hash": output.stack_hash, "model": model_source,
+            "model_hash": output.model_hash, "guidance_scale": output.guidance_scale,
+            "num_inference_steps": output.num_inference_steps, "refused": r.refused,
+            "refusal_reason": r.refusal_reason, "flagged": r.flagged, "output_scores": r.output_scores,
+            "safediff_version": __version__,
+        }
+        stem = f"p{r.prompt_index:04d}_s{r.seed}_i{r.image_index}_{output.stack_hash[:8]}"
+        n = 0
+        while (out / f"{stem}{'' if n == 0 else f'-{n}'}.json").exists():
+            n += 1
+        stem = f"{stem}{'' if n == 0 else f'-{n}'}"
+        if r.image is not None:
+            info = PngInfo()
+            for k, v in meta.items():
+                info.add_text(k, json.dumps(v) if not isinstance(v, str) else v)
+            r.image.save(out / f"{stem}.png", pnginfo=info)
+            paths.append(out / f"{stem}.png")
+        (out / f"{stem}.json").write_text(json.dumps(meta, indent=2))
+    return paths
+
+
+def generate(
+    prompts: str | Sequence[str],
+    *,
+    model: Model | str | None = None,
+    defenses=None,
+    seed: int = 0,
+    num_images_per_prompt: int = 1,
+    guidance_scale: float | None = None,
+    num_inference_steps: int | None = None,
+    out_dir: str | Path | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> GenerationOutput:
+    """Generate images for ``prompts`` with a defense stack (default model: the shipped testbed).
+
+    Example:
+        >>> import safediff
+        >>> out = safediff.generate("a red circle on white background, zebra",
+        ...                         defenses='negative_prompt(text="striped")', seed=0)  # doctest: +SKIP
+        >>> out.images[0].size                                                           # doctest: +SKIP
+        (32, 32)
+    """
+    from . import core
+
+    core.validate_prompts(prompts)  # fail before loading anything
+    stack = DefenseStack.parse(defenses)
+    m = model if isinstance(model, Model) else load_model(model)
+    with SafePipeline(m, stack) as pipe:
+        output = pipe(prompts, seed=seed, num_images_per_prompt=num_images_per_prompt, guidance_scale=guidance_scale,
+                      num_inference_steps=num_inference_steps, batch_size=batch_size, progress=progress)
+    if out_dir is not None:
+        write_images(output, out_dir, model_source=m.source)
+    return output

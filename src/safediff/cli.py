@@ -1,0 +1,158 @@
+"""``safediff`` command line: argument parsing only; every command calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _quiet_libraries() -> None:
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+    try:
+        import diffusers.utils.logging as dl
+        import transformers.utils.logging as tl
+
+        tl.set_verbosity_error(); tl.disable_progress_bar()
+        dl.set_verbosity_error(); dl.disable_progress_bar()
+    except Exception:  # noqa: BLE001 - logging niceties only
+        pass
+
+
+def _stack_arg(args) -> object:
+    if getattr(args, "stack_file", None):
+        return Path(args.stack_file)
+    return "+".join(args.defense) if args.defense else None
+
+
+def cmd_generate(args) -> int:
+    import safediff
+
+    out = safediff.generate(args.prompt, model=args.model, defenses=_stack_arg(args), seed=args.seed,
+                            num_images_per_prompt=args.num_images, guidance_scale=args.guidance_scale,
+                            num_inference_steps=args.steps, out_dir=args.out, batch_size=args.batch_size)
+    refused = sum(r.refused for r in out.records)
+    print(f"wrote {len(out.records) - refused} image(s) to {args.out} (stack {out.stack}, hash {out.stack_hash})"
+          + (f"; {refused} refused" if refused else ""))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import DEMO_DEFENSE, run_demo
+
+    run_demo(args.out, model=args.model, defenses=args.defense or DEMO_DEFENSE, seeds=args.seeds, seed=args.seed)
+    return 0
+
+
+def cmd_defenses(args) -> int:
+    import dataclasses
+
+    from .defenses.base import known_defenses
+
+    for name, spec in sorted(known_defenses().items()):
+        fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(spec.config_cls)
+                           if f.default is not dataclasses.MISSING)
+        presets = sorted(spec.config_cls.presets())
+        print(f"{name:20s} stage={spec.stage:13s} {fields}" + (f"  presets={presets}" if presets else ""))
+    return 0
+
+
+def cmd_testbed_train(args) -> int:
+    from .testbed.train import TrainConfig, train
+
+    cfg = TrainConfig()
+    if args.config:
+        cfg = TrainConfig.from_dict(json.loads(Path(args.config).read_text()))
+    overrides = {}
+    for kv in args.set or []:
+        k, v = kv.split("=", 1)
+        overrides[k] = json.loads(v)
+    if overrides:
+        cfg = TrainConfig.from_dict({**cfg.to_dict(), **overrides})
+    train(args.out, cfg, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_testbed_info(args) -> int:
+    from .models import load_model
+    from .testbed import world
+
+    m = load_model(args.model)
+    print(json.dumps({"family": m.family, "prediction_type": m.prediction_type, "content_hash": m.content_hash,
+                      "default_guidance_scale": m.default_guidance_scale, "default_steps": m.default_steps,
+                      "guidance_curve": m.meta.get("guidance_curve"),
+                      "concepts": {k: {"role": c.role, "training_words": c.training_words, "held_out": c.held_out,
+                                       "near_benign": c.near_benign} for k, c in world.CONCEPTS.items()}}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="safediff", description="Composable safety defenses for text-to-image diffusion.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--version", action="version", version=f"safediff {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def model_arg(sp):
+        sp.add_argument("--model", default=None, help="diffusers folder or hub id (default: the shipped testbed)")
+
+    def defense_args(sp):
+        sp.add_argument("--defense", action="append", default=[],
+                        help='defense in text form, e.g. \'negative_prompt(text="striped")\'; repeat or join with +')
+        sp.add_argument("--stack-file", default=None, help="YAML/TOML/JSON stack file")
+
+    g = sub.add_parser("generate", help="generate images with a defense stack")
+    g.add_argument("prompt", nargs="+")
+    model_arg(g); defense_args(g)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    g.add_argument("--guidance-scale", type=float, default=None, help="default: the model's recorded best")
+    g.add_argument("--steps", type=int, default=None, help="default: the model's recorded default")
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--out", default="safediff-out")
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo", help="the same prompts with and without a defense on the testbed")
+    model_arg(d)
+    d.add_argument("--defense", default=None, help="defense stack (default: a negative prompt naming both concepts)")
+    d.add_argument("--seeds", type=int, default=4)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--out", default="safediff-demo")
+    d.set_defaults(func=cmd_demo)
+
+    ls = sub.add_parser("defenses", help="list the registered defenses and their options")
+    ls.set_defaults(func=cmd_defenses)
+
+    tb = sub.add_parser("testbed", help="the testbed model").add_subparsers(dest="testbed_command", required=True)
+    tr = tb.add_parser("train", help="train the testbed model from scratch")
+    tr.add_argument("--out", required=True)
+    tr.add_argument("--config", default=None, help="JSON TrainConfig")
+    tr.add_argument("--set", action="append", metavar="KEY=JSON", help="override a TrainConfig field, e.g. --set steps=200")
+    tr.add_argument("--overwrite", action="store_true")
+    tr.set_defaults(func=cmd_testbed_train)
+    ti = tb.add_parser("info", help="print the model's family, hash, guidance curve and concept split")
+    model_arg(ti)
+    ti.set_defaults(func=cmd_testbed_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_libraries()
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"safediff: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
