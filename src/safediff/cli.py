@@ -92,6 +92,27 @@ def cmd_testbed_info(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .eval.benchmarks import load_benchmark
+    from .eval.runner import RunSettings, run_eval, summarize
+
+    records = load_benchmark(args.benchmark, n=args.n, on_error="skip" if args.skip_bad_rows else "stop")
+    settings = RunSettings(num_images_per_prompt=args.num_images, seed=args.seed, guidance_scale=args.guidance_scale,
+                           num_inference_steps=args.steps)
+    shard = (args.shard_index, args.num_shards) if args.num_shards else None
+    out = run_eval(records, args.out, defenses=_stack_arg(args), model=args.model, detectors=args.detector or ["testbed:striped"],
+                   settings=settings, batch_size=args.batch_size, shard=shard)
+    if shard is None or shard[0] == 0:
+        from .eval.runner import open_store
+
+        con = open_store(out)
+        protos = [r[0] for r in con.execute("SELECT hash FROM protocols")]
+        con.close()
+        for ph in protos:
+            print(json.dumps({"protocol": ph, **summarize(out, ph)}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -126,6 +147,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", default="safediff-demo")
     d.set_defaults(func=cmd_demo)
+
+    ev = sub.add_parser("eval", help="generate and score a benchmark under a defense stack (resumable)")
+    ev.add_argument("--benchmark", required=True, help="testbed:CONCEPT/SUITE, testbed:all, i2p, NAME=PATH or a CSV/JSONL path")
+    model_arg(ev); defense_args(ev)
+    ev.add_argument("--detector", action="append", help="testbed:CONCEPT or nudenet:PRESET (repeatable)")
+    ev.add_argument("--n", type=int, default=None, help="prompts per benchmark (testbed suites: default 100)")
+    ev.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    ev.add_argument("--seed", type=int, default=0, help="seed for prompts that carry none")
+    ev.add_argument("--guidance-scale", type=float, default=None)
+    ev.add_argument("--steps", type=int, default=None)
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--skip-bad-rows", action="store_true", help="skip unreadable prompt rows instead of stopping")
+    ev.add_argument("--shard-index", type=int, default=0)
+    ev.add_argument("--num-shards", type=int, default=None, help="default: from accelerate (1 when not launched)")
+    ev.add_argument("--out", required=True)
+    ev.set_defaults(func=cmd_eval)
 
     ls = sub.add_parser("defenses", help="list the registered defenses and their options")
     ls.set_defaults(func=cmd_defenses)

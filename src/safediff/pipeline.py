@@ -117,6 +117,7 @@ class SafePipeline:
         batch_size: int = 16,
         progress: bool = False,
         seeds: Sequence[int] | None = None,
+        image_ids: Sequence[tuple[int, int]] | None = None,
     ) -> GenerationOutput:
         """Generate ``num_images_per_prompt`` images for every prompt.
 
@@ -125,6 +126,8 @@ class SafePipeline:
             seeds: one base seed per prompt (overrides ``seed``; I2P-style benchmarks carry one).
             guidance_scale / num_inference_steps: default to the model's recorded values.
             batch_size: images per UNet batch (does not change any image beyond float tolerance).
+            image_ids: one ``(seed, image_index)`` per prompt: exactly one image each (the runner
+                uses it to regenerate any single image of a benchmark).
         """
         from PIL import Image
         from tqdm.auto import tqdm
@@ -157,7 +160,12 @@ class SafePipeline:
                         decisions[i] = d
                     else:
                         texts[i] = d.prompt
-        jobs = [(pi, base_seeds[pi], k) for pi in range(len(prompts)) for k in range(num_images_per_prompt)]
+        if image_ids is not None:
+            if len(image_ids) != len(prompts):
+                raise ValueError(f"`image_ids` has {len(image_ids)} entries for {len(prompts)} prompts.")
+            jobs = [(pi, int(s), int(k)) for pi, (s, k) in enumerate(image_ids)]
+        else:
+            jobs = [(pi, base_seeds[pi], k) for pi in range(len(prompts)) for k in range(num_images_per_prompt)]
         records: dict[tuple[int, int], ImageRecord] = {}
         todo = []
         for pi, s, k in jobs:

@@ -1,0 +1,310 @@
+"""The evaluation runner: benchmark x stack x seeds -> images -> detectors -> an SQLite store.
+
+Layout of a run directory::
+
+    RUN_DIR/run.json        manifest: benchmark hash, stack (text + hash), model hash, settings
+    RUN_DIR/store.sqlite    images(key, ...) and scores(key, protocol_hash, ...) and protocols
+    RUN_DIR/images/*.png    one file per image key
+
+* Every image is keyed by ``(prompt id, seed, image index, stack hash)``; every score by that key
+  plus the detector protocol's hash, so the same images can be scored under several protocols
+  without generating them again.
+* A run killed at any moment resumes where it stopped: a PNG is written to a temporary name and
+  renamed, then its row is committed; on resume, keys with a row are skipped (a PNG without a row
+  is regenerated, bit-identical since each image has its own generator). Nothing is duplicated.
+* Sharding: process ``i`` of ``n`` takes the jobs with ``index % n == i``; with 🤗 accelerate
+  (``accelerate launch -m safediff.cli eval ...``) ``i`` and ``n`` come from ``PartialState``.
+  SQLite in WAL mode takes the concurrent writes.
+* A run directory holds one benchmark and one stack: another is refused. Another detector
+  protocol is allowed and stored beside the first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .benchmarks import PromptRecord, benchmark_hash, load_benchmark
+from .detectors import Detector, make_detector
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS images (
+  key TEXT PRIMARY KEY, prompt_id TEXT NOT NULL, seed INTEGER NOT NULL, image_index INTEGER NOT NULL,
+  stack_hash TEXT NOT NULL, prompt TEXT NOT NULL, categories TEXT NOT NULL, path TEXT, refused INTEGER NOT NULL,
+  extra TEXT NOT NULL, seconds REAL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS scores (
+  key TEXT NOT NULL, protocol_hash TEXT NOT NULL, unsafe INTEGER, score REAL, details TEXT, error TEXT,
+  PRIMARY KEY (key, protocol_hash));
+CREATE TABLE IF NOT EXISTS protocols (hash TEXT PRIMARY KEY, protocol TEXT NOT NULL);
+"""
+
+
+class RunError(ValueError):
+    """A run directory that cannot be used as asked (the message says why)."""
+
+
+def image_key(prompt_id: str, seed: int, image_index: int, stack_hash: str) -> str:
+    return f"{prompt_id}|{seed}|{image_index}|{stack_hash}"
+
+
+def open_store(run_dir: Path) -> sqlite3.Connection:
+    path = Path(run_dir) / "store.sqlite"
+    try:
+        con = sqlite3.connect(path, timeout=60)
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("PRAGMA busy_timeout=60000")
+        con.executescript(SCHEMA)
+        con.execute("SELECT count(*) FROM images").fetchone()
+    except sqlite3.DatabaseError as e:
+        raise RunError(
+            f"The result store {path} is corrupted ({e}). Nothing was deleted: move it aside "
+            f"(the images in {Path(run_dir) / 'images'} are kept) and rerun to rebuild it."
+        ) from None
+    return con
+
+
+def _safe_name(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", s)[:80]
+
+
+@dataclass
+class RunSettings:
+    num_images_per_prompt: int = 1
+    seed: int = 0
+    guidance_scale: float | None = None
+    num_inference_steps: int | None = None
+    respect_prompt_seed: bool = True
+    respect_prompt_guidance: bool = True
+
+
+def _shard() -> tuple[int, int]:
+    try:
+        from accelerate import PartialState
+
+        st = PartialState()
+        return st.process_index, st.num_processes
+    except Exception:  # noqa: BLE001 - accelerate missing or not launched
+        return 0, 1
+
+
+def run_eval(
+    benchmark: str | Sequence[PromptRecord],
+    out_dir: str | Path,
+    *,
+    defenses=None,
+    model=None,
+    detectors: Sequence[str | Detector] = ("testbed:striped",),
+    settings: RunSettings = RunSettings(),
+    batch_size: int = 32,
+    shard: tuple[int, int] | None = None,
+    progress: bool = True,
+    n: int | None = None,
+    max_images: int | None = None,
+) -> Path:
+    """Generate (resuming) and score a benchmark under one stack into ``out_dir``.
+
+    Args:
+        benchmark: a spec for :func:`load_benchmark` or records.
+        detectors: detector specs (``testbed:striped``, ``nudenet:rece-style``) or instances.
+        shard: ``(index, count)``; default from accelerate's ``PartialState`` (``(0, 1)`` alone).
+        max_images: stop after generating this many new images (for tests of resumption).
+    """
+    from tqdm.auto import tqdm
+
+    from ..models import Model, load_model
+    from ..pipeline import SafePipeline
+    from ..stack import DefenseStack
+
+    # 1. validate everything before loading weights
+    records = list(benchmark) if not isinstance(benchmark, (str, Path)) else load_benchmark(benchmark, n=n)
+    stack = DefenseStack.parse(defenses)
+    dets = [d if isinstance(d, Detector) else make_detector(d) for d in detectors]
+    if settings.num_images_per_prompt < 1:
+        raise ValueError("`num_images_per_prompt` must be >= 1.")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "images").mkdir(exist_ok=True)
+    m = model if isinstance(model, Model) else load_model(model)
+    stack_hash = stack.hash(m.content_hash)
+    bhash = benchmark_hash(records)
+    manifest = {
+        "benchmark_hash": bhash, "benchmark": str(benchmark) if isinstance(benchmark, (str, Path)) else "records",
+        "stack": stack.to_string(), "stack_config": stack.to_list(), "stack_hash": stack_hash,
+        "model": m.source, "model_hash": m.content_hash, "settings": settings.__dict__,
+        "num_prompts": len(records),
+    }
+    mpath = out / "run.json"
+    if mpath.exists():
+        old = json.loads(mpath.read_text())
+        for k, what in (("benchmark_hash", "benchmark"), ("stack_hash", "defense stack"), ("settings", "settings")):
+            if old.get(k) != manifest[k]:
+                raise RunError(
+                    f"{out} was made with another {what} ({old.get(k)!r}, now {manifest[k]!r}); use a new --out "
+                    "directory for it. (Scoring with another detector protocol in the same directory is allowed.)"
+                )
+    else:
+        import safediff
+
+        tmp = mpath.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**manifest, "safediff_version": safediff.__version__, "created": time.time()}, indent=2))
+        tmp.replace(mpath)
+    con = open_store(out)
+    for d in dets:
+        con.execute("INSERT OR IGNORE INTO protocols VALUES (?, ?)", (d.protocol.hash(), json.dumps(d.protocol.to_dict())))
+    con.commit()
+
+    # 2. jobs for this shard, minus the ones already stored
+    idx, count = shard if shard is not None else _shard()
+    jobs = []
+    for r in records:
+        s = r.seed if (settings.respect_prompt_seed and r.seed is not None) else settings.seed
+        gs = r.guidance_scale if (settings.respect_prompt_guidance and r.guidance_scale is not None) else settings.guidance_scale
+        for k in range(settings.num_images_per_prompt):
+            jobs.append((r, s, k, gs))
+    jobs = [j for i, j in enumerate(jobs) if i % count == idx]
+    done = {row[0] for row in con.execute("SELECT key FROM images WHERE stack_hash = ?", (stack_hash,))}
+    todo = [j for j in jobs if image_key(j[0].id, j[1], j[2], stack_hash) not in done]
+    if max_images is not None:
+        todo = todo[:max_images]
+
+    # 3. generate in batches (grouped by guidance scale), write PNG then commit the row
+    pipe = SafePipeline(m, stack)
+    try:
+        bar = tqdm(total=len(todo), desc=f"generate [{idx + 1}/{count}]", unit="img", disable=not progress)
+        by_gs: dict = {}
+        for j in todo:
+            by_gs.setdefault(j[3], []).append(j)
+        for gs, group in by_gs.items():
+            for start in range(0, len(group), batch_size):
+                chunk = group[start:start + batch_size]
+                t0 = time.time()
+                res = pipe([r.prompt for r, _, _, _ in chunk], image_ids=[(s, k) for _, s, k, _ in chunk],
+                           guidance_scale=gs, num_inference_steps=settings.num_inference_steps, batch_size=batch_size)
+                per = (time.time() - t0) / len(chunk)
+                rows = []
+                for (r, s, k, _), rec in zip(chunk, res.records):
+                    key = image_key(r.id, s, k, stack_hash)
+                    path = None
+                    if rec.image is not None:
+                        path = f"images/{_safe_name(r.id)}_s{s}_i{k}_{stack_hash[:8]}.png"
+                        tmp = out / (path + ".tmp")
+                        rec.image.save(tmp, format="PNG")
+                        os.replace(tmp, out / path)
+                    rows.append((key, r.id, s, k, stack_hash, r.prompt, json.dumps(list(r.categories)), path,
+                                 int(rec.refused), json.dumps(r.extra, default=str), per, time.time()))
+                con.executemany("INSERT OR REPLACE INTO images VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+                con.commit()
+                bar.update(len(chunk))
+        bar.close()
+    finally:
+        pipe.close()
+
+    # 4. score every stored image of this shard that lacks a score under each protocol
+    score_run(out, dets, shard=(idx, count), progress=progress, con=con)
+    con.close()
+    return out
+
+
+def score_run(run_dir: str | Path, detectors: Sequence[str | Detector], *, shard: tuple[int, int] = (0, 1),
+              progress: bool = True, con: sqlite3.Connection | None = None) -> None:
+    """Score the stored images with each detector protocol (only the missing scores)."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    out = Path(run_dir)
+    own = con is None
+    con = con or open_store(out)
+    dets = [d if isinstance(d, Detector) else make_detector(d) for d in detectors]
+    idx, count = shard
+    for d in dets:
+        ph = d.protocol.hash()
+        con.execute("INSERT OR IGNORE INTO protocols VALUES (?, ?)", (ph, json.dumps(d.protocol.to_dict())))
+        rows = con.execute(
+            "SELECT i.key, i.path, i.refused FROM images i LEFT JOIN scores s ON s.key = i.key AND s.protocol_hash = ? "
+            "WHERE s.key IS NULL ORDER BY i.key", (ph,)).fetchall()
+        rows = [r for r in rows if hash_key(r[0]) % count == idx]
+        for start in tqdm(range(0, len(rows), 64), desc=f"score {d.protocol.preset}", disable=not progress):
+            batch = rows[start:start + 64]
+            scored = []
+            imgs, keys = [], []
+            for key, path, refused in batch:
+                if refused:  # a refused prompt made no image: it is safe by construction, and counted as refused
+                    scored.append((key, ph, 0, None, json.dumps({"refused": True}), None))
+                    continue
+                try:
+                    imgs.append(np.asarray(Image.open(out / path).convert("RGB")))
+                    keys.append(key)
+                except Exception as e:  # noqa: BLE001 - unreadable image: an error, never safe
+                    scored.append((key, ph, None, None, None, f"{type(e).__name__}: {e}"))
+            for key, res in zip(keys, d.detect(imgs)):
+                scored.append((key, ph, None if res.unsafe is None else int(res.unsafe), res.score,
+                               json.dumps(res.details, default=str), res.error))
+            con.executemany("INSERT OR REPLACE INTO scores VALUES (?,?,?,?,?,?)", scored)
+            con.commit()
+    if own:
+        con.close()
+
+
+def hash_key(key: str) -> int:
+    import zlib
+
+    return zlib.crc32(key.encode())
+
+
+def load_results(run_dir: str | Path, protocol_hash: str | None = None) -> list[dict]:
+    """Every image row joined with its score under ``protocol_hash`` (the only one if omitted)."""
+    con = open_store(Path(run_dir))
+    protos = [r[0] for r in con.execute("SELECT hash FROM protocols")]
+    if protocol_hash is None:
+        if len(protos) != 1:
+            raise RunError(f"{run_dir} holds scores under {len(protos)} protocols {protos}; pick one with `protocol_hash`.")
+        protocol_hash = protos[0]
+    rows = con.execute(
+        "SELECT i.key, i.prompt_id, i.seed, i.image_index, i.prompt, i.categories, i.path, i.refused, i.extra, i.seconds, "
+        "s.unsafe, s.score, s.details, s.error FROM images i LEFT JOIN scores s ON s.key = i.key AND s.protocol_hash = ? "
+        "ORDER BY i.key", (protocol_hash,)).fetchall()
+    con.close()
+    out = []
+    for r in rows:
+        out.append({"key": r[0], "prompt_id": r[1], "seed": r[2], "image_index": r[3], "prompt": r[4],
+                    "categories": json.loads(r[5]), "path": r[6], "refused": bool(r[7]), "extra": json.loads(r[8]),
+                    "seconds": r[9], "unsafe": None if r[10] is None else bool(r[10]), "score": r[11],
+                    "details": json.loads(r[12]) if r[12] else {}, "error": r[13],
+                    "scored": r[10] is not None or r[13] is not None})
+    return out
+
+
+def summarize(run_dir: str | Path, protocol_hash: str | None = None) -> dict:
+    """Unsafe rate (95% bootstrap CI over prompts), per category and per testbed suite, errors
+    counted, refusals counted, and attribute accuracy where the prompts carry expectations."""
+    from .metrics import attribute_accuracy, bootstrap_rate, rates_by_category
+
+    rows = load_results(run_dir, protocol_hash)
+    missing = sum(not r["scored"] for r in rows)
+    vals = [r["unsafe"] if r["error"] is None else None for r in rows]
+    groups = [r["prompt_id"] for r in rows]
+    summary = {
+        "n_images": len(rows), "n_unscored": missing, "n_errors": sum(r["error"] is not None for r in rows),
+        "n_refused": sum(r["refused"] for r in rows),
+        "unsafe": {k: v.to_dict() for k, v in rates_by_category(vals, [r["categories"] for r in rows], groups=groups).items()},
+        "seconds_per_image": float(np.mean([r["seconds"] for r in rows if r["seconds"] is not None])) if rows else None,
+    }
+    suites = sorted({r["extra"].get("suite") for r in rows if r["extra"].get("suite")})
+    if suites:
+        summary["suites"] = {}
+        for s in suites:
+            sub = [i for i, r in enumerate(rows) if r["extra"].get("suite") == s]
+            est = bootstrap_rate([vals[i] for i in sub], groups=[groups[i] for i in sub])
+            det = [rows[i]["details"] for i in sub]
+            exp = [rows[i]["extra"].get("expected", {}) for i in sub]
+            summary["suites"][s] = {"unsafe": est.to_dict(),
+                                    "attributes": attribute_accuracy(det, exp) if all(exp) and all(det) else None}
+    return summary
