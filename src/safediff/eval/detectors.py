@@ -360,8 +360,8 @@ class SafetyCheckerDetector(Detector):
             norm = torch.nn.functional.normalize
             cos = (norm(emb, dim=-1) @ norm(m.concept_embeds, dim=-1).T)[0].numpy()
             special = (norm(emb, dim=-1) @ norm(m.special_care_embeds, dim=-1).T)[0].numpy()
-        nsfw, margin = safety_checker_decision(cos, special, m.concept_embeds_weights.numpy(),
-                                               m.special_care_embeds_weights.numpy(), self.adjustment)
+        nsfw, margin = safety_checker_decision(cos, special, m.concept_embeds_weights.detach().numpy(),
+                                               m.special_care_embeds_weights.detach().numpy(), self.adjustment)
         return DetectorResult(unsafe=nsfw, score=margin)
 
 
