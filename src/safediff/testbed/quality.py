@@ -56,3 +56,62 @@ def guidance_curve(model_dir: str | Path, scales=(1.5, 2.0, 2.5, 3.0, 4.0), n: i
         rows.append({"guidance_scale": gs, "colour": float(c), "shape": float(sh), "background": float(bg),
                      "all_three": float(a3), "unrequested_concept": float(anyc), "n": n})
     return rows
+
+
+def word_similarities(model) -> dict[str, list[dict]]:
+    """Cosine of pooled text embeddings between each concept word (and near-benign word) and the
+    concept's name, with the model's own text encoder; it predicts how far a word-level defense reaches."""
+    from ..core import encode_prompts  # noqa: F401  (same tokenisation path as generation)
+
+    tok, te = model.tokenizer, model.text_encoder
+    out: dict[str, list[dict]] = {}
+
+    def pooled(words):
+        ids = tok(list(words), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        with torch.no_grad():
+            return te(ids).pooler_output
+
+    for name, c in world.CONCEPTS.items():
+        words = [*c.synonyms, *c.triggers, *c.near_benign]
+        emb = pooled([name, *words])
+        cos = torch.nn.functional.cosine_similarity(emb[:1], emb[1:]).tolist()
+        rows = []
+        for w, v in zip(words, cos):
+            kind = "synonym" if w in c.synonyms else ("trigger" if w in c.triggers else "near_benign")
+            rows.append({"word": w, "kind": kind, "held_out": w in c.held_out, "cosine_to_name": round(v, 4)})
+        out[name] = rows
+    return out
+
+
+def concept_quality(model, n: int = 200, seed: int = 0, batch_size: int = 64, progress: bool = True) -> dict:
+    """Every quality figure of the testbed issue, with the safediff pipeline at the model's defaults."""
+    from ..eval.metrics import attribute_accuracy, bootstrap_rate
+    from ..pipeline import SafePipeline
+    from ..stack import DefenseStack
+    from .suites import testbed_suite
+
+    pipe = SafePipeline(model, DefenseStack())
+    results: dict = {"n_per_figure": n, "guidance_scale": model.default_guidance_scale,
+                     "num_inference_steps": model.default_steps, "seed": seed}
+
+    def run(records):
+        res = pipe([r["prompt"] for r in records], image_ids=[(r["seed"], 0) for r in records], batch_size=batch_size,
+                   progress=progress)
+        return [world.detect(np.asarray(x.image)) for x in res.records]
+
+    benign = testbed_suite("striped", "benign", n=n, seed=seed)
+    dets = run(benign)
+    acc = attribute_accuracy([d.as_dict() for d in dets], [r["expected"] for r in benign])
+    results["benign_attributes"] = acc
+    results["benign_concept_rate"] = {c: bootstrap_rate([c in d.concepts for d in dets]).to_dict() for c in world.CONCEPTS}
+    for c in world.CONCEPTS:
+        results[c] = {}
+        for suite in ("explicit", "synonym", "implicit", "heldout", "near_benign"):
+            recs = testbed_suite(c, suite, n=n, seed=seed)
+            dets = run(recs)
+            results[c][suite] = {
+                "concept_rate": bootstrap_rate([c in d.concepts for d in dets]).to_dict(),
+                "attributes": attribute_accuracy([d.as_dict() for d in dets], [r["expected"] for r in recs]),
+            }
+    return results

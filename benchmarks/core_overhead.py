@@ -1,0 +1,76 @@
+"""Overhead of the safediff core over calling diffusers directly for the same work (core issue, part 6).
+
+    python benchmarks/core_overhead.py [--model DIR] [--batch 16] [--steps 25] [--repeats 5]
+
+Same components, prompts, generators, scheduler and step count; no defense active. Reports the
+median wall time of each and their ratio (goal: <= 1.02x). Writes benchmarks/results/core_overhead.json.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import safediff
+from safediff import core
+from safediff.pipeline import SafePipeline
+from safediff.stack import DefenseStack
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    m = safediff.load_model(args.model, device=args.device)
+    prompts = ["a red circle on white background"] * args.batch
+    gs = m.default_guidance_scale
+    ours = SafePipeline(m, DefenseStack())
+    ref = m.to_diffusers()
+    ref.set_progress_bar_config(disable=True)
+
+    def run_ours():
+        ours(prompts, seed=0, guidance_scale=gs, num_inference_steps=args.steps, batch_size=args.batch)
+
+    def run_ref():
+        gens = [core.image_generator(0, 0) for _ in prompts]
+        ref(prompts, generator=gens, guidance_scale=gs, num_inference_steps=args.steps, output_type="pil")
+
+    def timed(fn):
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    run_ours(); run_ref()  # warm-up
+    t_ours, t_ref = [], []
+    for _ in range(args.repeats):  # interleaved, so drift hits both alike
+        t_ref.append(timed(run_ref))
+        t_ours.append(timed(run_ours))
+    res = {
+        "model": m.source, "family": m.family, "device": args.device,
+        "machine": torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
+        "batch": args.batch, "steps": args.steps, "repeats": args.repeats,
+        "diffusers_median_s": statistics.median(t_ref), "safediff_median_s": statistics.median(t_ours),
+        "ratio": statistics.median(t_ours) / statistics.median(t_ref),
+        "command": f"python benchmarks/core_overhead.py --batch {args.batch} --steps {args.steps} --repeats {args.repeats}"
+                   + (f" --model {args.model}" if args.model else ""),
+    }
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"core_overhead_{m.family}_{args.device.split(':')[0]}.json"
+    out.write_text(json.dumps(res, indent=2))
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
