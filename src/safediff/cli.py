@@ -113,6 +113,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .eval.report import write_report
+
+    page = write_report(args.run_dir, args.out or args.run_dir[0], blur_unsafe=not args.no_blur)
+    print(f"wrote {page} (+ results.csv, results.json, results.tex)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -163,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--num-shards", type=int, default=None, help="default: from accelerate (1 when not launched)")
     ev.add_argument("--out", required=True)
     ev.set_defaults(func=cmd_eval)
+
+    rp = sub.add_parser("report", help="HTML page + CSV/JSON/LaTeX tables for one or more run directories")
+    rp.add_argument("run_dir", nargs="+")
+    rp.add_argument("--out", default=None, help="default: the first run directory")
+    rp.add_argument("--no-blur", action="store_true", help="show images flagged unsafe unblurred")
+    rp.set_defaults(func=cmd_report)
 
     ls = sub.add_parser("defenses", help="list the registered defenses and their options")
     ls.set_defaults(func=cmd_defenses)
