@@ -121,6 +121,21 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_invert(args) -> int:
+    from .inversion import InversionConfig, invert
+    from .models import load_model
+
+    cfg = InversionConfig(placeholder=args.placeholder or f"<{args.concept or 'concept'}*>", initializer=args.initializer or "",
+                          num_vectors=args.num_vectors, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                          num_images=args.num_images, through_guidance=args.through_guidance, seed=args.seed)
+    if not args.concept_images and not args.concept:
+        raise ValueError("Give --concept-images DIR, or --concept NAME (testbed) to generate concept images.")
+    model = load_model(args.model)
+    out = invert(model, args.out, concept=args.concept, images=args.concept_images, defenses=_stack_arg(args), config=cfg)
+    print(f"wrote {out} (placeholder {cfg.placeholder}); use it as defense `negative_prompt(embedding=\"{out}\")`")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -177,6 +192,22 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", default=None, help="default: the first run directory")
     rp.add_argument("--no-blur", action="store_true", help="show images flagged unsafe unblurred")
     rp.set_defaults(func=cmd_report)
+
+    iv = sub.add_parser("invert", help="concept inversion (textual inversion) against a model, edited or not")
+    model_arg(iv); defense_args(iv)
+    iv.add_argument("--concept-images", default=None, help="folder of concept images")
+    iv.add_argument("--concept", default=None, help="testbed concept: generate its images with the original model")
+    iv.add_argument("--placeholder", default=None)
+    iv.add_argument("--initializer", default=None)
+    iv.add_argument("--num-vectors", type=int, default=1)
+    iv.add_argument("--steps", type=int, default=400)
+    iv.add_argument("--lr", type=float, default=1e-2)
+    iv.add_argument("--batch-size", type=int, default=8)
+    iv.add_argument("--num-images", type=int, default=32)
+    iv.add_argument("--through-guidance", action="store_true", help="apply the stack's guidance inside the loss")
+    iv.add_argument("--seed", type=int, default=0)
+    iv.add_argument("--out", required=True, help="output .safetensors (textual-inversion format)")
+    iv.set_defaults(func=cmd_invert)
 
     ls = sub.add_parser("defenses", help="list the registered defenses and their options")
     ls.set_defaults(func=cmd_defenses)

@@ -62,6 +62,8 @@ class Model:
     default_guidance_scale: float = 7.5
     default_steps: int = 50
     meta: dict = field(default_factory=dict)
+    #: stack hash of the weight edits currently applied in place (None: unedited); set by SafePipeline
+    edited_hash: str | None = None
 
     @property
     def prediction_type(self) -> str:

@@ -72,13 +72,19 @@ class SafePipeline:
         if n_uncond > 1:
             raise ValueError("At most one guidance defense may replace the unconditional embedding (negative prompt / INE).")
         self.stack_hash = stack.hash(model.content_hash)
+        if self.defenses["weight_edit"] and model.edited_hash is not None:
+            raise ValueError("This model already carries weight edits from another SafePipeline; close() it first.")
         self._edits = [d.apply() for d in self.defenses["weight_edit"]]
+        if self._edits:
+            model.edited_hash = DefenseStack(tuple(active.by_stage("weight_edit"))).hash(model.content_hash)
 
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
         """Revert every weight edit (exactly) in reverse order."""
         for h in reversed(self._edits):
             h.revert()
+        if self._edits:
+            self.model.edited_hash = None
         self._edits = []
 
     def __enter__(self) -> "SafePipeline":

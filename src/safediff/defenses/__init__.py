@@ -1,4 +1,6 @@
 """Defenses, one module each; importing this package registers them all."""
 
 from . import negative_prompt  # noqa: F401
+from . import sld  # noqa: F401
+from . import uce  # noqa: F401
 from .base import STAGES, DefenseConfig, get_defense, known_defenses, register_defense  # noqa: F401

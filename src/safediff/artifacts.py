@@ -1,0 +1,78 @@
+"""Artifacts: safetensors files with a provenance record in their metadata.
+
+Every artifact records what made it, its config, the content hash of the base model it was made
+on, the edited model (stack hash of the weight edits) if any, the library version and the seed.
+Applying one to a model of another base is refused (:class:`ArtifactMismatchError`) unless the
+caller passes ``allow_other_base=True``; applying it to another edited model of the same base is
+allowed with a warning, since transfer across edited models is something users measure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+META_KEY = "safediff"
+
+
+class ArtifactMismatchError(ValueError):
+    """An artifact made on another base model (or for another text encoder)."""
+
+
+def save_artifact(tensors: dict[str, torch.Tensor], path: str | os.PathLike, *, kind: str, base_model_hash: str,
+                  config: dict, seed: int | None, edited_model_hash: str | None = None, extra: dict | None = None) -> Path:
+    """Write ``tensors`` + provenance atomically (temporary name, then rename)."""
+    from safetensors.torch import save_file
+
+    from . import __version__
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"kind": kind, "base_model_hash": base_model_hash, "edited_model_hash": edited_model_hash,
+              "config": config, "seed": seed, "safediff_version": __version__, **(extra or {})}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+              metadata={META_KEY: json.dumps(record, default=str)})
+    os.replace(tmp, path)
+    return path
+
+
+def read_artifact(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"Artifact {path} does not exist.")
+    tensors = {}
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        for k in f.keys():
+            tensors[k] = f.get_tensor(k)
+    record = json.loads(meta[META_KEY]) if META_KEY in meta else {}
+    return tensors, record
+
+
+def check_provenance(record: dict, model, *, path: str, allow_other_base: bool = False,
+                     edited_model_hash: str | None = None) -> None:
+    """Refuse an artifact made on another base model; note one made on another edited model."""
+    base = record.get("base_model_hash")
+    if base is None:
+        warnings.warn(f"{path} carries no safediff provenance record; its base model cannot be checked.", stacklevel=3)
+        return
+    if base != model.content_hash and not allow_other_base:
+        raise ArtifactMismatchError(
+            f"{path} was made on base model {base[:16]}, but this model is {model.content_hash[:16]} ({model.source}). "
+            "Use it with the model it was made on, or pass allow_other_base=True to apply it anyway."
+        )
+    made_on = record.get("edited_model_hash")
+    if made_on is not None and made_on != edited_model_hash:
+        warnings.warn(
+            f"{path} was made on the edited model {made_on} of this base; applying it to "
+            f"{edited_model_hash or 'the unedited model'} measures transfer across edited models.",
+            stacklevel=3,
+        )

@@ -1,0 +1,256 @@
+"""Safe Latent Diffusion (SLD): guidance away from an unsafe concept, at every denoising step.
+
+Paper: P. Schramowski, M. Brack, B. Deiseroth, K. Kersting, "Safe Latent Diffusion: Mitigating
+Inappropriate Degeneration in Diffusion Models", CVPR 2023, https://arxiv.org/abs/2211.05105.
+Reference code: ``StableDiffusionPipelineSafe`` in diffusers (``pipelines/deprecated/
+stable_diffusion_safe``) and ``SLDPipeline`` in ml-research/safe-latent-diffusion; both compute
+the same step. The equation numbers below are the ones the reference code's comments use.
+
+Each step the UNet predicts three noises from one batched call: ``eps_u`` (unconditional),
+``eps_p`` (the prompt) and ``eps_S`` (the safety concept). With the base CFG scale ``s_g``::
+
+    g_text = eps_p - eps_u                                   classifier-free direction
+    mu     = min(1, s_S * |eps_p - eps_S|)        elementwise                        (Eq. 6)
+    mu     = 0 where eps_p - eps_S >= lambda      elementwise threshold              (Eq. 6)
+    gamma  = mu * (eps_S - eps_u)                 safety direction                   (Eq. 4)
+    gamma  = gamma + s_m * nu                     momentum, nu = 0 at the first step (Eq. 7)
+    nu     = beta_m * nu + (1 - beta_m) * gamma   momentum update, also in warm-up  (Eq. 8)
+    if step_index >= delta:  g_text = g_text - gamma          after delta warm-up steps (Eq. 3)
+    eps    = eps_u + s_g * g_text
+
+so after warm-up SLD changes the plain CFG result by ``-s_g * gamma``.
+
+How it fits the toolkit:
+
+* The concept conditioning is requested from :meth:`SLD.prepare` as ``{"sld_concept": ...}``, so
+  the core batches it into the same UNet call as ``[uncond, cond]`` (diffusers' layout is
+  ``[uncond, cond, concept]`` too).
+* The rule is written in epsilon space, as every guidance rule here. On epsilon models this is
+  exactly diffusers' computation. On v-prediction (or sample) models the core converts the three
+  predictions to epsilon first; diffusers' safe pipeline (SD 1.x only) would instead apply the
+  same formulas to the raw model outputs, and because the clamp and threshold are nonlinear the
+  two are not the same. Epsilon space is the paper's formulation.
+* Stacking: the core passes ``guided``, the epsilon after base CFG and after any earlier guidance
+  defense. SLD adds its own change relative to plain CFG (``sld_eps - cfg_eps``, that is
+  ``-s_g * gamma``) onto ``guided`` instead of replacing it, so an earlier defense's change is
+  kept. With SLD alone this equals diffusers' result up to float rounding.
+* Only one SLD defense per stack: the conditioning name ``"sld_concept"`` must be unique.
+* A zero-strength SLD (``guidance_scale <= 1``) is inactive and skipped by the pipeline, so it is
+  bit-identical to no defense. This follows diffusers' code (``sld_guidance_scale > 1.0`` enables
+  it); diffusers' docstring and the original repository say ``< 1`` disables it, so the two
+  references differ only at exactly 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .base import DefenseConfig, GuidanceContext, GuidanceDefense, StepInfo, register_defense
+
+#: The safety concept of the official SLD code (ml-research/safe-latent-diffusion), the one used
+#: for its I2P results on Stable Diffusion.
+I2P_CONCEPT_ORIGINAL: str = (
+    "hate, harassment, violence, suffering, humiliation, harm, suicide, sexual, nudity, bodily fluids, "
+    "blood, obscene gestures, illegal activity, drug use, theft, vandalism, weapons, child abuse, "
+    "brutality, cruelty"
+)
+
+#: The safety concept of diffusers' ``StableDiffusionPipelineSafe``: the same list with the prefix
+#: ``"an image showing "``. Use this (the default of the diffusers pipeline) on real Stable
+#: Diffusion checkpoints when comparing with diffusers; :data:`I2P_CONCEPT_ORIGINAL` when
+#: comparing with the paper's own code.
+I2P_CONCEPT: str = "an image showing " + I2P_CONCEPT_ORIGINAL
+
+#: Default concept on the shipped testbed, whose two unsafe stand-in concepts are these words.
+TESTBED_CONCEPT: str = "striped caged"
+
+# The presets of diffusers' ``SafetyConfig`` (identical to the SLD paper's), in our field names.
+_PRESETS: dict[str, dict[str, Any]] = {
+    "weak": {"warmup_steps": 15, "guidance_scale": 20.0, "threshold": 0.0, "momentum_scale": 0.0, "mom_beta": 0.0},
+    "medium": {"warmup_steps": 10, "guidance_scale": 1000.0, "threshold": 0.01, "momentum_scale": 0.3, "mom_beta": 0.4},
+    "strong": {"warmup_steps": 7, "guidance_scale": 2000.0, "threshold": 0.025, "momentum_scale": 0.5, "mom_beta": 0.7},
+    "max": {"warmup_steps": 0, "guidance_scale": 5000.0, "threshold": 1.0, "momentum_scale": 0.5, "mom_beta": 0.7},
+}
+
+
+def _real(value: Any, name: str, rule: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"`sld` option `{name}` must be a finite number {rule}, got {value!r}.")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class SLDConfig(DefenseConfig):
+    """Safe Latent Diffusion. Defaults are diffusers' ``__call__`` defaults (the MEDIUM preset).
+
+    Args:
+        concept: text of the unsafe concept that guidance pushes away from. The default
+            ``"striped caged"`` is for the testbed; on Stable Diffusion use :data:`I2P_CONCEPT`
+            (diffusers' default) or :data:`I2P_CONCEPT_ORIGINAL` (the paper code's default).
+        concept_embedding: path of a safetensors file whose key ``embedding`` holds a concept
+            embedding of shape ``(L, D)`` or ``(1, L, D)`` (for example an INE embedding). When
+            given it is used instead of ``concept``, whose text is then ignored.
+        guidance_scale: ``s_S`` in Eq. 6 (diffusers' ``sld_guidance_scale``), >= 0. Values <= 1
+            disable SLD (diffusers' convention); typical values 20 to 5000.
+        warmup_steps: ``delta`` in Eq. 3, integer >= 0: the safety term is applied from step index
+            ``warmup_steps`` on (momentum builds up during warm-up).
+        threshold: ``lambda`` in Eq. 6, any finite number: elements where
+            ``eps_p - eps_S >= threshold`` get no safety guidance.
+        momentum_scale: ``s_m`` in Eq. 7, >= 0; 0 disables momentum.
+        mom_beta: ``beta_m`` in Eq. 8, in [0, 1]: the fraction of the previous momentum kept.
+    """
+
+    concept: str = TESTBED_CONCEPT
+    concept_embedding: str | None = None
+    guidance_scale: float = 1000.0
+    warmup_steps: int = 10
+    threshold: float = 0.01
+    momentum_scale: float = 0.3
+    mom_beta: float = 0.4
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.concept, str):
+            raise ValueError(f"`sld` option `concept` must be text, got {type(self.concept).__name__}.")
+        if self.concept_embedding is not None and (
+            not isinstance(self.concept_embedding, str) or not self.concept_embedding.strip()
+        ):
+            raise ValueError(
+                f"`sld` option `concept_embedding` must be the path of a safetensors file, got {self.concept_embedding!r}."
+            )
+        if not self.concept_embedding and not self.concept.strip():
+            raise ValueError(
+                "`sld` option `concept` is empty: give the unsafe concept's text (e.g. \"striped caged\") "
+                "or a `concept_embedding` file. To switch SLD off, set `guidance_scale` to 0."
+            )
+        # store the float fields as floats, so that 1000 and 1000.0 give the same stack hash
+        object.__setattr__(self, "guidance_scale", _real(self.guidance_scale, "guidance_scale", ">= 0 (<= 1 disables SLD)"))
+        if self.guidance_scale < 0:
+            raise ValueError(f"`sld` option `guidance_scale` must be >= 0 (<= 1 disables SLD), got {self.guidance_scale}.")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"`sld` option `warmup_steps` must be an integer >= 0, got {self.warmup_steps!r}.")
+        object.__setattr__(self, "threshold", _real(self.threshold, "threshold", "(any sign; presets use 0 to 1)"))
+        object.__setattr__(self, "momentum_scale", _real(self.momentum_scale, "momentum_scale", ">= 0"))
+        if self.momentum_scale < 0:
+            raise ValueError(f"`sld` option `momentum_scale` must be >= 0, got {self.momentum_scale}.")
+        object.__setattr__(self, "mom_beta", _real(self.mom_beta, "mom_beta", "in [0, 1]"))
+        if not 0.0 <= self.mom_beta <= 1.0:
+            raise ValueError(f"`sld` option `mom_beta` must be in [0, 1], got {self.mom_beta}.")
+
+    def is_active(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    def artifact_paths(self) -> list[str]:
+        return [self.concept_embedding] if self.concept_embedding else []
+
+    @classmethod
+    def presets(cls) -> dict[str, dict]:
+        """``weak``, ``medium``, ``strong``, ``max``: exactly diffusers' ``SafetyConfig`` values
+        (which are the SLD paper's).
+
+        Warning: some re-implementations use other values under the same names; for example
+        UnlearnDiffAtk's SLD baseline uses ``guidance_scale=200`` for WEAK (here and in diffusers
+        it is 20). Compare numbers across papers only after checking which values they used.
+        """
+        return {k: dict(v) for k, v in _PRESETS.items()}
+
+
+def sld_guidance(
+    eps_uncond: torch.Tensor,
+    eps_cond: torch.Tensor,
+    eps_concept: torch.Tensor,
+    momentum: torch.Tensor | None,
+    *,
+    step_index: int,
+    cfg: SLDConfig,
+    guidance_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SLD step in epsilon space (Eqs. 3, 4, 6, 7, 8; see the module docstring).
+
+    Args:
+        eps_uncond, eps_cond, eps_concept: the unconditional, prompt and safety-concept epsilon
+            predictions, all of one shape.
+        momentum: ``nu`` from the previous step, or ``None`` at the first step (zeros).
+        step_index: index of this denoising step, from 0; warm-up compares it with
+            ``cfg.warmup_steps``.
+        cfg: the SLD hyperparameters.
+        guidance_scale: the base classifier-free guidance scale ``s_g``.
+
+    Returns:
+        ``(guided_eps, new_momentum)``. During warm-up ``guided_eps`` is plain CFG,
+        ``eps_uncond + s_g * (eps_cond - eps_uncond)``, computed in the same order of operations.
+    """
+    if momentum is None:
+        momentum = torch.zeros_like(eps_cond)
+    g_text = eps_cond - eps_uncond
+    diff = eps_cond - eps_concept
+    # Eq. 6: elementwise scale, at most 1; zero where the prompt is already past the threshold
+    scale = torch.clamp(diff.abs() * cfg.guidance_scale, max=1.0)
+    scale = torch.where(diff >= cfg.threshold, torch.zeros_like(scale), scale)
+    # Eq. 4: safety direction; Eq. 7: plus momentum
+    gamma = (eps_concept - eps_uncond) * scale
+    gamma = gamma + cfg.momentum_scale * momentum
+    # Eq. 8: momentum update (runs during warm-up too)
+    new_momentum = cfg.mom_beta * momentum + (1 - cfg.mom_beta) * gamma
+    # Eq. 3: subtract the safety direction from the CFG direction after warm-up
+    if step_index >= cfg.warmup_steps:
+        g_text = g_text - gamma
+    return eps_uncond + guidance_scale * g_text, new_momentum
+
+
+class SLD(GuidanceDefense):
+    """Holds the momentum of one generation (reset in :meth:`prepare`) and applies
+    :func:`sld_guidance` at each step."""
+
+    config: SLDConfig
+
+    def __init__(self, config: SLDConfig, model: Any):
+        super().__init__(config, model)
+        self._momentum: torch.Tensor | None = None
+        self._cfg_scale: float | None = None
+
+    def _concept_embedding(self, ctx: GuidanceContext) -> torch.Tensor:
+        path = self.config.concept_embedding
+        if not path:
+            emb, _, _ = ctx.encode([self.config.concept])
+            return emb
+        from safetensors.torch import load_file
+
+        tensors = load_file(path)
+        if "embedding" not in tensors:
+            raise ValueError(f"SLD concept embedding {path} has no key 'embedding' (keys: {sorted(tensors)}).")
+        emb = tensors["embedding"]
+        if emb.dim() == 2:
+            emb = emb[None]
+        want = tuple(ctx.prompt_embeds.shape[1:])
+        if emb.dim() != 3 or emb.shape[0] != 1 or tuple(emb.shape[1:]) != want:
+            raise ValueError(
+                f"SLD concept embedding {path} has shape {tuple(emb.shape)}, but this model's prompt embeddings "
+                f"are (L, D) = {want}: it was made for another text encoder."
+            )
+        return emb.to(device=ctx.prompt_embeds.device, dtype=ctx.prompt_embeds.dtype)
+
+    def prepare(self, ctx: GuidanceContext) -> dict[str, torch.Tensor]:
+        self._momentum = None
+        self._cfg_scale = float(ctx.guidance_scale)
+        return {"sld_concept": self._concept_embedding(ctx)}
+
+    def guide(self, eps: dict[str, torch.Tensor], guided: torch.Tensor, step: StepInfo) -> torch.Tensor:
+        if self._cfg_scale is None:
+            raise RuntimeError("SLD.guide() was called before prepare().")
+        eps_u, eps_c = eps["uncond"], eps["cond"]
+        sld_eps, self._momentum = sld_guidance(
+            eps_u, eps_c, eps["sld_concept"], self._momentum,
+            step_index=step.index, cfg=self.config, guidance_scale=self._cfg_scale,
+        )
+        if step.index < self.config.warmup_steps:
+            return guided  # warm-up: only the momentum moves
+        cfg_eps = eps_u + self._cfg_scale * (eps_c - eps_u)
+        # add SLD's change relative to plain CFG, keeping any change made by earlier defenses
+        return guided + (sld_eps - cfg_eps)
+
+
+register_defense(name="sld", config_cls=SLDConfig, impl_cls=SLD)

@@ -1,0 +1,352 @@
+"""UCE -- Unified Concept Editing (Gandikota, Orgad, Belinkov, Materzynska, Bau; WACV 2024,
+arXiv 2308.14761): a closed-form, training-free edit of the UNet's cross-attention projections.
+
+Every cross-attention key and value projection ``W`` (``attn2.to_k`` / ``attn2.to_v``) maps a
+text-token embedding ``c`` to a key or value. UCE rewrites each ``W`` independently so that the
+tokens of the concepts to erase map to what the *guide* concepts' tokens mapped to, while the
+tokens of the concepts to preserve keep their old outputs, and everything else moves as little as
+possible. The least-squares solution of that objective (paper, Eq. 7; methods.md 4.4) is::
+
+    W_new = [ lamb W_old + sum_i s_e v*_i c_i^T + sum_j s_p (W_old c_j) c_j^T ]
+          @ [ lamb I     + sum_i s_e c_i c_i^T  + sum_j s_p c_j c_j^T        ]^-1
+
+with ``v*_i = W_old c_guide(i)``, ``s_e`` = ``erase_scale``, ``s_p`` = ``preserve_scale`` and
+``lamb`` the weight of staying close to ``W_old``. Directions orthogonal to every edit vector are
+left exactly as they were. The edit is applied in place when a pipeline is built and reverted
+bit for bit (the original tensors are kept) when it is closed.
+
+Which token embeddings are ``c`` (``token_mode``):
+
+* ``"last_word"`` (default; the current UCE code, ``trainscripts/uce_sd_erase.py``): one vector
+  per concept, the embedding of its **last word token**, position ``sum(attention_mask) - 2``.
+  The same rule gives the guide's vector (for the empty guide ``""`` that is position 0, the
+  start token) and the preserve vectors.
+* ``"to_end"`` (the old UCE code, ``train-scripts/train_erase.py``, with which RECE's starting
+  nudity checkpoint was made): the concept's tokens **from its last word token to the end of the
+  sequence** (last word, end token, padding), paired position by position with the guide's
+  tokens from the guide's last word token on; both runs are cut to the same length. As in that
+  code, every position of a *preserve* prompt is used (its whole sequence), and "no preserve set"
+  there still preserved the empty prompt ``""``: the ``sd-nudity`` preset says so explicitly.
+
+Example:
+    >>> import safediff                                                       # doctest: +SKIP
+    >>> pipe = safediff.build(defenses="uce(preset=testbed-striped)")         # doctest: +SKIP
+    >>> out = pipe(["a red circle on white background, zebra"], seed=0)      # doctest: +SKIP
+    >>> pipe.close()   # the UNet is back to its original weights, bit for bit  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Sequence
+
+import torch
+
+from .base import DefenseConfig, EditHandle, WeightEditDefense, register_defense
+
+TokenMode = Literal["last_word", "to_end"]
+Targets = Literal["kv", "k", "v"]
+TOKEN_MODES: tuple[str, ...] = ("last_word", "to_end")
+TARGETS: dict[str, tuple[str, ...]] = {"kv": ("to_k", "to_v"), "k": ("to_k",), "v": ("to_v",)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The closed form (pure)
+# ---------------------------------------------------------------------------------------------
+
+
+def uce_closed_form(
+    weight: torch.Tensor,
+    erase: torch.Tensor,
+    guide: torch.Tensor,
+    preserve: torch.Tensor | None = None,
+    *,
+    erase_scale: float = 1.0,
+    preserve_scale: float = 1.0,
+    lamb: float = 0.5,
+) -> torch.Tensor:
+    """UCE's closed-form update of one projection matrix (paper Eq. 7, methods.md 4.4).
+
+    Args:
+        weight: ``(out, d)`` the projection ``W_old`` (a ``Linear`` weight: ``y = W c``).
+        erase: ``(n, d)`` the embeddings ``c_i`` to remap, one per row.
+        guide: ``(n, d)`` the guide embeddings ``c_guide(i)``, paired row by row with ``erase``;
+            the target outputs are ``v*_i = W_old c_guide(i)``.
+        preserve: ``(m, d)`` embeddings ``c_j`` whose outputs are kept (``None`` or ``m = 0``: none).
+        erase_scale / preserve_scale: the weights ``s_e`` / ``s_p`` of the two sums.
+        lamb: the weight of ``||W - W_old||^2``; must be > 0 (it keeps the system invertible).
+
+    Returns:
+        ``W_new``, same shape, dtype and device as ``weight``. The algebra runs in float64: the
+        system is solved (``W_new B = A`` with ``B`` symmetric), not inverted.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"`weight` must be a (out, d) matrix, got shape {tuple(weight.shape)}.")
+    d = weight.shape[1]
+    if erase.dim() != 2 or guide.shape != erase.shape or erase.shape[1] != d:
+        raise ValueError(
+            f"`erase` and `guide` must both be (n, {d}) with the same n; got {tuple(erase.shape)} and {tuple(guide.shape)}."
+        )
+    if preserve is not None and (preserve.dim() != 2 or preserve.shape[1] != d):
+        raise ValueError(f"`preserve` must be (m, {d}), got {tuple(preserve.shape)}.")
+    if lamb <= 0:
+        raise ValueError(f"`lamb` must be > 0, got {lamb}.")
+    work = torch.device("cpu") if weight.device.type == "mps" else weight.device  # no float64 on MPS
+    W = weight.detach().to(work, torch.float64)
+    C = erase.detach().to(work, torch.float64)
+    G = guide.detach().to(work, torch.float64)
+    eye = torch.eye(d, dtype=torch.float64, device=work)
+
+    v_star = G @ W.T                                           # (n, out): row i is v*_i = W c_guide(i)
+    lhs = lamb * W + erase_scale * (v_star.T @ C)              # lamb W + s_e sum v*_i c_i^T
+    rhs = lamb * eye + erase_scale * (C.T @ C)                 # lamb I + s_e sum c_i c_i^T
+    if preserve is not None and preserve.shape[0] > 0:
+        P = preserve.detach().to(work, torch.float64)
+        lhs = lhs + preserve_scale * ((P @ W.T).T @ P)         # + s_p sum (W c_j) c_j^T
+        rhs = rhs + preserve_scale * (P.T @ P)                 # + s_p sum c_j c_j^T
+    # W_new = lhs @ rhs^-1  <=>  rhs @ W_new^T = lhs^T  (rhs is symmetric)
+    w_new = torch.linalg.solve(rhs, lhs.T).T
+    return w_new.to(device=weight.device, dtype=weight.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which token embeddings are edited
+# ---------------------------------------------------------------------------------------------
+
+
+def last_word_index(n_real: int) -> int:
+    """Position of the last word token of a prompt with ``n_real`` real tokens (start, words, first
+    end token; the attention-mask sum): ``n_real - 2``, i.e. 0 (the start token) for ``""``."""
+    return max(int(n_real) - 2, 0)
+
+
+def erase_positions(n_real_concept: int, n_real_guide: int, seq_len: int, mode: str) -> tuple[list[int], list[int]]:
+    """Token positions ``(concept_positions, guide_positions)``, paired by index.
+
+    ``"last_word"``: one pair, the last word token of each. ``"to_end"``: from each one's last
+    word token on, cut to the same length ``seq_len - max(i_concept, i_guide)``, as the old UCE
+    code aligns them.
+    """
+    i_c, i_g = last_word_index(n_real_concept), last_word_index(n_real_guide)
+    if mode == "last_word":
+        return [i_c], [i_g]
+    if mode == "to_end":
+        n = seq_len - max(i_c, i_g)
+        return list(range(i_c, i_c + n)), list(range(i_g, i_g + n))
+    raise ValueError(f"Unknown token_mode {mode!r}; choose one of {list(TOKEN_MODES)}.")
+
+
+def preserve_positions(n_real: int, seq_len: int, mode: str) -> list[int]:
+    """Positions of a preserve prompt: its last word token (``"last_word"``), or its whole
+    sequence (``"to_end"``, as the old UCE code preserves)."""
+    if mode == "last_word":
+        return [last_word_index(n_real)]
+    if mode == "to_end":
+        return list(range(seq_len))
+    raise ValueError(f"Unknown token_mode {mode!r}; choose one of {list(TOKEN_MODES)}.")
+
+
+def edit_vectors(
+    model, erase: Sequence[str], guide: Sequence[str], preserve: Sequence[str], mode: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Encode the concepts with the model's own tokenizer and text encoder and pick the token
+    embeddings UCE edits. Returns ``(C_erase (n, d), C_guide (n, d), C_preserve (m, d))``."""
+    from ..core import encode_prompts
+
+    texts = list(dict.fromkeys([*erase, *guide, *preserve]))  # each distinct prompt once
+    embeds, _, mask = encode_prompts(model, texts, warn_truncation=False)
+    row = {t: i for i, t in enumerate(texts)}
+    n_real = mask.sum(1).tolist()
+    seq_len = embeds.shape[1]
+    ce, cg, cp = [], [], []
+    for e, g in zip(erase, guide):
+        pe, pg = erase_positions(n_real[row[e]], n_real[row[g]], seq_len, mode)
+        ce.append(embeds[row[e], pe])
+        cg.append(embeds[row[g], pg])
+    for p in preserve:
+        cp.append(embeds[row[p], preserve_positions(n_real[row[p]], seq_len, mode)])
+    d = embeds.shape[-1]
+    empty = embeds.new_zeros(0, d)
+    return (torch.cat(ce) if ce else empty, torch.cat(cg) if cg else empty, torch.cat(cp) if cp else empty)
+
+
+def cross_attention_projections(unet: torch.nn.Module, targets: str = "kv") -> dict[str, torch.nn.Module]:
+    """The UNet's cross-attention projections UCE edits, ``{module name: Linear}``: every
+    ``...attn2.to_k`` and/or ``...attn2.to_v`` (``targets`` ``"kv"``, ``"k"`` or ``"v"``)."""
+    if targets not in TARGETS:
+        raise ValueError(f"Unknown targets {targets!r}; choose one of {list(TARGETS)}.")
+    leaves = TARGETS[targets]
+    found = {
+        name: m for name, m in unet.named_modules()
+        if name.split(".")[-2:-1] == ["attn2"] and name.split(".")[-1] in leaves and isinstance(getattr(m, "weight", None), torch.Tensor)
+    }
+    if not found:
+        raise ValueError("This UNet has no cross-attention projections (`attn2.to_k` / `attn2.to_v`); UCE cannot edit it.")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Config and defense
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_tuple(value) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class UCEConfig(DefenseConfig):
+    """Args:
+    erase: the concepts to erase (prompts; each one's token embedding(s) are remapped). Empty:
+        no edit (the defense is skipped, bit-identical to no defense).
+    guide: what each erased concept maps to instead: empty (the empty prompt ``""``, the UCE
+        default for objects), one prompt for all, or one per erase concept.
+    preserve: concepts whose cross-attention outputs are kept.
+    erase_scale / preserve_scale: ``s_e`` / ``s_p`` of the closed form (UCE defaults 1 and 1).
+    lamb: weight of staying close to the original weights (UCE default 0.5); > 0.
+    token_mode: ``"last_word"`` (current UCE code, default) or ``"to_end"`` (old UCE code; see the
+        module docstring).
+    targets: ``"kv"`` (keys and values, default), ``"k"`` or ``"v"``.
+    """
+
+    erase: tuple[str, ...] = ()
+    guide: tuple[str, ...] = ()
+    preserve: tuple[str, ...] = ()
+    erase_scale: float = 1.0
+    preserve_scale: float = 1.0
+    lamb: float = 0.5
+    token_mode: str = "last_word"
+    targets: str = "kv"
+
+    def __post_init__(self) -> None:
+        for f in ("erase", "guide", "preserve"):
+            object.__setattr__(self, f, _as_tuple(getattr(self, f)))
+        for i, e in enumerate(self.erase):
+            if not isinstance(e, str) or not e.strip():
+                raise ValueError(f"UCE `erase` entry {i} is {e!r}: each concept to erase must be a non-empty string.")
+        for f in ("guide", "preserve"):
+            for i, t in enumerate(getattr(self, f)):
+                if not isinstance(t, str):
+                    raise ValueError(f"UCE `{f}` entry {i} is a {type(t).__name__}, expected a string.")
+        if self.guide and len(self.guide) not in (1, len(self.erase)):
+            raise ValueError(
+                f"UCE has {len(self.erase)} concept(s) to erase but {len(self.guide)} guide concept(s): give none "
+                "(the empty prompt), one for all, or one per erase concept."
+            )
+        both = sorted(set(self.erase) & set(self.preserve))
+        if both:
+            raise ValueError(f"UCE cannot both erase and preserve {both}.")
+        for f in ("erase_scale", "preserve_scale"):
+            if getattr(self, f) < 0:
+                raise ValueError(f"UCE `{f}` must be >= 0, got {getattr(self, f)}.")
+        if not self.lamb > 0:
+            raise ValueError(f"UCE `lamb` must be > 0 (it keeps the closed form invertible), got {self.lamb}.")
+        if self.token_mode not in TOKEN_MODES:
+            raise ValueError(f"UCE `token_mode` must be one of {list(TOKEN_MODES)}, got {self.token_mode!r}.")
+        if self.targets not in TARGETS:
+            raise ValueError(f"UCE `targets` must be one of {list(TARGETS)}, got {self.targets!r}.")
+
+    def is_active(self) -> bool:
+        return bool(self.erase) and self.erase_scale > 0
+
+    def guides(self) -> tuple[str, ...]:
+        """One guide prompt per erase concept."""
+        if not self.guide:
+            return ("",) * len(self.erase)
+        return self.guide * len(self.erase) if len(self.guide) == 1 else self.guide
+
+    @classmethod
+    def presets(cls) -> dict[str, dict]:
+        """``testbed-striped`` / ``testbed-caged``: erase the concept's name and its training
+        synonyms and triggers (never held-out words) towards ``""``, preserving the benign colour,
+        shape and background words. ``sd-nudity``: "nudity" towards ``""`` with the old UCE
+        code's settings, i.e. RECE's starting checkpoint
+        (``erased-nudity-towards_uncond-preserve_false-...-method_replace``): erase_scale 1,
+        preserve_scale 0.1, lamb 0.5, keys and values, token_mode ``to_end``, and the empty prompt
+        preserved (what that code does when no preserve set is given)."""
+        from ..testbed.world import BACKGROUNDS, CONCEPTS, SHAPE_COLOURS, SHAPES
+
+        benign = (*SHAPE_COLOURS, *SHAPES, *BACKGROUNDS)
+        out: dict[str, dict] = {
+            f"testbed-{name}": {"erase": c.training_words, "guide": ("",), "preserve": benign}
+            for name, c in CONCEPTS.items()
+        }
+        out["sd-nudity"] = {"erase": ("nudity",), "guide": ("",), "preserve": ("",), "erase_scale": 1.0,
+                            "preserve_scale": 0.1, "lamb": 0.5, "token_mode": "to_end", "targets": "kv"}
+        return out
+
+
+class UCE(WeightEditDefense):
+    """Applies :func:`uce_closed_form` to every selected cross-attention projection of
+    ``model.unet`` (each layer on its own, all from the weights they hold when applied)."""
+
+    config: UCEConfig
+
+    def __init__(self, config: UCEConfig, model) -> None:
+        super().__init__(config, model)
+        self._originals: dict[str, torch.Tensor] = {}
+        self._handle: EditHandle | None = None
+
+    @property
+    def edited_parameter_names(self) -> list[str]:
+        """Full names (in ``unet.named_parameters()``) of the parameters this edit rewrites."""
+        if not self.config.is_active():
+            return []
+        return sorted(f"{n}.weight" for n in cross_attention_projections(self.model.unet, self.config.targets))
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        """The new weights, ``{parameter name: W_new}``, from the UNet's current weights; the
+        model is not changed."""
+        cfg = self.config
+        if not cfg.is_active():
+            return {}
+        with torch.no_grad():
+            ce, cg, cp = edit_vectors(self.model, cfg.erase, cfg.guides(), cfg.preserve, cfg.token_mode)
+            return {
+                f"{name}.weight": uce_closed_form(m.weight, ce, cg, cp, erase_scale=cfg.erase_scale,
+                                                  preserve_scale=cfg.preserve_scale, lamb=cfg.lamb)
+                for name, m in cross_attention_projections(self.model.unet, cfg.targets).items()
+            }
+
+    def apply(self) -> EditHandle:
+        """Edit ``model.unet`` in place; the handle keeps the original tensors of exactly the
+        edited parameters, so ``revert()`` restores them bit for bit."""
+        new = self.compute()
+        modules = cross_attention_projections(self.model.unet, self.config.targets) if new else {}
+        saved: dict[str, tuple[torch.nn.Module, str, torch.Tensor]] = {}
+        with torch.no_grad():
+            for name, m in modules.items():
+                pname = f"{name}.weight"
+                saved[pname] = (m, "weight", m.weight.detach().clone())
+                m.weight.copy_(new[pname])
+        self._originals = {k: v[2] for k, v in saved.items()}
+        self._handle = EditHandle(saved)
+        return self._handle
+
+    def delta(self) -> dict[str, torch.Tensor]:
+        """``{parameter name: W_new - W_old}`` in float32: of the applied edit while it is applied,
+        otherwise of the edit :meth:`apply` would make now."""
+        if self._handle is not None and not self._handle.reverted:
+            params = dict(self.model.unet.named_parameters())
+            return {k: (params[k].detach().float() - orig.float()).cpu() for k, orig in self._originals.items()}
+        params = dict(self.model.unet.named_parameters())
+        return {k: (w.float() - params[k].detach().float()).cpu() for k, w in self.compute().items()}
+
+    def save_delta(self, path: str | Path) -> Path:
+        """Write :meth:`delta` to a safetensors file; its metadata names the base model's content
+        hash and the config, so the delta is only ever added to the weights it was made from."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"defense": "uce", "base_model_content_hash": str(getattr(self.model, "content_hash", "")),
+                "config": json.dumps(self.config.to_dict(), sort_keys=True)}
+        save_file({k: v.contiguous() for k, v in self.delta().items()}, str(path), metadata=meta)
+        return path
+
+
+register_defense(name="uce", config_cls=UCEConfig, impl_cls=UCE)

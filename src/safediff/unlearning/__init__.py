@@ -1,0 +1,1 @@
+"""Concept unlearning by fine-tuning (ESD and relatives): parameter selection, training."""
