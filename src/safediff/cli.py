@@ -136,6 +136,22 @@ def cmd_invert(args) -> int:
     return 0
 
 
+def cmd_unlearn_esd(args) -> int:
+    from .models import load_model
+    from .unlearning.esd import ESDTrainConfig, testbed_prompts, train_esd
+
+    model = load_model(args.model)
+    prompts = tuple(args.prompt) if args.prompt else (testbed_prompts(args.concept) if model.family == "safediff-testbed" else None)
+    if not prompts:
+        raise ValueError("Give --prompt (the concept to erase), e.g. --prompt nudity.")
+    cfg = ESDTrainConfig.preset(args.preset or ("testbed" if model.family == "safediff-testbed" else "original"), prompts)
+    cfg = ESDTrainConfig(**{**cfg.__dict__, "method": args.method, "seed": args.seed,
+                            **({"iterations": args.iterations} if args.iterations else {})})
+    out = train_esd(model, args.out, cfg)
+    print(f"wrote {out}; apply it with --defense 'esd(path=\"{out}\")'")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -208,6 +224,18 @@ def build_parser() -> argparse.ArgumentParser:
     iv.add_argument("--seed", type=int, default=0)
     iv.add_argument("--out", required=True, help="output .safetensors (textual-inversion format)")
     iv.set_defaults(func=cmd_invert)
+
+    un = sub.add_parser("unlearn", help="train a weight edit").add_subparsers(dest="unlearn_command", required=True)
+    es = un.add_parser("esd", help="ESD (Gandikota et al. 2023)")
+    model_arg(es)
+    es.add_argument("--prompt", action="append", help="concept prompt (repeatable); testbed default: the concept name")
+    es.add_argument("--concept", default="striped", help="testbed concept (when --prompt is not given)")
+    es.add_argument("--method", default="esd-u", choices=["esd-u", "esd-x", "esd-x-strict", "esd-all", "esd-self", "esd-notime"])
+    es.add_argument("--preset", default=None, choices=["original", "diffusers-2024", "testbed"])
+    es.add_argument("--iterations", type=int, default=None)
+    es.add_argument("--seed", type=int, default=0)
+    es.add_argument("--out", required=True)
+    es.set_defaults(func=cmd_unlearn_esd)
 
     ls = sub.add_parser("defenses", help="list the registered defenses and their options")
     ls.set_defaults(func=cmd_defenses)

@@ -3,4 +3,5 @@
 from . import negative_prompt  # noqa: F401
 from . import sld  # noqa: F401
 from . import uce  # noqa: F401
+from . import weight_delta  # noqa: F401
 from .base import STAGES, DefenseConfig, get_defense, known_defenses, register_defense  # noqa: F401

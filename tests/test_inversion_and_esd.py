@@ -1,0 +1,126 @@
+"""Concept inversion core, INE through the negative prompt, ESD deltas."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import safediff
+from safediff import core
+from safediff.artifacts import ArtifactMismatchError, read_artifact, save_artifact
+from safediff.inversion import InversionConfig, encode_with_vectors, invert, load_inverted
+from safediff.pipeline import SafePipeline
+from safediff.stack import DefenseStack
+
+
+def test_vector_injection_is_exact(tiny_sd1):
+    # injecting the embedding row of an existing word must equal encoding that word
+    m = tiny_sd1
+    word_id = m.tokenizer("zebra", add_special_tokens=False).input_ids[0]
+    row = m.text_encoder.get_input_embeddings().weight[word_id][None]
+    ours = encode_with_vectors(m, ["a red <z*> on white background"], "<z*>", row)
+    ref, _, _ = core.encode_prompts(m, ["a red zebra on white background"])
+    assert torch.equal(ours, ref)
+    # and the model is untouched: no hook left behind, same result as before
+    assert torch.equal(core.encode_prompts(m, ["a red zebra on white background"])[0], ref)
+
+
+def _tiny_images(n=4, size=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(rng.random((size, size, 3)) * 255).astype(np.uint8) for _ in range(n)]
+
+
+def test_inversion_file_loads_in_vanilla_diffusers(tiny_sd1, tmp_path):
+    out = invert(tiny_sd1, tmp_path / "c.safetensors", images=_tiny_images(), progress=False,
+                 config=InversionConfig(placeholder="<c*>", initializer="zebra", num_vectors=2, steps=3, batch_size=2))
+    tensors, record = read_artifact(out)
+    assert list(tensors) == ["<c*>"] and tensors["<c*>"].shape == (2, 8)
+    assert record["base_model_hash"] == tiny_sd1.content_hash and record["edited_model_hash"] is None
+    import copy
+
+    pipe = tiny_sd1.to_diffusers()
+    pipe.text_encoder = copy.deepcopy(tiny_sd1.text_encoder)  # vanilla loading edits them: keep ours intact
+    pipe.tokenizer = copy.deepcopy(tiny_sd1.tokenizer)
+    pipe.load_textual_inversion(str(out))
+    ids = pipe.tokenizer(pipe.maybe_convert_prompt("<c*>", pipe.tokenizer)).input_ids
+    assert len(ids) == 4  # bos, <c*>, <c*>_1, eos
+    # diffusers' encoding of the loaded token equals ours
+    ref = pipe.text_encoder(torch.tensor([pipe.tokenizer(pipe.maybe_convert_prompt("a <c*>", pipe.tokenizer), padding="max_length",
+                                                         max_length=77).input_ids]))[0]
+    ours = load_inverted(out, tiny_sd1).encode(tiny_sd1, ["a <c*>"])
+    assert torch.allclose(ours, ref, atol=1e-6)
+
+
+def test_inversion_resumes_from_checkpoint(tiny_sd1, tmp_path):
+    cfg = InversionConfig(placeholder="<c*>", steps=6, batch_size=2, checkpoint_every=3, seed=1)
+    full = invert(tiny_sd1, tmp_path / "full.safetensors", images=_tiny_images(), config=cfg, progress=False)
+    # simulate a run killed after its step-3 checkpoint
+    part = tmp_path / "part.safetensors"
+    cfg3 = dataclasses.replace(cfg, steps=3)
+    invert(tiny_sd1, tmp_path / "tmp3.safetensors", images=_tiny_images(), config=cfg3, progress=False)
+    v3 = read_artifact(tmp_path / "tmp3.safetensors")[0]["<c*>"]
+    import json
+
+    save_artifact({"vectors": v3}, part.with_name(part.name + ".ckpt.safetensors"), kind="inversion-checkpoint",
+                  base_model_hash=tiny_sd1.content_hash, config=dataclasses.asdict(cfg), seed=1,
+                  extra={"step": 3, "config_json": json.dumps(dataclasses.asdict(cfg), sort_keys=True)})
+    invert(tiny_sd1, part, images=_tiny_images(), config=cfg, progress=False)
+    assert not part.with_name(part.name + ".ckpt.safetensors").exists()
+    assert read_artifact(part)[0]["<c*>"].shape == read_artifact(full)[0]["<c*>"].shape
+
+
+def test_inversion_from_another_base_is_refused(tiny_sd1, tiny_sd2v, tmp_path):
+    out = invert(tiny_sd1, tmp_path / "c.safetensors", images=_tiny_images(), progress=False,
+                 config=InversionConfig(placeholder="<c*>", steps=1, batch_size=1))
+    with pytest.raises(ArtifactMismatchError, match="made on base model"):
+        load_inverted(out, tiny_sd2v)
+    assert load_inverted(out, tiny_sd2v, allow_other_base=True).placeholder == "<c*>"
+
+
+def test_ine_negative_embedding_changes_generation(tiny_sd1, tmp_path):
+    out = invert(tiny_sd1, tmp_path / "c.safetensors", images=_tiny_images(), progress=False,
+                 config=InversionConfig(placeholder="<c*>", steps=2, batch_size=2))
+    base = safediff.generate("a red circle", model=tiny_sd1, num_inference_steps=3, guidance_scale=5, progress=False)
+    ine = safediff.generate("a red circle", model=tiny_sd1, defenses=f'negative_prompt(embedding="{out}")',
+                            num_inference_steps=3, guidance_scale=5, progress=False)
+    assert not np.array_equal(np.asarray(base.images[0]), np.asarray(ine.images[0]))
+
+
+def test_esd_delta_apply_revert_and_zero_scale(tiny_sd1, tmp_path):
+    from safediff.unlearning.esd import ESDTrainConfig, train_esd
+
+    before = {k: v.clone() for k, v in tiny_sd1.unet.state_dict().items()}
+    cfg = ESDTrainConfig(prompts=("a zebra",), method="esd-x", lr=1e-2, iterations=2, ddim_steps=4, start_guidance=3.0)
+    path = train_esd(tiny_sd1, tmp_path / "esd.safetensors", cfg, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in tiny_sd1.unet.state_dict().items())  # training restored it
+    delta, record = read_artifact(path)
+    assert delta and all(".attn2." in k for k in delta) and any(d.abs().sum() > 0 for d in delta.values())
+    assert record["kind"] == "esd-delta" and record["base_model_hash"] == tiny_sd1.content_hash
+    with SafePipeline(tiny_sd1, DefenseStack.parse(f'esd(path="{path}")')) as pipe:
+        assert pipe.model.edited_hash is not None
+        assert not all(torch.equal(before[k], v) for k, v in tiny_sd1.unet.state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in tiny_sd1.unet.state_dict().items())  # reverted exactly
+    assert tiny_sd1.edited_hash is None
+    off = SafePipeline(tiny_sd1, DefenseStack.parse(f'esd(path="{path}", scale=0)'))
+    assert off.defenses["weight_edit"] == []
+
+
+def test_esd_delta_on_another_base_is_refused(tiny_sd1, tiny_sd2v, tmp_path):
+    from safediff.unlearning.esd import ESDTrainConfig, train_esd
+
+    path = train_esd(tiny_sd1, tmp_path / "esd.safetensors",
+                     ESDTrainConfig(prompts=("a zebra",), method="esd-x", iterations=1, ddim_steps=2), progress=False)
+    with pytest.raises(ArtifactMismatchError, match="made on base model"):
+        SafePipeline(tiny_sd2v, DefenseStack.parse(f'esd(path="{path}")'))
+
+
+def test_esd_presets():
+    from safediff.unlearning.esd import ESDTrainConfig
+
+    o = ESDTrainConfig.preset("original", ("nudity",))
+    assert (o.eta, o.lr, o.iterations) == (1.0, 1e-5, 1000)
+    d = ESDTrainConfig.preset("diffusers-2024", ("nudity",))
+    assert (d.eta, d.lr, d.iterations) == (2.0, 5e-5, 200)
+    with pytest.raises(ValueError, match="Unknown ESD preset"):
+        ESDTrainConfig.preset("fast", ("x",))
