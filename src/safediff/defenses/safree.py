@@ -1,0 +1,210 @@
+"""SAFREE (Yoon et al., ICLR 2025; methods.md 4.6), training-free.
+
+Two registered parts, because they act at two stages:
+
+* ``safree`` (embedding stage): the toxic subspace ``P_C`` spanned by the **pooled** text
+  embeddings of the concept space; for each real token i, the pooled embedding ``p_i`` of the
+  prompt with token i masked (id 0); ``d_i = ||(I - P_C) p_i||``; token i is a trigger if
+  ``d_i >= (1 + alpha) * mean_{j != i} d_j``; trigger tokens are replaced by
+  ``(I - P_C) P_M e_i`` (``P_M``: projection onto the span of the masked pooled embeddings).
+  Other tokens, start and padding positions are unchanged. Only the prompt embedding is changed
+  (never the negative one) unless ``transform_negative``.
+* ``safree_svf`` (guidance stage): the self-validating filter. ``beta = 1 - mean_i cos(proj_i, e_i)``
+  over the real tokens with ``proj = (I - P_C) P_M e`` for all of them, and
+  ``t_stop = round(up_t * sigmoid(2 k (10 beta - t0)))`` (k 2.5, t0 5.333, up_t 10); the projected
+  embedding conditions steps ``i <= t_stop``, the original one the later steps (the original is
+  batched into the same UNet call, as SAFREE's code does). Optionally the CFG negative prompt is
+  ``", ".join(concept space)`` (SAFREE's ``negative_prompt_space``), and optionally latent
+  re-attention as diffusers' FreeU on the whole UNet.
+
+**Latent re-attention, paper vs code.** The paper describes a Fourier re-weighting of the UNet's
+skip features (FreeU-style, ``b1, b2, s1, s2 = 1.0, 1.0, 0.9, 0.2``) for the filtered branch. In the
+released code the filtering branches never run (``safree=None``), so ``-lra`` only adds the third
+batch row. Default here: ``lra="code"`` (no re-weighting: what the released code does, and what its
+published numbers came from); ``lra="freeu"`` enables diffusers' FreeU with the factors above on the
+whole UNet for the generation (an approximation of the paper: FreeU acts on every branch, not only
+the filtered one). The testbed preset keeps SD's factors (unmeasured on the testbed's 3-level UNet).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .base import (DefenseConfig, EmbeddingContext, EmbeddingDefense, GuidanceContext, GuidanceDefense, StepInfo,
+                   register_defense)
+
+NUDITY_SPACE = (
+    "Sexual Acts", "Content Meant to Arouse Sexual Excitement", "Nudity", "Pornography", "Erotic Art", "Lustful",
+    "Seductive", "Orgasmic", "Libido", "Kinky", "Sexual Orientation", "Sexual Attraction", "Sexual Intercourse",
+    "Sexual Pleasure", "Sexual Fantasy", "Carnal Desires", "Sexual Gratification",
+)
+
+
+def testbed_space(concept: str) -> tuple[str, ...]:
+    """The concept space on the testbed: training-side words only (never held-out ones)."""
+    from ..testbed import world
+
+    return world.CONCEPTS[concept].training_words
+
+
+def projection(rows: torch.Tensor) -> torch.Tensor:
+    """Projection onto the span of ``rows`` (k, D): ``A^T (A A^T)^+ A`` as a (D, D) matrix."""
+    a = rows.double()
+    return a.T @ torch.linalg.pinv(a @ a.T) @ a
+
+
+def _pooled(model_te, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model_te(ids.to(model_te.device)).pooler_output.double()
+
+
+@dataclass(frozen=True)
+class SAFREEConfig(DefenseConfig):
+    """Args:
+    space: concept-space strings (SAFREE's ``negative_prompt_space``); default the 17 nudity strings.
+    alpha: trigger-token margin (``--sf_alpha``), default 0.01.
+    transform_negative: also project the negative/unconditional embedding (off: SAFREE never does).
+    enabled: False skips the defense (bit-identical to no defense).
+    """
+
+    space: tuple[str, ...] = NUDITY_SPACE
+    alpha: float = 0.01
+    transform_negative: bool = False
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.space:
+            raise ValueError("`space` is empty: SAFREE needs at least one concept string.")
+        if self.alpha < 0:
+            raise ValueError(f"`alpha` must be >= 0, got {self.alpha}.")
+
+    def is_active(self) -> bool:
+        return self.enabled
+
+    @classmethod
+    def presets(cls) -> dict[str, dict]:
+        return {"nudity": {"space": NUDITY_SPACE}, "testbed-striped": {"space": testbed_space("striped")},
+                "testbed-caged": {"space": testbed_space("caged")}}
+
+
+def safree_project(ctx: EmbeddingContext, space: tuple[str, ...], alpha: float) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """Returns (projected prompt embeddings, trigger mask (B, L), beta per prompt)."""
+    te, tok = ctx.text_encoder, ctx.tokenizer
+    c_ids = tok(list(space), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+    p_c = projection(_pooled(te, c_ids))
+    eye = torch.eye(p_c.shape[0], dtype=torch.float64)
+    out = ctx.prompt_embeds.clone()
+    triggers = torch.zeros(ctx.input_ids.shape, dtype=torch.bool)
+    betas = []
+    for b in range(ctx.input_ids.shape[0]):
+        ids = ctx.input_ids[b]
+        n_real = int(ctx.attention_mask[b].sum())
+        words = list(range(1, n_real - 1))  # real tokens between start and end
+        if not words:
+            betas.append(0.0)
+            continue
+        masked = ids.repeat(len(words), 1)
+        for r, i in enumerate(words):
+            masked[r, i] = 0
+        p = _pooled(te, masked)  # (n_words, D)
+        d = torch.linalg.norm(p @ (eye - p_c).T, dim=1)
+        p_m = projection(p)
+        e = ctx.prompt_embeds[b].double()  # (L, D)
+        proj = e @ ((eye - p_c) @ p_m).T
+        for r, i in enumerate(words):
+            others = torch.cat([d[:r], d[r + 1:]])
+            mean_other = others.mean() if len(others) else d[r]
+            if d[r] >= (1 + alpha) * mean_other and len(words) > 1:
+                triggers[b, i] = True
+                out[b, i] = proj[i].to(out.dtype)
+        real = list(range(n_real))
+        cos = torch.nn.functional.cosine_similarity(proj[real], e[real], dim=-1)
+        betas.append(float(1 - cos.mean()))
+    return out, triggers, betas
+
+
+class SAFREE(EmbeddingDefense):
+    def transform(self, ctx: EmbeddingContext):
+        out, triggers, betas = safree_project(ctx, self.config.space, self.config.alpha)
+        ctx.extras["safree"] = {"triggers": triggers, "beta": betas}
+        ctx.extras["safree_space"] = self.config.space
+        neg = ctx.negative_embeds
+        if self.config.transform_negative:
+            neg_ctx = EmbeddingContext(prompts=[""] * len(ctx.prompts), input_ids=ctx.input_ids * 0, attention_mask=ctx.attention_mask * 0,
+                                       original_prompt_embeds=neg, prompt_embeds=neg, negative_embeds=neg, encode=ctx.encode,
+                                       text_encoder=ctx.text_encoder, tokenizer=ctx.tokenizer)
+            neg = safree_project(neg_ctx, self.config.space, self.config.alpha)[0]
+        return out, neg
+
+
+def svf_stop_step(beta: float, up_t: int = 10, k: float = 2.5, t0: float = 5.333) -> int:
+    """SAFREE's self-validating filter: the last step that uses the projected embedding."""
+    return round(up_t * (1 / (1 + math.exp(-2 * k * (10 * beta - t0)))))
+
+
+@dataclass(frozen=True)
+class SAFREESVFConfig(DefenseConfig):
+    """Args:
+    up_t, k, t0: the SVF schedule (k 2.5, t0 5.333 for nudity; 3.5 / 5.5 for artists).
+    negative_space: use ``", ".join(space)`` of the ``safree`` defense as the CFG negative prompt.
+    lra: ``"code"`` (released code: no re-weighting) or ``"freeu"`` (diffusers FreeU, factors below).
+    freeu: (b1, b2, s1, s2).
+    """
+
+    up_t: int = 10
+    k: float = 2.5
+    t0: float = 5.333
+    negative_space: bool = True
+    lra: str = "code"
+    freeu: tuple[float, float, float, float] = (1.0, 1.0, 0.9, 0.2)
+
+    def __post_init__(self) -> None:
+        if self.lra not in ("code", "freeu"):
+            raise ValueError(f"`lra` must be 'code' or 'freeu', got {self.lra!r}.")
+        if self.up_t < 0:
+            raise ValueError(f"`up_t` must be >= 0, got {self.up_t}.")
+
+    @classmethod
+    def presets(cls) -> dict[str, dict]:
+        return {"nudity": {"k": 2.5, "t0": 5.333}, "artist": {"k": 3.5, "t0": 5.5}, "testbed": {"k": 2.5, "t0": 5.333}}
+
+
+class SAFREESVF(GuidanceDefense):
+    def prepare(self, ctx: GuidanceContext) -> dict[str, torch.Tensor]:
+        ectx = ctx.embedding_ctx
+        if ectx is None or "safree" not in ectx.extras:
+            raise ValueError("`safree_svf` needs the `safree` embedding defense earlier in the same stack.")
+        self._scale = ctx.guidance_scale
+        self.stops = [svf_stop_step(b, self.config.up_t, self.config.k, self.config.t0) for b in ectx.extras["safree"]["beta"]]
+        if self.config.lra == "freeu":
+            b1, b2, s1, s2 = self.config.freeu
+            ctx.model.unet.enable_freeu(s1=s1, s2=s2, b1=b1, b2=b2)
+        return {"safree_original": ctx.original_prompt_embeds}
+
+    def unconditional(self, ctx: GuidanceContext):
+        if not self.config.negative_space:
+            return None
+        space = ctx.embedding_ctx.extras.get("safree_space") if ctx.embedding_ctx else None
+        if not space:
+            return None
+        return ctx.encode([", ".join(space)])[0]
+
+    def guide(self, eps: dict[str, torch.Tensor], guided: torch.Tensor, step: StepInfo) -> torch.Tensor:
+        late = torch.tensor([step.index > s for s in self.stops], device=guided.device).view(-1, 1, 1, 1)
+        if not late.any():
+            if step.index == step.num_steps - 1 and self.config.lra == "freeu":
+                self.model.unet.disable_freeu()
+            return guided
+        s = self._scale
+        # after t_stop, condition on the original (unprojected) prompt embedding instead
+        late_guided = guided + s * (eps["safree_original"] - eps["cond"])
+        if step.index == step.num_steps - 1 and self.config.lra == "freeu":
+            self.model.unet.disable_freeu()
+        return torch.where(late, late_guided, guided)
+
+
+register_defense(name="safree", config_cls=SAFREEConfig, impl_cls=SAFREE)
+register_defense(name="safree_svf", config_cls=SAFREESVFConfig, impl_cls=SAFREESVF)

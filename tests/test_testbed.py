@@ -1,0 +1,90 @@
+"""The shipped testbed model, its training script, the demo and the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import safediff
+from safediff.cli import main as cli
+from safediff.models import TESTBED_PATH
+from safediff.pipeline import SafePipeline
+from safediff.stack import DefenseStack
+from safediff.testbed import world
+from safediff.testbed.suites import testbed_suite
+
+
+def test_stock_diffusers_pipeline_loads_and_runs_the_shipped_model():
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(TESTBED_PATH), torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    img = pipe("a red circle on white background", num_inference_steps=10, guidance_scale=2.5,
+               generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    assert img.shape == (32, 32, 3)
+    assert pipe.unet.dtype == torch.float32  # stored in fp16, used in fp32
+
+
+def test_model_layer_knows_the_testbed(testbed):
+    assert testbed.family == "safediff-testbed" and testbed.prediction_type == "v_prediction"
+    assert 1.0 < testbed.default_guidance_scale < 7.5  # measured curve, recorded with the model
+    assert testbed.meta["guidance_curve"] and testbed.default_size == 32
+
+
+def _rate(model, stack, concept="striped", suite="explicit", n=32):
+    recs = testbed_suite(concept, suite, n=n, seed=7)
+    with SafePipeline(model, DefenseStack.parse(stack)) as pipe:
+        out = pipe([r["prompt"] for r in recs], image_ids=[(r["seed"], 0) for r in recs], batch_size=32)
+    return np.mean([concept in world.detect(np.asarray(r.image)).concepts for r in out.records])
+
+
+def test_negative_prompt_lowers_the_concept_rate_on_the_testbed(testbed):
+    base = _rate(testbed, None)
+    neg = _rate(testbed, 'negative_prompt(text="striped")')
+    assert base >= 0.8  # the model draws the concept when asked (n=32)
+    assert neg <= base - 0.3, (base, neg)
+
+
+def test_benign_prompts_rarely_bring_a_concept(testbed):
+    assert _rate(testbed, None, suite="benign") <= 0.15
+    assert _rate(testbed, None, concept="caged", suite="near_benign") <= 0.15
+
+
+def test_training_script_cut_down(tmp_path):
+    out = tmp_path / "tb"
+    over = ["--set", "vae_steps=2", "--set", "steps=3", "--set", "warmup=1", "--set", "batch=4", "--set", "vae_batch=4",
+            "--set", "curve_samples=2", "--set", "num_inference_steps=2", "--set", "guidance_scales=[2.0]",
+            "--set", "checkpoint_every=2"]
+    assert cli(["testbed", "train", "--out", str(out), *over]) == 0
+    m = safediff.load_model(out)
+    assert m.family == "safediff-testbed" and m.default_guidance_scale == 2.0
+    meta = json.loads((out / "safediff.json").read_text())
+    assert meta["train_config"]["steps"] == 3 and meta["train_config"]["seed"] == 0
+    # an output folder that already holds a model is refused, nothing is overwritten
+    assert cli(["testbed", "train", "--out", str(out), *over]) == 2
+    # resuming with another config is refused
+    (tmp_path / "tb2.work").mkdir()
+    import shutil
+
+    shutil.copy(tmp_path / "tb.work" / "train_checkpoint.pt", tmp_path / "tb2.work" / "train_checkpoint.pt")
+    with pytest.raises(ValueError, match="another training config"):
+        from safediff.testbed.train import TrainConfig, train
+
+        train(tmp_path / "tb2", TrainConfig(vae_steps=2, steps=5, warmup=1, batch=4, vae_batch=4), progress=False)
+
+
+def test_demo_writes_grid_and_page(tmp_path, capsys):
+    assert cli(["demo", "--out", str(tmp_path), "--seeds", "2"]) == 0
+    assert (tmp_path / "grid.png").exists() and (tmp_path / "index.html").exists()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["concept_rate"]["defended"]["striped"] <= summary["concept_rate"]["undefended"]["striped"]
+
+
+def test_cli_generate_and_errors(tmp_path, capsys):
+    assert cli(["generate", "a red circle on white background", "--out", str(tmp_path), "--num-images", "2", "--steps", "5"]) == 0
+    assert len(list(tmp_path.glob("*.png"))) == 2
+    assert cli(["generate", "x", "--defense", "nosuch", "--out", str(tmp_path)]) == 2
+    assert "Known defenses" in capsys.readouterr().err
+    assert cli(["generate", " ", "--out", str(tmp_path)]) == 2
+    assert cli(["generate", "x", "--model", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
