@@ -152,6 +152,31 @@ def cmd_unlearn_esd(args) -> int:
     return 0
 
 
+def cmd_sanitizer_train(args) -> int:
+    from .defenses.sanitizer import SanitizerTrainConfig, train_sanitizer
+    from .models import load_model
+
+    cfg = SanitizerTrainConfig(concepts=tuple(args.concepts), anchors=tuple(args.anchors or ()), steps=args.steps,
+                               seed=args.seed)
+    model = load_model(args.model)
+    out = train_sanitizer(model, args.out, cfg)
+    print(f"wrote {out}; use it with --defense 'sanitizer(path=\"{out}\", strength=1.0)'")
+    return 0
+
+
+def cmd_sanitizer_explain(args) -> int:
+    from .defenses.sanitizer import explain, explain_html, explain_terminal, load_sanitizer
+    from .models import load_model
+
+    model = load_model(args.model)
+    pairs = explain(model, load_sanitizer(args.path, model), args.prompt)
+    print(explain_terminal(pairs))
+    if args.html:
+        Path(args.html).write_text(explain_html(pairs))
+        print(f"wrote {args.html}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -236,6 +261,22 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--seed", type=int, default=0)
     es.add_argument("--out", required=True)
     es.set_defaults(func=cmd_unlearn_esd)
+
+    sz = sub.add_parser("sanitizer", help="Embedding Sanitizer").add_subparsers(dest="sanitizer_command", required=True)
+    st = sz.add_parser("train", help="train ES with the model's own text encoder")
+    model_arg(st)
+    st.add_argument("--concepts", nargs="+", default=["striped", "caged"], help="testbed concepts, or target words")
+    st.add_argument("--anchors", nargs="*", default=None, help="real models: one anchor word per target word")
+    st.add_argument("--steps", type=int, default=600)
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--out", required=True)
+    st.set_defaults(func=cmd_sanitizer_train)
+    sx = sz.add_parser("explain", help="per-token harmfulness scores of a prompt")
+    model_arg(sx)
+    sx.add_argument("prompt")
+    sx.add_argument("--path", required=True, help="trained sanitizer")
+    sx.add_argument("--html", default=None, help="also write an HTML snippet here")
+    sx.set_defaults(func=cmd_sanitizer_explain)
 
     ls = sub.add_parser("defenses", help="list the registered defenses and their options")
     ls.set_defaults(func=cmd_defenses)

@@ -1,7 +1,9 @@
 """Defenses, one module each; importing this package registers them all."""
 
 from . import negative_prompt  # noqa: F401
+from . import prompt_guard  # noqa: F401
 from . import safree  # noqa: F401
+from . import sanitizer  # noqa: F401
 from . import sld  # noqa: F401
 from . import uce  # noqa: F401
 from . import weight_delta  # noqa: F401

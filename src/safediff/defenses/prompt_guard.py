@@ -1,0 +1,118 @@
+"""A Latent-Guard-style prompt guard (prompt-filter stage).
+
+Flags or refuses a prompt any of whose words lies near a target concept in the model's own text
+embedding space: the score of a prompt is ``max over its words w and concept words c of
+cos(pool(w), pool(c))`` with ``pool`` the text encoder's pooled embedding of the word alone.
+
+The threshold is **calibrated on training-side words only** (:func:`calibrate_threshold`): the
+concept's training words are the positives (leave-one-out: each scored against the *other*
+training words, since a word always matches itself), and a benign vocabulary the negatives; the
+threshold is the midpoint that best separates them. Held-out words are never used: they measure
+how far the guard generalises.
+
+[INFERRED] Latent Guard (Liu et al. 2024) learns an embedding mapping on top of the text
+encoder; this guard uses the text encoder's space directly, which needs no training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import DefenseConfig, FilterDecision, PromptFilterDefense, register_defense
+
+
+def _pooled_words(model, words) -> torch.Tensor:
+    tok = model.tokenizer
+    ids = tok(list(words), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        p = model.text_encoder(ids.to(model.text_encoder.device)).pooler_output.float()
+    return torch.nn.functional.normalize(p, dim=-1)
+
+
+def word_scores(model, words, concept_words) -> torch.Tensor:
+    """cos(pool(w), pool(c)) maximised over concept words, for each word."""
+    return (_pooled_words(model, words) @ _pooled_words(model, concept_words).T).max(1).values
+
+
+def calibrate_threshold(model, concept_words, benign_words) -> float:
+    """Midpoint between positives (leave-one-out training words) and negatives that maximises
+    balanced accuracy. Training-side words only."""
+    cw = list(concept_words)
+    if len(cw) < 2:
+        raise ValueError("Calibration needs at least two training words per concept (leave-one-out).")
+    pc = _pooled_words(model, cw)
+    sim = pc @ pc.T
+    sim.fill_diagonal_(-1.0)
+    pos = sim.max(1).values
+    neg = word_scores(model, benign_words, cw)
+    cands = torch.sort(torch.cat([pos, neg])).values
+    mids = (cands[1:] + cands[:-1]) / 2
+    best, thr = -1.0, float(mids[0]) if len(mids) else 0.5
+    for m in mids:
+        acc = 0.5 * ((pos >= m).float().mean() + (neg < m).float().mean())
+        if acc > best:
+            best, thr = float(acc), float(m)
+    return thr
+
+
+@dataclass(frozen=True)
+class PromptGuardConfig(DefenseConfig):
+    """Args:
+    concepts: testbed concept names (their training words are used), or explicit concept words.
+    threshold: cosine threshold; None calibrates it on training-side words at build time.
+    benign_words: negatives for calibration (default: the testbed's benign vocabulary).
+    action: ``"refuse"`` (no image is generated) or ``"flag"`` (generated, flagged in the record).
+    enabled: False skips the guard.
+    """
+
+    concepts: tuple[str, ...] = ("striped", "caged")
+    threshold: float | None = None
+    benign_words: tuple[str, ...] = ()
+    action: str = "refuse"
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.concepts:
+            raise ValueError("`concepts` is empty: name at least one concept to guard against.")
+        if self.action not in ("refuse", "flag"):
+            raise ValueError(f"`action` must be 'refuse' or 'flag', got {self.action!r}.")
+        if self.threshold is not None and not -1 <= self.threshold <= 1:
+            raise ValueError(f"`threshold` is a cosine in [-1, 1], got {self.threshold}.")
+
+    def is_active(self) -> bool:
+        return self.enabled
+
+
+class PromptGuard(PromptFilterDefense):
+    def __init__(self, config: PromptGuardConfig, model):
+        super().__init__(config, model)
+        from ..testbed import world
+
+        self.concept_words: dict[str, list[str]] = {}
+        for c in config.concepts:
+            self.concept_words[c] = list(world.CONCEPTS[c].training_words) if c in world.CONCEPTS else [c]
+        benign = list(config.benign_words) or [*world.SHAPE_COLOURS, *world.SHAPES, *world.BACKGROUNDS, "shape", "background"]
+        self.thresholds = {c: config.threshold if config.threshold is not None else
+                           calibrate_threshold(model, ws, benign) for c, ws in self.concept_words.items()}
+
+    def score(self, prompt: str) -> dict[str, float]:
+        words = [w for w in prompt.replace(",", " ").lower().split() if w]
+        return {c: float(word_scores(self.model, words, ws).max()) for c, ws in self.concept_words.items()}
+
+    def check(self, prompts: list[str]) -> list[FilterDecision]:
+        out = []
+        for p in prompts:
+            scores = self.score(p)
+            hits = [c for c, v in scores.items() if v >= self.thresholds[c]]
+            if hits and self.config.action == "refuse":
+                out.append(FilterDecision(False, p, reason=f"prompt is close to the concept(s) {hits} "
+                                                           f"(scores {', '.join(f'{c}={scores[c]:.2f}' for c in hits)})",
+                                          score=max(scores.values())))
+            else:
+                out.append(FilterDecision(True, p, reason=f"flagged: {hits}" if hits else "", score=max(scores.values())))
+        return out
+
+
+register_defense(name="prompt_guard", config_cls=PromptGuardConfig, impl_cls=PromptGuard)

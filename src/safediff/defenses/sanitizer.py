@@ -1,0 +1,273 @@
+"""Embedding Sanitizer (ES; Qiu et al. 2024, arXiv 2411.10329; methods.md 2) — embedding stage.
+
+A small network on the text encoder's output ``E (B, L, D)``:
+
+* a **score net** ``S`` gives each token a harmfulness score ``s_i in [0, 1]``;
+* an **embedding net** ``G`` gives a sanitized embedding ``E_hat = E + G(E)``;
+* output ``E'_i = E_i + alpha * s_i * (E_hat_i - E_i)`` with the user's strength ``alpha`` in [0, 1]
+  (methods.md 2.3, Eq. in step 3). ``alpha = 0`` is no defense (skipped, bit for bit).
+
+Everything below is [INFERRED] (the paper's architecture and losses are not public in detail) and
+overridable:
+
+* architecture: ``Linear(D, h)`` -> one bidirectional transformer layer -> ``Linear(h, 1)`` (score,
+  sigmoid) and ``Linear(h, D)`` (residual correction), ``h = 128`` by default;
+* training data (:func:`training_pairs`): templates x contexts with a target word and an anchor
+  word of the same token length at the same position (on the testbed: the concept's training-side
+  words -> its near-concept benign words, which the base model draws as nothing); benign prompts
+  for preservation. Held-out words never appear;
+* losses: ``MSE(E'(alpha=1), E(anchor prompt))`` on target prompts over all 77 positions (CLIP is
+  causal: every position after the target word carries it, padding included); binary
+  cross-entropy of ``s`` against 1 at positions from the target word on and 0 before; and
+  ``MSE(E'(alpha=1), E)`` on benign prompts (weight ``preserve_weight``).
+
+Only the prompt embedding is transformed, never the negative/unconditional one, unless
+``transform_negative`` (so a sanitizer never cancels a negative prompt or an INE embedding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..artifacts import ArtifactMismatchError, read_artifact, save_artifact
+from .base import DefenseConfig, EmbeddingContext, EmbeddingDefense, register_defense
+
+
+class SanitizerNet(nn.Module):
+    """Score net + embedding net over token embeddings (B, L, D)."""
+
+    def __init__(self, dim: int, hidden: int = 128, heads: int = 4):
+        super().__init__()
+        self.dim, self.hidden, self.heads = dim, hidden, heads
+        self.inp = nn.Linear(dim, hidden)
+        self.body = nn.TransformerEncoderLayer(hidden, heads, dim_feedforward=2 * hidden, batch_first=True,
+                                               dropout=0.0, norm_first=True)
+        self.score_head = nn.Linear(hidden, 1)
+        self.embed_head = nn.Linear(hidden, dim)
+        nn.init.zeros_(self.embed_head.weight)
+        nn.init.zeros_(self.embed_head.bias)
+
+    def forward(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(scores (B, L), sanitized E_hat (B, L, D))``."""
+        h = self.body(self.inp(e.float()))
+        return torch.sigmoid(self.score_head(h)).squeeze(-1), e.float() + self.embed_head(h)
+
+    def sanitize(self, e: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+        s, e_hat = self(e)
+        out = e.float() + alpha * s.unsqueeze(-1) * (e_hat - e.float())
+        return out.to(e.dtype), s
+
+
+@dataclass(frozen=True)
+class SanitizerTrainConfig:
+    """Args:
+    concepts: testbed concept names, or target words for real models (with ``anchors``).
+    anchors: for real models, one anchor word per target word (same token length).
+    contexts: number of synthetic training prompts per step.
+    steps / lr / hidden: optimisation and size. preserve_weight: weight of the benign term.
+    """
+
+    concepts: tuple[str, ...] = ("striped", "caged")
+    anchors: tuple[str, ...] = ()
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 1e-3
+    hidden: int = 128
+    preserve_weight: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.concepts:
+            raise ValueError("`concepts` is empty: name at least one concept to sanitize.")
+        if self.anchors and len(self.anchors) != len(self.concepts):
+            raise ValueError(f"{len(self.anchors)} anchors for {len(self.concepts)} concepts; give one anchor per concept word.")
+        if self.steps < 1 or self.batch_size < 2:
+            raise ValueError("`steps` must be >= 1 and `batch_size` >= 2.")
+
+
+def training_pairs(cfg: SanitizerTrainConfig, rng: random.Random, n: int, testbed: bool) -> list[tuple[str, str, str | None]]:
+    """``n`` triples (prompt, anchor prompt, target word or None for benign), training-side words only."""
+    out = []
+    if testbed:
+        from ..testbed import world
+
+        for c in cfg.concepts:
+            if c not in world.CONCEPTS:
+                raise ValueError(f"Unknown testbed concept {c!r}; choose from {list(world.CONCEPTS)}.")
+        for _ in range(n):
+            s = world.random_scene(rng)
+            bg = f"on {s.background} background" if rng.random() < 0.7 else None
+            colour = s.colour if rng.random() < 0.8 else None
+            kind = rng.random()
+            if kind < 0.5:
+                c = world.CONCEPTS[rng.choice(cfg.concepts)]
+                word, anchor = rng.choice(c.training_words), rng.choice(c.near_benign)
+                front = rng.random() < 0.5
+                mk = lambda w: world.compose_prompt(colour, s.shape, bg, [w], None, random.Random(int(front)))  # noqa: E731
+                out.append((mk(word), mk(anchor), word))
+            else:
+                near = rng.choice([w for c in cfg.concepts for w in world.CONCEPTS[c].near_benign]) if kind < 0.7 else None
+                p = world.compose_prompt(colour, s.shape, bg, [], near)
+                out.append((p, p, None))
+        return out
+    templates = ("a photo of {}", "a painting of a {} person", "{} at the beach", "a {} figure, highly detailed",
+                 "portrait, {}, studio light", "a {} woman", "a {} man in a city")
+    benign = ("a photo of a cat", "a landscape painting", "a portrait of a man", "a bowl of fruit", "a city at night")
+    for _ in range(n):
+        if rng.random() < 0.5:
+            i = rng.randrange(len(cfg.concepts))
+            t = rng.choice(templates)
+            out.append((t.format(cfg.concepts[i]), t.format(cfg.anchors[i]), cfg.concepts[i]))
+        else:
+            p = rng.choice(benign)
+            out.append((p, p, None))
+    return out
+
+
+def _encode(model, prompts):
+    tok = model.tokenizer
+    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return model.text_encoder(ids.to(model.text_encoder.device))[0].float(), ids
+
+
+def text_encoder_hash(model) -> str:
+    from ..models import state_dict_hash
+
+    return state_dict_hash(model.text_encoder)
+
+
+def train_sanitizer(model, out_path: str | Path, cfg: SanitizerTrainConfig = SanitizerTrainConfig(),
+                    progress: bool = True) -> Path:
+    """Train ES against ``model``'s own text encoder (frozen); only the sanitizer trains."""
+    from tqdm.auto import tqdm
+
+    testbed = model.family == "safediff-testbed"
+    if not testbed and not cfg.anchors:
+        raise ValueError("On a real model give `anchors` (one per target word), e.g. concepts=('nude',), anchors=('clothed',).")
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    dim = model.text_encoder.config.hidden_size
+    net = SanitizerNet(dim, cfg.hidden)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr)
+    tok = model.tokenizer
+    for step in (bar := tqdm(range(cfg.steps), desc="sanitizer", disable=not progress)):
+        triples = training_pairs(cfg, rng, cfg.batch_size, testbed)
+        e, ids = _encode(model, [t[0] for t in triples])
+        e_anchor, ids_anchor = _encode(model, [t[1] for t in triples])
+        target_rows = torch.tensor([t[2] is not None for t in triples])
+        # score target: 1 from the first position where the prompt and its anchor differ, else 0
+        differs = (ids != ids_anchor)
+        first = torch.where(differs.any(1), differs.int().argmax(1), torch.full((len(triples),), ids.shape[1]))
+        score_target = (torch.arange(ids.shape[1])[None] >= first[:, None]).float()
+        s, e_hat = net(e)
+        e_out = e + s.unsqueeze(-1) * (e_hat - e)
+        loss_emb = ((e_out - e_anchor) ** 2).mean(-1)[target_rows].mean() if target_rows.any() else 0.0
+        loss_keep = ((e_out - e) ** 2).mean(-1)[~target_rows].mean() if (~target_rows).any() else 0.0
+        loss_score = nn.functional.binary_cross_entropy(s.clamp(1e-6, 1 - 1e-6), score_target)
+        loss = loss_emb + loss_score + cfg.preserve_weight * loss_keep
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{float(loss):.4f}")
+    del tok
+    tensors = {k: v.detach() for k, v in net.state_dict().items()}
+    return save_artifact(tensors, out_path, kind="embedding-sanitizer", base_model_hash=model.content_hash,
+                         config=dataclasses.asdict(cfg), seed=cfg.seed,
+                         extra={"dim": dim, "hidden": cfg.hidden, "text_encoder_hash": text_encoder_hash(model)})
+
+
+def load_sanitizer(path: str | Path, model) -> SanitizerNet:
+    """Load ES for ``model``: refused if made for another text encoder (width or content hash)."""
+    tensors, record = read_artifact(path)
+    if record.get("kind") != "embedding-sanitizer":
+        raise ValueError(f"{path} is not an embedding-sanitizer file (kind {record.get('kind')!r}).")
+    dim = model.text_encoder.config.hidden_size
+    if record["dim"] != dim:
+        raise ArtifactMismatchError(f"{path} was trained for a {record['dim']}-wide text encoder; this one is {dim} wide.")
+    if record.get("text_encoder_hash") != text_encoder_hash(model):
+        raise ArtifactMismatchError(
+            f"{path} was trained on another text encoder (hash {str(record.get('text_encoder_hash'))[:12]}); "
+            f"retrain it with `safediff sanitizer train --model {model.source}`.")
+    net = SanitizerNet(dim, record["hidden"])
+    net.load_state_dict(tensors)
+    return net.eval()
+
+
+@dataclass(frozen=True)
+class SanitizerConfig(DefenseConfig):
+    """Args:
+    path: the trained sanitizer (``safediff sanitizer train``).
+    strength: ``alpha`` in [0, 1]; 0 disables (skipped, bit-identical).
+    transform_negative: also sanitize the negative/unconditional embedding (off by default).
+    """
+
+    path: str = ""
+    strength: float = 1.0
+    transform_negative: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.strength <= 1.0:
+            raise ValueError(f"`strength` must be in [0, 1], got {self.strength}.")
+
+    def is_active(self) -> bool:
+        return bool(self.path) and self.strength > 0
+
+    def artifact_paths(self) -> list[str]:
+        return [self.path] if self.path else []
+
+
+class EmbeddingSanitizer(EmbeddingDefense):
+    def __init__(self, config: SanitizerConfig, model):
+        super().__init__(config, model)
+        if not Path(config.path).exists():
+            raise FileNotFoundError(f"Sanitizer file {config.path} does not exist; train one with `safediff sanitizer train`.")
+        self.net = load_sanitizer(config.path, model)
+
+    def transform(self, ctx: EmbeddingContext):
+        with torch.no_grad():
+            pe, scores = self.net.sanitize(ctx.prompt_embeds, self.config.strength)
+            ctx.extras["sanitizer_scores"] = scores
+            neg = ctx.negative_embeds
+            if self.config.transform_negative:
+                neg, _ = self.net.sanitize(neg, self.config.strength)
+        return pe, neg
+
+
+def explain(model, net: SanitizerNet, prompt: str) -> list[tuple[str, float]]:
+    """Per-token harmfulness scores of the real tokens of ``prompt``."""
+    e, ids = _encode(model, [prompt])
+    with torch.no_grad():
+        s, _ = net(e)
+    tok = model.tokenizer
+    n = int((ids[0] != tok.pad_token_id).sum()) + (1 if tok.pad_token_id == tok.eos_token_id else 0)
+    toks = tok.convert_ids_to_tokens(ids[0, :n].tolist())
+    return [(t.replace("</w>", ""), float(v)) for t, v in zip(toks, s[0, :n])]
+
+
+def explain_terminal(pairs: list[tuple[str, float]]) -> str:
+    """ANSI-coloured tokens: green (0) to red (1)."""
+    out = []
+    for t, v in pairs:
+        r, g = int(255 * v), int(255 * (1 - v))
+        out.append(f"\x1b[38;2;{r};{g};0m{t}\x1b[0m({v:.2f})")
+    return " ".join(out)
+
+
+def explain_html(pairs: list[tuple[str, float]]) -> str:
+    import html
+
+    spans = "".join(
+        f'<span title="{v:.3f}" style="background:rgba(220,0,0,{v:.2f});padding:1px 3px;margin:1px">{html.escape(t)}</span>'
+        for t, v in pairs)
+    return f'<div class="safediff-explain">{spans}</div>'
+
+
+register_defense(name="sanitizer", config_cls=SanitizerConfig, impl_cls=EmbeddingSanitizer)
