@@ -28,9 +28,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--size", type=int, default=None, help="image size (default: the model's)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    m = safediff.load_model(args.model, device=args.device)
+    m = safediff.load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
     prompts = ["a red circle on white background"] * args.batch
     gs = m.default_guidance_scale
     ours = SafePipeline(m, DefenseStack())
@@ -38,11 +40,13 @@ def main() -> None:
     ref.set_progress_bar_config(disable=True)
 
     def run_ours():
-        ours(prompts, seed=0, guidance_scale=gs, num_inference_steps=args.steps, batch_size=args.batch)
+        ours(prompts, seed=0, guidance_scale=gs, num_inference_steps=args.steps, batch_size=args.batch,
+             height=args.size, width=args.size)
 
     def run_ref():
         gens = [core.image_generator(0, 0) for _ in prompts]
-        ref(prompts, generator=gens, guidance_scale=gs, num_inference_steps=args.steps, output_type="pil")
+        ref(prompts, generator=gens, guidance_scale=gs, num_inference_steps=args.steps, output_type="pil",
+            height=args.size, width=args.size)
 
     def timed(fn):
         if args.device.startswith("cuda"):
@@ -61,10 +65,10 @@ def main() -> None:
     res = {
         "model": m.source, "family": m.family, "device": args.device,
         "machine": torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
-        "batch": args.batch, "steps": args.steps, "repeats": args.repeats,
+        "batch": args.batch, "steps": args.steps, "repeats": args.repeats, "dtype": args.dtype, "size": args.size or m.default_size,
         "diffusers_median_s": statistics.median(t_ref), "safediff_median_s": statistics.median(t_ours),
         "ratio": statistics.median(t_ours) / statistics.median(t_ref),
-        "command": f"python benchmarks/core_overhead.py --batch {args.batch} --steps {args.steps} --repeats {args.repeats}"
+        "command": f"python benchmarks/core_overhead.py --batch {args.batch} --steps {args.steps} --repeats {args.repeats} --dtype {args.dtype}"
                    + (f" --model {args.model}" if args.model else ""),
     }
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"core_overhead_{m.family}_{args.device.split(':')[0]}.json"

@@ -96,3 +96,50 @@ def tiny_model(family: str = "sd1", seed: int = 0, cache_dir: str | Path | None 
         if not path.exists():
             tmp.rename(path)
     return load_model(path)
+
+
+def full_size_components(family: str = "sd1", seed: int = 0) -> dict:
+    """Random components with the **full** Stable Diffusion v1.x / v2.x architectures (860 M UNet),
+    for timing and memory benchmarks where real weights cannot be downloaded. The tokenizer is the
+    offline one (the text encoder keeps CLIP's 49,408-row embedding table)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if family not in ("sd1", "sd2-v"):
+        raise ValueError(f"full-size families: 'sd1', 'sd2-v'; got {family!r}.")
+    tok = tiny_tokenizer()
+    sd2 = family == "sd2-v"
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=96 if sd2 else 64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=1024 if sd2 else 768, attention_head_dim=(5, 10, 20, 20) if sd2 else 8,
+        use_linear_projection=sd2, norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        sample_size=768 if sd2 else 512, norm_num_groups=32,
+    )
+    te = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=1024 if sd2 else 768, intermediate_size=4096 if sd2 else 3072,
+        num_hidden_layers=23 if sd2 else 12, num_attention_heads=16 if sd2 else 12, max_position_embeddings=77,
+        projection_dim=512 if sd2 else 768, hidden_act="gelu" if sd2 else "quick_gelu",
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    ))
+    common = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                  steps_offset=1)
+    sched = (DDIMScheduler(prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False, **common) if sd2
+             else PNDMScheduler(skip_prk_steps=True, prediction_type="epsilon", **common))
+    return {"unet": unet.eval(), "vae": vae.eval(), "text_encoder": te.eval(), "tokenizer": tok, "scheduler": sched}
+
+
+def save_full_size_pipeline(out_dir: str | Path, family: str = "sd1", seed: int = 0) -> Path:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(**full_size_components(family, seed), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return Path(out_dir)
