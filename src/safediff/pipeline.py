@@ -181,7 +181,8 @@ class SafePipeline:
             else:
                 todo.append((pi, s, k))
 
-        bar = tqdm(total=len(todo) * steps, desc="generate", disable=not progress, unit="step")
+        n_batches = -(-len(todo) // batch_size)
+        bar = tqdm(total=n_batches * steps, desc="generate", disable=not progress, unit="batch-step")
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             batch_prompts = [texts[pi] for pi, _, _ in chunk]
