@@ -95,7 +95,7 @@ def safree_project(ctx: EmbeddingContext, space: tuple[str, ...], alpha: float) 
     te, tok = ctx.text_encoder, ctx.tokenizer
     c_ids = tok(list(space), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
     p_c = projection(_pooled(te, c_ids))
-    eye = torch.eye(p_c.shape[0], dtype=torch.float64)
+    eye = torch.eye(p_c.shape[0], dtype=torch.float64, device=p_c.device)
     out = ctx.prompt_embeds.clone()
     triggers = torch.zeros(ctx.input_ids.shape, dtype=torch.bool)
     betas = []
