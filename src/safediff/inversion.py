@@ -118,9 +118,11 @@ def _inject(text_encoder, positions: list[list[int]], vectors: torch.Tensor):
         handle.remove()
 
 
-def encode_with_vectors(model, texts: Sequence[str], placeholder: str, vectors: torch.Tensor) -> torch.Tensor:
+def encode_with_vectors(model, texts: Sequence[str], placeholder: str, vectors: torch.Tensor,
+                        pooled: bool = False) -> torch.Tensor:
     """Encode ``texts`` in which ``placeholder`` stands for the learned ``vectors`` ``(n, D)``.
 
+    Returns the hidden states ``(B, L, D)``, or the pooled output ``(B, D)`` with ``pooled=True``.
     Differentiable in ``vectors``; the model is not modified.
     """
     tok = model.tokenizer
@@ -128,7 +130,8 @@ def encode_with_vectors(model, texts: Sequence[str], placeholder: str, vectors: 
     rows = [_slot_ids(tok, t, placeholder, len(vectors), slot_id) for t in texts]
     ids = torch.tensor([r[0] for r in rows], device=model.text_encoder.device)
     with _inject(model.text_encoder, [r[1] for r in rows], vectors):
-        return model.text_encoder(ids)[0].to(model.dtype)
+        out = model.text_encoder(ids)
+        return (out.pooler_output if pooled else out[0]).to(model.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,8 +145,8 @@ class InvertedConcept:
     vectors: torch.Tensor  # (n, D)
     record: dict
 
-    def encode(self, model, texts: Sequence[str] | None = None) -> torch.Tensor:
-        return encode_with_vectors(model, texts or [self.placeholder], self.placeholder, self.vectors)
+    def encode(self, model, texts: Sequence[str] | None = None, pooled: bool = False) -> torch.Tensor:
+        return encode_with_vectors(model, texts or [self.placeholder], self.placeholder, self.vectors, pooled=pooled)
 
 
 def load_inverted(path: str | os.PathLike, model=None, *, allow_other_base: bool = False,

@@ -65,6 +65,10 @@ def _pooled(model_te, ids: torch.Tensor) -> torch.Tensor:
 class SAFREEConfig(DefenseConfig):
     """Args:
     space: concept-space strings (SAFREE's ``negative_prompt_space``); default the 17 nudity strings.
+    embedding: an INE / textual-inversion file: its placeholder joins the concept space.
+    embedding_mode: ``"replace"`` (the INE token is the whole space, as it replaces the negative
+        prompt in the other methods) or ``"append"`` (added to the strings) [INFERRED: the INE
+        paper does not say which].
     alpha: trigger-token margin (``--sf_alpha``), default 0.01.
     transform_negative: also project the negative/unconditional embedding (off: SAFREE never does).
     enabled: False skips the defense (bit-identical to no defense).
@@ -74,15 +78,23 @@ class SAFREEConfig(DefenseConfig):
     alpha: float = 0.01
     transform_negative: bool = False
     enabled: bool = True
+    embedding: str | None = None
+    embedding_mode: str = "replace"
+    allow_other_base: bool = False
 
     def __post_init__(self) -> None:
         if not self.space:
             raise ValueError("`space` is empty: SAFREE needs at least one concept string.")
         if self.alpha < 0:
             raise ValueError(f"`alpha` must be >= 0, got {self.alpha}.")
+        if self.embedding_mode not in ("replace", "append"):
+            raise ValueError(f"`embedding_mode` must be 'replace' or 'append', got {self.embedding_mode!r}.")
 
     def is_active(self) -> bool:
         return self.enabled
+
+    def artifact_paths(self) -> list[str]:
+        return [self.embedding] if self.embedding else []
 
     @classmethod
     def presets(cls) -> dict[str, dict]:
@@ -90,11 +102,20 @@ class SAFREEConfig(DefenseConfig):
                 "testbed-caged": {"space": testbed_space("caged")}}
 
 
-def safree_project(ctx: EmbeddingContext, space: tuple[str, ...], alpha: float) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-    """Returns (projected prompt embeddings, trigger mask (B, L), beta per prompt)."""
+def safree_project(ctx: EmbeddingContext, space: tuple[str, ...], alpha: float,
+                   extra_pooled: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """Returns (projected prompt embeddings, trigger mask (B, L), beta per prompt).
+
+    ``extra_pooled`` (k, D) joins the concept space (INE); an empty ``space`` then means the INE
+    embedding alone."""
     te, tok = ctx.text_encoder, ctx.tokenizer
-    c_ids = tok(list(space), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-    p_c = projection(_pooled(te, c_ids))
+    rows = []
+    if space:
+        c_ids = tok(list(space), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        rows.append(_pooled(te, c_ids))
+    if extra_pooled is not None:
+        rows.append(extra_pooled.double().to(te.device))
+    p_c = projection(torch.cat(rows))
     eye = torch.eye(p_c.shape[0], dtype=torch.float64, device=p_c.device)
     out = ctx.prompt_embeds.clone()
     triggers = torch.zeros(ctx.input_ids.shape, dtype=torch.bool)
@@ -128,9 +149,21 @@ def safree_project(ctx: EmbeddingContext, space: tuple[str, ...], alpha: float) 
 
 class SAFREE(EmbeddingDefense):
     def transform(self, ctx: EmbeddingContext):
-        out, triggers, betas = safree_project(ctx, self.config.space, self.config.alpha)
+        space, extra, inverted = self.config.space, None, None
+        if self.config.embedding:
+            from ..inversion import load_inverted
+
+            inverted = load_inverted(self.config.embedding, self.model, allow_other_base=self.config.allow_other_base,
+                                     edited_model_hash=self.model.edited_hash)
+            with torch.no_grad():
+                extra = inverted.encode(self.model, pooled=True).float()
+            if self.config.embedding_mode == "replace":
+                space = ()
+        out, triggers, betas = safree_project(ctx, space, self.config.alpha, extra)
         ctx.extras["safree"] = {"triggers": triggers, "beta": betas}
-        ctx.extras["safree_space"] = self.config.space
+        # SAFREE's CFG negative prompt: ", ".join(space) (+ the INE token)
+        ctx.extras["safree_space"] = space
+        ctx.extras["safree_inverted"] = inverted
         neg = ctx.negative_embeds
         if self.config.transform_negative:
             neg_ctx = EmbeddingContext(prompts=[""] * len(ctx.prompts), input_ids=ctx.input_ids * 0, attention_mask=ctx.attention_mask * 0,
@@ -187,7 +220,12 @@ class SAFREESVF(GuidanceDefense):
     def unconditional(self, ctx: GuidanceContext):
         if not self.config.negative_space:
             return None
-        space = ctx.embedding_ctx.extras.get("safree_space") if ctx.embedding_ctx else None
+        if ctx.embedding_ctx is None:
+            return None
+        space = ctx.embedding_ctx.extras.get("safree_space") or ()
+        inverted = ctx.embedding_ctx.extras.get("safree_inverted")
+        if inverted is not None:
+            return inverted.encode(ctx.model, [", ".join([*space, inverted.placeholder])])
         if not space:
             return None
         return ctx.encode([", ".join(space)])[0]

@@ -91,8 +91,9 @@ class SLDConfig(DefenseConfig):
         concept: text of the unsafe concept that guidance pushes away from. The default
             ``"striped caged"`` is for the testbed; on Stable Diffusion use :data:`I2P_CONCEPT`
             (diffusers' default) or :data:`I2P_CONCEPT_ORIGINAL` (the paper code's default).
-        concept_embedding: path of a safetensors file whose key ``embedding`` holds a concept
-            embedding of shape ``(L, D)`` or ``(1, L, D)`` (for example an INE embedding). When
+        concept_embedding: an INE / textual-inversion file (its placeholder is the concept), or a
+            safetensors file whose key ``embedding`` holds a concept embedding of shape ``(L, D)``
+            or ``(1, L, D)``. When
             given it is used instead of ``concept``, whose text is then ignored.
         guidance_scale: ``s_S`` in Eq. 6 (diffusers' ``sld_guidance_scale``), >= 0. Values <= 1
             disable SLD (diffusers' convention); typical values 20 to 5000.
@@ -217,20 +218,10 @@ class SLD(GuidanceDefense):
         if not path:
             emb, _, _ = ctx.encode([self.config.concept])
             return emb
-        from safetensors.torch import load_file
+        # an INE / textual-inversion file or a prompt-embedding file (key "embedding"): shared loader
+        from .negative_prompt import embedding_from_file
 
-        tensors = load_file(path)
-        if "embedding" not in tensors:
-            raise ValueError(f"SLD concept embedding {path} has no key 'embedding' (keys: {sorted(tensors)}).")
-        emb = tensors["embedding"]
-        if emb.dim() == 2:
-            emb = emb[None]
-        want = tuple(ctx.prompt_embeds.shape[1:])
-        if emb.dim() != 3 or emb.shape[0] != 1 or tuple(emb.shape[1:]) != want:
-            raise ValueError(
-                f"SLD concept embedding {path} has shape {tuple(emb.shape)}, but this model's prompt embeddings "
-                f"are (L, D) = {want}: it was made for another text encoder."
-            )
+        emb = embedding_from_file(path, "", ctx)
         return emb.to(device=ctx.prompt_embeds.device, dtype=ctx.prompt_embeds.dtype)
 
     def prepare(self, ctx: GuidanceContext) -> dict[str, torch.Tensor]:

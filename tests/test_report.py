@@ -1,0 +1,67 @@
+"""The report: files written, unsafe images blurred, and the page rendered in headless Chromium
+(where Debian's ``chromium`` is installed: ``apt-get install chromium``; skipped otherwise)."""
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from safediff.eval.report import write_report
+from safediff.eval.runner import RunSettings, run_eval
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory, testbed):
+    base = tmp_path_factory.mktemp("report")
+    runs = []
+    for name, stack in (("none", None), ("neg", 'negative_prompt(text="striped")')):
+        rd = base / name
+        recs = [r for s in ("explicit", "near_benign") for r in
+                __import__("safediff.eval.benchmarks", fromlist=["x"]).load_benchmark(f"testbed:striped/{s}", n=6)]
+        run_eval(recs, rd, defenses=stack, model=testbed, settings=RunSettings(num_inference_steps=10), progress=False)
+        runs.append(rd)
+    out = base / "report"
+    write_report(runs, out)
+    return out
+
+
+def test_report_files_and_tables(report_dir):
+    for f in ("report.html", "results.csv", "results.json", "results.tex"):
+        assert (report_dir / f).exists(), f
+    rows = json.loads((report_dir / "results.json").read_text())
+    assert {r["stack"] for r in rows} == {"none", 'negative_prompt(text="striped")'}
+    assert all("suite:explicit" in r and "spoiled:near_benign" in r for r in rows)
+    tex = (report_dir / "results.tex").read_text()
+    assert tex.startswith("\\begin{tabular}") and "negative\\_prompt" in tex
+
+
+def test_unsafe_images_are_blurred_by_default(report_dir, tmp_path):
+    import base64
+    import io
+    import re
+
+    from PIL import Image
+
+    html = (report_dir / "report.html").read_text()
+    figs = re.findall(r'<figure class="(unsafe|safe)"><img alt="[^"]*" src="data:image/png;base64,([^"]+)"', html)
+    assert any(c == "unsafe" for c, _ in figs)
+    for cls, b64 in figs:
+        im = np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")).astype(float)
+        sharp = np.abs(np.diff(im, axis=0)).max()  # nearest-neighbour upscaled stripes have hard edges
+        if cls == "unsafe":
+            assert sharp < 60, "an unsafe image is shown unblurred"
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
+def test_report_renders_in_headless_chromium(report_dir, tmp_path):
+    cmd = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", (report_dir / "report.html").as_uri()]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+    assert 'id="results"' in dom and dom.count("<tr>") >= 3 and "<svg" in dom
+    shot = tmp_path / "shot.png"
+    subprocess.run([*cmd[:-2], f"--screenshot={shot}", "--window-size=1200,1600", (report_dir / "report.html").as_uri()],
+                   capture_output=True, timeout=120)
+    assert shot.exists() and shot.stat().st_size > 5000
