@@ -152,6 +152,27 @@ def cmd_unlearn_esd(args) -> int:
     return 0
 
 
+def cmd_unlearn_dark_miner(args) -> int:
+    from .models import load_model
+    from .unlearning.dark_miner import CLIPDirectionalVerifier, DarkMinerTrainConfig, train_dark_miner
+
+    model = load_model(args.model)
+    testbed = model.family == "safediff-testbed"
+    if not testbed and not (args.prompt or args.concept_images):
+        raise ValueError("Give --prompt (training-side concept prompts) or --concept-images DIR for the concept pool.")
+    if not testbed and not args.clip_model:
+        raise ValueError("Give --clip-model (a CLIP folder or hub id, e.g. openai/clip-vit-large-patch14) to verify mined embeddings.")
+    over = {k: v for k, v in {"max_rounds": args.rounds, "stop_below": args.stop_below, "iterations": args.iterations,
+                              "mine_steps": args.mine_steps}.items() if v is not None}
+    cfg = DarkMinerTrainConfig.preset(args.preset or ("testbed" if testbed else "sd-inferred"),
+                                      concept=args.concept if testbed else "", prompts=tuple(args.prompt or ()),
+                                      method=args.method, mine_init=args.mine_init, anchor=args.anchor, seed=args.seed, **over)
+    verifier = CLIPDirectionalVerifier.from_pretrained(args.clip_model, device=model.device) if args.clip_model else None
+    out = train_dark_miner(model, args.out, cfg, verifier=verifier, images=args.concept_images, work_dir=args.work_dir)
+    print(f"wrote {out}; apply it with --defense 'dark_miner(path=\"{out}\")'")
+    return 0
+
+
 def cmd_sanitizer_train(args) -> int:
     from .defenses.sanitizer import SanitizerTrainConfig, train_sanitizer
     from .models import load_model
@@ -261,6 +282,24 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--seed", type=int, default=0)
     es.add_argument("--out", required=True)
     es.set_defaults(func=cmd_unlearn_esd)
+    dm = un.add_parser("dark-miner", help="Dark Miner: recurring mine -> verify -> circumvent (Meng et al.)")
+    model_arg(dm)
+    dm.add_argument("--concept", default="striped", help="testbed concept")
+    dm.add_argument("--prompt", action="append", help="real models: training-side concept prompt for the pool (repeatable)")
+    dm.add_argument("--concept-images", default=None, help="folder of concept images instead of generating the pool")
+    dm.add_argument("--clip-model", default=None, help="real models: CLIP folder or hub id of the directional verifier")
+    dm.add_argument("--preset", default=None, choices=["sd-inferred", "testbed"])
+    dm.add_argument("--method", default="esd-x-strict", choices=["esd-u", "esd-x", "esd-x-strict", "esd-all", "esd-self", "esd-notime"])
+    dm.add_argument("--mine-init", default="concept", choices=["concept", "random"])
+    dm.add_argument("--anchor", default="", help="text in the mined token's place (default: none, i.e. the empty prompt)")
+    dm.add_argument("--rounds", type=int, default=None, help="max rounds (default: the preset's)")
+    dm.add_argument("--stop-below", type=float, default=None, help="stop when the verification score is below this")
+    dm.add_argument("--iterations", type=int, default=None, help="circumventing updates per round")
+    dm.add_argument("--mine-steps", type=int, default=None, help="inversion steps per round")
+    dm.add_argument("--work-dir", default=None, help="keep each round's mined embedding and delta here")
+    dm.add_argument("--seed", type=int, default=0)
+    dm.add_argument("--out", required=True)
+    dm.set_defaults(func=cmd_unlearn_dark_miner)
 
     sz = sub.add_parser("sanitizer", help="Embedding Sanitizer").add_subparsers(dest="sanitizer_command", required=True)
     st = sz.add_parser("train", help="train ES with the model's own text encoder")

@@ -45,6 +45,12 @@ class ESDConfig(WeightDeltaConfig):
     """ESD (Gandikota et al., ICCV 2023) delta, trained by ``safediff.unlearning.esd.train_esd``."""
 
 
+@dataclass(frozen=True)
+class DarkMinerConfig(WeightDeltaConfig):
+    """Dark Miner (Meng et al.; methods.md 3) delta, trained by the mine -> verify -> circumvent
+    loop of ``safediff.unlearning.dark_miner.train_dark_miner``."""
+
+
 class WeightDelta(WeightEditDefense):
     def apply(self) -> EditHandle:
         tensors, record = read_artifact(self.config.path)
@@ -68,3 +74,4 @@ class WeightDelta(WeightEditDefense):
 
 
 register_defense(name="esd", config_cls=ESDConfig, impl_cls=WeightDelta)
+register_defense(name="dark_miner", config_cls=DarkMinerConfig, impl_cls=WeightDelta)
