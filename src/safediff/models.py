@@ -187,12 +187,20 @@ def detect_family(path: str | os.PathLike) -> tuple[str, dict]:
 
 
 _HASH_CACHE: dict[tuple, str] = {}
+_CACHE_MIN_BYTES = 64 << 20
 
 
 def hash_files(paths: list[Path], root: Path | None = None) -> str:
-    """sha256 over the given files' relative names and bytes (cached by size and mtime)."""
-    key = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(paths))
-    if key in _HASH_CACHE:
+    """sha256 over the given files' relative names and bytes.
+
+    Only large sets (model weights) are cached, by path, size, inode and mtime: a small artifact
+    rewritten within one file-system timestamp tick would otherwise keep its old hash (a retrained
+    file at the same path must never reuse old results), and hashing it again is cheap.
+    """
+    stats = [(p, p.stat()) for p in sorted(paths)]
+    total = sum(st.st_size for _, st in stats)
+    key = tuple((str(p), st.st_size, st.st_ino, st.st_mtime_ns) for p, st in stats)
+    if total >= _CACHE_MIN_BYTES and key in _HASH_CACHE:
         return _HASH_CACHE[key]
     h = hashlib.sha256()
     for p in sorted(paths):
@@ -200,8 +208,10 @@ def hash_files(paths: list[Path], root: Path | None = None) -> str:
         with open(p, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 22), b""):
                 h.update(chunk)
-    _HASH_CACHE[key] = h.hexdigest()
-    return _HASH_CACHE[key]
+    digest = h.hexdigest()
+    if total >= _CACHE_MIN_BYTES:
+        _HASH_CACHE[key] = digest
+    return digest
 
 
 def model_content_hash(path: str | os.PathLike) -> str:
