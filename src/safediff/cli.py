@@ -152,6 +152,23 @@ def cmd_unlearn_esd(args) -> int:
     return 0
 
 
+def cmd_unlearn_duo(args) -> int:
+    from .models import load_model
+    from .unlearning.duo import DUOTrainConfig, train_duo
+
+    model = load_model(args.model)
+    testbed = model.family == "safediff-testbed"
+    concept = args.concept or ("striped" if testbed and not args.pairs_dir else "")
+    if not (args.pairs_dir or concept):
+        raise ValueError("Give --pairs-dir DIR (unsafe/ and safe/ images of the same names, e.g. DUO's SDEdit pairs).")
+    over = {k: v for k, v in {"beta": args.beta, "steps": args.steps}.items() if v is not None}
+    cfg = DUOTrainConfig.preset(args.preset or ("testbed" if testbed else "sd-nudity"), concept="" if args.pairs_dir else concept,
+                                pairs_dir=args.pairs_dir or "", seed=args.seed, **over)
+    out = train_duo(model, args.out, cfg)
+    print(f"wrote {out}; apply it with --defense 'duo(path=\"{out}\")'")
+    return 0
+
+
 def cmd_unlearn_dark_miner(args) -> int:
     from .models import load_model
     from .unlearning.dark_miner import CLIPDirectionalVerifier, DarkMinerTrainConfig, train_dark_miner
@@ -282,6 +299,16 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--seed", type=int, default=0)
     es.add_argument("--out", required=True)
     es.set_defaults(func=cmd_unlearn_esd)
+    du = un.add_parser("duo", help="DUO: preference optimisation on unsafe/safe image pairs (Park et al. 2024)")
+    model_arg(du)
+    du.add_argument("--concept", default=None, help="testbed concept: render exact pairs (default on the testbed: striped)")
+    du.add_argument("--pairs-dir", default=None, help="folder with unsafe/ and safe/ images (same names), optional captions.json")
+    du.add_argument("--preset", default=None, choices=["sd-nudity", "sd-nudity-ine", "sd-violence", "testbed"])
+    du.add_argument("--beta", type=float, default=None, help="DPO beta (lr and lambda scale with it as in DUO)")
+    du.add_argument("--steps", type=int, default=None)
+    du.add_argument("--seed", type=int, default=42)
+    du.add_argument("--out", required=True)
+    du.set_defaults(func=cmd_unlearn_duo)
     dm = un.add_parser("dark-miner", help="Dark Miner: recurring mine -> verify -> circumvent (Meng et al.)")
     model_arg(dm)
     dm.add_argument("--concept", default="striped", help="testbed concept")

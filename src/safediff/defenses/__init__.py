@@ -2,6 +2,7 @@
 
 from . import negative_prompt  # noqa: F401
 from . import prompt_guard  # noqa: F401
+from . import rece  # noqa: F401
 from . import safree  # noqa: F401
 from . import sanitizer  # noqa: F401
 from . import sld  # noqa: F401

@@ -46,6 +46,12 @@ class ESDConfig(WeightDeltaConfig):
 
 
 @dataclass(frozen=True)
+class DUOConfig(WeightDeltaConfig):
+    """DUO (Park et al., NeurIPS 2024) delta (a merged LoRA), trained by
+    ``safediff.unlearning.duo.train_duo``; ``scale`` plays the LoRA weight at inference."""
+
+
+@dataclass(frozen=True)
 class DarkMinerConfig(WeightDeltaConfig):
     """Dark Miner (Meng et al.; methods.md 3) delta, trained by the mine -> verify -> circumvent
     loop of ``safediff.unlearning.dark_miner.train_dark_miner``."""
@@ -74,4 +80,5 @@ class WeightDelta(WeightEditDefense):
 
 
 register_defense(name="esd", config_cls=ESDConfig, impl_cls=WeightDelta)
+register_defense(name="duo", config_cls=DUOConfig, impl_cls=WeightDelta)
 register_defense(name="dark_miner", config_cls=DarkMinerConfig, impl_cls=WeightDelta)
