@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the same prompts with and without a defense on the testbed")
     model_arg(d)
-    d.add_argument("--defense", default=None, help="defense stack (default: a negative prompt naming both concepts)")
+    d.add_argument("--defense", default=None, help="defense stack (default: UCE erasing both testbed concepts)")
     d.add_argument("--seeds", type=int, default=4)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", default="safediff-demo")

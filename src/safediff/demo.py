@@ -21,7 +21,9 @@ DEMO_PROMPTS = (
     "a caged red square on white background",
     "a blue triangle on gray background, horse",
 )
-DEMO_DEFENSE = 'negative_prompt(text="striped caged")'
+#: UCE needs no trained artifact, so the demo runs on a fresh install; a negative prompt barely
+#: changes explicitly requested concepts on the testbed (docs/testbed.md).
+DEMO_DEFENSE = "uce(preset=testbed-striped)+uce(preset=testbed-caged)"
 
 
 def run_demo(out_dir: str | Path = "safediff-demo", *, model=None, defenses: str = DEMO_DEFENSE,

@@ -207,15 +207,17 @@ def run_eval(
     finally:
         pipe.close()
 
-    # 4. score every stored image of this shard that lacks a score under each protocol
-    score_run(out, dets, shard=(idx, count), progress=progress, con=con)
+    # 4. score this shard's images (the jobs it owns, whoever generated them) under each protocol
+    own = {image_key(r.id, s, k, stack_hash) for r, s, k, _ in jobs}
+    score_run(out, dets, keys=own, progress=progress, con=con)
     con.close()
     return out
 
 
-def score_run(run_dir: str | Path, detectors: Sequence[str | Detector], *, shard: tuple[int, int] = (0, 1),
+def score_run(run_dir: str | Path, detectors: Sequence[str | Detector], *, keys: set[str] | None = None,
               progress: bool = True, con: sqlite3.Connection | None = None) -> None:
-    """Score the stored images with each detector protocol (only the missing scores)."""
+    """Score the stored images with each detector protocol (only the missing scores; only
+    ``keys`` when given, so that each shard scores exactly the images it owns)."""
     from PIL import Image
     from tqdm.auto import tqdm
 
@@ -223,14 +225,14 @@ def score_run(run_dir: str | Path, detectors: Sequence[str | Detector], *, shard
     own = con is None
     con = con or open_store(out)
     dets = [d if isinstance(d, Detector) else make_detector(d) for d in detectors]
-    idx, count = shard
     for d in dets:
         ph = d.protocol.hash()
         con.execute("INSERT OR IGNORE INTO protocols VALUES (?, ?)", (ph, json.dumps(d.protocol.to_dict())))
         rows = con.execute(
             "SELECT i.key, i.path, i.refused FROM images i LEFT JOIN scores s ON s.key = i.key AND s.protocol_hash = ? "
             "WHERE s.key IS NULL ORDER BY i.key", (ph,)).fetchall()
-        rows = [r for r in rows if hash_key(r[0]) % count == idx]
+        if keys is not None:
+            rows = [r for r in rows if r[0] in keys]
         for start in tqdm(range(0, len(rows), 64), desc=f"score {d.protocol.preset}", disable=not progress):
             batch = rows[start:start + 64]
             scored = []
@@ -251,12 +253,6 @@ def score_run(run_dir: str | Path, detectors: Sequence[str | Detector], *, shard
             con.commit()
     if own:
         con.close()
-
-
-def hash_key(key: str) -> int:
-    import zlib
-
-    return zlib.crc32(key.encode())
 
 
 def load_results(run_dir: str | Path, protocol_hash: str | None = None) -> list[dict]:
