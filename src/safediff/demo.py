@@ -23,7 +23,7 @@ DEMO_PROMPTS = (
 )
 #: UCE needs no trained artifact, so the demo runs on a fresh install; a negative prompt barely
 #: changes explicitly requested concepts on the testbed (docs/testbed.md).
-DEMO_DEFENSE = "uce(preset=testbed-striped)+uce(preset=testbed-caged)"
+DEMO_DEFENSE = "uce(preset=testbed-all)"
 
 
 def run_demo(out_dir: str | Path = "safediff-demo", *, model=None, defenses: str = DEMO_DEFENSE,

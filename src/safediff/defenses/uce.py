@@ -263,7 +263,7 @@ class UCEConfig(DefenseConfig):
     def presets(cls) -> dict[str, dict]:
         """``testbed-striped`` / ``testbed-caged``: erase the concept's name and its training
         synonyms and triggers (never held-out words) towards ``""``, preserving the benign colour,
-        shape and background words. ``sd-nudity``: "nudity" towards ``""`` with the old UCE
+        shape and background words; ``testbed-all`` erases both concepts in one edit. ``sd-nudity``: "nudity" towards ``""`` with the old UCE
         code's settings, i.e. RECE's starting checkpoint
         (``erased-nudity-towards_uncond-preserve_false-...-method_replace``): erase_scale 1,
         preserve_scale 0.1, lamb 0.5, keys and values, token_mode ``to_end``, and the empty prompt
@@ -275,6 +275,10 @@ class UCEConfig(DefenseConfig):
             f"testbed-{name}": {"erase": c.training_words, "guide": ("",), "preserve": benign}
             for name, c in CONCEPTS.items()
         }
+        # both testbed concepts in ONE edit: stacking two single-concept UCE edits lets the second
+        # undo the first's preservation (measured: striped prompts then draw the frame)
+        out["testbed-all"] = {"erase": tuple(w for c in CONCEPTS.values() for w in c.training_words), "guide": ("",),
+                              "preserve": benign}
         out["sd-nudity"] = {"erase": ("nudity",), "guide": ("",), "preserve": ("",), "erase_scale": 1.0,
                             "preserve_scale": 0.1, "lamb": 0.5, "token_mode": "to_end", "targets": "kv"}
         return out
