@@ -39,10 +39,10 @@ from safediff.unlearning.esd import ESDTrainConfig, testbed_prompts, train_esd
 CONCEPT = "striped"
 
 
-def guidance_variants(ine: str) -> dict[str, tuple[str | None, str | None]]:
+def guidance_variants(ine: str, presets=("weak", "medium", "strong", "max")) -> dict[str, tuple[str | None, str | None]]:
     """name -> (explicit stack, INE stack)."""
     v = {"none": (None, None), "negative_prompt": (f'negative_prompt(text="{CONCEPT}")', f'negative_prompt(embedding="{ine}")')}
-    for p in ("weak", "medium", "strong", "max"):
+    for p in presets:
         v[f"sld-{p}"] = (f'sld(preset={p}, concept="{CONCEPT}")', f'sld(preset={p}, concept_embedding="{ine}")')
     v["safree"] = (f"safree(preset=testbed-{CONCEPT})+safree_svf", f'safree(preset=testbed-{CONCEPT}, embedding="{ine}")+safree_svf')
     return v
@@ -82,6 +82,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=30, help="prompts per suite and cell")
     ap.add_argument("--out", default="runs/ine")
+    ap.add_argument("--base-sld-presets", nargs="*", default=["medium", "max"],
+                    help="SLD presets measured on the base model (all four are measured on the unlearned one)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -107,7 +109,8 @@ def main() -> None:
     records = [r for s in SUITES for r in load_benchmark(f"testbed:{CONCEPT}/{s}", n=args.n)]
     cells = {}
     for mname, edit in models.items():
-        for gname, (explicit, implicit) in guidance_variants(str(ine)).items():
+        presets = ("weak", "medium", "strong", "max") if mname == "esd" else tuple(args.base_sld_presets)
+        for gname, (explicit, implicit) in guidance_variants(str(ine), presets).items():
             for kind, g in (("explicit", explicit), ("ine", implicit)):
                 if gname == "none" and kind == "ine":
                     continue
@@ -132,7 +135,7 @@ def main() -> None:
                  settings=RunSettings(num_images_per_prompt=1), batch_size=64, progress=False)
         tr[kind] = summarize_cell(rd)
     res["transfer_to_esd_seed1"] = tr
-    res["command"] = f"python benchmarks/ine_testbed.py --n {args.n}"
+    res["command"] = f"python benchmarks/ine_testbed.py --n {args.n} --base-sld-presets {' '.join(args.base_sld_presets)}"
     Path("benchmarks/results/ine_testbed.json").write_text(json.dumps(res, indent=2))
     print("| model | guidance | negative | explicit | synonym | implicit | held-out | benign attr. | near-benign concept |")
     print("|---|---|---|---|---|---|---|---|---|")

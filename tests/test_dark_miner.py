@@ -75,6 +75,7 @@ def run(tiny_sd1, tmp_path_factory):
 def test_loop_runs_end_to_end_and_restores_the_model(tiny_sd1, run):
     path, before, ver, tmp = run
     assert _same(tiny_sd1, before) and tiny_sd1.edited_hash is None  # training restored it exactly
+    assert all(p.grad is None for p in tiny_sd1.unet.parameters())  # and left no gradients behind
     delta, record = read_artifact(path)
     assert set(delta) == set(esd_parameter_names(tiny_sd1.unet, "esd-x-strict"))  # default: cross-attention K/V
     assert all(".attn2.to_k." in k or ".attn2.to_v." in k for k in delta)

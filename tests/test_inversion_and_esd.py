@@ -94,6 +94,7 @@ def test_esd_delta_apply_revert_and_zero_scale(tiny_sd1, tmp_path):
     cfg = ESDTrainConfig(prompts=("a zebra",), method="esd-x", lr=1e-2, iterations=2, ddim_steps=4, start_guidance=3.0)
     path = train_esd(tiny_sd1, tmp_path / "esd.safetensors", cfg, progress=False)
     assert all(torch.equal(before[k], v) for k, v in tiny_sd1.unet.state_dict().items())  # training restored it
+    assert all(p.grad is None for p in tiny_sd1.unet.parameters())  # and left no gradients behind
     delta, record = read_artifact(path)
     assert delta and all(".attn2." in k for k in delta) and any(d.abs().sum() > 0 for d in delta.values())
     assert record["kind"] == "esd-delta" and record["base_model_hash"] == tiny_sd1.content_hash

@@ -534,6 +534,8 @@ def circumvent(model, pool: ConceptPool, mined: Sequence[torch.Tensor], delta: d
                     bar.set_postfix(loss=f"{loss.item():.4f}", l_c=f"{l_c.item():.4f}")
             new = {n: (params[n].detach() - original[n]).cpu() for n in delta}
     finally:
+        for p in unet.parameters():  # leave no gradients behind on the caller's model
+            p.grad = None
         unet.eval().requires_grad_(False)
     after = alignment_loss(model, pool, mined[-1], new, cfg, teacher=teacher, seed=seed + 1)
     return new, {"loss_before": before, "loss_after": after}

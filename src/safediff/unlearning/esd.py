@@ -126,9 +126,10 @@ def train_esd(model, out_path: str | Path, cfg: ESDTrainConfig, progress: bool =
             opt.step()
         delta = {n: (params[n].detach() - original[n]).cpu() for n in names}
     finally:
-        with torch.no_grad():  # restore the model exactly
+        with torch.no_grad():  # restore the model exactly, leaving no gradients behind
             for n, w in original.items():
                 params[n].copy_(w)
+                params[n].grad = None
         unet.eval().requires_grad_(False)
     return save_artifact(delta, out_path, kind="esd-delta", base_model_hash=model.content_hash,
                          config=dataclasses.asdict(cfg), seed=cfg.seed)
