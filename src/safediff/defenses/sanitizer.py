@@ -176,7 +176,7 @@ def train_sanitizer(model, out_path: str | Path, cfg: SanitizerTrainConfig = San
         loss.backward()
         opt.step()
         if step % 20 == 0:
-            bar.set_postfix(loss=f"{float(loss):.4f}")
+            bar.set_postfix(loss=f"{loss.item():.4f}")
     del tok
     tensors = {k: v.detach() for k, v in net.state_dict().items()}
     return save_artifact(tensors, out_path, kind="embedding-sanitizer", base_model_hash=model.content_hash,
