@@ -113,6 +113,20 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    from .eval.study import GUIDANCE, UNLEARNING, StudyConfig, run_study
+
+    cfg = StudyConfig(concept=args.concept, n=args.n, sld_preset=args.sld_preset,
+                      unlearning=tuple(args.unlearning or UNLEARNING), guidance=tuple(args.guidance or GUIDANCE),
+                      batch_size=args.batch_size, seed=args.seed)
+    res = run_study(args.out, cfg, max_cells=args.max_cells)
+    print((Path(args.out) / "table.md").read_text())
+    missing = sum("missing" in c for c in res["cells"].values())
+    print(f"wrote {Path(args.out) / 'results.json'}" + (f"; {missing} cells missing: run the same command again to resume"
+                                                        if missing else ""))
+    return 0
+
+
 def cmd_report(args) -> int:
     from .eval.report import write_report
 
@@ -145,7 +159,7 @@ def cmd_unlearn_esd(args) -> int:
     if not prompts:
         raise ValueError("Give --prompt (the concept to erase), e.g. --prompt nudity.")
     cfg = ESDTrainConfig.preset(args.preset or ("testbed" if model.family == "safediff-testbed" else "original"), prompts)
-    cfg = ESDTrainConfig(**{**cfg.__dict__, "method": args.method, "seed": args.seed,
+    cfg = ESDTrainConfig(**{**cfg.__dict__, "method": args.method or cfg.method, "seed": args.seed,
                             **({"iterations": args.iterations} if args.iterations else {})})
     out = train_esd(model, args.out, cfg)
     print(f"wrote {out}; apply it with --defense 'esd(path=\"{out}\")'")
@@ -250,6 +264,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="safediff-demo")
     d.set_defaults(func=cmd_demo)
 
+    sy = sub.add_parser("study", help="the composition study on the testbed (resumable)")
+    sy.add_argument("--out", required=True, help="study directory (re-run the same command to resume)")
+    sy.add_argument("--concept", default="striped", help="testbed concept to erase")
+    sy.add_argument("--n", type=int, default=100, help="prompts per cell and suite")
+    sy.add_argument("--sld-preset", default="medium", choices=["weak", "medium", "strong", "max"])
+    sy.add_argument("--unlearning", nargs="*", help="subset of none esd uce rece duo dark_miner (default: all)")
+    sy.add_argument("--guidance", nargs="*", help="subset of negative_prompt sld safree (default: all)")
+    sy.add_argument("--batch-size", type=int, default=64)
+    sy.add_argument("--seed", type=int, default=0, help="seeds every training run and inversion")
+    sy.add_argument("--max-cells", type=int, help="stop after running this many new cells")
+    sy.set_defaults(func=cmd_study)
+
     ev = sub.add_parser("eval", help="generate and score a benchmark under a defense stack (resumable)")
     ev.add_argument("--benchmark", required=True, help="testbed:CONCEPT/SUITE, testbed:all, i2p, NAME=PATH or a CSV/JSONL path")
     model_arg(ev); defense_args(ev)
@@ -293,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_arg(es)
     es.add_argument("--prompt", action="append", help="concept prompt (repeatable); testbed default: the concept name")
     es.add_argument("--concept", default="striped", help="testbed concept (when --prompt is not given)")
-    es.add_argument("--method", default="esd-u", choices=["esd-u", "esd-x", "esd-x-strict", "esd-all", "esd-self", "esd-notime"])
+    es.add_argument("--method", default=None, help="parameter set (default: the preset's; esd-u for original/diffusers-2024)", choices=["esd-u", "esd-x", "esd-x-strict", "esd-all", "esd-self", "esd-notime"])
     es.add_argument("--preset", default=None, choices=["original", "diffusers-2024", "testbed"])
     es.add_argument("--iterations", type=int, default=None)
     es.add_argument("--seed", type=int, default=0)

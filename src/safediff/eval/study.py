@@ -1,0 +1,349 @@
+"""The composition study on the testbed (evaluation issue, part 7).
+
+One resumable command measures how defenses compose::
+
+    safediff study --out runs/study            # n = 100 prompts per cell and suite
+
+The grid is {no unlearning, ESD, UCE, RECE, DUO, Dark Miner} x {negative prompt, SLD, SAFREE} x
+{explicit negative, INE}, plus each unlearning method with no guidance, the Embedding Sanitizer
+(ES) alone and ES stacked on the best cell. Every cell runs every testbed suite (explicit,
+synonym, implicit, held-out, benign, near-concept benign) through the resumable runner with the
+exact detector, so a killed study resumes where it stopped (artifacts are reused by file, cells
+by the runner's image keys).
+
+Artifacts (all trained on training-side words only; the held-out split is never used):
+
+* ESD, DUO and Dark Miner deltas with their ``testbed`` presets; UCE and RECE are computed when
+  applied (``preset=testbed-<concept>``).
+* One INE per unlearning method: concept inversion (``safediff invert``) against *that*
+  unlearned model, from images the original model draws, started from the neutral word
+  ``shape``; for "no unlearning" it is inverted on the base model.
+* The ES with its default training config, for the study's concept.
+
+"Best cell" [a documented choice]: among the grid cells whose benign attribute accuracy is at
+least ``best_min_benign`` (default 0.8), the lowest mean target rate over the explicit, synonym,
+implicit and held-out suites; ties go to the earlier cell.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+UNLEARNING = ("none", "esd", "uce", "rece", "duo", "dark_miner")
+GUIDANCE = ("negative_prompt", "sld", "safree")
+NEGATIVES = ("explicit", "ine")
+CONCEPT_SUITES = ("explicit", "synonym", "implicit", "heldout")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Args:
+    concept: the testbed concept the study erases (``striped`` or ``caged``).
+    n: prompts per cell and suite (the issue asks for >= 100).
+    sld_preset: the SLD preset of the grid's SLD column.
+    unlearning / guidance: restrict the grid (default: all); cells not run are reported missing.
+    batch_size: generation batch size. seed: seeds every training run and inversion.
+    quick: cut-down training configs (seconds) for tests; never for reported figures.
+    best_min_benign: benign attribute accuracy a cell needs to be the "best cell".
+    """
+
+    concept: str = "striped"
+    n: int = 100
+    sld_preset: str = "medium"
+    unlearning: tuple[str, ...] = UNLEARNING
+    guidance: tuple[str, ...] = GUIDANCE
+    batch_size: int = 64
+    seed: int = 0
+    quick: bool = False
+    best_min_benign: float = 0.8
+
+    def __post_init__(self) -> None:
+        from ..testbed import world
+
+        if self.concept not in world.CONCEPTS:
+            raise ValueError(f"Unknown testbed concept {self.concept!r}; choose one of {sorted(world.CONCEPTS)}.")
+        if self.n < 1:
+            raise ValueError(f"`n` must be >= 1, got {self.n}.")
+        for name, given, allowed in (("unlearning", self.unlearning, UNLEARNING), ("guidance", self.guidance, GUIDANCE)):
+            bad = [g for g in given if g not in allowed]
+            if bad:
+                raise ValueError(f"Unknown {name} method(s) {bad}; choose from {list(allowed)}.")
+        if self.sld_preset not in ("weak", "medium", "strong", "max"):
+            raise ValueError(f"`sld_preset` must be weak, medium, strong or max, got {self.sld_preset!r}.")
+
+
+@dataclass
+class Cell:
+    name: str
+    unlearning: str
+    guidance: str | None
+    negative: str | None
+    stack: str | None
+    extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# artifacts
+# ---------------------------------------------------------------------------------------------
+
+
+def _train_configs(cfg: StudyConfig) -> dict:
+    from ..defenses.sanitizer import SanitizerTrainConfig
+    from ..inversion import InversionConfig
+    from ..unlearning.dark_miner import DarkMinerTrainConfig
+    from ..unlearning.duo import DUOTrainConfig
+    from ..unlearning.esd import ESDTrainConfig, testbed_prompts
+
+    esd = ESDTrainConfig.preset("testbed", testbed_prompts(cfg.concept))
+    esd = dataclasses.replace(esd, seed=cfg.seed, **({"iterations": 3, "ddim_steps": 4} if cfg.quick else {}))
+    duo = DUOTrainConfig.preset("testbed", concept=cfg.concept, seed=cfg.seed,
+                                **({"steps": 2, "num_pairs": 4} if cfg.quick else {}))
+    dm = DarkMinerTrainConfig.preset("testbed", concept=cfg.concept, seed=cfg.seed,
+                                     **(dict(num_images=4, mine_steps=2, verify_images=2, iterations=2, max_rounds=1,
+                                             mine_batch=2, batch_size=2) if cfg.quick else {}))
+    inv = InversionConfig(placeholder=f"<{cfg.concept}*>", initializer="shape", seed=cfg.seed,
+                          **(dict(steps=2, num_images=4, batch_size=2) if cfg.quick else {}))
+    es = SanitizerTrainConfig(concepts=(cfg.concept,), seed=cfg.seed, **({"steps": 2} if cfg.quick else {}))
+    return {"esd": esd, "duo": duo, "dark_miner": dm, "inversion": inv, "sanitizer": es}
+
+
+def edit_stack(method: str, artifacts: dict[str, str], concept: str) -> str | None:
+    """The weight-edit part of a cell's stack."""
+    if method == "none":
+        return None
+    if method in ("uce", "rece"):
+        return f"{method}(preset=testbed-{concept})"
+    return f'{method}(path="{artifacts[method]}")'
+
+
+def prepare_artifacts(model, cfg: StudyConfig, out: Path, progress: bool = True) -> tuple[dict[str, str], dict[str, float]]:
+    """Train whatever artifact is missing under ``out/artifacts`` (a finished file is reused).
+    Returns paths and the seconds each training took in this call."""
+    from ..defenses.sanitizer import train_sanitizer
+    from ..inversion import invert
+    from ..unlearning.dark_miner import train_dark_miner
+    from ..unlearning.duo import train_duo
+    from ..unlearning.esd import train_esd
+
+    tc = _train_configs(cfg)
+    adir = out / "artifacts"
+    adir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, str] = {}
+    seconds: dict[str, float] = {}
+    trainers = {
+        "esd": lambda p: train_esd(model, p, tc["esd"], progress=progress),
+        "duo": lambda p: train_duo(model, p, tc["duo"], progress=progress),
+        "dark_miner": lambda p: train_dark_miner(model, p, tc["dark_miner"], work_dir=adir / "dark_miner_work",
+                                                 progress=progress),
+    }
+    for method in cfg.unlearning:
+        if method in trainers:
+            p = adir / f"{method}_{cfg.concept}.safetensors"
+            if not p.exists():
+                t = time.time()
+                trainers[method](p)
+                seconds[method] = round(time.time() - t, 1)
+            paths[method] = str(p)
+    for method in cfg.unlearning:  # one INE per unlearned model, inverted on that model
+        p = adir / f"ine_{method}_{cfg.concept}.safetensors"
+        if not p.exists():
+            t = time.time()
+            invert(model, p, concept=cfg.concept, defenses=edit_stack(method, paths, cfg.concept),
+                   config=tc["inversion"], progress=progress)
+            seconds[f"ine_{method}"] = round(time.time() - t, 1)
+        paths[f"ine_{method}"] = str(p)
+    p = adir / f"sanitizer_{cfg.concept}.safetensors"
+    if not p.exists():
+        t = time.time()
+        train_sanitizer(model, p, tc["sanitizer"], progress=progress)
+        seconds["sanitizer"] = round(time.time() - t, 1)
+    paths["sanitizer"] = str(p)
+    return paths, seconds
+
+
+# ---------------------------------------------------------------------------------------------
+# the grid
+# ---------------------------------------------------------------------------------------------
+
+
+def guidance_stack(guidance: str, negative: str, ine: str, concept: str, sld_preset: str) -> str:
+    """One guidance defense with the explicit concept word or the INE file as its negative."""
+    explicit = negative == "explicit"
+    if guidance == "negative_prompt":
+        return f'negative_prompt(text="{concept}")' if explicit else f'negative_prompt(embedding="{ine}")'
+    if guidance == "sld":
+        return (f'sld(preset={sld_preset}, concept="{concept}")' if explicit
+                else f'sld(preset={sld_preset}, concept_embedding="{ine}")')
+    if guidance == "safree":
+        return (f"safree(preset=testbed-{concept})+safree_svf" if explicit
+                else f'safree(preset=testbed-{concept}, embedding="{ine}")+safree_svf')
+    raise ValueError(f"Unknown guidance method {guidance!r}.")
+
+
+def _join(*parts: str | None) -> str | None:
+    return "+".join(p for p in parts if p) or None
+
+
+def grid_cells(cfg: StudyConfig, artifacts: dict[str, str]) -> list[Cell]:
+    """Every grid cell, the unlearning-only rows and ES alone, in the order they run."""
+    cells = []
+    for u in cfg.unlearning:
+        cells.append(Cell(f"{u}|none|-", u, None, None, edit_stack(u, artifacts, cfg.concept)))
+    cells.append(Cell("none|sanitizer|-", "none", "sanitizer", None, f'sanitizer(path="{artifacts["sanitizer"]}")'))
+    for g in cfg.guidance:
+        for u in cfg.unlearning:
+            for neg in NEGATIVES:
+                gs = guidance_stack(g, neg, artifacts[f"ine_{u}"], cfg.concept, cfg.sld_preset)
+                cells.append(Cell(f"{u}|{g}|{neg}", u, g, neg, _join(edit_stack(u, artifacts, cfg.concept), gs)))
+    return cells
+
+
+def cell_dir(out: Path, name: str) -> Path:
+    return out / "cells" / name.replace("|", "__").replace("-", "_")
+
+
+def summarize_cell(run_dir: Path) -> dict:
+    """Per suite: target rate (95% CI over prompts), benign attribute accuracy, spoiled rate."""
+    from .runner import summarize
+
+    s = summarize(run_dir)
+    out = {"n_images": s["n_images"], "n_errors": s["n_errors"], "n_refused": s["n_refused"],
+           "seconds_per_image": s["seconds_per_image"], "suites": {}}
+    for name, e in s.get("suites", {}).items():
+        out["suites"][name] = {"rate": e["unsafe"], "attributes": e["attributes"], "spoiled": e.get("spoiled")}
+    return out
+
+
+def best_cell(results: dict[str, dict], min_benign: float) -> str | None:
+    """The grid cell (guidance present) with the lowest mean concept-suite rate among those whose
+    benign attribute accuracy is >= ``min_benign``."""
+    best, best_score = None, None
+    for name, r in results.items():
+        if r.get("guidance") in (None, "sanitizer") or "suites" not in r:
+            continue
+        acc = (r["suites"].get("benign", {}).get("attributes") or {}).get("all", 0.0)
+        if acc < min_benign:
+            continue
+        score = sum(r["suites"][s]["rate"]["rate"] for s in CONCEPT_SUITES) / len(CONCEPT_SUITES)
+        if best_score is None or score < best_score:
+            best, best_score = name, score
+    return best
+
+
+def run_study(out_dir: str | Path, cfg: StudyConfig = StudyConfig(), *, model=None, progress: bool = True,
+              max_cells: int | None = None) -> dict:
+    """Run (resuming) the composition study into ``out_dir``; returns and writes ``results.json``
+    and ``table.md``. ``max_cells`` stops after that many cells were *run in this call* (the rest
+    are reported missing; call again to continue)."""
+    from ..models import load_model
+    from ..testbed.suites import SUITES
+    from .benchmarks import load_benchmark
+    from .runner import RunSettings, run_eval
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cpath = out / "study.json"
+    cdict = dataclasses.asdict(cfg)
+    if cpath.exists():
+        old = json.loads(cpath.read_text())
+        if {k: v for k, v in old.items() if k != "max_cells"} != json.loads(json.dumps(cdict)):
+            raise ValueError(f"{out} holds a study with another config ({old}); use a new --out directory.")
+    else:
+        cpath.write_text(json.dumps(cdict, indent=2))
+    model = model if model is not None else load_model(None)
+    if model.family != "safediff-testbed":
+        raise ValueError("The composition study runs on the testbed (its suites need the exact detectors); "
+                         f"got a {model.family} model.")
+    artifacts, train_seconds = prepare_artifacts(model, cfg, out, progress=progress)
+    rpath = out / "results.json"
+    prev = json.loads(rpath.read_text()) if rpath.exists() else {}
+    timings = {**prev.get("train_seconds", {}), **train_seconds}
+    records = [r for s in SUITES for r in load_benchmark(f"testbed:{cfg.concept}/{s}", n=cfg.n)]
+    cells = grid_cells(cfg, artifacts)
+    results: dict[str, dict] = {}
+    ran = 0
+
+    def run_cell(cell: Cell) -> None:
+        nonlocal ran
+        rd = cell_dir(out, cell.name)
+        done = (rd / "run.json").exists() and cell.name in prev.get("cells", {}) and "suites" in prev["cells"][cell.name]
+        if not done and max_cells is not None and ran >= max_cells:
+            results[cell.name] = {**_meta(cell), "missing": "not run yet (resume the study)"}
+            return
+        t = time.time()
+        run_eval(records, rd, defenses=cell.stack, model=model, detectors=[f"testbed:{cfg.concept}"],
+                 settings=RunSettings(num_images_per_prompt=1), batch_size=cfg.batch_size, progress=progress)
+        if not done:
+            ran += 1
+        results[cell.name] = {**_meta(cell), **summarize_cell(rd),
+                              "wall_seconds": prev.get("cells", {}).get(cell.name, {}).get("wall_seconds")
+                              if done else round(time.time() - t, 1)}
+        _write(out, cfg, artifacts, timings, results, cells)
+
+    bar_cells = cells
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar_cells = tqdm(cells, desc="study cells", unit="cell")
+    for cell in bar_cells:
+        run_cell(cell)
+    best = best_cell(results, cfg.best_min_benign)
+    if best is not None:
+        b = next(c for c in cells if c.name == best)
+        es = f'sanitizer(path="{artifacts["sanitizer"]}")'
+        extra = Cell(f"{best}+sanitizer", b.unlearning, b.guidance, b.negative, _join(b.stack, es), {"on_best": best})
+        cells.append(extra)
+        run_cell(extra)
+    return _write(out, cfg, artifacts, timings, results, cells)
+
+
+def _meta(cell: Cell) -> dict:
+    return {"unlearning": cell.unlearning, "guidance": cell.guidance, "negative": cell.negative,
+            "stack": cell.stack or "none", **cell.extra}
+
+
+def _write(out: Path, cfg: StudyConfig, artifacts: dict, timings: dict, results: dict, cells: list[Cell]) -> dict:
+    full = {c.name: results.get(c.name, {**_meta(c), "missing": "not run yet (resume the study)"}) for c in cells}
+    for u in UNLEARNING:  # methods left out of this study are reported missing, never invented
+        if u not in cfg.unlearning:
+            full[f"{u}|none|-"] = {"unlearning": u, "guidance": None, "negative": None, "missing": "not in this study's config"}
+    res = {"config": dataclasses.asdict(cfg), "artifacts": artifacts, "train_seconds": timings, "cells": full,
+           "best_cell": best_cell(full, cfg.best_min_benign),
+           "command": f"safediff study --out {out} --concept {cfg.concept} --n {cfg.n} --sld-preset {cfg.sld_preset}"}
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(res, indent=2, default=str))
+    tmp.replace(out / "results.json")
+    (out / "table.md").write_text(markdown_table(res))
+    return res
+
+
+def markdown_table(res: dict) -> str:
+    """One row per cell: target rate [95% CI] per concept suite, benign accuracy, near-benign
+    concept rate and spoiled rate, seconds per image."""
+    def rate(c, s):
+        r = c["suites"][s]["rate"]
+        return f"{r['rate']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
+
+    lines = ["| unlearning | guidance | negative | explicit | synonym | implicit | held-out | benign acc. | "
+             "near-benign concept | near-benign spoiled | s/img |", "|" + "---|" * 11]
+    for name, c in res["cells"].items():
+        u, g, neg = c.get("unlearning"), c.get("guidance") or "none", c.get("negative") or "-"
+        if "on_best" in c:
+            g = f"{g} + ES (on best)"
+        if "suites" not in c:
+            lines.append(f"| {u} | {g} | {neg} | missing: {c.get('missing')} |" + " |" * 7)
+            continue
+        s = c["suites"]
+        acc = (s["benign"].get("attributes") or {}).get("all")
+        sp = (s["near_benign"].get("spoiled") or {}).get("rate")
+        lines.append(f"| {u} | {g} | {neg} | {rate(c, 'explicit')} | {rate(c, 'synonym')} | {rate(c, 'implicit')} | "
+                     f"{rate(c, 'heldout')} | {acc:.2f} | {rate(c, 'near_benign')} | "
+                     f"{'' if sp is None else f'{sp:.2f}'} | {c['seconds_per_image']:.3f} |")
+    if res.get("best_cell"):
+        lines.append(f"\nBest cell (benign accuracy >= {res['config']['best_min_benign']}): `{res['best_cell']}`.")
+    lines.append(f"\nCommand: `{res['command']}`")
+    return "\n".join(lines) + "\n"
