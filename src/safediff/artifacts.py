@@ -76,3 +76,14 @@ def check_provenance(record: dict, model, *, path: str, allow_other_base: bool =
             f"{edited_model_hash or 'the unedited model'} measures transfer across edited models.",
             stacklevel=3,
         )
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Content hash of a file (what a cached result that depends on it records)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

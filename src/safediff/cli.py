@@ -127,6 +127,63 @@ def cmd_study(args) -> int:
     return 0
 
 
+def _parse_settings(pairs, cls) -> dict:
+    """``--set key=value`` pairs for an attack's config dataclass, typed by its defaults."""
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for item in pairs or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}.")
+        k, v = item.split("=", 1)
+        if k not in fields:
+            raise ValueError(f"{cls.__name__} has no setting {k!r}; settings: {sorted(fields)}.")
+        default = fields[k].default
+        if isinstance(default, bool):
+            out[k] = v.lower() in ("1", "true", "yes")
+        elif isinstance(default, int):
+            out[k] = int(v)
+        elif isinstance(default, float):
+            out[k] = float(v)
+        elif isinstance(default, tuple):
+            out[k] = tuple(x for x in v.split(",") if x)
+        else:
+            out[k] = v
+    return out
+
+
+def cmd_attack(args) -> int:
+    from .attacks import AttackBudget, AttackTarget, get_attack, run_attack, seed_prompts_for
+    from .attacks.base import evaluate_attack
+    from .models import load_model
+
+    cls = get_attack(args.method)  # validate before loading anything
+    attack = cls(cls.config_cls(**_parse_settings(args.set, cls.config_cls)))
+    budget = AttackBudget(steps=args.steps, seconds=args.seconds)
+    if args.seed_prompts:
+        path = Path(args.seed_prompts)
+        if not path.exists():
+            raise FileNotFoundError(f"--seed-prompts {path} does not exist (one prompt per line).")
+        seeds = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    else:
+        seeds = None
+    model = load_model(args.model)
+    if seeds is None:
+        if model.family != "safediff-testbed":
+            raise ValueError("Give --seed-prompts FILE (one prompt per line) for a real model.")
+        seeds = seed_prompts_for(args.concept, n=args.n)
+    stack = _stack_arg(args)
+    target = AttackTarget(model, stack)
+    res = run_attack(attack, target, args.concept, seeds, budget, args.out, seed=args.seed)
+    print(f"{len(res.prompts)} adversarial prompts, {res.seconds_per_prompt:.1f} s per prompt")
+    if not args.no_eval:
+        ev = evaluate_attack(res, model, stack, Path(args.out) / f"{res.method}-{res.key[:12]}" / "eval",
+                             detectors=args.detector)
+        print(json.dumps(ev, indent=2))
+    return 0
+
+
 def cmd_report(args) -> int:
     from .eval.report import write_report
 
@@ -263,6 +320,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", default="safediff-demo")
     d.set_defaults(func=cmd_demo)
+
+    at = sub.add_parser("attack", help="attack a defense stack (cached, resumable) and score the result")
+    at.add_argument("--method", required=True, help="concept_inversion, p4d, unlearndiffatk, ring_a_bell or mma")
+    model_arg(at); defense_args(at)
+    at.add_argument("--concept", default="striped", help="the concept the attack tries to bring back")
+    at.add_argument("--seed-prompts", help="file with one seed prompt per line (default on the testbed: training-side prompts)")
+    at.add_argument("--n", type=int, default=16, help="testbed seed prompts")
+    at.add_argument("--steps", type=int, required=True, help="budget: steps (generations) per seed prompt")
+    at.add_argument("--seconds", type=float, help="budget: wall-clock cap per seed prompt")
+    at.add_argument("--set", action="append", help="attack setting key=value (repeatable), e.g. --set soft=true")
+    at.add_argument("--detector", action="append", help="detector spec for the evaluation (default testbed:CONCEPT)")
+    at.add_argument("--no-eval", action="store_true", help="only write the adversarial prompts")
+    at.add_argument("--seed", type=int, default=0)
+    at.add_argument("--out", required=True, help="attack directory (results cached by the hash of their inputs)")
+    at.set_defaults(func=cmd_attack)
 
     sy = sub.add_parser("study", help="the composition study on the testbed (resumable)")
     sy.add_argument("--out", required=True, help="study directory (re-run the same command to resume)")

@@ -134,6 +134,28 @@ def encode_with_vectors(model, texts: Sequence[str], placeholder: str, vectors: 
         return (out.pooler_output if pooled else out[0]).to(model.dtype)
 
 
+def encode_prompts_with_tokens(model, prompts: Sequence[str], concepts: Sequence["InvertedConcept"], *,
+                               warn_truncation: bool = True):
+    """:func:`core.encode_prompts` in which each concept's placeholder stands for its vectors
+    (a prompt may hold one kind of placeholder). Returns ``(embeds, input_ids, mask)``; the ids of
+    the placeholder slots are the start token's (their embedding rows are replaced)."""
+    prompts = list(prompts)
+    embeds, ids, mask = core.encode_prompts(model, prompts, warn_truncation=warn_truncation)
+    for c in concepts:
+        idx = [i for i, p in enumerate(prompts) if c.placeholder in p]
+        if not idx:
+            continue
+        tok = model.tokenizer
+        rows = torch.tensor([_slot_ids(tok, prompts[i], c.placeholder, len(c.vectors), tok.bos_token_id)[0] for i in idx])
+        with torch.no_grad():
+            e = encode_with_vectors(model, [prompts[i] for i in idx], c.placeholder, c.vectors)
+        embeds = embeds.clone()
+        embeds[idx] = e.to(embeds)
+        ids[idx] = rows
+        mask[idx] = core._real_token_mask(rows, tok)
+    return embeds, ids, mask
+
+
 # ---------------------------------------------------------------------------------------------
 # files
 # ---------------------------------------------------------------------------------------------
@@ -336,13 +358,28 @@ def invert(
 
 def _guided_epsilon(pipe, model, guidance, x_t, t, ab, emb, cfg, step):
     """The stack's guided epsilon for the placeholder caption (through_guidance)."""
+    return guided_epsilon(pipe, x_t, t, ab, emb, [cfg.placeholder] * x_t.shape[0],
+                          guidance_scale=cfg.guidance_scale or model.default_guidance_scale, step=step,
+                          num_steps=cfg.steps)
+
+
+def guided_epsilon(pipe, x_t: torch.Tensor, t: torch.Tensor, ab: torch.Tensor, emb: torch.Tensor,
+                   prompts: Sequence[str], *, guidance_scale: float, step: int = 0, num_steps: int = 1,
+                   negative: torch.Tensor | None = None) -> torch.Tensor:
+    """The epsilon the pipeline's sampler would follow at ``(x_t, t)`` for prompt embedding
+    ``emb``: classifier-free guidance against the empty prompt (or ``negative``), then every
+    guidance defense of ``pipe`` (weight edits are whatever ``pipe`` applied). Differentiable in
+    ``emb``. Shared by inversion through guidance and the white-box attacks."""
     from .defenses.base import GuidanceContext, StepInfo
 
+    model = pipe.model
+    guidance = pipe.defenses["guidance"]
     B = x_t.shape[0]
-    neg, _, _ = core.encode_prompts(model, [""] * B, warn_truncation=False)
-    gs = cfg.guidance_scale or model.default_guidance_scale
-    ctx = GuidanceContext(prompts=[cfg.placeholder] * B, prompt_embeds=emb, original_prompt_embeds=emb,
-                          negative_embeds=neg, guidance_scale=gs, encode=pipe._encode, model=model)
+    if negative is None:
+        negative, _, _ = core.encode_prompts(model, [""] * B, warn_truncation=False)
+    neg = negative
+    ctx = GuidanceContext(prompts=list(prompts), prompt_embeds=emb, original_prompt_embeds=emb,
+                          negative_embeds=neg, guidance_scale=guidance_scale, encode=pipe._encode, model=model)
     extras: dict[str, torch.Tensor] = {}
     for g in guidance:
         u = g.unconditional(ctx)
@@ -358,8 +395,8 @@ def _guided_epsilon(pipe, model, guidance, x_t, t, ab, emb, cfg, step):
            "cond": core.to_epsilon(out[1], x_t, ab, model.prediction_type)}
     for name, o in zip(extras, out[2:]):
         eps[name] = core.to_epsilon(o, x_t, ab, model.prediction_type)
-    guided = eps["uncond"] + gs * (eps["cond"] - eps["uncond"])
-    info = StepInfo(index=step, num_steps=cfg.steps, timestep=t, alpha_bar=ab, latents=x_t)
+    guided = eps["uncond"] + guidance_scale * (eps["cond"] - eps["uncond"])
+    info = StepInfo(index=step, num_steps=num_steps, timestep=t, alpha_bar=ab, latents=x_t)
     for g in guidance:
         guided = g.guide(eps, guided, info)
     return guided

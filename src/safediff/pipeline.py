@@ -60,7 +60,12 @@ class SafePipeline:
     :meth:`close` (or on leaving a ``with`` block).
     """
 
-    def __init__(self, model: Model, stack: DefenseStack):
+    def __init__(self, model: Model, stack: DefenseStack, *, token_embeddings: Sequence = ()):
+        """``token_embeddings``: textual-inversion files or :class:`~safediff.inversion.InvertedConcept`
+        whose placeholders may appear in prompts (soft-prompt attacks, concept inversion); they
+        are not defenses and do not enter the stack hash."""
+        from .inversion import InvertedConcept, load_inverted
+
         self.model = model
         self.stack = stack
         active = stack.active()
@@ -77,6 +82,12 @@ class SafePipeline:
         self._edits = [d.apply() for d in self.defenses["weight_edit"]]
         if self._edits:
             model.edited_hash = DefenseStack(tuple(active.by_stage("weight_edit"))).hash(model.content_hash)
+        try:  # after the edits: a token inverted on this edited model loads without a transfer warning
+            self.token_embeddings = [t if isinstance(t, InvertedConcept) else
+                                     load_inverted(t, model, edited_model_hash=model.edited_hash) for t in token_embeddings]
+        except Exception:
+            self.close()
+            raise
 
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
@@ -94,12 +105,16 @@ class SafePipeline:
         self.close()
 
     # -- encoding --------------------------------------------------------------------------
-    def _encode(self, prompts: list[str]):
-        return core.encode_prompts(self.model, prompts, warn_truncation=False)
+    def _encode(self, prompts: list[str], warn_truncation: bool = False):
+        if self.token_embeddings:
+            from .inversion import encode_prompts_with_tokens
+
+            return encode_prompts_with_tokens(self.model, prompts, self.token_embeddings, warn_truncation=warn_truncation)
+        return core.encode_prompts(self.model, prompts, warn_truncation=warn_truncation)
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, EmbeddingContext]:
         """Stage 2: encode, then apply embedding defenses. Returns ``(prompt, negative, ctx)``."""
-        embeds, ids, mask = core.encode_prompts(self.model, prompts)
+        embeds, ids, mask = self._encode(prompts, warn_truncation=True)
         neg, _, _ = self._encode([""] * len(prompts))
         ctx = EmbeddingContext(prompts=prompts, input_ids=ids, attention_mask=mask, original_prompt_embeds=embeds,
                                prompt_embeds=embeds, negative_embeds=neg, encode=self._encode,

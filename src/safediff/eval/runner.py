@@ -108,6 +108,7 @@ def run_eval(
     progress: bool = True,
     n: int | None = None,
     max_images: int | None = None,
+    token_embeddings: Sequence[str] = (),
 ) -> Path:
     """Generate (resuming) and score a benchmark under one stack into ``out_dir``.
 
@@ -116,6 +117,8 @@ def run_eval(
         detectors: detector specs (``testbed:striped``, ``nudenet:rece-style``) or instances.
         shard: ``(index, count)``; default from accelerate's ``PartialState`` (``(0, 1)`` alone).
         max_images: stop after generating this many new images (for tests of resumption).
+        token_embeddings: textual-inversion files whose placeholders the prompts use (soft
+            attacks); recorded in the manifest, not part of the stack.
     """
     from tqdm.auto import tqdm
 
@@ -141,10 +144,15 @@ def run_eval(
         "model": m.source, "model_hash": m.content_hash, "settings": settings.__dict__,
         "num_prompts": len(records),
     }
+    if token_embeddings:
+        from ..artifacts import file_sha256
+
+        manifest["token_embeddings"] = {str(p): file_sha256(p) for p in token_embeddings}
     mpath = out / "run.json"
     if mpath.exists():
         old = json.loads(mpath.read_text())
-        for k, what in (("benchmark_hash", "benchmark"), ("stack_hash", "defense stack"), ("settings", "settings")):
+        for k, what in (("benchmark_hash", "benchmark"), ("stack_hash", "defense stack"), ("settings", "settings"),
+                        ("token_embeddings", "token embeddings")):
             if old.get(k) != manifest[k]:
                 raise RunError(
                     f"{out} was made with another {what} ({old.get(k)!r}, now {manifest[k]!r}); use a new --out "
@@ -176,7 +184,7 @@ def run_eval(
         todo = todo[:max_images]
 
     # 3. generate in batches (grouped by guidance scale), write PNG then commit the row
-    pipe = SafePipeline(m, stack)
+    pipe = SafePipeline(m, stack, token_embeddings=list(token_embeddings))
     try:
         bar = tqdm(total=len(todo), desc=f"generate [{idx + 1}/{count}]", unit="img", disable=not progress)
         by_gs: dict = {}
