@@ -153,7 +153,8 @@ def test_concept_inversion_attack_writes_a_token_the_runner_uses(testbed, tmp_pa
     assert all("<striped-adv*>" in p["prompt"] and "striped," not in p["prompt"] for p in res.prompts)
     from safediff.inversion import load_inverted
 
-    tok = load_inverted(attack_token_embeddings(res)[0], testbed)
+    with pytest.warns(UserWarning, match="transfer"):  # loaded here on the unedited model
+        tok = load_inverted(attack_token_embeddings(res)[0], testbed)
     assert tok.record["edited_model_hash"] is not None  # inverted on the defended (edited) model
     ev = evaluate_attack(res, testbed, stack, tmp_path / "eval", progress=False)
     assert ev["asr"]["n"] == 2 and ev["n_errors"] == 0

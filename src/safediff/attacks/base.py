@@ -226,7 +226,8 @@ def run_attack(method: str | Attack, target: AttackTarget, concept: str, seed_pr
                 done.append(json.loads(line))
             except json.JSONDecodeError:  # a line cut by a kill: redo that prompt
                 break
-    result = AttackResult(attack.name, concept, key, target.stack_hash, cfg, dataclasses.asdict(budget), list(done))
+    result = AttackResult(attack.name, concept, key, target.stack_hash, cfg, dataclasses.asdict(budget), list(done),
+                          extra={"white_box": attack.white_box})
     rng = random.Random(seed)
     t_prep = time.time()
     try:
@@ -308,9 +309,10 @@ def evaluate_attack(result: AttackResult, model, stack, out_dir: str | os.PathLi
     from ..stack import DefenseStack
 
     st = DefenseStack.parse(stack)
-    if st.hash(model.content_hash) != result.stack_hash:
-        raise AttackError("This attack result was made against another stack; evaluate it on the stack it attacked "
-                          "(transfer to another stack: build a new AttackResult on purpose).")
+    if result.extra.get("white_box", True) and st.hash(model.content_hash) != result.stack_hash:
+        raise AttackError("This white-box attack result was made against another stack; evaluate it on the stack it "
+                          "attacked. (Black-box results depend only on the text encoder and may be evaluated on any "
+                          "stack of the same model.)")
     dets = list(detectors) if detectors else [f"testbed:{result.concept}"]
     rd = run_eval(attack_records(result), out_dir, defenses=st, model=model, detectors=dets,
                   settings=RunSettings(num_images_per_prompt=1), batch_size=batch_size, progress=progress,
