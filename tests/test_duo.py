@@ -255,3 +255,30 @@ def test_duo_lowers_the_concept_rate_on_the_testbed(testbed, tmp_path):
     base, erased = rate(None), rate(f'duo(path="{path}")')
     print(f"striped rate on explicit prompts: no defense {base:.3f}, DUO (60 steps) {erased:.3f}")
     assert base >= 0.5 and erased <= 0.5 * base
+
+
+def test_lora_file_loads_in_vanilla_diffusers_and_equals_the_delta(tiny_sd1, tmp_path):
+    pytest.importorskip("peft")
+    import copy
+
+    from diffusers import StableDiffusionPipeline
+
+    from safediff.artifacts import read_artifact
+
+    path = train_duo(tiny_sd1, tmp_path / "duo.safetensors", DUOTrainConfig(**{**FAST, "alpha": 4.0}), progress=False)
+    delta, record = read_artifact(path)
+    lora = path.with_suffix(".lora.safetensors")
+    assert record["lora_file"] == lora.name and lora.exists()
+    comps = dict(tiny_sd1.components())
+    comps["unet"] = copy.deepcopy(tiny_sd1.unet)
+    pipe = StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.load_lora_weights(str(lora))  # vanilla diffusers + peft
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    fused = dict(pipe.unet.named_parameters())
+    orig = dict(tiny_sd1.unet.named_parameters())
+    assert delta and any(d.abs().max() > 0 for d in delta.values())
+    for name, d in delta.items():  # alpha / r = 2 folded into B: the fused weight is W + delta
+        torch.testing.assert_close(fused[name], orig[name] + d, atol=1e-6, rtol=1e-5)
+    untouched = set(orig) - set(delta)
+    assert all(torch.equal(fused[n], orig[n]) for n in untouched)

@@ -125,3 +125,21 @@ def test_esd_presets():
     assert (d.eta, d.lr, d.iterations) == (2.0, 5e-5, 200)
     with pytest.raises(ValueError, match="Unknown ESD preset"):
         ESDTrainConfig.preset("fast", ("x",))
+
+
+def test_cli_erase_dispatches_esd_with_the_concept_text(monkeypatch, tmp_path):
+    import safediff.unlearning.esd as esd_mod
+    from safediff.cli import main
+
+    seen = {}
+
+    def fake_train(model, out, cfg, progress=True):
+        seen["cfg"] = cfg
+        return out
+
+    monkeypatch.setattr(esd_mod, "train_esd", fake_train)
+    assert main(["erase", "--method", "esd", "--concept", "striped", "--out", str(tmp_path / "a.safetensors")]) == 0
+    assert seen["cfg"].prompts == esd_mod.testbed_prompts("striped") and seen["cfg"].method == "esd-x"  # testbed preset
+    assert main(["erase", "--method", "esd", "--concept", "a red zebra", "--concept", "tiger stripes",
+                 "--out", str(tmp_path / "b.safetensors")]) == 0
+    assert seen["cfg"].prompts == ("a red zebra", "tiger stripes")  # any text, a list

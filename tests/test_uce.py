@@ -283,3 +283,29 @@ def test_delta_and_saved_file(tiny_sd1, tmp_path):
     with safe_open(str(path), "pt") as f:
         assert f.metadata()["base_model_content_hash"] == tiny_sd1.content_hash
         assert sorted(f.keys()) == sorted(planned)
+
+
+def test_cli_erase_freezes_uce_as_a_delta_usable_in_any_stack(testbed, tmp_path, capsys):
+    from safediff.cli import main
+    from safediff.pipeline import SafePipeline
+    from safediff.stack import DefenseStack
+
+    out = tmp_path / "uce.safetensors"
+    assert main(["erase", "--method", "uce", "--concept", "striped", "--out", str(out)]) == 0
+    assert "delta(path=" in capsys.readouterr().out
+    # the frozen delta gives the same weights as the closed-form defense
+    with SafePipeline(testbed, DefenseStack.parse("uce(preset=testbed-striped)")):
+        live = {n: p.detach().clone() for n, p in testbed.unet.named_parameters()}
+    with SafePipeline(testbed, DefenseStack.parse(f'delta(path="{out}")')):
+        frozen = {n: p.detach().clone() for n, p in testbed.unet.named_parameters()}
+    assert all(torch.allclose(live[n], frozen[n], atol=1e-6) for n in live)
+    # bad input: a clear error, nothing written
+    assert main(["erase", "--method", "uce", "--concept", "  ", "--out", str(tmp_path / "x")]) == 2
+    assert main(["erase", "--method", "uce", "--concept", "zebra", "--anchor", "zebra", "--out", str(tmp_path / "y")]) == 2
+    assert main(["erase", "--method", "uce", "--concept", "striped", "--out", str(out)]) == 2  # exists
+    err = capsys.readouterr().err
+    assert "--concept TEXT" in err and "anchor" in err and "exists" in err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    # any text: a phrase on the testbed goes through UCE's general form
+    assert main(["erase", "--method", "uce", "--concept", "a zebra", "--anchor", "a horse", "--out",
+                 str(tmp_path / "z.safetensors")]) == 0

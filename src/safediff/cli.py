@@ -113,6 +113,74 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def freeze_edit(model, stack: str, out_path, *, method: str, config: dict) -> Path:
+    """Apply a closed-form edit (UCE, RECE), save ``edited - original`` as a delta file usable as
+    ``delta(path=...)`` in any stack, and revert the model exactly."""
+    from .artifacts import save_artifact
+    from .pipeline import SafePipeline
+    from .stack import DefenseStack
+
+    original = {n: p.detach().clone() for n, p in model.unet.named_parameters()}
+    with SafePipeline(model, DefenseStack.parse(stack)):
+        delta = {n: (p.detach() - original[n]).cpu() for n, p in model.unet.named_parameters()
+                 if not torch_equal(p, original[n])}
+    if not delta:
+        raise ValueError(f"The edit {stack!r} changed no weight; nothing to save.")
+    return save_artifact(delta, out_path, kind=f"{method}-delta", base_model_hash=model.content_hash,
+                         config={"stack": stack, **config}, seed=None)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a.detach(), b))
+
+
+def cmd_erase(args) -> int:
+    """One entry point for every unlearning method; the concept is any text (repeat --concept)."""
+    import types
+
+    from .models import load_model
+    from .testbed import world
+
+    concepts = [c.strip() for c in (args.concept or [])]
+    if not concepts or not all(concepts):
+        raise ValueError("Give the concept to erase with --concept TEXT (a word or phrase; repeat for a list).")
+    if args.anchor and args.anchor.strip() in concepts:
+        raise ValueError(f"The anchor {args.anchor!r} equals a concept to erase; choose a different anchor.")
+    if Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out} exists; pass --overwrite or choose another --out.")
+    model = load_model(args.model)
+    testbed_concept = model.family == "safediff-testbed" and len(concepts) == 1 and concepts[0] in world.CONCEPTS
+    m = args.method
+    if m in ("uce", "rece"):
+        if testbed_concept and not args.anchor:
+            stack = f"{m}(preset=testbed-{concepts[0]})"
+        else:
+            if m == "rece":
+                raise ValueError("RECE outside the testbed presets: use the `rece(...)` defense with its options "
+                                 "(see `safediff defenses`), or a testbed concept.")
+            q = lambda xs: "[" + ", ".join(json.dumps(x) for x in xs) + "]"  # noqa: E731
+            stack = f"uce(erase={q(concepts)}, guide={q([args.anchor or ''])})"
+        out = freeze_edit(model, stack, args.out, method=m, config={"concepts": concepts})
+        print(f"wrote {out}; apply it with --defense 'delta(path=\"{out}\")'")
+        return 0
+    ns = types.SimpleNamespace(model=args.model, out=args.out, seed=args.seed, preset=None)
+    if m == "esd":
+        ns.__dict__.update(concept=concepts[0], prompt=None if testbed_concept else concepts, method=None, iterations=None)
+        return cmd_unlearn_esd(ns)
+    if m == "duo":
+        ns.__dict__.update(concept=concepts[0] if testbed_concept else None, pairs_dir=args.pairs_dir, beta=None, steps=None)
+        return cmd_unlearn_duo(ns)
+    if m == "dark_miner":
+        ns.__dict__.update(concept=concepts[0] if testbed_concept else None, prompt=None if testbed_concept else concepts,
+                           concept_images=args.concept_images, clip_model=args.clip_model, rounds=None,
+                           stop_below=None, iterations=None, mine_steps=None, method="esd-x-strict", mine_init="concept",
+                           anchor=args.anchor or "", work_dir=None)
+        return cmd_unlearn_dark_miner(ns)
+    raise ValueError(f"Unknown method {m!r}.")
+
+
 def cmd_study(args) -> int:
     from .eval.study import GUIDANCE, UNLEARNING, StudyConfig, run_study
 
@@ -320,6 +388,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", default="safediff-demo")
     d.set_defaults(func=cmd_demo)
+
+    er = sub.add_parser("erase", help="erase a concept with any unlearning method (writes a weight-edit file)")
+    er.add_argument("--method", required=True, choices=["esd", "uce", "rece", "duo", "dark_miner"])
+    er.add_argument("--concept", action="append", help="the concept to erase: any text; repeat for a list")
+    er.add_argument("--anchor", default=None, help="what the concept maps to (UCE guide / Dark Miner anchor)")
+    model_arg(er)
+    er.add_argument("--pairs-dir", default=None, help="DUO on a real model: unsafe/ and safe/ image folders")
+    er.add_argument("--concept-images", default=None, help="Dark Miner on a real model: concept image folder")
+    er.add_argument("--clip-model", default=None, help="Dark Miner on a real model: CLIP for verification")
+    er.add_argument("--seed", type=int, default=0)
+    er.add_argument("--overwrite", action="store_true")
+    er.add_argument("--out", required=True)
+    er.set_defaults(func=cmd_erase)
 
     at = sub.add_parser("attack", help="attack a defense stack (cached, resumable) and score the result")
     at.add_argument("--method", required=True, help="concept_inversion, p4d, unlearndiffatk, ring_a_bell or mma")

@@ -79,6 +79,12 @@ class WeightDelta(WeightEditDefense):
         return EditHandle(saved)
 
 
+@dataclass(frozen=True)
+class DeltaConfig(WeightDeltaConfig):
+    """Any weight-delta file, e.g. a UCE or RECE edit frozen by ``safediff erase``."""
+
+
+register_defense(name="delta", config_cls=DeltaConfig, impl_cls=WeightDelta)
 register_defense(name="esd", config_cls=ESDConfig, impl_cls=WeightDelta)
 register_defense(name="duo", config_cls=DUOConfig, impl_cls=WeightDelta)
 register_defense(name="dark_miner", config_cls=DarkMinerConfig, impl_cls=WeightDelta)

@@ -374,13 +374,38 @@ def train_duo(model, out_path: str | Path, cfg: DUOTrainConfig, *, pairs: PairSe
                 log.append({"step": step, "loss_dpo": loss_dpo.item(), "loss_prior": loss_prior.item()})
         with torch.no_grad():
             delta = {n: d.detach().float().cpu() for n, d in deltas().items()}
+            factors = ({n: (lora_a[n].detach().float().cpu(), (scaling * lora_b[n]).detach().float().cpu()) for n in names}
+                       if cfg.adapter == "lora" else None)
     finally:
         for n, p in params.items():
             p.requires_grad_(grad_flags[n])
         unet.train(was_training)
+    extra = {"num_pairs": len(pairs), "log": log}
+    if factors is not None:
+        lora_path = save_diffusers_lora(factors, Path(out_path).with_suffix(".lora.safetensors"))
+        extra["lora_file"] = lora_path.name
     return save_artifact(delta, out_path, kind="duo-delta", base_model_hash=model.content_hash,
                          config={**dataclasses.asdict(cfg), "lr": cfg.lr, "prior_weight": cfg.prior_weight},
-                         seed=cfg.seed, extra={"num_pairs": len(pairs), "log": log})
+                         seed=cfg.seed, extra=extra)
+
+
+def save_diffusers_lora(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], path: str | Path) -> Path:
+    """Write LoRA factors ``{unet weight name: (A (r, in), B (out, r))}`` in the PEFT key layout
+    that vanilla diffusers loads (``pipe.load_lora_weights(path)``): ``unet.<module>.lora_A.weight``
+    and ``unet.<module>.lora_B.weight``, with ``alpha / r`` already folded into ``B`` (so the
+    loader's default scaling of 1 reproduces the merged delta ``B A``). Written atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {}
+    for name, (a, b) in factors.items():
+        module = name[: -len(".weight")]
+        tensors[f"unet.{module}.lora_A.weight"] = a.contiguous()
+        tensors[f"unet.{module}.lora_B.weight"] = b.contiguous()
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp.replace(path)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
