@@ -52,6 +52,7 @@ def test_study_runs_resumes_and_reports_missing_cells(testbed, tmp_path):
     assert all("suites" in res2["cells"][k] for k in grid)
     assert all(res2["cells"][k]["n_images"] == n_images[k] == 2 * 6 for k in ran)
     assert res2["cells"]["uce|none|-"]["suites"]["explicit"]["rate"]["n"] == 2
+    assert res2["cells"]["none|none|-"]["benign_distance"] == 0.0 and res2["cells"]["uce|none|-"]["benign_distance"] > 0
     # the ES-on-best cell is present iff a best cell was found, and stacks ES on it
     if res2["best_cell"]:
         extra = res2["cells"][f"{res2['best_cell']}+sanitizer"]

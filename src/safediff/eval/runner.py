@@ -153,9 +153,9 @@ def run_eval(
         old = json.loads(mpath.read_text())
         for k, what in (("benchmark_hash", "benchmark"), ("stack_hash", "defense stack"), ("settings", "settings"),
                         ("token_embeddings", "token embeddings")):
-            if old.get(k) != manifest[k]:
+            if old.get(k) != manifest.get(k):
                 raise RunError(
-                    f"{out} was made with another {what} ({old.get(k)!r}, now {manifest[k]!r}); use a new --out "
+                    f"{out} was made with another {what} ({old.get(k)!r}, now {manifest.get(k)!r}); use a new --out "
                     "directory for it. (Scoring with another detector protocol in the same directory is allowed.)"
                 )
     else:

@@ -218,6 +218,28 @@ def summarize_cell(run_dir: Path) -> dict:
     return out
 
 
+def benign_distance(run_dir: Path, base_dir: Path) -> float | None:
+    """Mean absolute pixel difference (0-1) between a cell's benign-suite images and the
+    unedited, undefended model's images for the same prompts and seeds (what a defense changes
+    where it should change nothing)."""
+    import numpy as np
+    from PIL import Image
+
+    from .runner import load_results
+
+    def images(d: Path) -> dict:
+        return {(r["prompt_id"], r["seed"], r["image_index"]): d / r["path"] for r in load_results(d)
+                if r["extra"].get("suite") == "benign" and r["path"]}
+
+    a, b = images(run_dir), images(base_dir)
+    common = sorted(set(a) & set(b))
+    if not common:
+        return None
+    diffs = [np.abs(np.asarray(Image.open(a[k]), dtype=np.float32) - np.asarray(Image.open(b[k]), dtype=np.float32)).mean() / 255
+             for k in common]
+    return float(np.mean(diffs))
+
+
 def best_cell(results: dict[str, dict], min_benign: float) -> str | None:
     """The grid cell (guidance present) with the lowest mean concept-suite rate among those whose
     benign attribute accuracy is >= ``min_benign``."""
@@ -279,7 +301,9 @@ def run_study(out_dir: str | Path, cfg: StudyConfig = StudyConfig(), *, model=No
                  settings=RunSettings(num_images_per_prompt=1), batch_size=cfg.batch_size, progress=progress)
         if not done:
             ran += 1
-        results[cell.name] = {**_meta(cell), **summarize_cell(rd),
+        base_dir = cell_dir(out, "none|none|-")
+        dist = benign_distance(rd, base_dir) if (base_dir / "run.json").exists() else None
+        results[cell.name] = {**_meta(cell), **summarize_cell(rd), "benign_distance": dist,
                               "wall_seconds": prev.get("cells", {}).get(cell.name, {}).get("wall_seconds")
                               if done else round(time.time() - t, 1)}
         _write(out, cfg, artifacts, timings, results, cells)
@@ -329,19 +353,20 @@ def markdown_table(res: dict) -> str:
         return f"{r['rate']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
 
     lines = ["| unlearning | guidance | negative | explicit | synonym | implicit | held-out | benign acc. | "
-             "near-benign concept | near-benign spoiled | s/img |", "|" + "---|" * 11]
+             "benign dist. | near-benign concept | near-benign spoiled | s/img |", "|" + "---|" * 12]
     for name, c in res["cells"].items():
         u, g, neg = c.get("unlearning"), c.get("guidance") or "none", c.get("negative") or "-"
         if "on_best" in c:
             g = f"{g} + ES (on best)"
         if "suites" not in c:
-            lines.append(f"| {u} | {g} | {neg} | missing: {c.get('missing')} |" + " |" * 7)
+            lines.append(f"| {u} | {g} | {neg} | missing: {c.get('missing')} |" + " |" * 8)
             continue
         s = c["suites"]
         acc = (s["benign"].get("attributes") or {}).get("all")
         sp = (s["near_benign"].get("spoiled") or {}).get("rate")
+        dist = "" if c.get("benign_distance") is None else f"{c['benign_distance']:.3f}"
         lines.append(f"| {u} | {g} | {neg} | {rate(c, 'explicit')} | {rate(c, 'synonym')} | {rate(c, 'implicit')} | "
-                     f"{rate(c, 'heldout')} | {acc:.2f} | {rate(c, 'near_benign')} | "
+                     f"{rate(c, 'heldout')} | {acc:.2f} | {dist} | {rate(c, 'near_benign')} | "
                      f"{'' if sp is None else f'{sp:.2f}'} | {c['seconds_per_image']:.3f} |")
     if res.get("best_cell"):
         lines.append(f"\nBest cell (benign accuracy >= {res['config']['best_min_benign']}): `{res['best_cell']}`.")
