@@ -4,8 +4,8 @@
 
 1. Train ES on both testbed concepts (training-side words only) and time it.
 2. Concept rate (95% CI) on explicit / synonym / implicit / held-out prompts with ES at several
-   strengths, alone and stacked on an ESD-unlearned model (the ESD delta of
-   benchmarks/ine_testbed.py if present, else trained here); benign attribute accuracy and the
+   strengths, alone and stacked on an ESD-unlearned model (the composition study's ESD delta if
+   present, else trained here with the same testbed preset); benign attribute accuracy and the
    near-concept benign rate; per-token cosine of benign prompt embeddings (real tokens only).
 3. ES overhead per generation (testbed, batch 64, 25 steps).
 4. The guard's true-positive rate on held-out prompts and false-positive rate on near-concept
@@ -38,6 +38,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=40)
     ap.add_argument("--out", default="runs/es")
+    ap.add_argument("--study", default="runs/study", help="reuse the composition study's ESD delta if present")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -49,7 +50,7 @@ def main() -> None:
         t = time.time()
         train_sanitizer(m, es, SanitizerTrainConfig())
         res["train_seconds"] = round(time.time() - t, 1)
-    esd = Path("runs/ine/esd_striped_seed0.safetensors")
+    esd = Path(args.study) / "artifacts" / "esd_striped.safetensors"  # the composition study's ESD (testbed preset)
     if not esd.exists():
         esd = out / "esd_striped.safetensors"
         if not esd.exists():
