@@ -143,3 +143,31 @@ def test_cli_erase_dispatches_esd_with_the_concept_text(monkeypatch, tmp_path):
     assert main(["erase", "--method", "esd", "--concept", "a red zebra", "--concept", "tiger stripes",
                  "--out", str(tmp_path / "b.safetensors")]) == 0
     assert seen["cfg"].prompts == ("a red zebra", "tiger stripes")  # any text, a list
+
+
+def test_esd_resumes_from_its_checkpoint_to_the_same_delta(tiny_sd1, tmp_path, monkeypatch):
+    from safediff.unlearning import esd as esd_mod
+    from safediff.unlearning.esd import ESDTrainConfig, train_esd
+
+    cfg = ESDTrainConfig(prompts=("a zebra",), method="esd-x", lr=1e-2, iterations=6, ddim_steps=4, start_guidance=3.0)
+    ref = read_artifact(train_esd(tiny_sd1, tmp_path / "ref.safetensors", cfg, progress=False, checkpoint_every=2))[0]
+    assert not (tmp_path / "ref.safetensors.ckpt").exists()  # removed once the delta is written
+    # a run killed after iteration 4 (its checkpoint written), then started again
+    calls = {"n": 0}
+    real_mse = torch.nn.functional.mse_loss
+
+    def dying_mse(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real_mse(*a, **k)
+
+    monkeypatch.setattr(torch.nn.functional, "mse_loss", dying_mse)
+    with pytest.raises(KeyboardInterrupt):
+        train_esd(tiny_sd1, tmp_path / "run.safetensors", cfg, progress=False, checkpoint_every=2)
+    monkeypatch.setattr(torch.nn.functional, "mse_loss", real_mse)
+    assert (tmp_path / "run.safetensors.ckpt").exists() and not (tmp_path / "run.safetensors").exists()
+    with pytest.raises(ValueError, match="another config"):
+        train_esd(tiny_sd1, tmp_path / "run.safetensors", ESDTrainConfig(**{**cfg.__dict__, "lr": 1e-3}), progress=False)
+    resumed = read_artifact(train_esd(tiny_sd1, tmp_path / "run.safetensors", cfg, progress=False, checkpoint_every=2))[0]
+    assert all(torch.equal(ref[k], resumed[k]) for k in ref)  # bit for bit

@@ -84,9 +84,27 @@ def testbed_prompts(concept: str) -> tuple[str, ...]:
     return (world.compose_prompt(None, "shape", None, [world.CONCEPTS[concept].name]),)
 
 
-def train_esd(model, out_path: str | Path, cfg: ESDTrainConfig, progress: bool = True) -> Path:
-    """Train an ESD delta against ``model`` (restored exactly afterwards) and save it."""
+def train_esd(model, out_path: str | Path, cfg: ESDTrainConfig, progress: bool = True,
+              checkpoint_every: int = 100) -> Path:
+    """Train an ESD delta against ``model`` (restored exactly afterwards) and save it.
+
+    Every ``checkpoint_every`` iterations the delta, the optimiser and the random states go to
+    ``<out>.ckpt`` (atomically); a run started again with the same config resumes there and gives
+    the same delta as an uninterrupted run. A checkpoint made with another config or on another
+    base model is refused. The checkpoint is removed when the delta is written."""
+    import json
+
     from tqdm.auto import tqdm
+
+    out_path = Path(out_path)
+    ckpt = out_path.with_name(out_path.name + ".ckpt")
+    cfg_json = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+    state = None
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        if state["config"] != cfg_json or state["base_model_hash"] != model.content_hash:
+            raise ValueError(f"{ckpt} was made with another config or base model ({state['config']}); delete it "
+                             "or train with the same settings to resume.")
 
     unet = model.unet
     names = esd_parameter_names(unet, cfg.method)
@@ -95,7 +113,11 @@ def train_esd(model, out_path: str | Path, cfg: ESDTrainConfig, progress: bool =
     frozen = copy.deepcopy(unet).eval().requires_grad_(False)
     rng = random.Random(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    sched = copy.deepcopy(model.scheduler)
+    from diffusers import DDIMScheduler
+
+    # DDIM as in the original code, whatever the model ships with (a PNDM scheduler would also
+    # carry its multistep history from one iteration's sampling into the next)
+    sched = DDIMScheduler.from_config(model.scheduler.config)
     sched.set_timesteps(cfg.ddim_steps)
     ac = sched.alphas_cumprod
     T = len(ac)
@@ -106,9 +128,25 @@ def train_esd(model, out_path: str | Path, cfg: ESDTrainConfig, progress: bool =
         p.requires_grad_(n in original)
     opt = torch.optim.Adam([params[n] for n in names], lr=cfg.lr)
     h = model.default_size // model.vae_scale_factor
+    start = 0
     try:
+        if state is not None:
+            with torch.no_grad():
+                for n in names:  # the trained values themselves (original + delta would round)
+                    params[n].copy_(state["weights"][n].to(params[n]))
+            opt.load_state_dict(state["optimizer"])
+            rng.setstate(state["rng"])
+            gen.set_state(state["generator"])
+            start = state["iteration"]
         unet.train()
-        for it in tqdm(range(cfg.iterations), desc=f"ESD {cfg.method}", disable=not progress):
+        for it in tqdm(range(start, cfg.iterations), desc=f"ESD {cfg.method}", disable=not progress, initial=start,
+                       total=cfg.iterations):
+            if it > start and it % checkpoint_every == 0:
+                tmp = ckpt.with_name(ckpt.name + ".tmp")
+                torch.save({"config": cfg_json, "base_model_hash": model.content_hash, "iteration": it,
+                            "weights": {n: params[n].detach().cpu().clone() for n in names},
+                            "optimizer": opt.state_dict(), "rng": rng.getstate(), "generator": gen.get_state()}, tmp)
+                tmp.replace(ckpt)
             c = embs[rng.choice(cfg.prompts)]
             t_enc = rng.randrange(cfg.ddim_steps)
             x = torch.randn((1, unet.config.in_channels, h, h), generator=gen).to(model.device, model.dtype) * sched.init_noise_sigma
@@ -136,5 +174,7 @@ def train_esd(model, out_path: str | Path, cfg: ESDTrainConfig, progress: bool =
                 params[n].copy_(w)
                 params[n].grad = None
         unet.eval().requires_grad_(False)
-    return save_artifact(delta, out_path, kind="esd-delta", base_model_hash=model.content_hash,
+    path = save_artifact(delta, out_path, kind="esd-delta", base_model_hash=model.content_hash,
                          config=dataclasses.asdict(cfg), seed=cfg.seed)
+    ckpt.unlink(missing_ok=True)
+    return path
