@@ -178,6 +178,17 @@ def _stack_eps(pipe, x_t, t, ab, emb, prompts, guidance_scale: float | None) -> 
     return core.to_epsilon(out, x_t, ab, model.prediction_type)
 
 
+def _defended_eps(pipe, ids: torch.Tensor, slots: list[int], vectors: torch.Tensor, text: str, draws: "_Draws",
+                  idx: list[int], guidance_scale: float | None) -> torch.Tensor:
+    """The defended epsilon at the draws ``idx`` for the prompt whose slots hold ``vectors``:
+    text encoder -> embedding defenses (BPDA) -> weight-edited UNet + guidance."""
+    model = pipe.model
+    emb = encode_slots(model.text_encoder, ids, slots, vectors).to(model.dtype)
+    emb = _apply_embedding_defenses(pipe, emb, [text], ids)
+    return _stack_eps(pipe, draws.x_t[idx], draws.t[idx], draws.ab[idx], emb.expand(len(idx), -1, -1),
+                      [text] * len(idx), guidance_scale)
+
+
 class _WhiteBox(Attack):
     white_box = True
     needs_draws = False
@@ -347,11 +358,8 @@ class P4D(_WhiteBox):
         eval_idx = list(range(min(8, len(draws.t))))
 
         def loss_of(vectors, idx):
-            emb = encode_slots(te, ids, slots, vectors).to(model.dtype)
             text = "<p4d>" if c.soft else _hard_prompt(tok, chunks, project(vectors)[1].tolist())
-            emb = _apply_embedding_defenses(pipe, emb, [text], ids)
-            e = _stack_eps(pipe, draws.x_t[idx], draws.t[idx], draws.ab[idx], emb.expand(len(idx), -1, -1),
-                           [text] * len(idx), gs)
+            e = _defended_eps(pipe, ids, slots, vectors, text, draws, idx, gs)
             return torch.nn.functional.mse_loss(e.float(), draws.target[idx].float())
 
         best, best_loss, t0, step = None, float("inf"), time.time(), 0
@@ -455,11 +463,8 @@ class UnlearnDiffAtk(_WhiteBox):
         t0, step, loss = time.time(), 0, torch.tensor(0.0)
         for step in range(1, budget.steps + 1):
             idx = draws.batch(rng, c.batch_size)
-            emb = encode_slots(te, ids, slots, probs @ table).to(model.dtype)
             text = _hard_prompt(tok, chunks, vocab[probs.detach().argmax(-1)].tolist())
-            emb = _apply_embedding_defenses(pipe, emb, [text], ids)
-            e = _stack_eps(pipe, draws.x_t[idx], draws.t[idx], draws.ab[idx], emb.expand(len(idx), -1, -1),
-                           [text] * len(idx), None)
+            e = _defended_eps(pipe, ids, slots, probs @ table, text, draws, idx, None)
             loss = torch.nn.functional.mse_loss(e.float(), draws.noise[idx].float())  # the denoising loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
