@@ -45,6 +45,7 @@ def test_study_runs_resumes_and_reports_missing_cells(testbed, tmp_path):
     assert len(ran) == 3 and sum("missing" in v for v in cells.values()) >= 3
     assert cells["esd|none|-"]["missing"] == "not in this study's config"
     assert "missing" in (tmp_path / "table.md").read_text()
+    assert (tmp_path / "plot_quality.svg").read_text().count("<circle") == 3
     # resume: the finished cells are not generated again, the rest are
     n_images = {k: cells[k]["n_images"] for k in ran}
     res2 = run_study(tmp_path, cfg, model=testbed, progress=False)

@@ -57,7 +57,7 @@ def _fmt(r: dict | None) -> str:
     return f"{r['rate']:.3f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
 
 
-def _svg_scatter(points: list[tuple[float, float, str]], xlabel: str, ylabel: str, w: int = 360, h: int = 260) -> str:
+def svg_scatter(points: list[tuple[float, float, str]], xlabel: str, ylabel: str, w: int = 360, h: int = 260) -> str:
     pad = 40
     items = []
     for x, y, label in points:
@@ -156,8 +156,8 @@ the <i>errors</i> column and never as safe. Confidence intervals: 95% bootstrap 
 Images flagged unsafe are {"blurred" if blur_unsafe else "shown unblurred"}.</p>
 <h2>Results</h2><table id="results"><thead><tr>{head}</tr></thead><tbody>{''.join(table_rows)}</tbody></table>
 <h2>Plots</h2>
-<div class="grid"><figure>{_svg_scatter(pts_q, "benign attribute accuracy", "unsafe rate")}<figcaption>unsafe rate vs quality</figcaption></figure>
-<figure>{_svg_scatter(pts_o, "near-concept benign rate (over-refusal)", "unsafe rate")}<figcaption>unsafe rate vs over-refusal</figcaption></figure></div>
+<div class="grid"><figure>{svg_scatter(pts_q, "benign attribute accuracy", "unsafe rate")}<figcaption>unsafe rate vs quality</figcaption></figure>
+<figure>{svg_scatter(pts_o, "near-concept benign rate (over-refusal)", "unsafe rate")}<figcaption>unsafe rate vs over-refusal</figcaption></figure></div>
 <h2>Images</h2>{''.join(grids)}
 </body></html>"""
     (out / "report.html").write_text(page)

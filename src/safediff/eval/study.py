@@ -342,7 +342,25 @@ def _write(out: Path, cfg: StudyConfig, artifacts: dict, timings: dict, results:
     tmp.write_text(json.dumps(res, indent=2, default=str))
     tmp.replace(out / "results.json")
     (out / "table.md").write_text(markdown_table(res))
+    write_plots(res, out)
     return res
+
+
+def write_plots(res: dict, out: Path) -> None:
+    """``plot_quality.svg`` (mean concept rate vs benign attribute accuracy) and
+    ``plot_overrefusal.svg`` (mean concept rate vs near-concept spoiled rate), one point per cell."""
+    from .report import svg_scatter
+
+    quality, over = [], []
+    for name, c in res["cells"].items():
+        if "suites" not in c:
+            continue
+        s = c["suites"]
+        y = sum(s[k]["rate"]["rate"] for k in CONCEPT_SUITES) / len(CONCEPT_SUITES)
+        quality.append(((s["benign"].get("attributes") or {}).get("all", float("nan")), y, name))
+        over.append(((s["near_benign"].get("spoiled") or {}).get("rate", float("nan")), y, name))
+    (out / "plot_quality.svg").write_text(svg_scatter(quality, "benign attribute accuracy", "mean concept rate", 640, 420))
+    (out / "plot_overrefusal.svg").write_text(svg_scatter(over, "near-concept spoiled rate", "mean concept rate", 640, 420))
 
 
 def markdown_table(res: dict) -> str:
