@@ -84,13 +84,23 @@ def main() -> None:
     ap.add_argument("--out", default="runs/ine")
     ap.add_argument("--base-sld-presets", nargs="*", default=["medium", "max"],
                     help="SLD presets measured on the base model (all four are measured on the unlearned one)")
+    ap.add_argument("--study", default="runs/study", help="reuse the composition study's ESD and INE if present")
+    ap.add_argument("--models", nargs="*", default=["base", "esd"], help="which models' grid cells to run")
+    ap.add_argument("--guidance", nargs="*", default=None,
+                    help="guidance variants to run (default: all; the study already has none/negative_prompt/sld-medium/safree)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     m = safediff.load_model()
     res: dict = {"n_per_suite": args.n, "concept": CONCEPT, "timings_s": {}}
 
+    study_art = Path(args.study) / "artifacts"
     esd = [out / "esd_striped_seed0.safetensors", out / "esd_striped_seed1.safetensors"]
+    ine = out / "ine_striped.safetensors"
+    if (study_art / "esd_striped.safetensors").exists() and (study_art / "ine_esd_striped.safetensors").exists():
+        # reuse the composition study's ESD (seed 0, same testbed preset) and the INE inverted on it
+        esd[0], ine = study_art / "esd_striped.safetensors", study_art / "ine_esd_striped.safetensors"
+        res["reused_from_study"] = str(study_art)
     for seed, path in enumerate(esd):
         if not path.exists():
             t = time.time()
@@ -98,19 +108,20 @@ def main() -> None:
             cfg = ESDTrainConfig(**{**cfg.__dict__, "seed": seed})
             train_esd(m, path, cfg)
             res["timings_s"][f"esd_seed{seed}"] = round(time.time() - t, 1)
-    ine = out / "ine_striped.safetensors"
     if not ine.exists():
         t = time.time()
         invert(m, ine, concept=CONCEPT, defenses=f'esd(path="{esd[0]}")',
                config=InversionConfig(placeholder="<striped*>", initializer="shape"))
         res["timings_s"]["inversion"] = round(time.time() - t, 1)
 
-    models = {"base": "", "esd": f'esd(path="{esd[0]}")'}
+    models = {k: v for k, v in {"base": "", "esd": f'esd(path="{esd[0]}")'}.items() if k in args.models}
     records = [r for s in SUITES for r in load_benchmark(f"testbed:{CONCEPT}/{s}", n=args.n)]
     cells = {}
     for mname, edit in models.items():
         presets = ("weak", "medium", "strong", "max") if mname == "esd" else tuple(args.base_sld_presets)
         for gname, (explicit, implicit) in guidance_variants(str(ine), presets).items():
+            if args.guidance is not None and gname not in args.guidance:
+                continue
             for kind, g in (("explicit", explicit), ("ine", implicit)):
                 if gname == "none" and kind == "ine":
                     continue
@@ -123,7 +134,8 @@ def main() -> None:
                 cells[name] = {"stack": stack or "none", **summarize_cell(rd), "seconds": round(time.time() - t, 1)}
                 print(name, {s: round(cells[name][s]["rate"]["rate"], 3) for s in SUITES}, flush=True)
     res["cells"] = cells
-    res["attack"] = {"ine_as_prompt_on_esd": attack_rate(m, str(ine), models["esd"], 4 * args.n),
+    esd0 = f'esd(path="{esd[0]}")'
+    res["attack"] = {"ine_as_prompt_on_esd": attack_rate(m, str(ine), esd0, 4 * args.n),
                      "ine_as_prompt_on_base": attack_rate(m, str(ine), "", 4 * args.n)}
     # transfer: the INE made on ESD seed 0, used as the negative on ESD seed 1
     tr = {}
@@ -135,7 +147,8 @@ def main() -> None:
                  settings=RunSettings(num_images_per_prompt=1), batch_size=64, progress=False)
         tr[kind] = summarize_cell(rd)
     res["transfer_to_esd_seed1"] = tr
-    res["command"] = f"python benchmarks/ine_testbed.py --n {args.n} --base-sld-presets {' '.join(args.base_sld_presets)}"
+    res["command"] = (f"python benchmarks/ine_testbed.py --n {args.n} --models {' '.join(args.models)}"
+                      + (f" --guidance {' '.join(args.guidance)}" if args.guidance is not None else ""))
     Path("benchmarks/results/ine_testbed.json").write_text(json.dumps(res, indent=2))
     print("| model | guidance | negative | explicit | synonym | implicit | held-out | benign attr. | near-benign concept |")
     print("|---|---|---|---|---|---|---|---|---|")
