@@ -282,3 +282,29 @@ def test_lora_file_loads_in_vanilla_diffusers_and_equals_the_delta(tiny_sd1, tmp
         torch.testing.assert_close(fused[name], orig[name] + d, atol=1e-6, rtol=1e-5)
     untouched = set(orig) - set(delta)
     assert all(torch.equal(fused[n], orig[n]) for n in untouched)
+
+
+def test_duo_resumes_from_its_checkpoint_to_the_same_delta(tiny_sd1, tmp_path, monkeypatch):
+    import safediff.unlearning.duo as duo_mod
+    from safediff.artifacts import read_artifact
+
+    cfg = DUOTrainConfig(**{**FAST, "steps": 6})
+    ref = read_artifact(train_duo(tiny_sd1, tmp_path / "ref.safetensors", cfg, progress=False, checkpoint_every=2))[0]
+    assert not (tmp_path / "ref.safetensors.ckpt").exists()
+    real, calls = duo_mod.duo_dpo_loss, {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(duo_mod, "duo_dpo_loss", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train_duo(tiny_sd1, tmp_path / "run.safetensors", cfg, progress=False, checkpoint_every=2)
+    monkeypatch.setattr(duo_mod, "duo_dpo_loss", real)
+    assert (tmp_path / "run.safetensors.ckpt").exists() and not (tmp_path / "run.safetensors").exists()
+    with pytest.raises(ValueError, match="another config"):
+        train_duo(tiny_sd1, tmp_path / "run.safetensors", DUOTrainConfig(**{**FAST, "steps": 7}), progress=False)
+    out = read_artifact(train_duo(tiny_sd1, tmp_path / "run.safetensors", cfg, progress=False, checkpoint_every=2))[0]
+    assert all(torch.equal(ref[k], out[k]) for k in ref)  # bit for bit

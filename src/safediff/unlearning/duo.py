@@ -291,9 +291,13 @@ def _noised(x0: torch.Tensor, eps: torch.Tensor, ab: torch.Tensor) -> torch.Tens
 
 
 def train_duo(model, out_path: str | Path, cfg: DUOTrainConfig, *, pairs: PairSet | None = None,
-              progress: bool = True) -> Path:
+              progress: bool = True, checkpoint_every: int = 50) -> Path:
     """Train a DUO LoRA (or dense delta) against ``model`` and save ``{weight name: delta}`` with
-    provenance. ``pairs`` overrides the ones ``cfg`` names. The model's weights are never written."""
+    provenance. ``pairs`` overrides the ones ``cfg`` names. The model's weights are never written.
+
+    Every ``checkpoint_every`` steps the adapter, optimiser and random states go to
+    ``<out>.ckpt`` (atomically); started again with the same config it resumes there to the same
+    result as an uninterrupted run; a checkpoint of another config or base model is refused."""
     from torch.func import functional_call
     from tqdm.auto import tqdm
 
@@ -340,9 +344,31 @@ def train_duo(model, out_path: str | Path, cfg: DUOTrainConfig, *, pairs: PairSe
     grad_flags = {n: p.requires_grad for n, p in params.items()}
     was_training = unet.training
     log: list[dict] = []
+    ckpt = Path(out_path).with_name(Path(out_path).name + ".ckpt")
+    cfg_json = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
+    start = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        if state["config"] != cfg_json or state["base_model_hash"] != model.content_hash or len(state["pairs"]) != len(pairs):
+            raise ValueError(f"{ckpt} was made with another config, base model or pair set; delete it or train with "
+                             "the same settings to resume.")
+        with torch.no_grad():
+            for t, v in zip(trainable, state["trainable"]):
+                t.copy_(v)
+        opt.load_state_dict(state["optimizer"])
+        rng.setstate(state["rng"])
+        gen.set_state(state["generator"])
+        log, start = state["log"], state["step"]
     try:
         unet.eval().requires_grad_(False)  # only the adapter trains; no .grad lands on the UNet
-        for step in tqdm(range(cfg.steps), desc="DUO", disable=not progress):
+        for step in tqdm(range(start, cfg.steps), desc="DUO", disable=not progress, initial=start, total=cfg.steps):
+            if step > start and step % checkpoint_every == 0:
+                tmp = ckpt.with_name(ckpt.name + ".tmp")
+                torch.save({"config": cfg_json, "base_model_hash": model.content_hash, "step": step,
+                            "pairs": list(range(len(pairs))), "trainable": [t.detach().clone() for t in trainable],
+                            "optimizer": opt.state_dict(), "rng": rng.getstate(), "generator": gen.get_state(),
+                            "log": log}, tmp)
+                tmp.replace(ckpt)
             idx = torch.tensor([rng.randrange(len(pairs)) for _ in range(cfg.pairs_per_step)])
             B = len(idx)
             eps = torch.randn(z_safe[idx].shape, generator=gen).to(device, model.dtype)       # shared by the pair
@@ -384,9 +410,11 @@ def train_duo(model, out_path: str | Path, cfg: DUOTrainConfig, *, pairs: PairSe
     if factors is not None:
         lora_path = save_diffusers_lora(factors, Path(out_path).with_suffix(".lora.safetensors"))
         extra["lora_file"] = lora_path.name
-    return save_artifact(delta, out_path, kind="duo-delta", base_model_hash=model.content_hash,
+    path = save_artifact(delta, out_path, kind="duo-delta", base_model_hash=model.content_hash,
                          config={**dataclasses.asdict(cfg), "lr": cfg.lr, "prior_weight": cfg.prior_weight},
                          seed=cfg.seed, extra=extra)
+    ckpt.unlink(missing_ok=True)
+    return path
 
 
 def save_diffusers_lora(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], path: str | Path) -> Path:
