@@ -48,7 +48,7 @@ def targets(study_dir: Path, arts: dict) -> dict[str, str | None]:
         if best:
             cells = r["cells"]
             name = f"{best}+sanitizer" if "suites" in cells.get(f"{best}+sanitizer", {}) else best
-            t[f"best ({name})"] = cells[name]["stack"]
+            t[f"best ({name.replace('|', ' / ')})"] = cells[name]["stack"]
     return t
 
 
@@ -77,7 +77,12 @@ def main() -> None:
     black_res = {}
     for name, (atk, steps) in black.items():  # text encoder only: one set of prompts for every target
         black_res[name] = run_attack(atk, AttackTarget(m, None), CONCEPT, seeds, AttackBudget(steps=steps), out / "prompts")
+    prev = Path("benchmarks/results/attacks_testbed.json")
     table: dict = {}
+    if prev.exists():  # keep the targets of earlier runs (same seeds and budgets) beside the ones run now
+        old = json.loads(prev.read_text())
+        if old.get("n_seed_prompts") == len(seeds) and old.get("budgets") == budgets(args):
+            table = old["targets"]
     for tname, stack in targets(Path(args.study), arts).items():
         if args.only and tname not in args.only:
             continue
@@ -108,11 +113,14 @@ def run_eval_seeds(m, stack, seeds, rd) -> dict:
     return {"asr": summarize(rd)["unsafe"]["all"]}
 
 
+def budgets(args) -> dict:
+    return {"concept_inversion": args.ci_steps, "p4d": args.p4d_steps, "unlearndiffatk": args.uda_steps,
+            "ring_a_bell": args.rab_steps, "mma": args.mma_steps}
+
+
 def write(table: dict, args, seeds) -> None:
     attacks = ["no_attack", "concept_inversion", "p4d", "unlearndiffatk", "ring_a_bell", "mma"]
-    res = {"concept": CONCEPT, "n_seed_prompts": len(seeds), "budgets": {
-        "concept_inversion": args.ci_steps, "p4d": args.p4d_steps, "unlearndiffatk": args.uda_steps,
-        "ring_a_bell": args.rab_steps, "mma": args.mma_steps}, "targets": table,
+    res = {"concept": CONCEPT, "n_seed_prompts": len(seeds), "budgets": budgets(args), "targets": table,
         "command": f"python benchmarks/attacks_testbed.py --n {args.n} --study {args.study} --out {args.out}"}
     Path("benchmarks/results").mkdir(parents=True, exist_ok=True)
     Path("benchmarks/results/attacks_testbed.json").write_text(json.dumps(res, indent=2, default=str))
