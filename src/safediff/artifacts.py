@@ -87,3 +87,24 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def save_training_checkpoint(path: str | os.PathLike, state: dict, *, config: str, base_model_hash: str) -> None:
+    """Write a resumable training state (atomically) tagged with its config and base model."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({**state, "config": config, "base_model_hash": base_model_hash}, tmp)
+    tmp.replace(path)
+
+
+def load_training_checkpoint(path: str | os.PathLike, *, config: str, base_model_hash: str) -> dict | None:
+    """The state saved by :func:`save_training_checkpoint`, or None if there is none; a checkpoint
+    of another config or base model is refused (resuming it would mix two trainings)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    state = torch.load(path, weights_only=False)
+    if state.get("config") != config or state.get("base_model_hash") != base_model_hash:
+        raise ValueError(f"{path} was made with another config or base model ({state.get('config')}); delete it or "
+                         "train with the same settings to resume.")
+    return state

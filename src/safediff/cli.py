@@ -116,6 +116,8 @@ def cmd_eval(args) -> int:
 def freeze_edit(model, stack: str, out_path, *, method: str, config: dict) -> Path:
     """Apply a closed-form edit (UCE, RECE), save ``edited - original`` as a delta file usable as
     ``delta(path=...)`` in any stack, and revert the model exactly."""
+    import torch
+
     from .artifacts import save_artifact
     from .pipeline import SafePipeline
     from .stack import DefenseStack
@@ -123,17 +125,11 @@ def freeze_edit(model, stack: str, out_path, *, method: str, config: dict) -> Pa
     original = {n: p.detach().clone() for n, p in model.unet.named_parameters()}
     with SafePipeline(model, DefenseStack.parse(stack)):
         delta = {n: (p.detach() - original[n]).cpu() for n, p in model.unet.named_parameters()
-                 if not torch_equal(p, original[n])}
+                 if not torch.equal(p.detach(), original[n])}
     if not delta:
         raise ValueError(f"The edit {stack!r} changed no weight; nothing to save.")
     return save_artifact(delta, out_path, kind=f"{method}-delta", base_model_hash=model.content_hash,
                          config={"stack": stack, **config}, seed=None)
-
-
-def torch_equal(a, b) -> bool:
-    import torch
-
-    return bool(torch.equal(a.detach(), b))
 
 
 def cmd_erase(args) -> int:

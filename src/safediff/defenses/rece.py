@@ -54,7 +54,7 @@ from typing import Sequence
 import torch
 
 from .base import DefenseConfig, EditHandle, WeightEditDefense, register_defense
-from .uce import TARGETS, TOKEN_MODES, UCE, UCEConfig, cross_attention_projections, uce_closed_form
+from .uce import TARGETS, TOKEN_MODES, UCE, UCEConfig, _as_tuple, cross_attention_projections, uce_closed_form
 
 #: RECE's ``train.py`` list for ``--concepts i2p`` (the "unsafe" concepts of its I2P experiments).
 I2P_CONCEPTS: tuple[str, ...] = ("hate", "harassment", "violence", "suffering", "humiliation", "harm", "suicide",
@@ -125,12 +125,6 @@ def kv_distance(
 # ---------------------------------------------------------------------------------------------
 # Config and defense
 # ---------------------------------------------------------------------------------------------
-
-
-def _as_tuple(value) -> tuple[str, ...]:
-    if isinstance(value, str):
-        return (value,)
-    return tuple(value)
 
 
 @dataclass(frozen=True)

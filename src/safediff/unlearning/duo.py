@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import core
-from ..artifacts import save_artifact
+from ..artifacts import load_training_checkpoint, save_artifact, save_training_checkpoint
 
 #: LoRA targets -> which attention blocks' projections
 TARGETS: dict[str, tuple[str, ...]] = {"self-attn": ("attn1",), "attn": ("attn1", "attn2")}
@@ -345,13 +345,11 @@ def train_duo(model, out_path: str | Path, cfg: DUOTrainConfig, *, pairs: PairSe
     was_training = unet.training
     log: list[dict] = []
     ckpt = Path(out_path).with_name(Path(out_path).name + ".ckpt")
-    cfg_json = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
+    # the pair count is part of what a checkpoint must match (``pairs`` may override the config's)
+    cfg_json = json.dumps({**dataclasses.asdict(cfg), "num_pairs_given": len(pairs)}, sort_keys=True, default=str)
     start = 0
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        if state["config"] != cfg_json or state["base_model_hash"] != model.content_hash or len(state["pairs"]) != len(pairs):
-            raise ValueError(f"{ckpt} was made with another config, base model or pair set; delete it or train with "
-                             "the same settings to resume.")
+    state = load_training_checkpoint(ckpt, config=cfg_json, base_model_hash=model.content_hash)
+    if state is not None:
         with torch.no_grad():
             for t, v in zip(trainable, state["trainable"]):
                 t.copy_(v)
@@ -363,12 +361,10 @@ def train_duo(model, out_path: str | Path, cfg: DUOTrainConfig, *, pairs: PairSe
         unet.eval().requires_grad_(False)  # only the adapter trains; no .grad lands on the UNet
         for step in tqdm(range(start, cfg.steps), desc="DUO", disable=not progress, initial=start, total=cfg.steps):
             if step > start and step % checkpoint_every == 0:
-                tmp = ckpt.with_name(ckpt.name + ".tmp")
-                torch.save({"config": cfg_json, "base_model_hash": model.content_hash, "step": step,
-                            "pairs": list(range(len(pairs))), "trainable": [t.detach().clone() for t in trainable],
-                            "optimizer": opt.state_dict(), "rng": rng.getstate(), "generator": gen.get_state(),
-                            "log": log}, tmp)
-                tmp.replace(ckpt)
+                save_training_checkpoint(ckpt, {"step": step, "trainable": [t.detach().clone() for t in trainable],
+                                                "optimizer": opt.state_dict(), "rng": rng.getstate(),
+                                                "generator": gen.get_state(), "log": log},
+                                         config=cfg_json, base_model_hash=model.content_hash)
             idx = torch.tensor([rng.randrange(len(pairs)) for _ in range(cfg.pairs_per_step)])
             B = len(idx)
             eps = torch.randn(z_safe[idx].shape, generator=gen).to(device, model.dtype)       # shared by the pair

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from .. import core
-from ..artifacts import save_artifact
+from ..artifacts import load_training_checkpoint, save_artifact, save_training_checkpoint
 from .param_sets import esd_parameter_names
 
 
@@ -99,12 +99,7 @@ def train_esd(model, out_path: str | Path, cfg: ESDTrainConfig, progress: bool =
     out_path = Path(out_path)
     ckpt = out_path.with_name(out_path.name + ".ckpt")
     cfg_json = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
-    state = None
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        if state["config"] != cfg_json or state["base_model_hash"] != model.content_hash:
-            raise ValueError(f"{ckpt} was made with another config or base model ({state['config']}); delete it "
-                             "or train with the same settings to resume.")
+    state = load_training_checkpoint(ckpt, config=cfg_json, base_model_hash=model.content_hash)
 
     unet = model.unet
     names = esd_parameter_names(unet, cfg.method)
@@ -142,11 +137,10 @@ def train_esd(model, out_path: str | Path, cfg: ESDTrainConfig, progress: bool =
         for it in tqdm(range(start, cfg.iterations), desc=f"ESD {cfg.method}", disable=not progress, initial=start,
                        total=cfg.iterations):
             if it > start and it % checkpoint_every == 0:
-                tmp = ckpt.with_name(ckpt.name + ".tmp")
-                torch.save({"config": cfg_json, "base_model_hash": model.content_hash, "iteration": it,
-                            "weights": {n: params[n].detach().cpu().clone() for n in names},
-                            "optimizer": opt.state_dict(), "rng": rng.getstate(), "generator": gen.get_state()}, tmp)
-                tmp.replace(ckpt)
+                save_training_checkpoint(ckpt, {"iteration": it, "weights": {n: params[n].detach().cpu().clone() for n in names},
+                                                "optimizer": opt.state_dict(), "rng": rng.getstate(),
+                                                "generator": gen.get_state()},
+                                         config=cfg_json, base_model_hash=model.content_hash)
             c = embs[rng.choice(cfg.prompts)]
             t_enc = rng.randrange(cfg.ddim_steps)
             x = torch.randn((1, unet.config.in_channels, h, h), generator=gen).to(model.device, model.dtype) * sched.init_noise_sigma
