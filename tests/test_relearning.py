@@ -1,0 +1,108 @@
+"""Fine-tune relearning (attacks issue): bad input refused before any work, the model restored
+exactly, a killed run resumes to the same change, and fine-tuning on concept images measurably
+brings an erased concept back through the whole stack."""
+
+import json
+
+import pytest
+import torch
+
+from safediff.attacks import AttackError
+from safediff.attacks import relearning as rl
+from safediff.attacks.relearning import RelearnConfig, evaluate_relearning, load_relearning, relearn, training_images
+from safediff.testbed import world
+
+UCE = "uce(preset=testbed-striped)"
+
+
+def _snapshot(unet):
+    return {k: v.clone() for k, v in unet.state_dict().items()}
+
+
+def test_bad_config_and_input_are_refused_before_anything_is_written(tiny_sd1, testbed, tmp_path):
+    for bad in [dict(checkpoints=()), dict(checkpoints=(0, 5)), dict(checkpoints=(10, 5)), dict(data="nsfw"),
+                dict(conditioning="clip"), dict(params="lora"), dict(lr=0.0), dict(batch_size=0),
+                dict(max_seconds=0.0)]:
+        with pytest.raises(AttackError):
+            RelearnConfig(**bad)
+    with pytest.raises(AttackError, match="captions"):  # images without captions
+        relearn(testbed, UCE, "striped", tmp_path, images=[], progress=False)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        relearn(testbed, UCE, "striped", tmp_path, images=tmp_path / "missing", captions=["x"], progress=False)
+    with pytest.raises(AttackError, match="concept"):
+        relearn(testbed, UCE, " ", tmp_path, progress=False)
+    with pytest.raises(AttackError, match="real model needs its training images"):
+        relearn(tiny_sd1, None, "nudity", tmp_path, progress=False)
+    with pytest.raises(AttackError, match="not a testbed concept"):
+        relearn(testbed, UCE, "zebra", tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_benign_training_images_carry_no_concept(testbed):
+    imgs, caps = training_images(testbed, "striped", RelearnConfig(data="benign", num_images=4))
+    assert imgs and len(imgs) == len(caps)
+    assert all("striped" not in world.detect(a).concepts for a in imgs)
+    assert not any(w in c for c in caps for w in world.CONCEPTS["striped"].training_words)
+
+
+def test_relearning_brings_an_erased_concept_back_and_restores_the_model(testbed, tmp_path):
+    # UCE erases "striped"; 20 steps of fine-tuning on 16 concept images bring it back.
+    # Measured when written (16 explicit prompts): 0.12 at step 0 -> 0.94 at step 20.
+    before = _snapshot(testbed.unet)
+    cfg = RelearnConfig(checkpoints=(5, 20), num_images=16)
+    res = relearn(testbed, UCE, "striped", tmp_path, cfg, progress=False)
+    after = _snapshot(testbed.unet)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # exactly the original weights
+    assert all(p.grad is None for p in testbed.unet.parameters()) and testbed.edited_hash is None
+    assert sorted(res.deltas) == [5, 20] and res.stack_at(0) == res.stack
+    assert res.stack_at(20).startswith(res.stack + "+delta(")
+    ev = evaluate_relearning(res, testbed, tmp_path / "eval", suites=("explicit",), n=16, progress=False)
+    start, end = ev["curve"][0]["explicit"]["rate"], ev["curve"][20]["explicit"]["rate"]
+    assert end >= start + 0.4, ev["curve"]
+    again = relearn(testbed, UCE, "striped", tmp_path, cfg, progress=False)  # finished: loaded, not retrained
+    assert again.deltas == res.deltas and again.train_seconds == res.train_seconds
+    with pytest.raises(FileNotFoundError, match="no finished relearning run"):
+        load_relearning(tmp_path / "eval")
+
+
+def test_a_killed_run_resumes_to_the_same_change(testbed, tmp_path, monkeypatch):
+    cfg = RelearnConfig(checkpoints=(3, 6), num_images=4, batch_size=2)
+    whole = relearn(testbed, None, "striped", tmp_path / "a", cfg, progress=False)
+
+    real_save = rl.save_training_checkpoint
+
+    def save_then_die(*a, **k):
+        real_save(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rl, "save_training_checkpoint", save_then_die)
+    before = _snapshot(testbed.unet)
+    with pytest.raises(KeyboardInterrupt):
+        relearn(testbed, None, "striped", tmp_path / "b", cfg, progress=False)
+    assert all(torch.equal(v, testbed.unet.state_dict()[k]) for k, v in before.items())
+    run_dir = next((tmp_path / "b").iterdir())
+    assert (run_dir / "train.ckpt").exists() and not (run_dir / "manifest.json").exists()
+    monkeypatch.setattr(rl, "save_training_checkpoint", real_save)
+    resumed = relearn(testbed, None, "striped", tmp_path / "b", cfg, progress=False)
+    assert not (run_dir / "train.ckpt").exists()
+    from safediff.artifacts import read_artifact
+
+    a, rec = read_artifact(whole.deltas[6])
+    b, _ = read_artifact(resumed.deltas[6])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert rec["kind"] == "relearn-delta" and rec["step"] == 6 and rec["base_model_hash"] == testbed.content_hash
+
+
+def test_cli_relearn(tmp_path, capsys):
+    from safediff.cli import main
+
+    assert main(["attack", "--method", "relearn", "--steps", "4", "--set", "checkpoints=2,3",
+                 "--out", str(tmp_path)]) == 2
+    assert "must equal --steps" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+    assert main(["attack", "--method", "relearn", "--steps", "3", "--set", "num_images=4", "--n", "2",
+                 "--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "step     3: explicit" in out
+    curve = json.loads(next((tmp_path / "r").glob("relearn-*/eval/curve.json")).read_text())
+    assert set(curve["curve"]) == {"0", "3"}
