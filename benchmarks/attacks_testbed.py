@@ -41,6 +41,8 @@ def targets(study_dir: Path, arts: dict) -> dict[str, str | None]:
             t[f"{g}-{neg}"] = guidance_stack(g, neg, arts["ine_none"], CONCEPT, "medium")
     t["sanitizer"] = f'sanitizer(path="{arts["sanitizer"]}")'
     t["prompt_guard"] = f"prompt_guard(concepts=[{CONCEPT}])"
+    # a filter weaker than the judge (twice its threshold): the same threshold would zero every rate by construction
+    t["output_filter"] = f'output_filter(detector="testbed:{CONCEPT}", score_threshold=0.3)'
     res = study_dir / "results.json"
     if res.exists():
         r = json.loads(res.read_text())

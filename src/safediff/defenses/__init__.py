@@ -1,6 +1,7 @@
 """Defenses, one module each; importing this package registers them all."""
 
 from . import negative_prompt  # noqa: F401
+from . import output_filter  # noqa: F401
 from . import prompt_guard  # noqa: F401
 from . import rece  # noqa: F401
 from . import safree  # noqa: F401

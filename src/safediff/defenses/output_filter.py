@@ -1,0 +1,71 @@
+"""An output filter (stage 5): a detector looks at every decoded image and flags it, or replaces it
+with a black image (``action="blank"``, what diffusers' ``StableDiffusionSafetyChecker`` does with
+an NSFW image).
+
+Any detector of :mod:`safediff.eval.detectors` can sit here (``nudenet:rece-style``,
+``sd-safety-checker``, ``testbed:striped``); its protocol (classes, threshold) is the filter's
+decision unless ``score_threshold`` overrides the threshold on its score.
+
+**Caution when measuring.** A filter that is the evaluation's own detector with the same threshold
+removes every image the evaluation would count, under any prompt or attack, by construction:
+a rate of zero then says nothing. Give the filter a different detector, or a different
+threshold, than the judge (on the testbed, e.g. ``score_threshold`` above the judge's
+``world.STRIPED_THRESHOLD``: a filter that only catches strongly striped images).
+
+    >>> pipe = safediff.build(defenses='output_filter(detector="nudenet:rece-style")')  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .base import DefenseConfig, OutputCheckDefense, OutputDecision, register_defense
+
+
+@dataclass(frozen=True)
+class OutputFilterConfig(DefenseConfig):
+    """Args:
+    detector: detector spec (``testbed:CONCEPT``, ``nudenet:PRESET``, ``sd-safety-checker[:PATH]``);
+        empty disables the filter.
+    action: ``"blank"`` (a flagged image is replaced by a black one) or ``"flag"`` (kept, flagged
+        in its record).
+    score_threshold: flag when the detector's score is >= this (None: the detector's own decision).
+    """
+
+    detector: str = ""
+    action: str = "blank"
+    score_threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.action not in ("blank", "flag"):
+            raise ValueError(f"`action` must be 'blank' or 'flag', got {self.action!r}.")
+        if self.detector and self.detector.partition(":")[0] not in ("testbed", "nudenet", "sd-safety-checker"):
+            raise ValueError(f"Unknown detector {self.detector!r} for the output filter; use testbed:CONCEPT, "
+                             "nudenet:PRESET or sd-safety-checker[:PATH].")
+
+    def is_active(self) -> bool:
+        return bool(self.detector)
+
+
+class OutputFilter(OutputCheckDefense):
+    def __init__(self, config: OutputFilterConfig, model):
+        super().__init__(config, model)
+        from ..eval.detectors import make_detector
+
+        self.detector = make_detector(config.detector)
+
+    def check(self, images: list) -> list[OutputDecision]:
+        results = self.detector.detect([np.asarray(im) for im in images])
+        out = []
+        for r in results:
+            thr = self.config.score_threshold
+            flagged = bool(r.unsafe) if thr is None else (r.score is not None and r.score >= thr)
+            score = float(r.score) if r.score is not None else float(flagged)
+            out.append(OutputDecision(flagged, {f"output_filter:{self.config.detector}": score},
+                                      reason=f"output filter {self.config.detector} flagged the image" if flagged else ""))
+        return out
+
+
+register_defense(name="output_filter", config_cls=OutputFilterConfig, impl_cls=OutputFilter)
