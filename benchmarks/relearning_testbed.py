@@ -40,6 +40,9 @@ def main() -> None:
     ap.add_argument("--out", default="runs/relearn")
     ap.add_argument("--data", nargs="*", default=["concept", "benign"])
     ap.add_argument("--only", nargs="*", help="target names to run (default: all)")
+    ap.add_argument("--adaptive", nargs="*", default=["sanitizer", "prompt_guard", "best"],
+                    help="targets also attacked with conditioning=stack (fine-tuning on the stack's own "
+                         "embedding stage; names match by prefix)")
     args = ap.parse_args()
     m = safediff.load_model()
     arts, _ = prepare_artifacts(m, StudyConfig(concept=CONCEPT), Path(args.study))
@@ -48,15 +51,17 @@ def main() -> None:
     ck = tuple(int(c) for c in args.checkpoints.split(","))
     out_json = Path("benchmarks/results/relearning_testbed.json")
     table = json.loads(out_json.read_text())["runs"] if out_json.exists() else {}
-    jobs = [("base", None, "benign")] + [(k, v, d) for d in args.data for k, v in chosen.items()]
-    for tname, stack, data in jobs:
+    jobs = [("base", None, "benign", "plain")] + [(k, v, d, "plain") for d in args.data for k, v in chosen.items()]
+    jobs += [(k, v, "concept", "stack") for k, v in chosen.items() if any(k.startswith(a) for a in args.adaptive)]
+    for tname, stack, data, cond in jobs:
         if data not in args.data or (args.only and tname not in args.only):
             continue
-        cfg = RelearnConfig(checkpoints=ck, data=data, num_images=args.images)
+        cfg = RelearnConfig(checkpoints=ck, data=data, num_images=args.images, conditioning=cond)
         res = relearn(m, stack or "", CONCEPT, args.out, cfg, progress=False)
         ev = evaluate_relearning(res, m, Path(res.directory) / "eval", n=args.n, progress=False)
-        table[f"{tname}|{data}"] = {"target": tname, "data": data, "stack": stack or "none", **ev}
-        print(tname, data, {s: round(r["explicit"]["rate"], 2) for s, r in ev["curve"].items()}, flush=True)
+        key = f"{tname}|{data}" + ("|adaptive" if cond == "stack" else "")
+        table[key] = {"target": tname, "data": data, "conditioning": cond, "stack": stack or "none", **ev}
+        print(tname, data, cond, {s: round(r["explicit"]["rate"], 2) for s, r in ev["curve"].items()}, flush=True)
         write(table, args)
 
 
@@ -78,7 +83,8 @@ def write(table: dict, args) -> None:
                          f"{c['explicit']['ci_high']:.2f}] / {c['benign']['rate']:.2f}")
         secs = r["train_seconds"]
         last = secs.get(max(secs, key=int)) if secs else None
-        lines.append(f"| {r['target']} | {r['data']} | " + " | ".join(cells) + f" | {last} |")
+        data = r["data"] + (" (adaptive: stack conditioning)" if r.get("conditioning") == "stack" else "")
+        lines.append(f"| {r['target']} | {data} | " + " | ".join(cells) + f" | {last} |")
     Path("benchmarks/results/relearning_testbed.md").write_text("\n".join(lines) + "\n")
 
 

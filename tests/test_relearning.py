@@ -59,6 +59,13 @@ def test_relearning_brings_an_erased_concept_back_and_restores_the_model(testbed
     ev = evaluate_relearning(res, testbed, tmp_path / "eval", suites=("explicit",), n=16, progress=False)
     start, end = ev["curve"][0]["explicit"]["rate"], ev["curve"][20]["explicit"]["rate"]
     assert end >= start + 0.4, ev["curve"]
+    import dataclasses
+
+    with pytest.raises(AttackError, match="no longer hashes"):  # a cached run whose stack changed
+        evaluate_relearning(dataclasses.replace(res, stack_hash="0" * 64), testbed, tmp_path / "e2", progress=False)
+    with pytest.raises(AttackError, match="another base model"):
+        evaluate_relearning(dataclasses.replace(res, base_model_hash="0" * 64), testbed, tmp_path / "e3", progress=False)
+    assert not (tmp_path / "e2").exists() and not (tmp_path / "e3").exists()
     again = relearn(testbed, UCE, "striped", tmp_path, cfg, progress=False)  # finished: loaded, not retrained
     assert again.deltas == res.deltas and again.train_seconds == res.train_seconds
     with pytest.raises(FileNotFoundError, match="no finished relearning run"):
