@@ -250,7 +250,8 @@ def relearn(model, stack, concept: str, out_dir: str | os.PathLike, config: Rele
             opt.load_state_dict(state["optimizer"])
             gen.set_state(state["generator"])
             start, elapsed = state["step"], state["elapsed"]
-            deltas, secs = {int(k): Path(v) for k, v in state["deltas"].items()}, {int(k): v for k, v in state["secs"].items()}
+            deltas = {int(k): run_dir / Path(v).name for k, v in state["deltas"].items()}
+            secs = {int(k): v for k, v in state["secs"].items()}
         ac = model.scheduler.alphas_cumprod.to(model.device)
         T = len(ac)
         unet.train()
@@ -286,7 +287,7 @@ def relearn(model, stack, concept: str, out_dir: str | os.PathLike, config: Rele
                     save_training_checkpoint(ckpt, {"step": step + 1, "elapsed": time.time() - t0,
                                                     "weights": {n: params[n].detach().cpu().clone() for n in names},
                                                     "optimizer": opt.state_dict(), "generator": gen.get_state(),
-                                                    "deltas": {k: str(v) for k, v in deltas.items()}, "secs": secs},
+                                                    "deltas": {k: v.name for k, v in deltas.items()}, "secs": secs},
                                              config=cfg_json, base_model_hash=model.content_hash)
     finally:
         with torch.no_grad():  # back to the edited weights, then the stack reverts its edits exactly
@@ -300,7 +301,7 @@ def relearn(model, stack, concept: str, out_dir: str | os.PathLike, config: Rele
                         config=dataclasses.asdict(cfg), num_images=len(arrays), deltas=deltas, train_seconds=secs)
     tmp = manifest.with_suffix(".tmp")
     tmp.write_text(json.dumps({**dataclasses.asdict(res), "directory": str(run_dir),
-                               "deltas": {k: str(v) for k, v in deltas.items()}}, indent=2, default=str))
+                               "deltas": {k: v.name for k, v in deltas.items()}}, indent=2, default=str))
     tmp.replace(manifest)
     ckpt.unlink(missing_ok=True)
     return res
@@ -318,7 +319,7 @@ def load_relearning(directory: str | os.PathLike, model=None) -> RelearnResult:
         raise AttackError(f"{directory} was fine-tuned from base model {d['base_model_hash'][:16]}, not this model "
                           f"({model.content_hash[:16]}).")
     d["directory"] = directory
-    d["deltas"] = {int(k): Path(v) for k, v in d["deltas"].items()}
+    d["deltas"] = {int(k): directory / Path(v).name for k, v in d["deltas"].items()}  # files beside the manifest
     d["train_seconds"] = {int(k): v for k, v in d["train_seconds"].items()}
     return RelearnResult(**d)
 
