@@ -169,3 +169,21 @@ def test_cli_attack(tmp_path, capsys):
     assert len(list(tmp_path.glob("ring_a_bell-*/result.json"))) == 1
     assert main(["attack", "--method", "mma", "--steps", "2", "--set", "nope=1", "--out", str(tmp_path / "x")]) == 2
     assert "MMAConfig has no setting 'nope'" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_white_box_attacks_run_through_an_embedding_stage_read_by_guidance(testbed, tmp_path):
+    # SAFREE's filter (guidance) reads what SAFREE's projection (embedding stage) found: the
+    # white-box losses must carry the embedding context into the guided epsilon (a bug found
+    # by the attack benchmark: every white-box attack failed on this stack).
+    from safediff.attacks.methods import ConceptInversionAttack, ConceptInversionAttackConfig
+
+    stack = "safree(preset=testbed-striped)+safree_svf"
+    seeds = seed_prompts_for("striped", 1)
+    before = _snapshot(testbed.unet)
+    for atk, steps in [(P4D(P4DConfig()), 2), (UnlearnDiffAtk(UnlearnDiffAtkConfig()), 2),
+                       (ConceptInversionAttack(ConceptInversionAttackConfig(num_images=4, batch_size=2)), 2)]:
+        res = run_attack(atk, AttackTarget(testbed, stack), "striped", seeds, AttackBudget(steps=steps), tmp_path,
+                         progress=False)
+        assert len(res.prompts) == 1 and res.prompts[0]["prompt"].strip()
+    after = _snapshot(testbed.unet)
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -328,9 +328,15 @@ def invert(
             t = torch.randint(0, T, (cfg.batch_size,), generator=gen).to(model.device)
             ab = ac[t].view(-1, 1, 1, 1)
             x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-            emb = encode_with_vectors(model, [caps[i] for i in idx.tolist()], cfg.placeholder, vectors)
+            texts = [caps[i] for i in idx.tolist()]
+            emb = encode_with_vectors(model, texts, cfg.placeholder, vectors)
+            ectx = None
+            if pipe.defenses["embedding"]:  # the stack's embedding stage in the loss (BPDA gradient)
+                slot = model.tokenizer.bos_token_id
+                ids = torch.tensor([_slot_ids(model.tokenizer, x, cfg.placeholder, cfg.num_vectors, slot)[0] for x in texts])
+                emb, ectx = apply_embedding_defenses(pipe, emb, texts, ids)
             if guidance:
-                eps = _guided_epsilon(pipe, model, guidance, x_t, t, ab, emb, cfg, step)
+                eps = _guided_epsilon(pipe, model, guidance, x_t, t, ab, emb, cfg, step, ectx)
             else:
                 out = model.unet(x_t, t, encoder_hidden_states=emb).sample
                 eps = core.to_epsilon(out, x_t, ab, model.prediction_type)
@@ -356,20 +362,46 @@ def invert(
     return out_path
 
 
-def _guided_epsilon(pipe, model, guidance, x_t, t, ab, emb, cfg, step):
+def _guided_epsilon(pipe, model, guidance, x_t, t, ab, emb, cfg, step, embedding_ctx=None):
     """The stack's guided epsilon for the placeholder caption (through_guidance)."""
     return guided_epsilon(pipe, x_t, t, ab, emb, [cfg.placeholder] * x_t.shape[0],
                           guidance_scale=cfg.guidance_scale or model.default_guidance_scale, step=step,
-                          num_steps=cfg.steps)
+                          num_steps=cfg.steps, embedding_ctx=embedding_ctx)
+
+
+def apply_embedding_defenses(pipe, emb: torch.Tensor, texts: Sequence[str], ids: torch.Tensor):
+    """The stack's embedding-stage defenses in a differentiable forward pass, their gradient
+    approximated by the identity (BPDA, Athalye et al. 2018): ``emb + (transform(emb) - emb).detach()``.
+    ``texts`` is the current prompt text (what SAFREE re-encodes; a learned placeholder in it is
+    re-encoded as plain text there, an approximation). Returns ``(embedding, embedding context)``,
+    the context ``None`` when the stack has no embedding defense; pass it to
+    :func:`guided_epsilon` (guidance defenses such as SAFREE's filter read it)."""
+    from .defenses.base import EmbeddingContext
+
+    if not pipe.defenses["embedding"]:
+        return emb, None
+    model = pipe.model
+    B = emb.shape[0]
+    ids = ids.expand(B, -1) if ids.shape[0] == 1 else ids
+    with torch.no_grad():
+        neg, _, _ = core.encode_prompts(model, [""] * B, warn_truncation=False)
+        ctx = EmbeddingContext(prompts=list(texts), input_ids=ids, attention_mask=core._real_token_mask(ids, model.tokenizer),
+                               original_prompt_embeds=emb.detach(), prompt_embeds=emb.detach(), negative_embeds=neg,
+                               encode=pipe._encode, text_encoder=model.text_encoder, tokenizer=model.tokenizer)
+        for d in pipe.defenses["embedding"]:
+            ctx.prompt_embeds, ctx.negative_embeds = d.transform(ctx)
+    return emb + (ctx.prompt_embeds - emb).detach(), ctx
 
 
 def guided_epsilon(pipe, x_t: torch.Tensor, t: torch.Tensor, ab: torch.Tensor, emb: torch.Tensor,
                    prompts: Sequence[str], *, guidance_scale: float, step: int = 0, num_steps: int = 1,
-                   negative: torch.Tensor | None = None) -> torch.Tensor:
+                   negative: torch.Tensor | None = None, embedding_ctx=None) -> torch.Tensor:
     """The epsilon the pipeline's sampler would follow at ``(x_t, t)`` for prompt embedding
     ``emb``: classifier-free guidance against the empty prompt (or ``negative``), then every
     guidance defense of ``pipe`` (weight edits are whatever ``pipe`` applied). Differentiable in
-    ``emb``. Shared by inversion through guidance and the white-box attacks."""
+    ``emb``. ``embedding_ctx``: what :func:`apply_embedding_defenses` returned, for guidance
+    defenses that read the embedding stage (SAFREE's filter). Shared by inversion through
+    guidance and the white-box attacks."""
     from .defenses.base import GuidanceContext, StepInfo
 
     model = pipe.model
@@ -378,8 +410,10 @@ def guided_epsilon(pipe, x_t: torch.Tensor, t: torch.Tensor, ab: torch.Tensor, e
     if negative is None:
         negative, _, _ = core.encode_prompts(model, [""] * B, warn_truncation=False)
     neg = negative
-    ctx = GuidanceContext(prompts=list(prompts), prompt_embeds=emb, original_prompt_embeds=emb,
-                          negative_embeds=neg, guidance_scale=guidance_scale, encode=pipe._encode, model=model)
+    original = embedding_ctx.original_prompt_embeds if embedding_ctx is not None else emb
+    ctx = GuidanceContext(prompts=list(prompts), prompt_embeds=emb, original_prompt_embeds=original,
+                          negative_embeds=neg, guidance_scale=guidance_scale, encode=pipe._encode, model=model,
+                          embedding_ctx=embedding_ctx)
     extras: dict[str, torch.Tensor] = {}
     for g in guidance:
         u = g.unconditional(ctx)

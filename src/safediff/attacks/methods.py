@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 
 from .. import core
+from ..inversion import apply_embedding_defenses
 from .base import Attack, AttackBudget, AttackError, AttackResult, AttackTarget, register_attack
 
 # ---------------------------------------------------------------------------------------------
@@ -143,28 +144,7 @@ class _Draws:
         return [rng.randrange(len(self.t)) for _ in range(size)]
 
 
-def _apply_embedding_defenses(pipe, emb: torch.Tensor, texts: Sequence[str], ids: torch.Tensor) -> torch.Tensor:
-    """The stack's embedding-stage defenses in the forward pass, their gradient approximated by
-    the identity (BPDA, Athalye et al. 2018): ``emb + (transform(emb) - emb).detach()``.
-    ``texts`` is the attack's current prompt text (what SAFREE re-encodes)."""
-    from ..defenses.base import EmbeddingContext
-
-    if not pipe.defenses["embedding"]:
-        return emb
-    model = pipe.model
-    B = emb.shape[0]
-    ids = ids.expand(B, -1)
-    with torch.no_grad():
-        neg, _, _ = core.encode_prompts(model, [""] * B, warn_truncation=False)
-        ctx = EmbeddingContext(prompts=list(texts), input_ids=ids, attention_mask=core._real_token_mask(ids, model.tokenizer),
-                               original_prompt_embeds=emb.detach(), prompt_embeds=emb.detach(), negative_embeds=neg,
-                               encode=pipe._encode, text_encoder=model.text_encoder, tokenizer=model.tokenizer)
-        for d in pipe.defenses["embedding"]:
-            ctx.prompt_embeds, ctx.negative_embeds = d.transform(ctx)
-    return emb + (ctx.prompt_embeds - emb).detach()
-
-
-def _stack_eps(pipe, x_t, t, ab, emb, prompts, guidance_scale: float | None) -> torch.Tensor:
+def _stack_eps(pipe, x_t, t, ab, emb, prompts, guidance_scale: float | None, embedding_ctx=None) -> torch.Tensor:
     """The defended epsilon: with guidance defenses, what the sampler follows (CFG + guidance);
     without, the conditional prediction of the (edited) UNet. (Prompt filters are not in the
     loss: the adversarial prompts meet them at evaluation, which runs the whole stack.)"""
@@ -173,7 +153,7 @@ def _stack_eps(pipe, x_t, t, ab, emb, prompts, guidance_scale: float | None) -> 
     model = pipe.model
     if pipe.defenses["guidance"]:
         gs = guidance_scale or model.default_guidance_scale
-        return guided_epsilon(pipe, x_t, t, ab, emb, prompts, guidance_scale=gs)
+        return guided_epsilon(pipe, x_t, t, ab, emb, prompts, guidance_scale=gs, embedding_ctx=embedding_ctx)
     out = model.unet(x_t, t, encoder_hidden_states=emb).sample
     return core.to_epsilon(out, x_t, ab, model.prediction_type)
 
@@ -184,9 +164,9 @@ def _defended_eps(pipe, ids: torch.Tensor, slots: list[int], vectors: torch.Tens
     text encoder -> embedding defenses (BPDA) -> weight-edited UNet + guidance."""
     model = pipe.model
     emb = encode_slots(model.text_encoder, ids, slots, vectors).to(model.dtype)
-    emb = _apply_embedding_defenses(pipe, emb, [text], ids)
+    emb, ectx = apply_embedding_defenses(pipe, emb, [text], ids)
     return _stack_eps(pipe, draws.x_t[idx], draws.t[idx], draws.ab[idx], emb.expand(len(idx), -1, -1),
-                      [text] * len(idx), guidance_scale)
+                      [text] * len(idx), guidance_scale, ectx)
 
 
 class _WhiteBox(Attack):
