@@ -103,6 +103,19 @@ def epsilon_coefficients(prediction_type: str, alpha_bar: float | torch.Tensor) 
     raise ValueError(f"Unknown prediction_type {prediction_type!r}; expected 'epsilon', 'v_prediction' or 'sample'.")
 
 
+def noised_batch(latents: torch.Tensor, alphas_cumprod: torch.Tensor, batch_size: int,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch for the denoising loss (Ho et al. 2020, Eq. 14): ``batch_size`` latents drawn with
+    replacement, uniform timesteps, ``x_t = sqrt(ab) x0 + sqrt(1 - ab) eps``. Returns
+    ``(idx, x_t, t, ab, eps)``; the loss compares :func:`to_epsilon` of the prediction with ``eps``."""
+    idx = torch.randint(0, len(latents), (batch_size,), generator=generator)
+    x0 = latents[idx]
+    noise = torch.randn(x0.shape, generator=generator).to(x0)
+    t = torch.randint(0, len(alphas_cumprod), (batch_size,), generator=generator).to(alphas_cumprod.device)
+    ab = alphas_cumprod[t].view(-1, 1, 1, 1)
+    return idx, ab.sqrt() * x0 + (1 - ab).sqrt() * noise, t, ab, noise
+
+
 def to_epsilon(model_output: torch.Tensor, x_t: torch.Tensor, alpha_bar, prediction_type: str) -> torch.Tensor:
     """The model's prediction as epsilon (noise), whatever it predicts."""
     a, b = epsilon_coefficients(prediction_type, alpha_bar)

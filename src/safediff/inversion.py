@@ -317,17 +317,11 @@ def invert(
     edited_hash = model.edited_hash
     guidance = pipe.defenses["guidance"] if cfg.through_guidance else []
     ac = model.scheduler.alphas_cumprod.to(model.device)
-    T = len(ac)
     try:
         bar = tqdm(range(start, cfg.steps), desc=f"invert {cfg.placeholder}", initial=start, total=cfg.steps,
                    disable=not progress)
         for step in bar:
-            idx = torch.randint(0, len(latents), (cfg.batch_size,), generator=gen)
-            x0 = latents[idx]
-            noise = torch.randn(x0.shape, generator=gen).to(x0)
-            t = torch.randint(0, T, (cfg.batch_size,), generator=gen).to(model.device)
-            ab = ac[t].view(-1, 1, 1, 1)
-            x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+            idx, x_t, t, ab, noise = core.noised_batch(latents, ac, cfg.batch_size, gen)
             texts = [caps[i] for i in idx.tolist()]
             emb = encode_with_vectors(model, texts, cfg.placeholder, vectors)
             ectx = None

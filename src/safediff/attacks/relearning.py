@@ -253,18 +253,12 @@ def relearn(model, stack, concept: str, out_dir: str | os.PathLike, config: Rele
             deltas = {int(k): run_dir / Path(v).name for k, v in state["deltas"].items()}
             secs = {int(k): v for k, v in state["secs"].items()}
         ac = model.scheduler.alphas_cumprod.to(model.device)
-        T = len(ac)
         unet.train()
         t0 = time.time() - elapsed
         bar = tqdm(range(start, cfg.steps), desc=f"relearn {concept} ({cfg.data})", initial=start, total=cfg.steps,
                    disable=not progress)
         for step in bar:
-            idx = torch.randint(0, len(latents), (cfg.batch_size,), generator=gen)
-            x0 = latents[idx]
-            noise = torch.randn(x0.shape, generator=gen).to(x0)
-            t = torch.randint(0, T, (cfg.batch_size,), generator=gen).to(model.device)
-            ab = ac[t].view(-1, 1, 1, 1)
-            x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+            idx, x_t, t, ab, noise = core.noised_batch(latents, ac, cfg.batch_size, gen)
             out = unet(x_t, t, encoder_hidden_states=emb[idx]).sample
             loss = torch.nn.functional.mse_loss(core.to_epsilon(out, x_t, ab, model.prediction_type).float(), noise.float())
             opt.zero_grad(set_to_none=True)
