@@ -85,19 +85,20 @@ def main() -> None:
         old = json.loads(prev.read_text())
         if old.get("n_seed_prompts") == len(seeds) and old.get("budgets") == budgets(args):
             table = old["targets"]
+    ev_root = out / "eval" / f"n{len(seeds)}"  # one run directory per prompt set
     for tname, stack in targets(Path(args.study), arts).items():
         if args.only and tname not in args.only:
             continue
         row = {"stack": stack or "none"}
-        plain = run_eval_seeds(m, stack, seeds, out / "eval" / tname / "seed_prompts")
+        plain = run_eval_seeds(m, stack, seeds, ev_root / tname / "seed_prompts")
         row["no_attack"] = plain
         for aname, (atk, steps) in white.items():
             t = time.time()
             res = run_attack(atk, AttackTarget(m, stack), CONCEPT, seeds, AttackBudget(steps=steps), out / "prompts")
-            row[aname] = {**evaluate_attack(res, m, stack, out / "eval" / tname / aname, progress=False),
+            row[aname] = {**evaluate_attack(res, m, stack, ev_root / tname / aname, progress=False),
                           "wall_seconds_this_call": round(time.time() - t, 1)}
         for aname, res in black_res.items():
-            row[aname] = evaluate_attack(res, m, stack, out / "eval" / tname / aname, progress=False)
+            row[aname] = evaluate_attack(res, m, stack, ev_root / tname / aname, progress=False)
         table[tname] = row
         print(tname, {k: round(v["asr"]["rate"], 2) for k, v in row.items() if isinstance(v, dict)}, flush=True)
         write(table, args, seeds)
