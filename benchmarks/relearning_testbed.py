@@ -3,7 +3,7 @@
     python benchmarks/relearning_testbed.py [--n 32] [--checkpoints 5,10,20,50,100,200]
 
 For each target whose concept rate is low without attack (the unlearning methods, the Embedding
-Sanitizer, the prompt guard and the composition study's best stack, from ``attacks_testbed.py``'s
+Sanitizer, the prompt guard, the output filter and the composition study's best stack, from ``attacks_testbed.py``'s
 target list, artifacts reused from ``--study``), the UNet under the stack's edits is fine-tuned
 on ``--images`` images with the plain denoising loss (``RelearnConfig`` defaults: lr 1e-4, batch 4,
 every UNet parameter, text-encoder conditioning) and the concept rate of the whole stack plus the
@@ -28,7 +28,7 @@ from attacks_testbed import CONCEPT, targets  # noqa: E402
 from safediff.attacks.relearning import RelearnConfig, evaluate_relearning, relearn  # noqa: E402
 from safediff.eval.study import StudyConfig, prepare_artifacts  # noqa: E402
 
-ERASING = ("esd", "uce", "rece", "duo", "dark_miner", "sanitizer", "prompt_guard")
+ERASING = ("esd", "uce", "rece", "duo", "dark_miner", "sanitizer", "prompt_guard", "output_filter")
 
 
 def main() -> None:
