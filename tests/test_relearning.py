@@ -47,7 +47,7 @@ def test_benign_training_images_carry_no_concept(testbed):
 
 def test_relearning_brings_an_erased_concept_back_and_restores_the_model(testbed, tmp_path):
     # UCE erases "striped"; 20 steps of fine-tuning on 16 concept images bring it back.
-    # Measured when written (16 explicit prompts): 0.12 at step 0 -> 0.94 at step 20.
+    # Measured when written (16 explicit prompts): 0.06 at step 0 -> 0.25 at step 5 -> 0.88 at step 20.
     before = _snapshot(testbed.unet)
     cfg = RelearnConfig(checkpoints=(5, 20), num_images=16)
     res = relearn(testbed, UCE, "striped", tmp_path, cfg, progress=False)
