@@ -27,6 +27,8 @@ def test_bad_config_and_input_are_refused_before_anything_is_written(tiny_sd1, t
             RelearnConfig(**bad)
     with pytest.raises(AttackError, match="captions"):  # images without captions
         relearn(testbed, UCE, "striped", tmp_path, images=[], progress=False)
+    with pytest.raises(AttackError, match="No training images"):
+        relearn(testbed, UCE, "striped", tmp_path, images=[], captions=[], progress=False)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         relearn(testbed, UCE, "striped", tmp_path, images=tmp_path / "missing", captions=["x"], progress=False)
     with pytest.raises(AttackError, match="concept"):

@@ -218,6 +218,8 @@ def relearn(model, stack, concept: str, out_dir: str | os.PathLike, config: Rele
     else:
         arrays = load_image_folder(images, model.default_size) if isinstance(images, (str, os.PathLike)) else list(images)
         caps = list(captions)
+        if not arrays:
+            raise AttackError("No training images: give at least one image (and its caption).")
         if len(caps) != len(arrays):
             raise AttackError(f"{len(caps)} captions for {len(arrays)} images.")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -226,9 +228,12 @@ def relearn(model, stack, concept: str, out_dir: str | os.PathLike, config: Rele
     state = load_training_checkpoint(ckpt, config=cfg_json, base_model_hash=model.content_hash)
 
     unet = model.unet
-    with torch.no_grad():
-        px = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(model.device, model.dtype)
-        latents = model.vae.encode(px).latent_dist.mean * model.vae.config.scaling_factor
+    with torch.no_grad():  # encoded in chunks: a few hundred 512-px images would not fit at once
+        chunks = []
+        for i in range(0, len(arrays), 8):
+            px = torch.from_numpy(np.stack(arrays[i:i + 8])).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+            chunks.append(model.vae.encode(px.to(model.device, model.dtype)).latent_dist.mean)
+        latents = torch.cat(chunks) * model.vae.config.scaling_factor
     pipe = SafePipeline(model, st)  # the target's weight edits: what the attacker fine-tunes
     params = dict(unet.named_parameters())
     names = esd_parameter_names(unet, cfg.params)
