@@ -217,6 +217,26 @@ def testbed_concept_prompts(concept: str, n: int, seed: int = 0) -> list[tuple[s
     return out
 
 
+def draw_with_original_model(model, prompts: Sequence[str], *, guidance_scale: float | None = None, seed: int = 0,
+                             seeds: Sequence[int] | None = None, concept: str | None = None,
+                             present: bool = True) -> tuple[list[np.ndarray], list[int]]:
+    """Images the ORIGINAL model (no defense, no edit) draws for ``prompts``, and the indices to
+    keep: on the testbed with ``concept``, those in which the exact detector finds the concept
+    (``present=True``) or does not (``present=False``); otherwise all. Shared by inversion, Dark
+    Miner's concept pool and relearning."""
+    from .pipeline import SafePipeline
+    from .stack import DefenseStack
+
+    with SafePipeline(model, DefenseStack()) as plain:
+        res = plain(list(prompts), seed=seed, seeds=seeds, guidance_scale=guidance_scale, batch_size=32)
+    arrays = [np.asarray(r.image) for r in res.records]
+    if concept is None or model.family != "safediff-testbed":
+        return arrays, list(range(len(arrays)))
+    from .testbed import world
+
+    return arrays, [i for i, a in enumerate(arrays) if (concept in world.detect(a).concepts) == present]
+
+
 def load_image_folder(folder: str | os.PathLike, size: int) -> list[np.ndarray]:
     from PIL import Image
 
@@ -272,17 +292,11 @@ def invert(
         if concept is None:
             raise ValueError("Give `images` (a folder) or a testbed `concept` to generate them from.")
         pairs = testbed_concept_prompts(concept, cfg.num_images, cfg.seed)
-        with SafePipeline(model, DefenseStack()) as plain:
-            res = plain([p for p, _ in pairs], seed=cfg.seed, guidance_scale=cfg.guidance_scale, batch_size=32)
-        arrays = [np.asarray(r.image) for r in res.records]
-        caps = [c for _, c in pairs]
-        if verify and model.family == "safediff-testbed":
-            from .testbed import world
-
-            keep = [i for i, a in enumerate(arrays) if concept in world.detect(a).concepts]
-            if not keep:
-                raise RuntimeError(f"The model drew the concept {concept!r} in none of {len(arrays)} images; cannot invert it.")
-            arrays, caps = [arrays[i] for i in keep], [caps[i] for i in keep]
+        arrays, keep = draw_with_original_model(model, [p for p, _ in pairs], seed=cfg.seed,
+                                                guidance_scale=cfg.guidance_scale, concept=concept if verify else None)
+        if not keep:
+            raise RuntimeError(f"The model drew the concept {concept!r} in none of {len(arrays)} images; cannot invert it.")
+        arrays, caps = [arrays[i] for i in keep], [pairs[i][1] for i in keep]
     else:
         arrays = load_image_folder(images, model.default_size) if isinstance(images, (str, os.PathLike)) else list(images)
         caps = list(captions) if captions else ["{}"] * len(arrays)

@@ -134,8 +134,7 @@ def training_images(model, concept: str, cfg: RelearnConfig) -> tuple[list[np.nd
     """``cfg.num_images`` images drawn by the ORIGINAL model (no stack) from training-side testbed
     prompts with the concept (``data="concept"``) or without any concept (``"benign"``), each
     checked by the exact detector; returns the images and their prompts as captions."""
-    from ..pipeline import SafePipeline
-    from ..stack import DefenseStack
+    from ..inversion import draw_with_original_model
     from ..testbed import world
 
     if model.family != "safediff-testbed":
@@ -153,11 +152,8 @@ def training_images(model, concept: str, cfg: RelearnConfig) -> tuple[list[np.nd
         for _ in range(cfg.num_images):
             s = world.random_scene(rng)
             prompts.append(world.compose_prompt(s.colour, s.shape, f"on {s.background} background", []))
-    with SafePipeline(model, DefenseStack()) as plain:
-        res = plain(prompts, seed=cfg.seed, guidance_scale=cfg.guidance_scale, batch_size=32)
-    arrays = [np.asarray(r.image) for r in res.records]
-    want = cfg.data == "concept"
-    keep = [i for i, a in enumerate(arrays) if (concept in world.detect(a).concepts) == want]
+    arrays, keep = draw_with_original_model(model, prompts, seed=cfg.seed, guidance_scale=cfg.guidance_scale,
+                                            concept=concept, present=cfg.data == "concept")
     if not keep:
         raise RuntimeError(f"None of {len(arrays)} generated images is a {cfg.data} image of {concept!r}.")
     return [arrays[i] for i in keep], [prompts[i] for i in keep]

@@ -74,7 +74,8 @@ import torch
 
 from .. import core
 from ..artifacts import save_artifact
-from ..inversion import InversionConfig, encode_with_vectors, invert, load_image_folder, load_inverted, testbed_concept_prompts
+from ..inversion import (InversionConfig, draw_with_original_model, encode_with_vectors, invert, load_image_folder,
+                         load_inverted, testbed_concept_prompts)
 from .param_sets import esd_parameter_names
 
 MINE_INITS = ("concept", "random")
@@ -178,8 +179,6 @@ def build_concept_pool(model, cfg: DarkMinerTrainConfig, images: str | Path | Se
     mined token absorbs the concept and not the shape or colour. Real models: ``cfg.prompts``,
     captioned ``"{}"``.
     """
-    from ..pipeline import SafePipeline
-    from ..stack import DefenseStack
 
     if images is not None:
         arrays = load_image_folder(images, model.default_size) if isinstance(images, (str, Path)) else list(images)
@@ -195,18 +194,11 @@ def build_concept_pool(model, cfg: DarkMinerTrainConfig, images: str | Path | Se
         caps = ["{}"] * len(prompts)
     else:
         raise ValueError("Give concept images, `prompts` (training-side concept prompts) or, on the testbed, a `concept`.")
-    with SafePipeline(model, DefenseStack()) as plain:
-        res = plain(prompts, seeds=[cfg.seed + i for i in range(len(prompts))], guidance_scale=cfg.pool_guidance_scale,
-                    batch_size=32)
-    arrays = [np.asarray(r.image) for r in res.records]
-    if model.family == "safediff-testbed":
-        from ..testbed import world
-
-        keep = [i for i, a in enumerate(arrays) if cfg.concept in world.detect(a).concepts]
-        if not keep:
-            raise RuntimeError(f"The model drew {cfg.concept!r} in none of {len(arrays)} pool images.")
-        arrays, caps = [arrays[i] for i in keep], [caps[i] for i in keep]
-    return ConceptPool(arrays, caps)
+    arrays, keep = draw_with_original_model(model, prompts, seeds=[cfg.seed + i for i in range(len(prompts))],
+                                            guidance_scale=cfg.pool_guidance_scale, concept=cfg.concept)
+    if not keep:
+        raise RuntimeError(f"The model drew {cfg.concept!r} in none of {len(arrays)} pool images.")
+    return ConceptPool([arrays[i] for i in keep], [caps[i] for i in keep])
 
 
 def anchor_caption(template: str, anchor: str) -> str:
