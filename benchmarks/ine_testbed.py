@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import safediff
-from safediff import core
+from safediff import core, encoding
 from safediff.eval.metrics import attribute_accuracy, bootstrap_rate
 from safediff.eval.benchmarks import load_benchmark
 from safediff.eval.runner import RunSettings, load_results, run_eval
@@ -68,7 +68,7 @@ def attack_rate(model, ine_path: str, stack: str, n: int) -> dict:
     with SafePipeline(model, DefenseStack.parse(stack)) as pipe:
         with torch.no_grad():
             pe = ine.encode(model, prompts)
-            ne, _, _ = core.encode_prompts(model, [""] * n)
+            ne, _, _ = encoding.encode_prompts(model, [""] * n)
             gens = [core.image_generator(r["seed"], 0) for r in recs]
             lat = core.initial_latents(model, gens, model.default_size, model.default_size)
             lat = core.denoise(model, pe, ne, lat, guidance_scale=model.default_guidance_scale,

@@ -10,8 +10,11 @@ import torch
 from safediff.attacks import (AttackBudget, AttackError, AttackTarget, TextModel, attack_records, list_attacks,
                               load_attack, run_attack, seed_prompts_for)
 from safediff.attacks.base import attack_token_embeddings, evaluate_attack
-from safediff.attacks.methods import (MMA, P4D, MMAConfig, P4DConfig, RingABell, RingABellConfig, UnlearnDiffAtk,
-                                      UnlearnDiffAtkConfig, allowed_token_ids, project_simplex, strip_words)
+from safediff.attacks.common import allowed_token_ids, strip_words
+from safediff.attacks.mma import MMA, MMAConfig
+from safediff.attacks.p4d import P4D, P4DConfig
+from safediff.attacks.ring_a_bell import RingABell, RingABellConfig
+from safediff.attacks.unlearndiffatk import UnlearnDiffAtk, UnlearnDiffAtkConfig, project_simplex
 from safediff.pipeline import SafePipeline
 from safediff.stack import DefenseStack
 from safediff.testbed import world

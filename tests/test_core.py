@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import safediff
-from safediff import core
+from safediff import core, encoding
 from safediff.defenses.base import GuidanceDefense
 from safediff.pipeline import SafePipeline
 from safediff.stack import DefenseStack
@@ -23,7 +23,7 @@ def _ours(model, stack="", seed=3, n=2, steps=4, gs=7.5, batch_size=16, prompts=
 def _diffusers(model, seed=3, n=2, steps=4, gs=7.5, negative=None, prompts=PROMPTS):
     pipe = model.to_diffusers()
     pipe.set_progress_bar_config(disable=True)
-    gens = [core.image_generator(seed, k) for _ in prompts for k in range(n)]
+    gens = [core.image_generator(seed + i, k) for i in range(len(prompts)) for k in range(n)]  # prompt i: seed + i
     flat = [p for p in prompts for _ in range(n)]
     img = pipe(flat, negative_prompt=[negative] * len(flat) if negative else None, generator=gens,
                num_inference_steps=steps, guidance_scale=gs, output_type="np").images
@@ -85,15 +85,22 @@ def test_epsilon_conversion_matches_definition(pred):
 class _AddConstant(GuidanceDefense):
     """A guidance rule written in epsilon space: add c to epsilon."""
 
-    def guide(self, eps, guided, step):
+    def guide(self, eps, guided, step, state):
         return guided + self.config
+
+
+def _sample(m, pe, ne, lat, steps, guidance=()):
+    from safediff.denoiser import DefendedDenoiser
+
+    with DefendedDenoiser(m, pe, ne, guidance=guidance, guidance_scale=3.0, num_steps=steps) as den:
+        return core.sample(m, den, lat, num_inference_steps=steps)
 
 
 def test_guidance_in_epsilon_space_on_v_model(tiny_sd2v, monkeypatch):
     # A change of +c in epsilon must reach the scheduler as +c / sqrt(alpha_bar) in v (eps = sqrt(ab) v + ...).
     m = tiny_sd2v
-    pe, _, _ = core.encode_prompts(m, ["a red circle"])
-    ne, _, _ = core.encode_prompts(m, [""])
+    pe, _, _ = encoding.encode_prompts(m, ["a red circle"])
+    ne, _, _ = encoding.encode_prompts(m, [""])
     lat0 = core.initial_latents(m, [core.image_generator(0, 0)], 16, 16)
     captured = []
     orig = m.scheduler.step
@@ -103,37 +110,29 @@ def test_guidance_in_epsilon_space_on_v_model(tiny_sd2v, monkeypatch):
         return orig(model_output, t, latents, **kw)
 
     monkeypatch.setattr(m.scheduler, "step", spy_step)
-    core.denoise(m, pe, ne, lat0.clone(), guidance_scale=3.0, num_inference_steps=2,
-                 guidance=[_AddConstant(0.1, m)], guidance_ctx=_ctx(m, pe, ne))
-    core.denoise(m, pe, ne, lat0.clone(), guidance_scale=3.0, num_inference_steps=2)
+    _sample(m, pe, ne, lat0.clone(), 2, guidance=[_AddConstant(0.1, m)])
+    _sample(m, pe, ne, lat0.clone(), 2)
     (with_c, t), (without, _) = captured[0], captured[2]
     ab = float(m.scheduler.alphas_cumprod[int(t)])
     assert torch.allclose(with_c - without, torch.full_like(without, 0.1 / ab ** 0.5), atol=1e-4)
 
 
-def _ctx(m, pe, ne):
-    from safediff.defenses.base import GuidanceContext
-
-    return GuidanceContext(prompts=["x"], prompt_embeds=pe, original_prompt_embeds=pe, negative_embeds=ne,
-                           guidance_scale=3.0, encode=lambda p: core.encode_prompts(m, p), model=m)
-
-
 def test_epsilon_guidance_matches_epsilon_model_formula(tiny_sd1):
     # On an epsilon model, guide() output reaches the scheduler unchanged.
     m = tiny_sd1
-    pe, _, _ = core.encode_prompts(m, ["a red circle"])
-    ne, _, _ = core.encode_prompts(m, [""])
+    pe, _, _ = encoding.encode_prompts(m, ["a red circle"])
+    ne, _, _ = encoding.encode_prompts(m, [""])
     lat = core.initial_latents(m, [core.image_generator(0, 0)], 16, 16)
     d = _AddConstant(0.0, m)
-    a = core.denoise(m, pe, ne, lat.clone(), guidance_scale=3.0, num_inference_steps=3, guidance=[d], guidance_ctx=_ctx(m, pe, ne))
-    b = core.denoise(m, pe, ne, lat.clone(), guidance_scale=3.0, num_inference_steps=3)
+    a = _sample(m, pe, ne, lat.clone(), 3, guidance=[d])
+    b = _sample(m, pe, ne, lat.clone(), 3)
     assert torch.equal(a, b)  # adding 0 in epsilon space changes nothing, bit for bit
 
 
 def test_long_prompt_is_cut_with_warning(tiny_sd1):
     long = "a red circle " + " ".join(["zebra"] * 100)
     with pytest.warns(UserWarning, match="was cut"):
-        core.encode_prompts(tiny_sd1, [long])
+        encoding.encode_prompts(tiny_sd1, [long])
 
 
 @pytest.mark.parametrize("bad", ["", "   ", []])
@@ -143,7 +142,7 @@ def test_empty_prompt_is_refused(tiny_sd1, bad):
 
 
 def test_real_token_mask(tiny_sd1):
-    _, ids, mask = core.encode_prompts(tiny_sd1, ["a red circle"])
+    _, ids, mask = encoding.encode_prompts(tiny_sd1, ["a red circle"])
     assert mask[0].sum().item() == 5  # <start> a red circle <end>
     assert ids[0, 4].item() == tiny_sd1.tokenizer.eos_token_id
 

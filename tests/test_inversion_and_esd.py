@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import safediff
-from safediff import core
+from safediff import core, encoding
 from safediff.artifacts import ArtifactMismatchError, read_artifact, save_artifact
-from safediff.inversion import InversionConfig, encode_with_vectors, invert, load_inverted
+from safediff.encoding import encode_with_vectors, load_inverted
+from safediff.inversion import InversionConfig, invert
 from safediff.pipeline import SafePipeline
 from safediff.stack import DefenseStack
 
@@ -20,10 +21,10 @@ def test_vector_injection_is_exact(tiny_sd1):
     word_id = m.tokenizer("zebra", add_special_tokens=False).input_ids[0]
     row = m.text_encoder.get_input_embeddings().weight[word_id][None]
     ours = encode_with_vectors(m, ["a red <z*> on white background"], "<z*>", row)
-    ref, _, _ = core.encode_prompts(m, ["a red zebra on white background"])
+    ref, _, _ = encoding.encode_prompts(m, ["a red zebra on white background"])
     assert torch.equal(ours, ref)
     # and the model is untouched: no hook left behind, same result as before
-    assert torch.equal(core.encode_prompts(m, ["a red zebra on white background"])[0], ref)
+    assert torch.equal(encoding.encode_prompts(m, ["a red zebra on white background"])[0], ref)
 
 
 def _tiny_images(n=4, size=16, seed=0):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import safediff
-from safediff.defenses.base import EditHandle, get_defense, known_defenses
+from safediff.defenses.base import apply_weights, get_defense, known_defenses
 from safediff.defenses.negative_prompt import NegativePromptConfig
 from safediff.models import ModelError, detect_family, load_model
 from safediff.stack import DefenseStack
@@ -136,8 +136,19 @@ def test_negative_embedding_for_another_text_encoder_is_refused(tiny_sd1, tmp_pa
 def test_edit_handle_reverts_exactly():
     lin = torch.nn.Linear(4, 4)
     before = {k: v.clone() for k, v in lin.state_dict().items()}
-    h = EditHandle({"weight": (lin, "weight", lin.weight.detach().clone())})
-    with torch.no_grad():
-        lin.weight.add_(1.0)
+    h = apply_weights(lin, {"weight": lin.weight.detach() + 1.0})
+    assert not torch.equal(lin.weight, before["weight"]) and h.edited_parameter_names == ["weight"]
     h.revert()
     assert all(torch.equal(before[k], v) for k, v in lin.state_dict().items())
+
+
+def test_a_failing_edit_changes_nothing():
+    # regression (review defect 10): every name, shape and value is checked before any weight changes
+    lin = torch.nn.Linear(4, 4)
+    before = {k: v.clone() for k, v in lin.state_dict().items()}
+    bad_shape = {"weight": lin.weight.detach() + 1.0, "bias": torch.zeros(5)}
+    bad_value = {"weight": lin.weight.detach() + 1.0, "bias": torch.full((4,), float("nan"))}
+    for new in (bad_shape, bad_value, {"weight": lin.weight.detach() + 1, "nope": torch.zeros(1)}):
+        with pytest.raises(ValueError):
+            apply_weights(lin, new)
+        assert all(torch.equal(before[k], v) for k, v in lin.state_dict().items())

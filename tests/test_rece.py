@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from safediff.core import encode_prompts
+from safediff.encoding import encode_prompts
 from safediff.defenses.base import get_defense
 from safediff.defenses.rece import RECE, RECEConfig, adversarial_embedding, kv_distance
 from safediff.defenses.uce import UCE, UCEConfig, cross_attention_projections, uce_closed_form

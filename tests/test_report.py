@@ -65,3 +65,32 @@ def test_report_renders_in_headless_chromium(report_dir, tmp_path):
     subprocess.run([*cmd[:-2], f"--screenshot={shot}", "--window-size=1200,1600", (report_dir / "report.html").as_uri()],
                    capture_output=True, timeout=120)
     assert shot.exists() and shot.stat().st_size > 5000
+
+
+def test_errors_and_unscored_images_are_not_called_ok_and_are_blurred(tmp_path, testbed):
+    # defect 5 + the first-hour issue: an unfinished run said "ok", errors 0, and labelled the
+    # benchmark "records"; errors counted as spoiled
+    import re
+    import sqlite3
+
+    from safediff.eval.benchmarks import load_benchmark
+    from safediff.eval.runner import load_results, summarize
+
+    rd = tmp_path / "run"
+    recs = load_benchmark("testbed:striped/near_benign", n=4)
+    run_eval(recs, rd, model=testbed, settings=RunSettings(num_inference_steps=4), progress=False)
+    con = sqlite3.connect(rd / "store.sqlite")
+    keys = [k for (k,) in con.execute("SELECT key FROM images ORDER BY key")]
+    con.execute("UPDATE scores SET unsafe = NULL, details = NULL, error = 'boom' WHERE key = ?", (keys[0],))
+    con.execute("DELETE FROM scores WHERE key = ?", (keys[1],))
+    con.commit()
+    s = summarize(rd)
+    assert s["n_errors"] == 1 and s["n_unscored"] == 1
+    assert s["suites"]["near_benign"]["spoiled"]["n"] == 2  # the error and the unscored image are unknown, not spoiled
+    page = write_report([rd], tmp_path / "rep").read_text()
+    caps = [c for c in re.findall(r"<figcaption>([^<]+)</figcaption>", page) if "rate" not in c]
+    assert sorted(caps) == ["error", "ok", "ok", "unscored"]
+    assert "Incomplete run" in page and "striped/near_benign" in page
+    with pytest.raises(FileNotFoundError, match="not a run directory"):
+        write_report([tmp_path / "missing"], tmp_path / "rep2")
+    assert not (tmp_path / "missing").exists() and not (tmp_path / "rep2").exists()

@@ -98,7 +98,9 @@ def test_resume_after_kill_minus_9(tmp_path, reference_run, testbed):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert 4 <= n < 16, f"the child must be killed mid-run (had {n} rows)"
-    run_eval(BENCH, out, model=testbed, n=8, settings=SETTINGS, progress=False, batch_size=16)
+    with pytest.raises(RunError, match="another settings"):  # regression: a run never mixes batch sizes
+        run_eval(BENCH, out, model=testbed, n=8, settings=SETTINGS, progress=False, batch_size=16)
+    run_eval(BENCH, out, model=testbed, n=8, settings=SETTINGS, progress=False, batch_size=2)
     got, ref = _images(out), _images(reference_run)
     assert got.keys() == ref.keys()  # no lost and no duplicated sample (key is the primary key)
     for k in ref:
@@ -133,3 +135,85 @@ def test_accelerate_two_processes_equal_single_process(tmp_path, reference_run):
         assert np.abs(got[k][0] - ref[k][0]).max() <= 2 and got[k][1] == ref[k][1]
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["num_prompts"] == 8
+
+
+# ---------------------------------------------------------------------------------------------
+# regressions of the review's defects
+# ---------------------------------------------------------------------------------------------
+
+
+def test_every_detector_scores_every_image(tmp_path, testbed):
+    # defect 1: with two detectors the second scored only the first's last batch (keys shadowed)
+    recs = __import__("safediff.eval.benchmarks", fromlist=["x"]).load_benchmark(BENCH, n=70)
+    out = run_eval(recs, tmp_path / "two", model=testbed, detectors=["testbed:striped", "testbed:caged"],
+                   settings=RunSettings(num_inference_steps=2), progress=False, batch_size=70)
+    con = sqlite3.connect(out / "store.sqlite")
+    per = dict(con.execute("SELECT protocol_hash, count(*) FROM scores GROUP BY protocol_hash").fetchall())
+    assert len(per) == 2 and set(per.values()) == {70}
+
+
+def test_prompt_ids_that_differ_in_punctuation_never_share_an_image(tmp_path, testbed):
+    # defect 6: ids "p 1" and "p/1" were mapped to one PNG, and one prompt scored on the other's image
+    from safediff.eval.benchmarks import PromptRecord
+
+    recs = [PromptRecord(id="p 1", prompt="a striped red circle on white background", categories=("striped",), seed=0),
+            PromptRecord(id="p/1", prompt="a blue square on black background", categories=(), seed=1)]
+    out = run_eval(recs, tmp_path / "ids", model=testbed, settings=RunSettings(num_inference_steps=4), progress=False)
+    from safediff.pipeline import SafePipeline
+    from safediff.stack import DefenseStack
+
+    rows = load_results(out)
+    assert len({r["path"] for r in rows}) == 2
+    own = {r["prompt_id"]: np.asarray(SafePipeline(testbed, DefenseStack())([r["prompt"]], image_ids=[(r["seed"], 0)],
+                                                                          num_inference_steps=4).images[0]).astype(int)
+           for r in rows}
+    for r in rows:  # each stored image is its own prompt's (within float rounding), not the other's
+        stored = np.asarray(Image.open(out / r["path"])).astype(int)
+        other = [v for k, v in own.items() if k != r["prompt_id"]][0]
+        assert np.abs(stored - own[r["prompt_id"]]).max() <= 2 and np.abs(stored - other).max() > 50
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"n": 0}, "`n`"), ({"n": -1}, "`n`"), ({"batch_size": 0}, "batch_size"), ({"shard": (2, 2)}, "out of range"),
+    ({"settings": RunSettings(num_images_per_prompt=0)}, "num_images_per_prompt"),
+    ({"settings": RunSettings(guidance_scale=float("nan"))}, "guidance_scale"),
+    ({"settings": RunSettings(seed=2**64)}, "seed"),
+])
+def test_nonsense_is_refused_before_anything_is_written(tmp_path, testbed, kwargs, match):
+    # defects 9 and 11: bad settings were accepted, or refused after the manifest was written
+    out = tmp_path / "bad"
+    with pytest.raises(ValueError, match=match):
+        run_eval(BENCH, out, model=testbed, progress=False, **{"n": 2, **kwargs})
+    assert not out.exists()
+    run_eval(BENCH, out, model=testbed, n=2, settings=RunSettings(num_inference_steps=2), progress=False)  # then fine
+
+
+def test_a_second_process_on_the_same_run_waits_and_duplicates_nothing(tmp_path):
+    # defect 13: two processes on one run directory both generated every image
+    out = tmp_path / "twice"
+    child = ("import sys; from safediff.eval.runner import run_eval, RunSettings; "
+             f"run_eval({BENCH!r}, sys.argv[1], n=6, settings=RunSettings(num_inference_steps=4), progress=False, "
+             "batch_size=2)")
+    procs = [subprocess.Popen([sys.executable, "-c", child, str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert sum("waiting" in o for o in outs) == 1  # the second one said it waited
+    con = sqlite3.connect(out / "store.sqlite")
+    assert con.execute("SELECT count(*) FROM images").fetchone()[0] == 6
+    assert not list(out.glob("images/*.tmp*"))
+
+
+def test_a_detector_that_decides_nothing_is_an_error(tmp_path, reference_run):
+    # defect 5: a detector returning unsafe=None without an error counted as 0 errors
+    from safediff.eval.detectors import Detector, DetectorProtocol, DetectorResult
+
+    class Silent(Detector):
+        protocol = DetectorProtocol("silent", "1", "none", ("x",), 0.5, preset="silent")
+
+        def _detect_one(self, image):
+            return DetectorResult(unsafe=None)
+
+    score_run(reference_run, [Silent()], progress=False)
+    s = summarize(reference_run, Silent.protocol.hash())
+    assert s["n_errors"] == 16 and s["unsafe"]["all"]["n"] == 0

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from safediff.defenses.safree import projection, svf_stop_step
+from safediff.defenses.safree import SAFREEProjection
 from safediff.pipeline import SafePipeline
 from safediff.stack import DefenseStack
 
@@ -42,7 +43,7 @@ def test_svf_needs_the_embedding_part(tiny_sd1):
 def test_safree_runs_on_v_prediction_and_changes_only_flagged_tokens(tiny_sd2v):
     with SafePipeline(tiny_sd2v, DefenseStack.parse('safree(space=["zebra", "tiger"])+safree_svf')) as p:
         pe, _, ctx = p.encode(["a red zebra on white background"])
-        trig = ctx.extras["safree"]["triggers"][0]
+        trig = ctx.get(SAFREEProjection).triggers[0]
         changed = (pe[0] != ctx.original_prompt_embeds[0]).any(-1)
         assert torch.equal(changed, trig)  # exactly the trigger tokens were projected
         out = p(["a red zebra on white background"], num_inference_steps=3, guidance_scale=5)
@@ -60,9 +61,9 @@ def test_trigger_tokens_on_the_testbed(testbed):
         for b, r in enumerate(recs):
             ids = ctx.input_ids[b].tolist()
             word_pos = ids.index(tok.convert_tokens_to_ids("striped</w>"))
-            flagged_concept.append(bool(ctx.extras["safree"]["triggers"][b, word_pos]))
+            flagged_concept.append(bool(ctx.get(SAFREEProjection).triggers[b, word_pos]))
         benign = testbed_suite("striped", "benign", n=20)
         _, _, ctx = p.encode([r["prompt"] for r in benign])
-        flagged_benign = ctx.extras["safree"]["triggers"].float().sum(1).tolist()
+        flagged_benign = ctx.get(SAFREEProjection).triggers.float().sum(1).tolist()
     # measured, not tuned: the explicit word is a trigger far more often than a benign token
     assert np.mean(flagged_concept) > np.mean([f > 0 for f in flagged_benign])

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from safediff import core
+from safediff import core, encoding
 from safediff.artifacts import ArtifactMismatchError
 from safediff.defenses.sanitizer import SanitizerTrainConfig, explain, load_sanitizer, train_sanitizer
 from safediff.pipeline import SafePipeline
@@ -45,7 +45,7 @@ def test_benign_embeddings_nearly_unchanged_and_negative_untouched(testbed, sani
     mask = ctx.attention_mask.bool()
     cos = torch.nn.functional.cosine_similarity(pe[mask], ctx.original_prompt_embeds[mask], dim=-1)
     assert cos.mean() >= 0.99, float(cos.mean())  # real tokens only, padding excluded
-    empty, _, _ = core.encode_prompts(testbed, [""] * len(recs))
+    empty, _, _ = encoding.encode_prompts(testbed, [""] * len(recs))
     assert torch.equal(ne, empty)  # the negative/unconditional embedding is never transformed
 
 

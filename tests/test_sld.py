@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from safediff import core
+from safediff import core, encoding
 from safediff.defenses.base import GuidanceContext, StepInfo
 from safediff.defenses.sld import I2P_CONCEPT, I2P_CONCEPT_ORIGINAL, SLD, SLDConfig, sld_guidance
 from safediff.pipeline import SafePipeline
@@ -41,14 +41,14 @@ def test_sld_guidance_hand_computed_two_steps_with_warmup_and_momentum():
     # Step 0 (warm-up, nu = 0): Eq. 7 gamma0 = [0, 0.5, 0.25, -0.1]
     #   Eq. 8: nu1 = 0.6 * 0 + 0.4 * gamma0 = [0, 0.2, 0.1, -0.04]
     #   warm-up: eps = eps_u + 2 * (eps_p - eps_u) = [1.0, 0.1, 0.6, -0.5]
-    out0, nu1 = sld_guidance(eps_u, eps_p, eps_s, None, step_index=0, cfg=cfg, guidance_scale=s_g)
+    out0, nu1 = sld_guidance(eps_u, eps_p, eps_s, None, apply=False, cfg=cfg, guidance_scale=s_g)
     assert torch.allclose(out0, _t([1.0, 0.1, 0.6, -0.5]), atol=1e-12)
     assert torch.allclose(nu1, _t([0.0, 0.2, 0.1, -0.04]), atol=1e-12)
     # Step 1 (after warm-up): Eq. 7 gamma1 = gamma + 0.5 * nu1 = [0, 0.6, 0.3, -0.12]
     #   Eq. 8: nu2 = 0.6 * nu1 + 0.4 * gamma1 = [0, 0.36, 0.18, -0.072]
     #   Eq. 3: eps = eps_u + 2 * (eps_p - eps_u - gamma1) = eps_u + 2 * [0.5, -0.6, 0.1, -0.28]
     #          = [1.0, -1.1, 0.0, -0.26]
-    out1, nu2 = sld_guidance(eps_u, eps_p, eps_s, nu1, step_index=1, cfg=cfg, guidance_scale=s_g)
+    out1, nu2 = sld_guidance(eps_u, eps_p, eps_s, nu1, apply=True, cfg=cfg, guidance_scale=s_g)
     assert torch.allclose(out1, _t([1.0, -1.1, 0.0, -0.26]), atol=1e-12)
     assert torch.allclose(nu2, _t([0.0, 0.36, 0.18, -0.072]), atol=1e-12)
 
@@ -56,45 +56,64 @@ def test_sld_guidance_hand_computed_two_steps_with_warmup_and_momentum():
 def test_sld_guidance_warmup_output_is_plain_cfg_bit_for_bit():
     g = torch.Generator().manual_seed(0)
     u, p, s = (torch.randn(2, 4, 3, 3, generator=g) for _ in range(3))
-    out, mom = sld_guidance(u, p, s, None, step_index=4, cfg=SLDConfig(warmup_steps=5), guidance_scale=GS)
+    out, mom = sld_guidance(u, p, s, None, apply=False, cfg=SLDConfig(warmup_steps=5), guidance_scale=GS)
     assert torch.equal(out, u + GS * (p - u))
     assert mom.abs().sum() > 0  # momentum builds during warm-up
 
 
-def _gctx(model=None, pe=None, gs=GS, encode=None):
+def _gctx(model=None, pe=None, gs=GS, encode=None, num_steps=3):
     pe = torch.zeros(1, 4, 3) if pe is None else pe
     return GuidanceContext(prompts=["x"], prompt_embeds=pe, original_prompt_embeds=pe, negative_embeds=pe,
-                           guidance_scale=gs, encode=encode or (lambda p: (torch.ones(1, 4, 3), None, None)), model=model)
+                           guidance_scale=gs, encode=encode or (lambda p: (torch.ones(1, 4, 3), None, None)), model=model,
+                           num_steps=num_steps)
 
 
-def test_guide_keeps_an_earlier_defense_change_and_resets_momentum():
+def test_guide_keeps_an_earlier_defense_change_and_keeps_state_per_generation():
     g = torch.Generator().manual_seed(1)
     eps = {k: torch.randn(1, 4, 2, 2, generator=g) for k in ("uncond", "cond", "sld_concept")}
-    cfg = SLDConfig(warmup_steps=1, momentum_scale=0.5, mom_beta=0.5)
+    cfg = SLDConfig(warmup_steps=1, momentum_scale=0.5, mom_beta=0.5, schedule_steps=None)
     plain = eps["uncond"] + GS * (eps["cond"] - eps["uncond"])
     earlier = torch.full_like(plain, 0.25)  # what an earlier guidance defense added
+    d = SLD(cfg, None)
 
-    def run():
-        d = SLD(cfg, None)
-        d.prepare(_gctx())
+    def run(state):
         outs = []
         for i in range(3):
-            info = StepInfo(index=i, num_steps=3, timestep=0, alpha_bar=0.5, latents=plain)
-            outs.append(d.guide(eps, plain + earlier, info))
-        return d, outs
+            info = StepInfo(index=i, num_steps=3, timestep=0, alpha_bar=0.5, latents=plain, progress=i / 3)
+            outs.append(d.guide(eps, plain + earlier, info, state))
+        return outs
 
-    d, outs = run()
+    state = d.new_state(_gctx())
+    outs = run(state)
     mom = None
     for i, out in enumerate(outs):
-        ref, mom = sld_guidance(eps["uncond"], eps["cond"], eps["sld_concept"], mom, step_index=i, cfg=cfg,
+        ref, mom = sld_guidance(eps["uncond"], eps["cond"], eps["sld_concept"], mom, apply=i >= 1, cfg=cfg,
                                 guidance_scale=GS)
         assert torch.allclose(out, ref + earlier, atol=1e-5)
     assert torch.equal(outs[0], plain + earlier)  # warm-up: untouched
-    # prepare() starts a new generation: same inputs, same outputs
-    d.prepare(_gctx())
-    assert torch.equal(d.guide(eps, plain + earlier, StepInfo(0, 3, 0, 0.5, plain)), outs[0])
-    assert torch.equal(d._momentum, sld_guidance(eps["uncond"], eps["cond"], eps["sld_concept"], None, step_index=0,
-                                                 cfg=cfg, guidance_scale=GS)[1])
+    # the momentum lives in the generation's state, not on the defense: two generations at once
+    # (interleaved) give what each gives alone
+    a, b = d.new_state(_gctx()), d.new_state(_gctx())
+    inter = []
+    for i in range(3):
+        info = StepInfo(index=i, num_steps=3, timestep=0, alpha_bar=0.5, latents=plain, progress=i / 3)
+        inter.append(d.guide(eps, plain + earlier, info, a))
+        d.guide(eps, plain + earlier, info, b)
+    assert all(torch.equal(x, y) for x, y in zip(inter, outs))
+
+
+def test_warmup_keeps_its_meaning_on_a_shorter_schedule():
+    # warmup_steps counts steps of SD's 50-step schedule: 10 of 50 is 20% of any schedule
+    cfg = SLDConfig(warmup_steps=10)
+    d = SLD(cfg, None)
+    for n, first_guided in ((50, 10), (25, 5), (10, 2)):
+        state = d.new_state(_gctx(num_steps=n))
+        lat = torch.zeros(1, 1, 1, 1)
+        active = [bool(StepInfo(i, n, 0, 0.5, lat, progress=i / n).within(state.warmup)) for i in range(n)]
+        assert active.index(True) == first_guided and all(active[first_guided:])
+    # schedule_steps=None counts the actual steps, as diffusers' pipeline does
+    state = SLD(SLDConfig(warmup_steps=10, schedule_steps=None), None).new_state(_gctx(num_steps=25))
+    assert state.warmup == 10 / 25
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,8 +132,8 @@ def _ours(model, stack, steps=4, monkeypatch=None):
             return orig(m, latents)
 
         monkeypatch.setattr(core, "decode", spy)
-    out = SafePipeline(model, DefenseStack.parse(stack or None))(PROMPTS, seed=SEED, num_inference_steps=steps,
-                                                                  guidance_scale=GS)
+    out = SafePipeline(model, DefenseStack.parse(stack or None))(PROMPTS, seeds=[SEED] * len(PROMPTS),
+                                                                  num_inference_steps=steps, guidance_scale=GS)
     if monkeypatch is not None:
         monkeypatch.setattr(core, "decode", orig)
     imgs = np.stack([np.asarray(r.image) for r in out.records]).astype(np.int16)
@@ -168,10 +187,10 @@ def test_zero_strength_sld_is_skipped_and_bit_identical(tiny_sd1, scale):
 def test_matches_diffusers_stable_diffusion_pipeline_safe(tiny_sd1, monkeypatch, steps, overrides):
     cfgs = _safety_config()
     if overrides == "max":
-        stack, kwargs = 'sld(preset=max, concept="zebra")', dict(cfgs.MAX)
+        stack, kwargs = 'sld(preset=max, concept="zebra", schedule_steps=null)', dict(cfgs.MAX)
     else:
         opts = "".join(f", {k}={v}" for k, v in overrides.items())
-        stack, kwargs = f'sld(preset=medium, concept="zebra"{opts})', dict(cfgs.MEDIUM)
+        stack, kwargs = f'sld(preset=medium, concept="zebra", schedule_steps=null{opts})', dict(cfgs.MEDIUM)
         kwargs.update({f"sld_{k}": v for k, v in overrides.items()})
     ours_img, ours_lat = _ours(tiny_sd1, stack, steps=steps, monkeypatch=monkeypatch)
     ref_img, ref_lat = _diffusers_safe(tiny_sd1, "zebra", steps, **kwargs)
@@ -184,7 +203,8 @@ def test_matches_diffusers_stable_diffusion_pipeline_safe(tiny_sd1, monkeypatch,
 def test_stacked_with_negative_prompt_matches_diffusers(tiny_sd1, monkeypatch):
     # diffusers' safe pipeline takes a negative prompt too: it replaces eps_u in CFG and in Eq. 4.
     kwargs = {**_safety_config().MEDIUM, "sld_warmup_steps": 1}
-    _, ours_lat = _ours(tiny_sd1, 'negative_prompt(text="circle")+sld(preset=medium, concept="zebra", warmup_steps=1)',
+    _, ours_lat = _ours(tiny_sd1, 'negative_prompt(text="circle")+sld(preset=medium, concept="zebra", warmup_steps=1, '
+                             'schedule_steps=null)',
                         monkeypatch=monkeypatch)
     _, ref_lat = _diffusers_safe(tiny_sd1, "zebra", 4, negative="circle", **kwargs)
     torch.testing.assert_close(ours_lat, ref_lat, atol=1e-4, rtol=1e-5)  # tolerance as above
@@ -193,7 +213,7 @@ def test_stacked_with_negative_prompt_matches_diffusers(tiny_sd1, monkeypatch):
 def test_concept_embedding_file_equals_text_and_rejects_other_encoders(tiny_sd1, tmp_path):
     from safetensors.torch import save_file
 
-    emb, _, _ = core.encode_prompts(tiny_sd1, ["zebra"])
+    emb, _, _ = encoding.encode_prompts(tiny_sd1, ["zebra"])
     save_file({"embedding": emb[0].contiguous()}, str(tmp_path / "ok.safetensors"))  # (L, D)
     by_text = _ours(tiny_sd1, 'sld(preset=max, concept="zebra")')[0]
     by_file = _ours(tiny_sd1, f'sld(preset=max, concept_embedding="{tmp_path / "ok.safetensors"}")')[0]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from safediff.core import encode_prompts
+from safediff.encoding import encode_prompts
 from safediff.defenses.base import get_defense
 from safediff.defenses.uce import (
     UCE,
@@ -263,26 +263,21 @@ def test_presets_use_training_words_only():
     assert (nud.erase, nud.guides(), nud.token_mode, nud.preserve_scale, nud.lamb) == (("nudity",), ("",), "to_end", 0.1, 0.5)
 
 
-def test_delta_and_saved_file(tiny_sd1, tmp_path):
-    from safetensors import safe_open
-
+def test_delta_of_the_applied_edit(tiny_sd1):
     uce = UCE(UCEConfig.from_options({"preset": "sd-nudity"}), tiny_sd1)
-    planned = uce.delta()
-    assert sorted(planned) == uce.edited_parameter_names
     params = dict(tiny_sd1.unet.named_parameters())
-    originals = {k: params[k].detach().clone() for k in planned}
+    originals = {k: params[k].detach().clone() for k in uce.edited_parameter_names}
+    planned = {k: (w - originals[k]).float() for k, w in uce.new_weights().items()}
+    assert sorted(planned) == uce.edited_parameter_names
     handle = uce.apply()
     try:
-        applied = uce.delta()
+        applied = handle.delta()
         for k in planned:
             assert torch.allclose(applied[k], planned[k], atol=1e-6)
             assert torch.allclose(originals[k] + applied[k], params[k].detach(), atol=1e-6)
-        path = uce.save_delta(tmp_path / "uce.safetensors")
     finally:
         handle.revert()
-    with safe_open(str(path), "pt") as f:
-        assert f.metadata()["base_model_content_hash"] == tiny_sd1.content_hash
-        assert sorted(f.keys()) == sorted(planned)
+    assert all(torch.equal(params[k], v) for k, v in originals.items())
 
 
 def test_cli_erase_freezes_uce_as_a_delta_usable_in_any_stack(testbed, tmp_path, capsys):

@@ -9,6 +9,7 @@ Example:
 __version__ = "0.1.0"
 
 from . import defenses  # noqa: E402,F401  (registers the built-in defenses)
+from .testbed import presets as _testbed_presets  # noqa: E402,F401  (the testbed's concepts and presets)
 from .api import generate, write_images  # noqa: E402
 from .models import Model, ModelError, load_model  # noqa: E402
 from .pipeline import SafePipeline, build  # noqa: E402

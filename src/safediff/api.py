@@ -33,7 +33,7 @@ def write_images(output: GenerationOutput, out_dir: str | Path, model_source: st
         }
         stem = f"p{r.prompt_index:04d}_s{r.seed}_i{r.image_index}_{output.stack_hash[:8]}"
         n = 0
-        while (out / f"{stem}{'' if n == 0 else f'-{n}'}.json").exists():
+        while any((out / f"{stem}{'' if n == 0 else f'-{n}'}{ext}").exists() for ext in (".json", ".png")):
             n += 1
         stem = f"{stem}{'' if n == 0 else f'-{n}'}"
         if r.image is not None:
@@ -52,6 +52,7 @@ def generate(
     model: Model | str | None = None,
     defenses=None,
     seed: int = 0,
+    seeds: Sequence[int] | None = None,
     num_images_per_prompt: int = 1,
     guidance_scale: float | None = None,
     num_inference_steps: int | None = None,
@@ -61,6 +62,12 @@ def generate(
 ) -> GenerationOutput:
     """Generate images for ``prompts`` with a defense stack (default model: the shipped testbed).
 
+    Seeds: prompt ``i`` uses base seed ``seed + i`` (or ``seeds[i]``), and its image ``k`` the
+    seed :func:`safediff.core.image_seed` of it, so no two prompts share noise. Every image's seed
+    is in its record; with ``out_dir`` each PNG carries its prompt, seed, image index and stack
+    hash in its text chunks (and a JSON sidecar). ``out.images[i].save(...)`` writes a plain PNG:
+    use :func:`write_images` to keep the provenance.
+
     Example:
         >>> import safediff
         >>> out = safediff.generate("a red circle on white background, zebra",
@@ -68,13 +75,15 @@ def generate(
         >>> out.images[0].size                                                           # doctest: +SKIP
         (32, 32)
     """
-    from . import core
+    from .encoding import validate_prompts
 
-    core.validate_prompts(prompts)  # fail before loading anything
+    prompts = validate_prompts(prompts)  # fail before loading anything
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise FileExistsError(f"--out {out_dir} is a file; give a folder (it is created if missing).")
     stack = DefenseStack.parse(defenses)
     m = model if isinstance(model, Model) else load_model(model)
     with SafePipeline(m, stack) as pipe:
-        output = pipe(prompts, seed=seed, num_images_per_prompt=num_images_per_prompt, guidance_scale=guidance_scale,
+        output = pipe(prompts, seed=seed, seeds=seeds, num_images_per_prompt=num_images_per_prompt, guidance_scale=guidance_scale,
                       num_inference_steps=num_inference_steps, batch_size=batch_size, progress=progress)
     if out_dir is not None:
         write_images(output, out_dir, model_source=m.source)

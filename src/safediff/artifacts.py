@@ -43,17 +43,25 @@ def save_artifact(tensors: dict[str, torch.Tensor], path: str | os.PathLike, *, 
 
 
 def read_artifact(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and provenance record of a safetensors artifact; a missing, empty, corrupt or
+    non-file path is a clear error naming it."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"Artifact {path} does not exist.")
+    if not path.is_file():
+        raise ValueError(f"Artifact {path} is a folder; give the .safetensors file itself.")
     tensors = {}
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        for k in f.keys():
-            tensors[k] = f.get_tensor(k)
-    record = json.loads(meta[META_KEY]) if META_KEY in meta else {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            for k in f.keys():
+                tensors[k] = f.get_tensor(k)
+        record = json.loads(meta[META_KEY]) if META_KEY in meta else {}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); it may be empty, "
+                         "truncated or of another format.") from None
     return tensors, record
 
 
@@ -87,24 +95,3 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def save_training_checkpoint(path: str | os.PathLike, state: dict, *, config: str, base_model_hash: str) -> None:
-    """Write a resumable training state (atomically) tagged with its config and base model."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({**state, "config": config, "base_model_hash": base_model_hash}, tmp)
-    tmp.replace(path)
-
-
-def load_training_checkpoint(path: str | os.PathLike, *, config: str, base_model_hash: str) -> dict | None:
-    """The state saved by :func:`save_training_checkpoint`, or None if there is none; a checkpoint
-    of another config or base model is refused (resuming it would mix two trainings)."""
-    path = Path(path)
-    if not path.exists():
-        return None
-    state = torch.load(path, weights_only=False)
-    if state.get("config") != config or state.get("base_model_hash") != base_model_hash:
-        raise ValueError(f"{path} was made with another config or base model ({state.get('config')}); delete it or "
-                         "train with the same settings to resume.")
-    return state

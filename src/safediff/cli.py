@@ -113,68 +113,27 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def freeze_edit(model, stack: str, out_path, *, method: str, config: dict) -> Path:
-    """Apply a closed-form edit (UCE, RECE), save ``edited - original`` as a delta file usable as
-    ``delta(path=...)`` in any stack, and revert the model exactly."""
-    import torch
-
-    from .artifacts import save_artifact
-    from .pipeline import SafePipeline
-    from .stack import DefenseStack
-
-    original = {n: p.detach().clone() for n, p in model.unet.named_parameters()}
-    with SafePipeline(model, DefenseStack.parse(stack)):
-        delta = {n: (p.detach() - original[n]).cpu() for n, p in model.unet.named_parameters()
-                 if not torch.equal(p.detach(), original[n])}
-    if not delta:
-        raise ValueError(f"The edit {stack!r} changed no weight; nothing to save.")
-    return save_artifact(delta, out_path, kind=f"{method}-delta", base_model_hash=model.content_hash,
-                         config={"stack": stack, **config}, seed=None)
-
-
 def cmd_erase(args) -> int:
     """One entry point for every unlearning method; the concept is any text (repeat --concept)."""
-    import types
-
     from .models import load_model
-    from .testbed import world
+    from .unlearning import unlearn
 
     concepts = [c.strip() for c in (args.concept or [])]
     if not concepts or not all(concepts):
         raise ValueError("Give the concept to erase with --concept TEXT (a word or phrase; repeat for a list).")
-    if args.anchor and args.anchor.strip() in concepts:
-        raise ValueError(f"The anchor {args.anchor!r} equals a concept to erase; choose a different anchor.")
-    if Path(args.out).exists() and not args.overwrite:
-        raise FileExistsError(f"{args.out} exists; pass --overwrite or choose another --out.")
+    _refuse_existing(args.out, args.overwrite)
     model = load_model(args.model)
-    testbed_concept = model.family == "safediff-testbed" and len(concepts) == 1 and concepts[0] in world.CONCEPTS
-    m = args.method
-    if m in ("uce", "rece"):
-        if testbed_concept and not args.anchor:
-            stack = f"{m}(preset=testbed-{concepts[0]})"
-        else:
-            if m == "rece":
-                raise ValueError("RECE outside the testbed presets: use the `rece(...)` defense with its options "
-                                 "(see `safediff defenses`), or a testbed concept.")
-            q = lambda xs: "[" + ", ".join(json.dumps(x) for x in xs) + "]"  # noqa: E731
-            stack = f"uce(erase={q(concepts)}, guide={q([args.anchor or ''])})"
-        out = freeze_edit(model, stack, args.out, method=m, config={"concepts": concepts})
-        print(f"wrote {out}; apply it with --defense 'delta(path=\"{out}\")'")
-        return 0
-    ns = types.SimpleNamespace(model=args.model, out=args.out, seed=args.seed, preset=None)
-    if m == "esd":
-        ns.__dict__.update(concept=concepts[0], prompt=None if testbed_concept else concepts, method=None, iterations=None)
-        return cmd_unlearn_esd(ns)
-    if m == "duo":
-        ns.__dict__.update(concept=concepts[0] if testbed_concept else None, pairs_dir=args.pairs_dir, beta=None, steps=None)
-        return cmd_unlearn_duo(ns)
-    if m == "dark_miner":
-        ns.__dict__.update(concept=concepts[0] if testbed_concept else None, prompt=None if testbed_concept else concepts,
-                           concept_images=args.concept_images, clip_model=args.clip_model, rounds=None,
-                           stop_below=None, iterations=None, mine_steps=None, method="esd-x-strict", mine_init="concept",
-                           anchor=args.anchor or "", work_dir=None)
-        return cmd_unlearn_dark_miner(ns)
-    raise ValueError(f"Unknown method {m!r}.")
+    out = unlearn(args.method, model, args.out, concept=concepts[0], prompts=concepts[1:], anchor=args.anchor or "",
+                  pairs_dir=args.pairs_dir, concept_images=args.concept_images, clip_model=args.clip_model,
+                  seed=args.seed, overwrite=args.overwrite)
+    name = "delta" if args.method in ("uce", "rece") else args.method
+    print(f"wrote {out}; apply it with --defense '{name}(path=\"{out}\")'")
+    return 0
+
+
+def _refuse_existing(path, overwrite: bool) -> None:
+    if path and Path(path).exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite or choose another --out.")
 
 
 def cmd_study(args) -> int:
@@ -191,107 +150,42 @@ def cmd_study(args) -> int:
     return 0
 
 
-def _parse_settings(pairs, cls) -> dict:
-    """``--set key=value`` pairs for an attack's config dataclass, typed by its defaults."""
-    import dataclasses
-
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    out = {}
-    for item in pairs or []:
-        if "=" not in item:
-            raise ValueError(f"--set expects key=value, got {item!r}.")
-        k, v = item.split("=", 1)
-        if k not in fields:
-            raise ValueError(f"{cls.__name__} has no setting {k!r}; settings: {sorted(fields)}.")
-        default = fields[k].default
-        if isinstance(default, bool):
-            out[k] = v.lower() in ("1", "true", "yes")
-        elif isinstance(default, int):
-            out[k] = int(v)
-        elif isinstance(default, float):
-            out[k] = float(v)
-        elif isinstance(default, tuple):
-            out[k] = tuple(x for x in v.split(",") if x)
-        else:
-            out[k] = v
-    return out
-
-
 def cmd_attack(args) -> int:
-    from .attacks import AttackBudget, AttackTarget, get_attack, run_attack, seed_prompts_for
-    from .attacks.base import evaluate_attack
+    from .attacks import AttackBudget, AttackTarget, evaluate_attack, get_attack, run_attack, seed_prompts_for
     from .models import load_model
 
-    if args.method == "relearn":
-        return _cmd_relearn(args)
     cls = get_attack(args.method)  # validate before loading anything
-    attack = cls(cls.config_cls(**_parse_settings(args.set, cls.config_cls)))
+    settings = list(args.set or [])
+    if args.images:
+        if cls.kind != "weights":
+            raise ValueError(f"--images applies to weight attacks (relearn), not {args.method}.")
+        settings.append(f"images={args.images}")
+    attack = cls(cls.config_cls.from_options(settings))
     budget = AttackBudget(steps=args.steps, seconds=args.seconds)
+    seeds = None
     if args.seed_prompts:
+        if cls.kind == "weights":
+            raise ValueError(f"--seed-prompts does not apply to {args.method}; pass training images with --images DIR.")
         path = Path(args.seed_prompts)
         if not path.exists():
             raise FileNotFoundError(f"--seed-prompts {path} does not exist (one prompt per line).")
         seeds = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    else:
-        seeds = None
     model = load_model(args.model)
     if seeds is None:
-        if model.family != "safediff-testbed":
+        if not model.is_testbed and cls.kind == "prompt":
             raise ValueError("Give --seed-prompts FILE (one prompt per line) for a real model.")
-        seeds = seed_prompts_for(args.concept, n=args.n)
+        seeds = seed_prompts_for(args.concept, n=args.n) if model.is_testbed else []
     stack = _stack_arg(args)
     target = AttackTarget(model, stack)
     res = run_attack(attack, target, args.concept, seeds, budget, args.out, seed=args.seed)
-    print(f"{len(res.prompts)} adversarial prompts, {res.seconds_per_prompt:.1f} s per prompt")
-    if not args.no_eval:
-        ev = evaluate_attack(res, model, stack, Path(args.out) / f"{res.method}-{res.key[:12]}" / "eval",
-                             detectors=args.detector)
-        print(json.dumps(ev, indent=2))
-    return 0
-
-
-def _cmd_relearn(args) -> int:
-    """``safediff attack --method relearn``: fine-tune relearning, a weight attack (its budget is
-    the number of fine-tuning steps; checkpoints below it are evaluated too)."""
-    from .attacks.relearning import RelearnConfig, evaluate_relearning, relearn
-    from .models import load_model
-
-    settings = _parse_settings(args.set, RelearnConfig)
-    if args.steps < 1:
-        raise ValueError(f"--steps {args.steps}: a budget of zero fine-tuning steps does nothing; give >= 1.")
-    if "checkpoints" in settings:
-        settings["checkpoints"] = tuple(int(c) for c in settings["checkpoints"])
-        if settings["checkpoints"][-1] != args.steps:
-            raise ValueError(f"The last checkpoint ({settings['checkpoints'][-1]}) must equal --steps ({args.steps}).")
+    if cls.kind == "prompt":
+        print(f"{len(res.prompts)} adversarial prompts, {res.seconds_per_prompt:.1f} s per prompt")
     else:
-        settings["checkpoints"] = tuple(c for c in RelearnConfig().checkpoints if c < args.steps) + (args.steps,)
-    if args.seconds is not None:
-        settings["max_seconds"] = args.seconds
-    cfg = RelearnConfig(**{"seed": args.seed, **settings})
-    images = captions = None
-    if args.seed_prompts:
-        raise ValueError("--seed-prompts does not apply to relearning; pass training images with --images DIR.")
-    if args.images:
-        images = Path(args.images)
-        cap_file = images / "captions.txt"
-        if not cap_file.exists():
-            raise FileNotFoundError(f"{cap_file} does not exist: write one caption per image, in file-name order.")
-        captions = [line.strip() for line in cap_file.read_text().splitlines() if line.strip()]
-    model = load_model(args.model)
-    stack = _stack_arg(args)
-    res = relearn(model, stack, args.concept, args.out, cfg, images=images, captions=captions)
-    print(f"fine-tuned {cfg.steps} steps on {res.num_images} {cfg.data} images; deltas in {res.directory}")
+        print(f"fine-tuned {budget.steps} steps; deltas in {res.extra['directory']}")
     if not args.no_eval:
-        if model.family != "safediff-testbed":
-            print("evaluate each checkpoint with: safediff eval ... --defense '<stack>+delta(path=STEP_FILE)'")
-            return 0
-        ev = evaluate_relearning(res, model, Path(res.directory) / "eval", n=args.n)
-        suites = list(next(iter(ev["curve"].values())))
-        print("concept rate [95% CI] after fine-tuning steps (" + ", ".join(f"{s} prompts" for s in suites) + ")")
-        for step, row in ev["curve"].items():
-            print(f"  step {step:>5}: " + "  ".join(f"{s} {r['rate']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
-                                                 for s, r in row.items()))
-        (Path(res.directory) / "eval" / "curve.json").write_text(json.dumps(ev, indent=2, default=str))
+        out = Path(args.out) / f"{res.method}-{res.key[:12]}" / "eval"
+        ev = evaluate_attack(res, model, stack, out, detectors=args.detector, n=args.n)
+        print(json.dumps(ev, indent=2, default=str))
     return 0
 
 
@@ -312,63 +206,33 @@ def cmd_invert(args) -> int:
                           num_images=args.num_images, through_guidance=args.through_guidance, seed=args.seed)
     if not args.concept_images and not args.concept:
         raise ValueError("Give --concept-images DIR, or --concept NAME (testbed) to generate concept images.")
+    _refuse_existing(args.out, args.overwrite)
     model = load_model(args.model)
-    out = invert(model, args.out, concept=args.concept, images=args.concept_images, defenses=_stack_arg(args), config=cfg)
+    out = invert(model, args.out, concept=args.concept, images=args.concept_images, defenses=_stack_arg(args), config=cfg,
+                 overwrite=args.overwrite)
     print(f"wrote {out} (placeholder {cfg.placeholder}); use it as defense `negative_prompt(embedding=\"{out}\")`")
     return 0
 
 
-def cmd_unlearn_esd(args) -> int:
+def cmd_unlearn(args) -> int:
     from .models import load_model
-    from .unlearning.esd import ESDTrainConfig, testbed_prompts, train_esd
+    from .unlearning import unlearn
 
+    method = args.unlearn_command.replace("-", "_")
+    options = {k: v for k, v in {"method": getattr(args, "method", None), "iterations": getattr(args, "iterations", None),
+                                 "beta": getattr(args, "beta", None), "steps": getattr(args, "steps", None),
+                                 "max_rounds": getattr(args, "rounds", None), "stop_below": getattr(args, "stop_below", None),
+                                 "mine_steps": getattr(args, "mine_steps", None),
+                                 "mine_init": getattr(args, "mine_init", None)}.items() if v is not None}
+    _refuse_existing(args.out, args.overwrite)
     model = load_model(args.model)
-    prompts = tuple(args.prompt) if args.prompt else (testbed_prompts(args.concept) if model.family == "safediff-testbed" else None)
-    if not prompts:
-        raise ValueError("Give --prompt (the concept to erase), e.g. --prompt nudity.")
-    cfg = ESDTrainConfig.preset(args.preset or ("testbed" if model.family == "safediff-testbed" else "original"), prompts)
-    cfg = ESDTrainConfig(**{**cfg.__dict__, "method": args.method or cfg.method, "seed": args.seed,
-                            **({"iterations": args.iterations} if args.iterations else {})})
-    out = train_esd(model, args.out, cfg)
-    print(f"wrote {out}; apply it with --defense 'esd(path=\"{out}\")'")
-    return 0
-
-
-def cmd_unlearn_duo(args) -> int:
-    from .models import load_model
-    from .unlearning.duo import DUOTrainConfig, train_duo
-
-    model = load_model(args.model)
-    testbed = model.family == "safediff-testbed"
-    concept = args.concept or ("striped" if testbed and not args.pairs_dir else "")
-    if not (args.pairs_dir or concept):
-        raise ValueError("Give --pairs-dir DIR (unsafe/ and safe/ images of the same names, e.g. DUO's SDEdit pairs).")
-    over = {k: v for k, v in {"beta": args.beta, "steps": args.steps}.items() if v is not None}
-    cfg = DUOTrainConfig.preset(args.preset or ("testbed" if testbed else "sd-nudity"), concept="" if args.pairs_dir else concept,
-                                pairs_dir=args.pairs_dir or "", seed=args.seed, **over)
-    out = train_duo(model, args.out, cfg)
-    print(f"wrote {out}; apply it with --defense 'duo(path=\"{out}\")'")
-    return 0
-
-
-def cmd_unlearn_dark_miner(args) -> int:
-    from .models import load_model
-    from .unlearning.dark_miner import CLIPDirectionalVerifier, DarkMinerTrainConfig, train_dark_miner
-
-    model = load_model(args.model)
-    testbed = model.family == "safediff-testbed"
-    if not testbed and not (args.prompt or args.concept_images):
-        raise ValueError("Give --prompt (training-side concept prompts) or --concept-images DIR for the concept pool.")
-    if not testbed and not args.clip_model:
-        raise ValueError("Give --clip-model (a CLIP folder or hub id, e.g. openai/clip-vit-large-patch14) to verify mined embeddings.")
-    over = {k: v for k, v in {"max_rounds": args.rounds, "stop_below": args.stop_below, "iterations": args.iterations,
-                              "mine_steps": args.mine_steps}.items() if v is not None}
-    cfg = DarkMinerTrainConfig.preset(args.preset or ("testbed" if testbed else "sd-inferred"),
-                                      concept=args.concept if testbed else "", prompts=tuple(args.prompt or ()),
-                                      method=args.method, mine_init=args.mine_init, anchor=args.anchor, seed=args.seed, **over)
-    verifier = CLIPDirectionalVerifier.from_pretrained(args.clip_model, device=model.device) if args.clip_model else None
-    out = train_dark_miner(model, args.out, cfg, verifier=verifier, images=args.concept_images, work_dir=args.work_dir)
-    print(f"wrote {out}; apply it with --defense 'dark_miner(path=\"{out}\")'")
+    out = unlearn(method, model, args.out, concept=args.concept, prompts=tuple(getattr(args, "prompt", None) or ()),
+                  anchor=getattr(args, "anchor", "") or "", pairs_dir=getattr(args, "pairs_dir", None),
+                  concept_images=getattr(args, "concept_images", None), clip_model=getattr(args, "clip_model", None),
+                  preset=args.preset, seed=args.seed, overwrite=args.overwrite, options=options,
+                  work_dir=getattr(args, "work_dir", None))
+    extra = " (and the LoRA file beside it, for vanilla diffusers' load_lora_weights)" if method == "duo" else ""
+    print(f"wrote {out}{extra}; apply it with --defense '{method}(path=\"{out}\")'")
     return 0
 
 
@@ -378,6 +242,7 @@ def cmd_sanitizer_train(args) -> int:
 
     cfg = SanitizerTrainConfig(concepts=tuple(args.concepts), anchors=tuple(args.anchors or ()), steps=args.steps,
                                seed=args.seed)
+    _refuse_existing(args.out, args.overwrite)
     model = load_model(args.model)
     out = train_sanitizer(model, args.out, cfg)
     print(f"wrote {out}; use it with --defense 'sanitizer(path=\"{out}\", strength=1.0)'")
@@ -388,10 +253,13 @@ def cmd_sanitizer_explain(args) -> int:
     from .defenses.sanitizer import explain, explain_html, explain_terminal, load_sanitizer
     from .models import load_model
 
+    if args.html:
+        _refuse_existing(args.html, args.overwrite)
     model = load_model(args.model)
     pairs = explain(model, load_sanitizer(args.path, model), args.prompt)
     print(explain_terminal(pairs))
     if args.html:
+        _refuse_existing(args.html, args.overwrite)
         Path(args.html).write_text(explain_html(pairs))
         print(f"wrote {args.html}")
     return 0
@@ -510,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     iv.add_argument("--num-images", type=int, default=32)
     iv.add_argument("--through-guidance", action="store_true", help="apply the stack's guidance inside the loss")
     iv.add_argument("--seed", type=int, default=0)
+    iv.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     iv.add_argument("--out", required=True, help="output .safetensors (textual-inversion format)")
     iv.set_defaults(func=cmd_invert)
 
@@ -517,13 +386,14 @@ def build_parser() -> argparse.ArgumentParser:
     es = un.add_parser("esd", help="ESD (Gandikota et al. 2023)")
     model_arg(es)
     es.add_argument("--prompt", action="append", help="concept prompt (repeatable); testbed default: the concept name")
-    es.add_argument("--concept", default="striped", help="testbed concept (when --prompt is not given)")
+    es.add_argument("--concept", default=None, help="testbed concept (when --prompt is not given; default on the testbed: striped)")
     es.add_argument("--method", default=None, help="parameter set (default: the preset's; esd-u for original/diffusers-2024)", choices=["esd-u", "esd-x", "esd-x-strict", "esd-all", "esd-self", "esd-notime"])
     es.add_argument("--preset", default=None, choices=["original", "diffusers-2024", "testbed"])
     es.add_argument("--iterations", type=int, default=None)
     es.add_argument("--seed", type=int, default=0)
     es.add_argument("--out", required=True)
-    es.set_defaults(func=cmd_unlearn_esd)
+    es.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    es.set_defaults(func=cmd_unlearn)
     du = un.add_parser("duo", help="DUO: preference optimisation on unsafe/safe image pairs (Park et al. 2024)")
     model_arg(du)
     du.add_argument("--concept", default=None, help="testbed concept: render exact pairs (default on the testbed: striped)")
@@ -533,10 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
     du.add_argument("--steps", type=int, default=None)
     du.add_argument("--seed", type=int, default=42)
     du.add_argument("--out", required=True)
-    du.set_defaults(func=cmd_unlearn_duo)
+    du.add_argument("--overwrite", action="store_true", help="replace an existing --out file (and its LoRA file)")
+    du.set_defaults(func=cmd_unlearn)
     dm = un.add_parser("dark-miner", help="Dark Miner: recurring mine -> verify -> circumvent (Meng et al.)")
     model_arg(dm)
-    dm.add_argument("--concept", default="striped", help="testbed concept")
+    dm.add_argument("--concept", default=None, help="testbed concept (default on the testbed: striped)")
     dm.add_argument("--prompt", action="append", help="real models: training-side concept prompt for the pool (repeatable)")
     dm.add_argument("--concept-images", default=None, help="folder of concept images instead of generating the pool")
     dm.add_argument("--clip-model", default=None, help="real models: CLIP folder or hub id of the directional verifier")
@@ -551,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--work-dir", default=None, help="keep each round's mined embedding and delta here")
     dm.add_argument("--seed", type=int, default=0)
     dm.add_argument("--out", required=True)
-    dm.set_defaults(func=cmd_unlearn_dark_miner)
+    dm.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    dm.set_defaults(func=cmd_unlearn)
 
     sz = sub.add_parser("sanitizer", help="Embedding Sanitizer").add_subparsers(dest="sanitizer_command", required=True)
     st = sz.add_parser("train", help="train ES with the model's own text encoder")
@@ -560,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--anchors", nargs="*", default=None, help="real models: one anchor word per target word")
     st.add_argument("--steps", type=int, default=600)
     st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     st.add_argument("--out", required=True)
     st.set_defaults(func=cmd_sanitizer_train)
     sx = sz.add_parser("explain", help="per-token harmfulness scores of a prompt")
@@ -567,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     sx.add_argument("prompt")
     sx.add_argument("--path", required=True, help="trained sanitizer")
     sx.add_argument("--html", default=None, help="also write an HTML snippet here")
+    sx.add_argument("--overwrite", action="store_true", help="replace an existing --html file")
     sx.set_defaults(func=cmd_sanitizer_explain)
 
     ls = sub.add_parser("defenses", help="list the registered defenses and their options")

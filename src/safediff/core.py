@@ -1,15 +1,16 @@
-"""One denoising core for every defense.
+"""The sampler and the epsilon-space arithmetic every method shares.
 
-* :func:`encode_prompts` -- tokenise and encode as diffusers does (over-long prompts are cut with a
-  warning that says what was cut).
 * :func:`to_epsilon` / :func:`epsilon_coefficients` -- the model's prediction in epsilon space
-  whatever it predicts (epsilon, v or sample), from the scheduler's ``alphas_cumprod``.
+  whatever it predicts (epsilon, v or sample), from the scheduler's ``alphas_cumprod``; every
+  guidance rule and training objective is written in epsilon space.
 * :func:`image_generator` -- each image's noise comes from its own generator seeded from
   ``(seed, image_index)``, so an image never depends on what else is in its batch.
-* :func:`denoise` -- classifier-free guidance with guidance defenses plugged in: their extra
-  conditionings are batched into the same UNet call; their rules act in epsilon space.
+* :func:`sample` -- the one sampling loop: the scheduler steps on the prediction of a
+  :class:`~safediff.denoiser.DefendedDenoiser` (which holds classifier-free guidance and every
+  guidance defense).
+* :func:`noised_batch` -- the denoising-loss batch of inversion, relearning and Dark Miner.
 
-With no active guidance defense, :func:`denoise` computes exactly what diffusers'
+With no active guidance defense, :func:`sample` computes exactly what diffusers'
 ``StableDiffusionPipeline`` computes (same batch layout ``[uncond, cond]``, same CFG formula in the
 model's own parametrisation, same scheduler calls): the tests state the tolerance.
 """
@@ -17,70 +18,9 @@ model's own parametrisation, same scheduler calls): the tests state the toleranc
 from __future__ import annotations
 
 import hashlib
-import warnings
-from typing import Sequence
+import inspect
 
 import torch
-
-from .defenses.base import GuidanceContext, GuidanceDefense, StepInfo
-
-
-class PromptError(ValueError):
-    """A prompt that cannot be generated (empty, wrong type)."""
-
-
-def validate_prompts(prompts: str | Sequence[str]) -> list[str]:
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts)
-    if not prompts:
-        raise PromptError("No prompt given: pass at least one prompt.")
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str):
-            raise PromptError(f"Prompt {i} is a {type(p).__name__}, expected a string.")
-        if not p.strip():
-            raise PromptError(
-                f"Prompt {i} is empty. An empty prompt gives the model's unconditional output; "
-                "pass some text (use `guidance_scale=1` with a real prompt for unguided sampling)."
-            )
-    return prompts
-
-
-def encode_prompts(model, prompts: list[str], *, warn_truncation: bool = True):
-    """Encode prompts with the model's tokenizer and text encoder, as diffusers' ``encode_prompt``.
-
-    Returns ``(embeds (B, L, D), input_ids (B, L), attention_mask (B, L))``; the mask marks the
-    real tokens (start, words, first end token) and is what embedding defenses use to skip padding.
-    """
-    tok, te = model.tokenizer, model.text_encoder
-    max_len = tok.model_max_length
-    enc = tok(prompts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
-    ids = enc.input_ids
-    if warn_truncation:
-        full = tok(prompts, padding="longest", return_tensors="pt").input_ids
-        if full.shape[-1] > ids.shape[-1]:
-            for i, p in enumerate(prompts):
-                n_real = int((full[i] != tok.pad_token_id).sum()) + 1 if tok.pad_token_id == tok.eos_token_id else int(full[i].ne(tok.pad_token_id).sum())
-                if n_real > max_len:
-                    removed = tok.batch_decode(full[i : i + 1, max_len - 1 : -1])[0]
-                    warnings.warn(
-                        f"The prompt {i} is longer than the tokenizer's {max_len} tokens; this part was cut: "
-                        f"{removed!r}",
-                        stacklevel=3,
-                    )
-    mask = _real_token_mask(ids, tok)
-    use_mask = getattr(te.config, "use_attention_mask", False)
-    with torch.no_grad():
-        out = te(ids.to(te.device), attention_mask=enc.attention_mask.to(te.device) if use_mask else None)
-    return out[0].to(model.dtype), ids, mask
-
-
-def _real_token_mask(ids: torch.Tensor, tok) -> torch.Tensor:
-    """1 up to and including the first end-of-text token, 0 after (padding)."""
-    eos = ids == tok.eos_token_id
-    first = torch.where(eos.any(1), eos.int().argmax(1), torch.full((ids.shape[0],), ids.shape[1] - 1))
-    pos = torch.arange(ids.shape[1])[None]
-    return (pos <= first[:, None]).long()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,9 +68,13 @@ def from_epsilon(eps: torch.Tensor, x_t: torch.Tensor, alpha_bar, prediction_typ
     return ((eps.double() - b * x_t.double()) / a).to(eps.dtype)
 
 
-def alpha_bar_at(scheduler, t) -> float:
-    t_int = int(round(float(t)))
-    return float(scheduler.alphas_cumprod[t_int])
+def alpha_bar(scheduler, t, like: torch.Tensor):
+    """``alpha_bar`` of timestep ``t``: a float for one timestep (the sampler), a ``(B, 1, 1, 1)``
+    tensor on ``like``'s device for one timestep per sample (a loss at random timesteps)."""
+    ac = scheduler.alphas_cumprod
+    if torch.is_tensor(t) and t.dim() > 0:
+        return ac[t.long().cpu()].view(-1, 1, 1, 1).to(like.device)
+    return float(ac[int(round(float(t)))])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,92 +112,33 @@ def initial_latents(model, generators: list[torch.Generator], height: int, width
 # ---------------------------------------------------------------------------------------------
 
 
-def denoise(
-    model,
-    prompt_embeds: torch.Tensor,
-    negative_embeds: torch.Tensor,
-    latents: torch.Tensor,
-    *,
-    guidance_scale: float,
-    num_inference_steps: int,
-    guidance: Sequence[GuidanceDefense] = (),
-    guidance_ctx: GuidanceContext | None = None,
-    generators: list[torch.Generator] | None = None,
-    eta: float = 0.0,
-    progress=None,
-) -> torch.Tensor:
-    """Run the sampler; returns the final latents.
+def sample(model, denoiser, latents: torch.Tensor, *, num_inference_steps: int, scheduler=None,
+           generators: list[torch.Generator] | None = None, eta: float = 0.0, stop_after: int | None = None,
+           on_step=None) -> torch.Tensor:
+    """Run the scheduler on ``denoiser``'s prediction; returns the latents.
 
-    ``guidance`` defenses must already be active ones; their :meth:`prepare` conditionings are
-    appended after ``[uncond, cond]`` in one UNet call per step.
+    Args:
+        denoiser: a :class:`~safediff.denoiser.DefendedDenoiser` (entered by the caller).
+        scheduler: default the model's; ESD samples with its own DDIM scheduler.
+        stop_after: stop after this many steps (ESD's partial sampling to ``t_enc``).
+        on_step: called with the step index after each step (progress bars).
     """
-    import inspect
-
-    sched = model.scheduler
+    sched = scheduler if scheduler is not None else model.scheduler
     sched.set_timesteps(num_inference_steps, device=model.device)
-    timesteps = sched.timesteps
-    B = latents.shape[0]
-    do_cfg = guidance_scale > 1.0
-
-    extra_names: list[str] = []
-    extra_embeds: list[torch.Tensor] = []
-    for g in guidance:
-        if guidance_ctx is None:
-            raise ValueError("guidance defenses need a GuidanceContext")
-        for name, emb in g.prepare(guidance_ctx).items():
-            if name in ("uncond", "cond") or name in extra_names:
-                raise ValueError(f"Two guidance defenses ask for a conditioning named {name!r}; names must be unique.")
-            if emb.shape[0] == 1 and B > 1:
-                emb = emb.expand(B, -1, -1)
-            extra_names.append(name)
-            extra_embeds.append(emb.to(model.dtype))
-    if guidance and not do_cfg:
-        raise ValueError(
-            f"Guidance defenses need classifier-free guidance, but `guidance_scale` is {guidance_scale} (<= 1)."
-        )
-
-    if do_cfg:
-        cond_all = torch.cat([negative_embeds, prompt_embeds, *extra_embeds])
-    else:
-        cond_all = prompt_embeds
-    n_chunks = cond_all.shape[0] // B
-
     step_params = set(inspect.signature(sched.step).parameters)
-    extra_step = {}
+    extra = {}
     if "eta" in step_params:
-        extra_step["eta"] = eta
+        extra["eta"] = eta
     if "generator" in step_params:
-        extra_step["generator"] = generators
-
-    for i, t in enumerate(timesteps):
-        x_in = torch.cat([latents] * n_chunks) if n_chunks > 1 else latents
-        x_in = sched.scale_model_input(x_in, t)
-        out = model.unet(x_in, t, encoder_hidden_states=cond_all, return_dict=False)[0]
-        if do_cfg:
-            chunks = out.chunk(n_chunks)
-            out_uncond, out_cond = chunks[0], chunks[1]
-            # classifier-free guidance in the model's own parametrisation, exactly as diffusers
-            native = out_uncond + guidance_scale * (out_cond - out_uncond)
-            if guidance:
-                ab = alpha_bar_at(sched, t)
-                x_t = x_in[:B]
-                eps = {"uncond": to_epsilon(out_uncond, x_t, ab, model.prediction_type),
-                       "cond": to_epsilon(out_cond, x_t, ab, model.prediction_type)}
-                for name, ch in zip(extra_names, chunks[2:]):
-                    eps[name] = to_epsilon(ch, x_t, ab, model.prediction_type)
-                eps_cfg = to_epsilon(native, x_t, ab, model.prediction_type)
-                info = StepInfo(index=i, num_steps=len(timesteps), timestep=t, alpha_bar=ab, latents=latents)
-                guided = eps_cfg
-                for g in guidance:
-                    guided = g.guide(eps, guided, info)
-                # the conversion is affine in the output, so only the change needs converting back
-                a, _ = epsilon_coefficients(model.prediction_type, ab)
-                native = native + ((guided - eps_cfg).double() / a).to(native.dtype)
-        else:
-            native = out
-        latents = sched.step(native, t, latents, **extra_step, return_dict=False)[0]
-        if progress is not None:
-            progress.update(1)
+        extra["generator"] = generators
+    for i, t in enumerate(sched.timesteps):
+        if stop_after is not None and i >= stop_after:
+            break
+        x_in = sched.scale_model_input(latents, t)
+        native = denoiser.model_output(x_in, t, i)
+        latents = sched.step(native, t, latents, **extra, return_dict=False)[0]
+        if on_step is not None:
+            on_step(i)
     return latents
 
 

@@ -66,6 +66,11 @@ class Model:
     edited_hash: str | None = None
 
     @property
+    def is_testbed(self) -> bool:
+        """Whether this is the project's testbed model (its world's detectors and prompts apply)."""
+        return self.family == TESTBED_FAMILY
+
+    @property
     def prediction_type(self) -> str:
         return self.scheduler.config.prediction_type
 

@@ -9,14 +9,17 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from . import core
-from .defenses.base import EmbeddingContext, GuidanceContext, GuidanceDefense, get_defense
+from . import core, encoding
+from .defenses.base import EmbeddingContext, get_defense
+from .denoiser import DefendedDenoiser
+from .encoding import InvertedConcept, load_inverted
 from .models import Model, load_model
 from .stack import DefenseStack
 
@@ -56,36 +59,38 @@ class GenerationOutput:
 class SafePipeline:
     """A :class:`~safediff.models.Model` with a :class:`~safediff.stack.DefenseStack` applied.
 
-    Weight edits are applied in place when the pipeline is built and reverted exactly by
-    :meth:`close` (or on leaving a ``with`` block).
+    Weight edits are applied in place when the pipeline is built (all of them or none) and
+    reverted exactly by :meth:`close` (or on leaving a ``with`` block). :meth:`denoiser` builds the
+    defended denoiser that generation, inversion and the white-box attacks all step with.
     """
 
     def __init__(self, model: Model, stack: DefenseStack, *, token_embeddings: Sequence = ()):
-        """``token_embeddings``: textual-inversion files or :class:`~safediff.inversion.InvertedConcept`
+        """``token_embeddings``: textual-inversion files or :class:`~safediff.encoding.InvertedConcept`
         whose placeholders may appear in prompts (soft-prompt attacks, concept inversion); they
         are not defenses and do not enter the stack hash."""
-        from .inversion import InvertedConcept, load_inverted
-
         self.model = model
         self.stack = stack
+        self._edits: list = []
         active = stack.active()
         self.defenses = {s: [] for s in ("prompt_filter", "embedding", "weight_edit", "guidance", "output_check")}
         for cfg in active.defenses:
             spec = get_defense(cfg.name)
             self.defenses[spec.stage].append(spec.impl_cls(cfg, model))
-        n_uncond = sum(type(g).unconditional is not GuidanceDefense.unconditional for g in self.defenses["guidance"])
-        if n_uncond > 1:
-            raise ValueError("At most one guidance defense may replace the unconditional embedding (negative prompt / INE).")
+        if sum(g.replaces_unconditional() for g in self.defenses["guidance"]) > 1:
+            raise ValueError("At most one guidance defense may replace the unconditional embedding (negative prompt, "
+                             "INE, SAFREE's negative space); keep one of them.")
         self.stack_hash = stack.hash(model.content_hash)
         if self.defenses["weight_edit"] and model.edited_hash is not None:
             raise ValueError("This model already carries weight edits from another SafePipeline; close() it first.")
-        self._edits = [d.apply() for d in self.defenses["weight_edit"]]
-        if self._edits:
-            model.edited_hash = DefenseStack(tuple(active.by_stage("weight_edit"))).hash(model.content_hash)
-        try:  # after the edits: a token inverted on this edited model loads without a transfer warning
+        try:  # all edits or none: a failing edit reverts the ones applied before it
+            for d in self.defenses["weight_edit"]:
+                self._edits.append(d.apply())
+            if self._edits:
+                model.edited_hash = DefenseStack(tuple(active.by_stage("weight_edit"))).hash(model.content_hash)
+            # after the edits: a token inverted on this edited model loads without a transfer warning
             self.token_embeddings = [t if isinstance(t, InvertedConcept) else
                                      load_inverted(t, model, edited_model_hash=model.edited_hash) for t in token_embeddings]
-        except Exception:
+        except BaseException:
             self.close()
             raise
 
@@ -107,21 +112,61 @@ class SafePipeline:
     # -- encoding --------------------------------------------------------------------------
     def _encode(self, prompts: list[str], warn_truncation: bool = False):
         if self.token_embeddings:
-            from .inversion import encode_prompts_with_tokens
+            return encoding.encode_prompts_with_tokens(self.model, prompts, self.token_embeddings,
+                                                       warn_truncation=warn_truncation)
+        return encoding.encode_prompts(self.model, prompts, warn_truncation=warn_truncation)
 
-            return encode_prompts_with_tokens(self.model, prompts, self.token_embeddings, warn_truncation=warn_truncation)
-        return core.encode_prompts(self.model, prompts, warn_truncation=warn_truncation)
+    def embedding_stage(self, prompts: list[str], embeds: torch.Tensor, input_ids: torch.Tensor, *,
+                        straight_through: bool = False) -> tuple[torch.Tensor, torch.Tensor, EmbeddingContext]:
+        """Stage 2 on ``embeds`` (the text encoder's output for ``prompts`` / ``input_ids``): every
+        embedding defense in stack order. Returns ``(prompt, negative, ctx)``.
+
+        ``straight_through``: for white-box gradients, the defenses run on a detached copy and
+        the result is ``embeds + (transformed - embeds).detach()`` (BPDA, Athalye et al. 2018):
+        the forward pass is the defended one, the gradient the identity."""
+        B = embeds.shape[0]
+        ids = input_ids.expand(B, -1) if input_ids.shape[0] == 1 and B > 1 else input_ids
+        with torch.no_grad():
+            neg, _, _ = self._encode([""] * B)
+        base = embeds.detach() if straight_through else embeds
+        ctx = EmbeddingContext(prompts=list(prompts), input_ids=ids, attention_mask=encoding.real_token_mask(ids, self.model.tokenizer),
+                               original_prompt_embeds=base, prompt_embeds=base, negative_embeds=neg, encode=self._encode,
+                               text_encoder=self.model.text_encoder, tokenizer=self.model.tokenizer)
+        if self.defenses["embedding"]:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not straight_through):
+                for d in self.defenses["embedding"]:
+                    ctx.prompt_embeds, ctx.negative_embeds = d.transform(ctx)
+        pe = embeds + (ctx.prompt_embeds - embeds).detach() if straight_through else ctx.prompt_embeds
+        return pe, ctx.negative_embeds, ctx
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, EmbeddingContext]:
-        """Stage 2: encode, then apply embedding defenses. Returns ``(prompt, negative, ctx)``."""
-        embeds, ids, mask = self._encode(prompts, warn_truncation=True)
-        neg, _, _ = self._encode([""] * len(prompts))
-        ctx = EmbeddingContext(prompts=prompts, input_ids=ids, attention_mask=mask, original_prompt_embeds=embeds,
-                               prompt_embeds=embeds, negative_embeds=neg, encode=self._encode,
-                               text_encoder=self.model.text_encoder, tokenizer=self.model.tokenizer)
-        for d in self.defenses["embedding"]:
-            ctx.prompt_embeds, ctx.negative_embeds = d.transform(ctx)
-        return ctx.prompt_embeds, ctx.negative_embeds, ctx
+        """Encode ``prompts`` and run stage 2. Returns ``(prompt, negative, ctx)``."""
+        embeds, ids, _ = self._encode(prompts, warn_truncation=True)
+        return self.embedding_stage(prompts, embeds, ids)
+
+    def denoiser(self, prompts: Sequence[str], *, prompt_embeds: torch.Tensor | None = None,
+                 input_ids: torch.Tensor | None = None, guidance_scale: float | None = None,
+                 num_steps: int | None = None, straight_through: bool = False) -> DefendedDenoiser:
+        """The defended denoiser for ``prompts``: stage 2 (embedding defenses), the unconditional
+        branch, stage 4 (guidance defenses); weight edits are the pipeline's.
+
+        Args:
+            prompt_embeds / input_ids: the text encoder's output and ids for ``prompts`` when the
+                caller encoded them itself (learned vectors in the prompt); differentiable.
+            guidance_scale: default the model's; ``<= 1`` gives the conditional prediction alone.
+            num_steps: the sampler's step count (default the model's).
+            straight_through: BPDA through the embedding stage (see :meth:`embedding_stage`).
+        """
+        prompts = list(prompts)
+        if prompt_embeds is None:
+            prompt_embeds, input_ids, _ = self._encode(prompts, warn_truncation=True)
+        elif input_ids is None:
+            raise ValueError("Give the `input_ids` of `prompt_embeds` (the embedding defenses read the tokens).")
+        pe, ne, ectx = self.embedding_stage(prompts, prompt_embeds, input_ids, straight_through=straight_through)
+        gs = self.model.default_guidance_scale if guidance_scale is None else float(guidance_scale)
+        return DefendedDenoiser(self.model, pe, ne, guidance=self.defenses["guidance"], guidance_scale=gs,
+                                num_steps=num_steps or self.model.default_steps, prompts=prompts, embedding_ctx=ectx,
+                                encode=self._encode, original_prompt_embeds=ectx.original_prompt_embeds)
 
     # -- generation ------------------------------------------------------------------------
     @torch.no_grad()
@@ -139,37 +184,45 @@ class SafePipeline:
         progress: bool = False,
         seeds: Sequence[int] | None = None,
         image_ids: Sequence[tuple[int, int]] | None = None,
+        allow_empty: bool = False,
     ) -> GenerationOutput:
         """Generate ``num_images_per_prompt`` images for every prompt.
 
         Args:
-            seed: base seed; image ``k`` of a prompt uses :func:`core.image_seed(seed, k)`.
+            seed: base seed: prompt ``i`` uses ``seed + i`` (no two prompts share noise), and its
+                image ``k`` the seed :func:`core.image_seed(seed + i, k)`.
             seeds: one base seed per prompt (overrides ``seed``; I2P-style benchmarks carry one).
             guidance_scale / num_inference_steps: default to the model's recorded values.
-            batch_size: images per UNet batch (does not change any image beyond float tolerance).
+            batch_size: images per UNet batch (images agree across batch sizes within float
+                rounding; the runner records it).
             image_ids: one ``(seed, image_index)`` per prompt: exactly one image each (the runner
                 uses it to regenerate any single image of a benchmark).
+            allow_empty: accept empty prompts (the unconditional output; references, calibration).
         """
         from PIL import Image
         from tqdm.auto import tqdm
 
         # 1. validate, before any expensive work
-        prompts = core.validate_prompts(prompts)
-        gs = self.model.default_guidance_scale if guidance_scale is None else float(guidance_scale)
-        steps = self.model.default_steps if num_inference_steps is None else int(num_inference_steps)
-        if steps < 1:
-            raise ValueError(f"`num_inference_steps` must be >= 1, got {steps}.")
-        if gs < 0:
-            raise ValueError(f"`guidance_scale` must be >= 0, got {gs}.")
-        if num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be >= 1, got {num_images_per_prompt}.")
+        prompts = encoding.validate_prompts(prompts, allow_empty=allow_empty)
+        gs = self.model.default_guidance_scale if guidance_scale is None else guidance_scale
+        steps = self.model.default_steps if num_inference_steps is None else num_inference_steps
+        gs = _number(gs, "guidance_scale", low=0.0)
+        steps = int(_number(steps, "num_inference_steps", low=1, integer=True))
+        batch_size = int(_number(batch_size, "batch_size", low=1, integer=True))
+        num_images_per_prompt = int(_number(num_images_per_prompt, "num_images_per_prompt", low=1, integer=True))
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"`seeds` has {len(seeds)} entries for {len(prompts)} prompts.")
+        base_seeds = [_seed(s) for s in seeds] if seeds is not None else [_seed(seed) + i for i in range(len(prompts))]
         h = height or self.model.default_size
         w = width or self.model.default_size
         if h % self.model.vae_scale_factor or w % self.model.vae_scale_factor:
             raise ValueError(f"`height` and `width` must be multiples of {self.model.vae_scale_factor}, got {h}x{w}.")
-        base_seeds = list(seeds) if seeds is not None else [seed] * len(prompts)
+        if image_ids is not None:
+            if len(image_ids) != len(prompts):
+                raise ValueError(f"`image_ids` has {len(image_ids)} entries for {len(prompts)} prompts.")
+            jobs = [(pi, _seed(s), int(k)) for pi, (s, k) in enumerate(image_ids)]
+        else:
+            jobs = [(pi, base_seeds[pi], k) for pi in range(len(prompts)) for k in range(num_images_per_prompt)]
 
         # 2. prompt filter (stage 1)
         decisions = [None] * len(prompts)
@@ -181,12 +234,6 @@ class SafePipeline:
                         decisions[i] = d
                     else:
                         texts[i] = d.prompt
-        if image_ids is not None:
-            if len(image_ids) != len(prompts):
-                raise ValueError(f"`image_ids` has {len(image_ids)} entries for {len(prompts)} prompts.")
-            jobs = [(pi, int(s), int(k)) for pi, (s, k) in enumerate(image_ids)]
-        else:
-            jobs = [(pi, base_seeds[pi], k) for pi in range(len(prompts)) for k in range(num_images_per_prompt)]
         records: dict[tuple[int, int], ImageRecord] = {}
         todo = []
         for pi, s, k in jobs:
@@ -196,44 +243,52 @@ class SafePipeline:
             else:
                 todo.append((pi, s, k))
 
-        n_batches = -(-len(todo) // batch_size)
-        bar = tqdm(total=n_batches * steps, desc="generate", disable=not progress, unit="batch-step")
+        bar = tqdm(total=len(todo), desc="generate", disable=not progress, unit="img",
+                   bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}]")
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
-            batch_prompts = [texts[pi] for pi, _, _ in chunk]
-            # 3. encode + embedding defenses (stage 2)
-            pe, ne, ectx = self.encode(batch_prompts)
-            gctx = GuidanceContext(prompts=batch_prompts, prompt_embeds=pe, original_prompt_embeds=ectx.original_prompt_embeds,
-                                   negative_embeds=ne, guidance_scale=gs, encode=self._encode, model=self.model,
-                                   embedding_ctx=ectx)
-            for g in self.defenses["guidance"]:
-                u = g.unconditional(gctx)
-                if u is not None:
-                    ne = u.expand(len(chunk), -1, -1) if u.shape[0] == 1 else u
-                    gctx.negative_embeds = ne
+            # 3. encode, embedding defenses (stage 2), unconditional branch and guidance (stage 4)
+            den = self.denoiser([texts[pi] for pi, _, _ in chunk], guidance_scale=gs, num_steps=steps)
             # 4. latents, one generator per image
             gens = [core.image_generator(s, k) for _, s, k in chunk]
             latents = core.initial_latents(self.model, gens, h, w)
-            # 5. denoise (weight edits already applied; guidance defenses plug in here)
-            latents = core.denoise(self.model, pe, ne, latents, guidance_scale=gs, num_inference_steps=steps,
-                                   guidance=self.defenses["guidance"], guidance_ctx=gctx, generators=gens, progress=bar)
+            # 5. denoise (weight edits already applied)
+            with den:
+                latents = core.sample(self.model, den, latents, num_inference_steps=steps, generators=gens,
+                                      on_step=lambda i, n=len(chunk): bar.update(n / steps))
             imgs = core.to_uint8(core.decode(self.model, latents))
             pil = [Image.fromarray(a) for a in imgs]
-            # 6. output checks (stage 5)
-            flags = [(False, {}, "")] * len(pil)
+            # 6. output checks (stage 5): each check's decision carries its own action
+            for j, (pi, s, k) in enumerate(chunk):
+                records[(pi, k)] = ImageRecord(prompts[pi], pi, s, k, pil[j])
             for oc in self.defenses["output_check"]:
                 for j, dec in enumerate(oc.check(pil)):
-                    f, sc, r = flags[j]
-                    flags[j] = (f or dec.flagged, {**sc, **dec.scores}, r or dec.reason)
-            for j, (pi, s, k) in enumerate(chunk):
-                f, sc, r = flags[j]
-                img = pil[j]
-                if f and any(getattr(oc.config, "action", "flag") == "blank" for oc in self.defenses["output_check"]):
-                    img = Image.fromarray(np.zeros_like(imgs[j]))
-                records[(pi, k)] = ImageRecord(prompts[pi], pi, s, k, img, flagged=f, output_scores=sc, refusal_reason=r)
+                    rec = records[(chunk[j][0], chunk[j][2])]
+                    rec.output_scores.update(dec.scores)
+                    if dec.flagged:
+                        rec.flagged = True
+                        rec.refusal_reason = rec.refusal_reason or dec.reason
+                        if dec.action == "blank":
+                            rec.image = Image.fromarray(np.zeros_like(imgs[j]))
         bar.close()
         ordered = [records[(pi, k)] for pi, _, k in jobs]
         return GenerationOutput(ordered, self.stack.to_string(), self.stack_hash, self.model.content_hash, gs, steps)
+
+
+def _number(value, name: str, *, low: float, integer: bool = False):
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if ok and integer:
+        ok = float(value).is_integer()
+    if not ok or value < low:
+        kind = "an integer" if integer else "a finite number"
+        raise ValueError(f"`{name}` must be {kind} >= {low:g}, got {value!r}.")
+    return value
+
+
+def _seed(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= int(value) < 2**63:
+        raise ValueError(f"A seed must be an integer in [0, 2**63), got {value!r}.")
+    return int(value)
 
 
 def build(model: Model | str | None = None, defenses=None) -> SafePipeline:

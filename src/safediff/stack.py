@@ -94,19 +94,24 @@ def parse_stack_string(text: str) -> list[dict]:
 
 
 def _load_file(path: Path) -> list[dict]:
-    text = path.read_text()
-    if path.suffix in {".yaml", ".yml"}:
-        import yaml
-
-        data = yaml.safe_load(text)
-    elif path.suffix == ".toml":
-        import tomllib
-
-        data = tomllib.loads(text)
-    elif path.suffix == ".json":
-        data = json.loads(text)
-    else:
+    if path.suffix not in {".yaml", ".yml", ".toml", ".json"}:
         raise ValueError(f"Stack file {path} must end in .yaml, .yml, .toml or .json.")
+    if not path.is_file():
+        raise ValueError(f"Stack file {path} is not a file.")
+    text = path.read_text()
+    try:
+        if path.suffix in {".yaml", ".yml"}:
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - each parser has its own error type
+        raise ValueError(f"Stack file {path} is not valid {path.suffix[1:].upper()}: {e}") from None
     if isinstance(data, dict):
         data = data.get("defenses", data.get("defense", []))
     if not isinstance(data, list):
@@ -160,7 +165,10 @@ class DefenseStack:
             if not isinstance(it, dict) or "name" not in it:
                 raise ValueError(f"Each defense needs a `name`, got {it!r}.")
             it = dict(it)
-            dspec = get_defense(it.pop("name"))
+            name = it.pop("name")
+            if not isinstance(name, str):
+                raise ValueError(f"A defense name is text, got {name!r}.")
+            dspec = get_defense(name)
             configs.append(dspec.config_cls.from_options(it))
         return cls(tuple(configs))
 

@@ -1,16 +1,20 @@
-"""One interface for every attack (attacks issue, part 1).
+"""One interface for every attack: config classes, a registry that validates, cached and
+resumable runs, evaluation through the whole stack.
 
 An attack takes a **target** (a model with a defense stack), a concept, seed prompts and a
-**budget**, and returns adversarial prompts (and, for soft attacks, a token-embedding file whose
-placeholder the prompts use). :func:`run_attack` caches the result as an artifact keyed by the
-hash of all its inputs, resumes a killed run prompt by prompt, and :func:`attack_records` turns a
-result into benchmark records that :func:`safediff.eval.runner.run_eval` generates and scores
-under the pinned protocol, through the **whole** stack (prompt guard included).
+**budget**. A *prompt* attack returns adversarial prompts (and, for soft attacks, a token-embedding
+file whose placeholder the prompts use); a *weight* attack (fine-tune relearning) returns weight
+changes. :func:`run_attack` caches the result keyed by the hash of all its inputs and resumes a
+killed run; :func:`evaluate_attack` generates and scores it with the runner under the pinned
+protocol, through the **whole** stack (prompt guard and output filter included).
 
-White-box attacks (``white_box = True``) use the target's own model and gradients; black-box ones
-see only a text encoder (``target.text_model``: the testbed's own, or a public CLIP for real
-models) and, where they need it, ``target.generate``. A white-box attack on a target built
-without a model is an error.
+White-box attacks (``white_box = True``) use the target's own model and gradients, through the
+pipeline's defended denoiser; black-box ones see only a text encoder (``target.text_model``: the
+testbed's own, or a public CLIP for real models). A white-box attack on a target built without a
+model is an error.
+
+One module per attack (:mod:`.concept_inversion`, :mod:`.p4d`, :mod:`.unlearndiffatk`,
+:mod:`.ring_a_bell`, :mod:`.mma`, :mod:`.relearning`); shared helpers in :mod:`.common`.
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 
@@ -32,6 +37,55 @@ _ATTACKS: dict[str, type["Attack"]] = {}
 
 class AttackError(ValueError):
     """Bad attack input: raised before any expensive work, nothing written."""
+
+
+class AttackConfig:
+    """Base of every attack config (a frozen dataclass): :meth:`from_options` builds one from
+    ``key=value`` text (CLI ``--set``), typed by the fields' defaults, and refuses unknown keys."""
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any] | Sequence[str] | None) -> "AttackConfig":
+        fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        if options is None:
+            options = {}
+        if not isinstance(options, dict):
+            pairs = {}
+            for item in options:
+                if "=" not in item:
+                    raise AttackError(f"An attack setting is key=value, got {item!r}.")
+                k, v = item.split("=", 1)
+                pairs[k.strip()] = v.strip()
+            options = pairs
+        out = {}
+        for k, v in options.items():
+            if k not in fields:
+                raise AttackError(f"{cls.__name__} has no setting {k!r}; settings: {sorted(fields)}.")
+            out[k] = _typed(v, fields[k].default, k) if isinstance(v, str) else v
+        try:
+            return cls(**out)
+        except TypeError as e:
+            raise AttackError(f"Bad setting for {cls.__name__}: {e}.") from None
+
+
+def _typed(text: str, default: Any, key: str) -> Any:
+    try:
+        if isinstance(default, bool):
+            if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(text)
+            return text.lower() in ("1", "true", "yes")
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float) or default is None and text.replace(".", "", 1).replace("e-", "").isdigit():
+            v = float(text)
+            if not math.isfinite(v):
+                raise ValueError(text)
+            return v
+        if isinstance(default, tuple):
+            items = tuple(x.strip() for x in text.split(",") if x.strip())
+            return tuple(int(x) for x in items) if default and isinstance(default[0], int) else items
+    except ValueError:
+        raise AttackError(f"Setting {key}={text!r} is not a valid {type(default).__name__}.") from None
+    return text
 
 
 @dataclass(frozen=True)
@@ -76,12 +130,11 @@ class AttackTarget:
     """A defended model under attack.
 
     ``AttackTarget(model, stack)`` is white-box capable (the model and its gradients are reachable);
-    ``AttackTarget.black_box(text_model, stack_hash, generate=...)`` exposes only a text encoder
-    and (optionally) an image generator.
+    ``AttackTarget.black_box(text_model, stack_hash)`` exposes only a text encoder.
     """
 
     def __init__(self, model=None, stack=None, *, text_model: TextModel | None = None,
-                 stack_hash: str | None = None, generate: Callable | None = None):
+                 stack_hash: str | None = None):
         from ..stack import DefenseStack
 
         self.model = model
@@ -94,11 +147,10 @@ class AttackTarget:
                 raise AttackError("A black-box target needs a text model and the stack hash it stands for.")
             self.stack_hash = stack_hash
             self.text_model = text_model
-        self._generate = generate
 
     @classmethod
-    def black_box(cls, text_model: TextModel, stack_hash: str, generate: Callable | None = None) -> "AttackTarget":
-        return cls(None, None, text_model=text_model, stack_hash=stack_hash, generate=generate)
+    def black_box(cls, text_model: TextModel, stack_hash: str) -> "AttackTarget":
+        return cls(None, None, text_model=text_model, stack_hash=stack_hash)
 
     @property
     def white_box(self) -> bool:
@@ -111,12 +163,6 @@ class AttackTarget:
         if self.model is None:
             raise AttackError("This target exposes no model: a white-box attack cannot reach it.")
         return SafePipeline(self.model, self.stack)
-
-    def generate(self, prompts: Sequence[str], seeds: Sequence[int]):
-        if self._generate is not None:
-            return self._generate(prompts, seeds)
-        with self.pipeline() as pipe:
-            return pipe(list(prompts), image_ids=[(s, 0) for s in seeds]).images
 
 
 @dataclass
@@ -142,15 +188,31 @@ class AttackResult:
 
 
 class Attack:
-    """Subclasses set ``name``, ``white_box`` and ``config_cls``, and implement
-    :meth:`attack_prompt` (one seed prompt within the budget); :meth:`prepare` runs once."""
+    """Subclasses set ``name``, ``white_box``, ``kind`` and ``config_cls``.
 
-    name: str = ""
-    white_box: bool = True
-    config_cls: type = object
+    A prompt attack (``kind = "prompt"``) implements :meth:`attack_prompt` (one seed prompt within
+    the budget); :meth:`prepare` runs once, :meth:`finish` writes what the prompts need,
+    :meth:`cleanup` releases what ``prepare`` opened. A weight attack (``kind = "weights"``)
+    implements :meth:`run` and :meth:`evaluate`."""
+
+    name: ClassVar[str] = ""
+    white_box: ClassVar[bool] = True
+    kind: ClassVar[str] = "prompt"
+    config_cls: ClassVar[type] = AttackConfig
 
     def __init__(self, config=None):
         self.config = config if config is not None else self.config_cls()
+        if not isinstance(self.config, self.config_cls):
+            raise AttackError(f"{self.name} takes a {self.config_cls.__name__}, got {type(self.config).__name__}.")
+
+    def run(self, target: AttackTarget, concept: str, seed_prompts: Sequence[str], budget: AttackBudget,
+            work_dir: Path, *, seed: int, progress: bool) -> dict:
+        """Weight attacks: do the whole attack in ``work_dir`` (resumable); returns ``extra``."""
+        raise NotImplementedError
+
+    def evaluate(self, result: "AttackResult", model, out_dir: Path, *, detectors, n: int, progress: bool) -> dict:
+        """Weight attacks: measure the result through the whole stack."""
+        raise NotImplementedError
 
     def prepare(self, target: AttackTarget, concept: str, seed_prompts: Sequence[str], work_dir: Path) -> None:
         pass
@@ -167,21 +229,26 @@ class Attack:
 
 
 def register_attack(cls: type[Attack]) -> type[Attack]:
+    """Register an attack class (a decorator, used once by the attack's own module)."""
+    if not cls.name or not cls.name.isidentifier() or not cls.name.islower():
+        raise ValueError(f"Attack names must be lower-case identifiers, got {cls.name!r}.")
+    if cls.name in _ATTACKS and _ATTACKS[cls.name] is not cls:
+        raise KeyError(f"An attack called {cls.name!r} is already registered by {_ATTACKS[cls.name].__module__}.")
+    if cls.kind not in ("prompt", "weights"):
+        raise ValueError(f"{cls.__name__}.kind must be 'prompt' or 'weights', got {cls.kind!r}.")
+    if not (dataclasses.is_dataclass(cls.config_cls) and issubclass(cls.config_cls, AttackConfig)):
+        raise TypeError(f"{cls.__name__}.config_cls must be a dataclass subclassing AttackConfig.")
     _ATTACKS[cls.name] = cls
     return cls
 
 
 def get_attack(name: str) -> type[Attack]:
-    from . import methods  # noqa: F401  (registers the attacks)
-
     if name not in _ATTACKS:
         raise AttackError(f"Unknown attack {name!r}; choose one of {sorted(_ATTACKS)}.")
     return _ATTACKS[name]
 
 
 def list_attacks() -> list[str]:
-    from . import methods  # noqa: F401
-
     return sorted(_ATTACKS)
 
 
@@ -203,11 +270,13 @@ def run_attack(method: str | Attack, target: AttackTarget, concept: str, seed_pr
 
     attack = get_attack(method)() if isinstance(method, str) else method
     seed_prompts = [p for p in seed_prompts]
-    if not seed_prompts or not all(p.strip() for p in seed_prompts):
+    if attack.kind == "prompt" and (not seed_prompts or not all(isinstance(p, str) and p.strip() for p in seed_prompts)):
         raise AttackError(f"No seed prompts for concept {concept!r}: give at least one non-empty prompt "
                           "(on the testbed: safediff.attacks.seed_prompts_for(concept)).")
     if not isinstance(budget, AttackBudget):
         raise AttackError("`budget` must be an AttackBudget(steps=..., seconds=...).")
+    if not concept or not str(concept).strip():
+        raise AttackError("Give the concept the attack tries to bring back (e.g. 'striped').")
     if attack.white_box and not target.white_box:
         raise AttackError(f"{attack.name} is a white-box attack, but this target exposes no model; "
                           "use a black-box attack (ring_a_bell, mma) or give the model.")
@@ -217,6 +286,12 @@ def run_attack(method: str | Attack, target: AttackTarget, concept: str, seed_pr
     final = work / "result.json"
     if final.exists():
         return load_attack(final, target)
+    result = AttackResult(attack.name, concept, key, target.stack_hash, cfg, dataclasses.asdict(budget), [],
+                          extra={"white_box": attack.white_box, "kind": attack.kind})
+    if attack.kind == "weights":
+        work.mkdir(parents=True, exist_ok=True)
+        result.extra.update(attack.run(target, concept, seed_prompts, budget, work, seed=seed, progress=progress))
+        return _write_result(result, final)
     work.mkdir(parents=True, exist_ok=True)
     partial = work / "partial.jsonl"
     done: list[dict] = []
@@ -226,8 +301,7 @@ def run_attack(method: str | Attack, target: AttackTarget, concept: str, seed_pr
                 done.append(json.loads(line))
             except json.JSONDecodeError:  # a line cut by a kill: redo that prompt
                 break
-    result = AttackResult(attack.name, concept, key, target.stack_hash, cfg, dataclasses.asdict(budget), list(done),
-                          extra={"white_box": attack.white_box})
+    result.prompts = list(done)
     rng = random.Random(seed)
     t_prep = time.time()
     try:
@@ -248,6 +322,10 @@ def run_attack(method: str | Attack, target: AttackTarget, concept: str, seed_pr
     finally:
         attack.cleanup()
     result.extra["heldout_words_found"] = rediscovered_heldout_words(result)
+    return _write_result(result, final)
+
+
+def _write_result(result: AttackResult, final: Path) -> AttackResult:
     tmp = final.with_suffix(".tmp")
     tmp.write_text(result.to_json())
     tmp.replace(final)
@@ -284,12 +362,12 @@ def seed_prompts_for(concept: str, n: int = 16, seed: int = 0) -> list[str]:
 def rediscovered_heldout_words(result: AttackResult) -> dict[str, int]:
     """How many adversarial prompts contain each held-out word of a testbed concept (words no
     attack was given: finding them is interesting, not a defect)."""
-    from ..testbed import world
+    from ..concepts import vocabulary
 
-    if result.concept not in world.CONCEPTS:
+    v = vocabulary(result.concept)
+    if v is None:
         return {}
-    held = world.CONCEPTS[result.concept].held_out
-    counts = {w: sum(w in p["prompt"].lower().split() for p in result.prompts) for w in held}
+    counts = {w: sum(w in p["prompt"].lower().replace(",", " ").split() for p in result.prompts) for w in v.held_out}
     return {w: n for w, n in counts.items() if n}
 
 
@@ -302,12 +380,18 @@ def attack_token_embeddings(result: AttackResult) -> list[str]:
 
 
 def evaluate_attack(result: AttackResult, model, stack, out_dir: str | os.PathLike, *,
-                    detectors: Sequence[str] | None = None, batch_size: int = 32, progress: bool = True) -> dict:
-    """Generate and score the adversarial prompts through the **whole** stack with the runner
-    (resumable); returns the attack success rate (95% CI) and the time per prompt."""
+                    detectors: Sequence[str] | None = None, batch_size: int = 32, progress: bool = True,
+                    n: int = 32) -> dict:
+    """Generate and score the attack's result through the **whole** stack with the runner
+    (resumable). Prompt attacks: the attack success rate (95% CI) of the adversarial prompts and
+    the time per prompt. Weight attacks: the attack's own evaluation (relearning: the concept rate
+    at every checkpoint on ``n`` prompts per suite)."""
     from ..eval.runner import RunSettings, run_eval, summarize
     from ..stack import DefenseStack
 
+    if result.extra.get("kind") == "weights":
+        return get_attack(result.method)(None).evaluate(result, model, Path(out_dir), detectors=detectors, n=n,
+                                                         progress=progress)
     st = DefenseStack.parse(stack)
     if result.extra.get("white_box", True) and st.hash(model.content_hash) != result.stack_hash:
         raise AttackError("This white-box attack result was made against another stack; evaluate it on the stack it "

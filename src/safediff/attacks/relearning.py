@@ -1,7 +1,7 @@
 """Fine-tune relearning: how fast an erased concept comes back under ordinary fine-tuning
 (attacks issue, part 2, last item).
 
-A **weight** attack, unlike the prompt attacks of :mod:`.methods`: the defended model's UNet (with
+A **weight** attack, unlike the prompt attacks: the defended model's UNet (with
 the stack's weight edits applied) is fine-tuned for a few dozen to a few hundred steps with the
 plain denoising loss on a small set of images, and the concept rate of the *whole* stack plus the
 fine-tuned change is measured after each checkpoint. Concept images measure relearning (the
@@ -20,6 +20,9 @@ predicts. Each checkpoint is a weight-delta file (``delta(path=...)`` in a stack
 edited weights, applied *after* the stack's own edits; its provenance records the base model and
 the stack it was trained on. Results are keyed by the hash of every input (model, stack, concept,
 config, images) and resume from the last checkpoint.
+
+It is registered as the attack ``relearn`` (``safediff attack --method relearn --steps N``: the
+budget is the number of fine-tuning steps), and usable directly:
 
     >>> res = relearn(model, "esd(path=esd.safetensors)", "striped", "runs/relearn")  # doctest: +SKIP
     >>> curve = evaluate_relearning(res, model, "runs/relearn/eval")                   # doctest: +SKIP
@@ -40,17 +43,19 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .. import core
-from ..artifacts import file_sha256, load_training_checkpoint, save_artifact, save_training_checkpoint
+from .. import core, encoding
+from ..artifacts import file_sha256, save_artifact
+from ..denoiser import DefendedDenoiser
+from ..training import Checkpoint, trained_subset
 from ..unlearning.param_sets import ESD_METHODS, esd_parameter_names
-from .base import AttackError
+from .base import Attack, AttackBudget, AttackConfig, AttackError, AttackResult, AttackTarget, register_attack
 
 DATA_KINDS = ("concept", "benign")
 CONDITIONINGS = ("plain", "stack")
 
 
 @dataclass(frozen=True)
-class RelearnConfig:
+class RelearnConfig(AttackConfig):
     """Args:
     checkpoints: fine-tuning steps at which the change is saved (and later evaluated),
         increasing; the last one is the total budget.
@@ -67,6 +72,8 @@ class RelearnConfig:
     guidance_scale: guidance for generating the training images (None: the model's default).
     max_seconds: time budget for the fine-tuning; when reached, the change is saved as a last
         checkpoint at the step reached and training stops (None: no cap).
+    images: a folder of training images with ``captions.txt`` (one caption per image, in
+        file-name order) instead of generated ones (required on a real model).
     seed: seeds the images, the batches, the noise and the timesteps.
     """
 
@@ -79,6 +86,7 @@ class RelearnConfig:
     conditioning: str = "plain"
     guidance_scale: float | None = None
     max_seconds: float | None = None
+    images: str = ""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -134,17 +142,15 @@ def training_images(model, concept: str, cfg: RelearnConfig) -> tuple[list[np.nd
     """``cfg.num_images`` images drawn by the ORIGINAL model (no stack) from training-side testbed
     prompts with the concept (``data="concept"``) or without any concept (``"benign"``), each
     checked by the exact detector; returns the images and their prompts as captions."""
-    from ..inversion import draw_with_original_model
+    from ..inversion import draw_with_original_model, testbed_concept_prompts
     from ..testbed import world
 
-    if model.family != "safediff-testbed":
+    if not model.is_testbed:
         raise AttackError("Relearning on a real model needs its training images: pass `images` (a folder) and "
                           "`captions`.")
     if concept not in world.CONCEPTS:
         raise AttackError(f"{concept!r} is not a testbed concept ({sorted(world.CONCEPTS)}).")
     if cfg.data == "concept":
-        from ..inversion import testbed_concept_prompts
-
         prompts = [p for p, _ in testbed_concept_prompts(concept, cfg.num_images, cfg.seed)]
     else:
         rng = random.Random(f"relearn-benign:{cfg.seed}")
@@ -189,7 +195,6 @@ def relearn(model, stack, concept: str, out_dir: str | os.PathLike, config: Rele
     """
     from tqdm.auto import tqdm
 
-    from ..inversion import load_image_folder
     from ..pipeline import SafePipeline
     from ..stack import DefenseStack
 
@@ -212,84 +217,66 @@ def relearn(model, stack, concept: str, out_dir: str | os.PathLike, config: Rele
     if images is None:
         arrays, caps = training_images(model, concept, cfg)
     else:
-        arrays = load_image_folder(images, model.default_size) if isinstance(images, (str, os.PathLike)) else list(images)
+        arrays = encoding.load_image_folder(images, model.default_size) if isinstance(images, (str, os.PathLike)) else list(images)
         caps = list(captions)
         if not arrays:
             raise AttackError("No training images: give at least one image (and its caption).")
         if len(caps) != len(arrays):
             raise AttackError(f"{len(caps)} captions for {len(arrays)} images.")
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg_json = json.dumps({"key": key, **dataclasses.asdict(cfg)}, sort_keys=True)
-    ckpt = run_dir / "train.ckpt"
-    state = load_training_checkpoint(ckpt, config=cfg_json, base_model_hash=model.content_hash)
-
-    unet = model.unet
-    with torch.no_grad():  # encoded in chunks: a few hundred 512-px images would not fit at once
-        chunks = []
-        for i in range(0, len(arrays), 8):
-            px = torch.from_numpy(np.stack(arrays[i:i + 8])).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-            chunks.append(model.vae.encode(px.to(model.device, model.dtype)).latent_dist.mean)
-        latents = torch.cat(chunks) * model.vae.config.scaling_factor
-    pipe = SafePipeline(model, st)  # the target's weight edits: what the attacker fine-tunes
-    params = dict(unet.named_parameters())
-    names = esd_parameter_names(unet, cfg.params)
-    edited = {n: params[n].detach().clone() for n in names}
+    ckpt = Checkpoint(run_dir / "train.ckpt.safetensors", config=json.dumps({"key": key, **dataclasses.asdict(cfg)}, sort_keys=True),
+                      base_model_hash=model.content_hash)
+    latents = encoding.encode_images(model, arrays)
     gen = torch.Generator().manual_seed(cfg.seed)
     deltas: dict[int, Path] = {}
     secs: dict[int, float] = {}
     start, elapsed = 0, 0.0
+    pipe = SafePipeline(model, st)  # the target's weight edits: what the attacker fine-tunes
     try:
-        with torch.no_grad():
-            emb = pipe.encode(caps)[0] if cfg.conditioning == "stack" else core.encode_prompts(model, caps, warn_truncation=False)[0]
-        for n, p in params.items():
-            p.requires_grad_(n in edited)
-        opt = torch.optim.Adam([params[n] for n in names], lr=cfg.lr)
-        if state is not None:
-            with torch.no_grad():
-                for n in names:
-                    params[n].copy_(state["weights"][n].to(params[n]))
-            opt.load_state_dict(state["optimizer"])
-            gen.set_state(state["generator"])
-            start, elapsed = state["step"], state["elapsed"]
-            deltas = {int(k): run_dir / Path(v).name for k, v in state["deltas"].items()}
-            secs = {int(k): v for k, v in state["secs"].items()}
-        ac = model.scheduler.alphas_cumprod.to(model.device)
-        unet.train()
-        t0 = time.time() - elapsed
-        bar = tqdm(range(start, cfg.steps), desc=f"relearn {concept} ({cfg.data})", initial=start, total=cfg.steps,
-                   disable=not progress)
-        for step in bar:
-            idx, x_t, t, ab, noise = core.noised_batch(latents, ac, cfg.batch_size, gen)
-            out = unet(x_t, t, encoder_hidden_states=emb[idx]).sample
-            loss = torch.nn.functional.mse_loss(core.to_epsilon(out, x_t, ab, model.prediction_type).float(), noise.float())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-            out_of_time = cfg.max_seconds is not None and time.time() - t0 > cfg.max_seconds
-            if step + 1 in cfg.checkpoints or out_of_time:
-                secs[step + 1] = round(time.time() - t0, 2)
-                deltas[step + 1] = save_artifact(
-                    {n: (params[n].detach() - edited[n]) for n in names}, run_dir / f"step{step + 1:05d}.safetensors",
-                    kind="relearn-delta", base_model_hash=model.content_hash, seed=cfg.seed,
-                    config={**dataclasses.asdict(cfg), "concept": concept},
-                    extra={"target_stack": st.to_string(), "target_stack_hash": stack_hash, "step": step + 1,
-                           "num_images": len(arrays)})
-                if out_of_time:
-                    break
-                if step + 1 < cfg.steps:
-                    save_training_checkpoint(ckpt, {"step": step + 1, "elapsed": time.time() - t0,
-                                                    "weights": {n: params[n].detach().cpu().clone() for n in names},
-                                                    "optimizer": opt.state_dict(), "generator": gen.get_state(),
-                                                    "deltas": {k: v.name for k, v in deltas.items()}, "secs": secs},
-                                             config=cfg_json, base_model_hash=model.content_hash)
-    finally:
-        with torch.no_grad():  # back to the edited weights, then the stack reverts its edits exactly
-            for n, w in edited.items():
-                params[n].copy_(w)
-                params[n].grad = None
-        unet.eval().requires_grad_(False)
+        with torch.no_grad():  # the conditioning: the plain text encoder, or the stack's embedding stage
+            if cfg.conditioning == "stack":
+                emb, neg, _ = pipe.encode(caps)
+            else:
+                emb = encoding.encode_prompts(model, caps, warn_truncation=False)[0]
+                neg = encoding.encode_prompts(model, [""] * len(caps), warn_truncation=False)[0]
+        with trained_subset(model.unet, esd_parameter_names(model.unet, cfg.params)) as sub:
+            opt = torch.optim.Adam(sub.trainable(), lr=cfg.lr)
+            state = ckpt.load(optimizer=opt, generators={"noise": gen})
+            if state is not None:
+                sub.load_values(state["tensors"])
+                start, elapsed = state["step"], state["extra"]["elapsed"]
+                deltas = {int(k): run_dir / v for k, v in state["extra"]["deltas"].items()}
+                secs = {int(k): v for k, v in state["extra"]["secs"].items()}
+            ac = model.scheduler.alphas_cumprod.to(model.device)
+            t0 = time.time() - elapsed
+            bar = tqdm(range(start, cfg.steps), desc=f"relearn {concept} ({cfg.data})", initial=start, total=cfg.steps,
+                       disable=not progress)
+            for step in bar:
+                idx, x_t, t, _, noise = core.noised_batch(latents, ac, cfg.batch_size, gen)
+                # the plain denoising loss on the (edited) model's conditional prediction, epsilon space
+                den = DefendedDenoiser(model, emb[idx], neg[idx], guidance_scale=1.0, num_steps=model.default_steps)
+                loss = torch.nn.functional.mse_loss(den.epsilon(x_t, t).float(), noise.float())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if step % 10 == 0:
+                    bar.set_postfix(loss=f"{loss.item():.4f}")
+                out_of_time = cfg.max_seconds is not None and time.time() - t0 > cfg.max_seconds
+                if step + 1 in cfg.checkpoints or out_of_time:
+                    secs[step + 1] = round(time.time() - t0, 2)
+                    deltas[step + 1] = save_artifact(
+                        sub.delta(), run_dir / f"step{step + 1:05d}.safetensors",
+                        kind="relearn-delta", base_model_hash=model.content_hash, seed=cfg.seed,
+                        config={**dataclasses.asdict(cfg), "concept": concept},
+                        extra={"target_stack": st.to_string(), "target_stack_hash": stack_hash, "step": step + 1,
+                               "num_images": len(arrays)})
+                    if out_of_time:
+                        break
+                    if step + 1 < cfg.steps:
+                        ckpt.save(step + 1, tensors=sub.values(), optimizer=opt, generators={"noise": gen},
+                                  extra={"elapsed": time.time() - t0, "deltas": {k: v.name for k, v in deltas.items()},
+                                         "secs": secs})
+    finally:  # trained_subset gave back the edited weights; the stack reverts its edits exactly
         pipe.close()
     res = RelearnResult(key=key, directory=run_dir, stack=st.to_string(), stack_hash=stack_hash,
                         base_model_hash=model.content_hash, concept=concept,
@@ -298,7 +285,7 @@ def relearn(model, stack, concept: str, out_dir: str | os.PathLike, config: Rele
     tmp.write_text(json.dumps({**dataclasses.asdict(res), "directory": str(run_dir),
                                "deltas": {k: v.name for k, v in deltas.items()}}, indent=2, default=str))
     tmp.replace(manifest)
-    ckpt.unlink(missing_ok=True)
+    ckpt.remove()
     return res
 
 
@@ -346,3 +333,44 @@ def evaluate_relearning(result: RelearnResult, model, out_dir: str | os.PathLike
         curve[step] = {s: summ["suites"][s]["unsafe"] for s in suites}
     return {"stack": result.stack, "concept": result.concept, "config": result.config, "num_images": result.num_images,
             "curve": curve, "train_seconds": result.train_seconds}
+
+
+@register_attack
+class Relearn(Attack):
+    """Fine-tune relearning as a registered attack: the budget's steps are the fine-tuning steps
+    (the config's checkpoints below them are kept), its seconds the time cap."""
+
+    name = "relearn"
+    white_box = True
+    kind = "weights"
+    config_cls = RelearnConfig
+
+    def run(self, target: AttackTarget, concept: str, seed_prompts, budget: AttackBudget, work_dir: Path, *,
+            seed: int, progress: bool) -> dict:
+        cfg = dataclasses.replace(self.config, checkpoints=tuple(c for c in self.config.checkpoints if c < budget.steps)
+                                  + (budget.steps,), max_seconds=budget.seconds or self.config.max_seconds, seed=seed)
+        images = captions = None
+        if cfg.images:
+            images, captions = image_folder_with_captions(cfg.images)
+        res = relearn(target.model, target.stack, concept, work_dir, cfg, images=images, captions=captions,
+                      progress=progress)
+        return {"directory": str(res.directory), "num_images": res.num_images,
+                "deltas": {k: str(v) for k, v in res.deltas.items()}, "train_seconds": res.train_seconds}
+
+    def evaluate(self, result: AttackResult, model, out_dir: Path, *, detectors, n: int, progress: bool) -> dict:
+        res = load_relearning(result.extra["directory"], model)
+        if not model.is_testbed:
+            raise AttackError("Evaluate each checkpoint on a real model with: safediff eval ... --defense "
+                              "'<stack>+delta(path=STEP_FILE)' (the testbed suites are testbed-only).")
+        return evaluate_relearning(res, model, out_dir, n=n, detectors=detectors, progress=progress)
+
+
+def image_folder_with_captions(folder: str | os.PathLike) -> tuple[Path, list[str]]:
+    """A training-image folder and its ``captions.txt`` (one caption per image, in file-name order)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Training image folder {folder} does not exist.")
+    cap_file = folder / "captions.txt"
+    if not cap_file.exists():
+        raise FileNotFoundError(f"{cap_file} does not exist: write one caption per image, in file-name order.")
+    return folder, [line.strip() for line in cap_file.read_text().splitlines() if line.strip()]

@@ -7,21 +7,70 @@ A defense is a frozen config dataclass plus an implementation class for one stag
 
 Adding a defense touches only its own module plus one :func:`register_defense` call.
 
-Guidance rules are written once, in epsilon space: the core converts whatever the model predicts
-(epsilon, v or sample) into epsilon before calling :meth:`GuidanceDefense.guide`, and converts the
-guided epsilon back.
+Guidance rules are written once, in epsilon space: the defended denoiser
+(:mod:`safediff.denoiser`) converts whatever the model predicts (epsilon, v or sample) into
+epsilon before calling :meth:`GuidanceDefense.guide`, and converts the guided epsilon back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal, TypeVar
 
 import torch
 
+_T = TypeVar("_T")
+
 Stage = Literal["prompt_filter", "embedding", "weight_edit", "guidance", "output_check"]
 STAGES: tuple[str, ...] = ("prompt_filter", "embedding", "weight_edit", "guidance", "output_check")
+
+
+def _canonical(value: Any, annotation: Any) -> Any:
+    """One spelling per value, so that equal configs hash equally: ``1`` and ``1.0`` for a float
+    field are both ``1.0``; a list for a tuple field is a tuple (recursively)."""
+    text = str(annotation)
+    if isinstance(value, list):
+        value = tuple(value)
+    if isinstance(value, tuple):
+        inner = "float" if "float" in text else ""
+        return tuple(_canonical(v, inner) for v in value)
+    if isinstance(value, int) and not isinstance(value, bool) and "float" in text and "int" not in text:
+        return float(value)
+    return value
+
+
+def _check_type(value: Any, annotation: str, defense: str, option: str) -> None:
+    """A clear error when a value given as text or YAML has the wrong kind for its field (the
+    field's own checks then judge its range)."""
+    if value is None:
+        if "None" in annotation:
+            return
+        raise ValueError(f"`{defense}` option `{option}` cannot be null.")
+    base = annotation.replace(" | None", "").replace("None | ", "").strip()
+
+    def ok(v, kind: str) -> bool:
+        if kind == "str":
+            return isinstance(v, str)
+        if kind == "bool":
+            return isinstance(v, bool)
+        if kind == "int":
+            return isinstance(v, int) and not isinstance(v, bool)
+        if kind == "float":
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        return True
+
+    if base.startswith("tuple["):
+        inner = [k.strip() for k in base[6:-1].split(",") if k.strip() and k.strip() != "..."]
+        if not isinstance(value, tuple) or not all(ok(v, inner[0] if len(inner) == 1 else inner[min(i, len(inner) - 1)])
+                                                   for i, v in enumerate(value)):
+            raise ValueError(f"`{defense}` option `{option}` must be a list of {inner[0] if inner else 'values'}, "
+                             f"got {value!r}.")
+    elif base in ("str", "bool", "int", "float") and not ok(value, base):
+        raise ValueError(f"`{defense}` option `{option}` must be {'a finite number' if base == 'float' else 'a ' + base}, "
+                         f"got {value!r}.")
 
 
 class DefenseConfig:
@@ -30,6 +79,9 @@ class DefenseConfig:
     Subclasses set ``name`` (the registry key) and may override :meth:`is_active` (a defense at
     zero strength is skipped entirely, so it costs nothing and equals no defense bit for bit),
     :meth:`artifact_paths` (files whose content hash enters the stack hash) and :meth:`presets`.
+    Values are normalised (``1`` for a float field becomes ``1.0``, a list for a tuple field a
+    tuple) in :meth:`from_options` and in :meth:`to_dict`, which the stack's text form and hash
+    are made from, so two configs that mean the same print and hash the same.
     """
 
     name: ClassVar[str] = ""
@@ -42,6 +94,11 @@ class DefenseConfig:
 
     @classmethod
     def presets(cls) -> dict[str, dict]:
+        """Named option sets: the class's own plus those registered by :func:`register_preset`."""
+        return {**cls.own_presets(), **{k: dict(v) for k, v in _PRESETS.get(cls.name, {}).items()}}
+
+    @classmethod
+    def own_presets(cls) -> dict[str, dict]:
         return {}
 
     @classmethod
@@ -60,14 +117,39 @@ class DefenseConfig:
         if unknown:
             raise ValueError(f"Unknown option(s) {sorted(unknown)} for defense `{cls.name}`; known options: {sorted(names)}.")
         types = {f.name: f.type for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        for k, v in options.items():
-            if isinstance(v, list) and "tuple" in str(types.get(k, "")):
-                options[k] = tuple(v)
-        return cls(**{**base, **options})
+        values = {k: _canonical(v, types[k]) for k, v in {**base, **options}.items()}
+        for k, v in values.items():
+            _check_type(v, str(types[k]), cls.name, k)
+        try:
+            return cls(**values)
+        except TypeError as e:
+            raise ValueError(f"Bad option for defense `{cls.name}`: {e}.") from None
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)  # type: ignore[call-overload]
-        return {"name": self.name, **d}
+        d = {f.name: _canonical(getattr(self, f.name), f.type) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        return {"name": self.name, **dataclasses.asdict(self), **d}
+
+
+def check_text(value: Any, defense: str, option: str, *, allow_empty: bool = True) -> str:
+    """``value`` if it is text (a clear error naming the defense and option otherwise)."""
+    if not isinstance(value, str) or (not allow_empty and not value.strip()):
+        raise ValueError(f"`{defense}` option `{option}` must be {'' if allow_empty else 'non-empty '}text, "
+                         f"got {value!r}.")
+    return value
+
+
+def check_number(value: Any, defense: str, option: str, *, low: float | None = None, high: float | None = None,
+                 integer: bool = False) -> float | int:
+    """A finite number in ``[low, high]`` (an int when ``integer``), else a clear error."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if ok and integer:
+        ok = float(value).is_integer()
+    if not ok or (low is not None and value < low) or (high is not None and value > high):
+        rng = f" in [{low}, {high}]" if low is not None and high is not None else (
+            f" >= {low}" if low is not None else (f" <= {high}" if high is not None else ""))
+        kind = "an integer" if integer else "a finite number"
+        raise ValueError(f"`{defense}` option `{option}` must be {kind}{rng}, got {value!r}.")
+    return int(value) if integer else float(value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,6 +171,7 @@ class EmbeddingContext:
         encode: ``encode(list_of_prompts) -> (embeds, input_ids, mask)`` with the model's own
             tokenizer and text encoder (SAFREE re-encodes masked prompts with it).
         text_encoder / tokenizer: the model's own.
+        outputs: what a defense hands to a later stage, keyed by its type (see :meth:`put`).
     """
 
     prompts: list[str]
@@ -100,19 +183,52 @@ class EmbeddingContext:
     encode: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     text_encoder: Any
     tokenizer: Any
-    extras: dict = field(default_factory=dict)
+    outputs: dict = field(default_factory=dict)
+
+    def put(self, obj: Any) -> None:
+        """Hand ``obj`` to later defenses, keyed by its type (one per type per batch)."""
+        self.outputs[type(obj)] = obj
+
+    def get(self, cls: type[_T]) -> _T | None:
+        """What an earlier defense handed over as a ``cls``, or None."""
+        return self.outputs.get(cls)
 
 
 @dataclass
 class StepInfo:
-    """Where the sampler is: step index ``i`` of ``num_steps``, timestep ``t``, and epsilon-space
-    conversion coefficients of this step (``alpha_bar``)."""
+    """Where a guided prediction is made.
 
-    index: int
+    In the sampler: step ``index`` of ``num_steps`` (the requested step count; a multistep
+    scheduler such as PNDM may take one timestep more, whose progress is then 1) at ``timestep``,
+    ``progress = index / num_steps``. In a training or attack loss at random timesteps (``index is None``):
+    ``progress = 1 - (t + 1) / T`` per sample, the fraction of a schedule done when it reaches
+    ``t``. ``alpha_bar`` gives the epsilon-space conversion of this step; ``latents`` is ``x_t``.
+    """
+
+    index: int | None
     num_steps: int
     timestep: Any
-    alpha_bar: float
+    alpha_bar: Any
     latents: torch.Tensor
+    progress: Any = 0.0
+
+    def within(self, start: Any = 0.0, stop: Any = math.inf) -> torch.Tensor:
+        """``(B, 1, 1, 1)`` bool: whether each sample's step lies in ``[start, stop)``, fractions
+        of the schedule (scalars or per-sample tensors; the default ``stop`` keeps every step to
+        the end). The common window of every guidance rule."""
+        B = self.latents.shape[0]
+        p = torch.as_tensor(self.progress, dtype=torch.float64).reshape(-1)
+        lo = torch.as_tensor(start, dtype=torch.float64).reshape(-1)
+        hi = torch.as_tensor(stop, dtype=torch.float64).reshape(-1)
+        return ((p >= lo) & (p < hi)).expand(B).reshape(B, 1, 1, 1).to(self.latents.device)
+
+
+def schedule_fraction(steps: float, schedule_steps: int | None, num_steps: int) -> float:
+    """``steps`` counted on a ``schedule_steps``-step schedule, as a fraction of any schedule
+    (``None``: counted in the actual ``num_steps``, as diffusers' pipelines count them). SLD's
+    warm-up and SAFREE's ``t_stop`` are defined on Stable Diffusion's 50-step schedule; their
+    fraction keeps their meaning at another step count."""
+    return float(steps) / float(schedule_steps if schedule_steps else num_steps)
 
 
 @dataclass
@@ -121,7 +237,8 @@ class GuidanceContext:
 
     ``prompt_embeds`` is the embedding the UNet gets (after embedding-stage defenses);
     ``original_prompt_embeds`` the one before them; ``negative_embeds`` the unconditional one.
-    ``guidance_scale`` is the base classifier-free guidance scale.
+    ``guidance_scale`` is the base classifier-free guidance scale; ``num_steps`` the sampler's
+    step count (a loss at random timesteps passes the model's default).
     """
 
     prompts: list[str]
@@ -132,6 +249,7 @@ class GuidanceContext:
     encode: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     model: Any
     embedding_ctx: EmbeddingContext | None = None
+    num_steps: int = 50
 
 
 @dataclass
@@ -146,11 +264,13 @@ class FilterDecision:
 
 @dataclass
 class OutputDecision:
-    """Verdict of an output check for one image."""
+    """Verdict of an output check for one image: ``flagged``, and what to do with it (``action``:
+    ``"blank"`` replaces the image with a black one, ``"flag"`` keeps it and marks its record)."""
 
     flagged: bool
     scores: dict[str, float] = field(default_factory=dict)
     reason: str = ""
+    action: str = "flag"
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,51 +308,107 @@ class EmbeddingDefense(Defense):
 class EditHandle:
     """Reverts a weight edit exactly (the original tensors are kept, not recomputed)."""
 
-    def __init__(self, saved: dict[str, tuple[torch.nn.Module, str, torch.Tensor]]):
-        self._saved = saved
+    def __init__(self, params: dict[str, torch.nn.Parameter], originals: dict[str, torch.Tensor]):
+        self._params = params
+        self._originals = originals
         self.reverted = False
 
     @property
     def edited_parameter_names(self) -> list[str]:
-        return sorted(self._saved)
+        return sorted(self._originals)
+
+    def delta(self) -> dict[str, torch.Tensor]:
+        """``{name: W_now - W_original}`` (float32, CPU) of the applied edit."""
+        return {n: (self._params[n].detach().float() - o.float()).cpu() for n, o in self._originals.items()}
 
     def revert(self) -> None:
         if self.reverted:
             return
         with torch.no_grad():
-            for module, pname, orig in self._saved.values():
-                getattr(module, pname).data.copy_(orig)
+            for n, orig in self._originals.items():
+                self._params[n].copy_(orig)
         self.reverted = True
 
 
+def apply_weights(module: torch.nn.Module, new: dict[str, torch.Tensor], *, source: str = "the edit") -> EditHandle:
+    """Set ``module``'s parameters named in ``new`` to those values, all or nothing: every name
+    and shape is checked before any weight changes, and a failure while writing restores what
+    was written. Returns the handle that restores the originals bit for bit."""
+    params = dict(module.named_parameters())
+    unknown = [n for n in new if n not in params]
+    if unknown:
+        raise ValueError(f"{source} names parameters this {type(module).__name__} does not have (e.g. {unknown[:3]}): "
+                         "it was made for another architecture.")
+    for n, v in new.items():
+        if tuple(v.shape) != tuple(params[n].shape):
+            raise ValueError(f"{source}: {n} has shape {tuple(v.shape)}, the parameter is {tuple(params[n].shape)}.")
+        if not torch.isfinite(v).all():
+            raise ValueError(f"{source}: the new value of {n} is not finite (NaN or inf); nothing was changed.")
+    originals: dict[str, torch.Tensor] = {}
+    try:
+        with torch.no_grad():
+            for n, v in new.items():
+                originals[n] = params[n].detach().clone()
+                params[n].copy_(v.to(params[n].device, params[n].dtype))
+    except BaseException:
+        EditHandle(params, originals).revert()
+        raise
+    return EditHandle(params, originals)
+
+
 class WeightEditDefense(Defense):
+    """Edits UNet weights in place. Subclasses implement :meth:`new_weights`; :meth:`apply` sets
+    them all or nothing and returns the handle that reverts them exactly."""
+
     stage = "weight_edit"
 
-    def apply(self) -> EditHandle:
-        """Edit ``self.model`` in place; return a handle whose ``revert()`` restores it exactly."""
+    def new_weights(self) -> dict[str, torch.Tensor]:
+        """``{unet parameter name: new value}`` computed from the UNet's current weights; the model
+        is not changed."""
         raise NotImplementedError
+
+    def apply(self) -> EditHandle:
+        return apply_weights(self.model.unet, self.new_weights(), source=f"`{self.config.name}`")
 
 
 class GuidanceDefense(Defense):
     """Contributes to the noise prediction at each step, in epsilon space.
 
-    Hooks, all optional:
-      * :meth:`prepare` once per generation: may return extra conditionings (name -> ``(B, L, D)``
-        embedding) batched into the same UNet call as the conditional and unconditional ones;
+    The lifecycle of one generation (all optional hooks), run by
+    :class:`safediff.denoiser.DefendedDenoiser`:
+
       * :meth:`unconditional`: a replacement for the unconditional embedding (the negative prompt);
+      * :meth:`conditionings`: extra conditionings (name -> ``(B, L, D)`` embedding) batched into the
+        same UNet call as the conditional and unconditional ones;
+      * :meth:`new_state`: the per-generation state (SLD's momentum), kept by the denoiser, never
+        on the defense, so one defense serves several generations at once;
+      * :meth:`patch`: a context manager for model patches during the generation (FreeU), undone
+        on exit even after an exception;
       * :meth:`guide` at each step: ``eps`` holds ``"uncond"``, ``"cond"`` and the extra
-        conditionings' epsilon predictions; ``guided`` the current guided epsilon. Returns the new one.
+        conditionings' epsilon predictions; ``guided`` the current guided epsilon. Returns the new
+        one. Windows in the schedule are :meth:`StepInfo.within`.
     """
 
     stage = "guidance"
 
-    def prepare(self, ctx: GuidanceContext) -> dict[str, torch.Tensor]:
-        return {}
+    def replaces_unconditional(self) -> bool:
+        """Whether :meth:`unconditional` may replace the unconditional embedding (at most one
+        defense of a stack may)."""
+        return False
 
     def unconditional(self, ctx: GuidanceContext) -> torch.Tensor | None:
         return None
 
-    def guide(self, eps: dict[str, torch.Tensor], guided: torch.Tensor, step: StepInfo) -> torch.Tensor:
+    def conditionings(self, ctx: GuidanceContext) -> dict[str, torch.Tensor]:
+        return {}
+
+    def new_state(self, ctx: GuidanceContext) -> Any:
+        return None
+
+    def patch(self, model: Any):
+        return contextlib.nullcontext()
+
+    def guide(self, eps: dict[str, torch.Tensor], guided: torch.Tensor, step: StepInfo, state: Any) -> torch.Tensor:
         return guided
 
 
@@ -276,6 +452,18 @@ def register_defense(*, name: str, config_cls: type, impl_cls: type) -> None:
         raise TypeError(f"{config_cls.__name__} must be a dataclass subclassing DefenseConfig.")
     config_cls.name = name
     _REGISTRY[name] = DefenseSpec(name, stage, config_cls, impl_cls)
+
+
+_PRESETS: dict[str, dict[str, dict]] = {}
+
+
+def register_preset(defense: str, name: str, options: dict[str, Any]) -> None:
+    """Register a named option set for ``defense`` (e.g. the testbed package registers its
+    ``testbed-striped`` presets, so no production defense imports the testbed)."""
+    presets = _PRESETS.setdefault(defense, {})
+    if name in presets and presets[name] != options:
+        raise KeyError(f"Preset {name!r} of defense {defense!r} is already registered with other options.")
+    presets[name] = dict(options)
 
 
 def get_defense(name: str) -> DefenseSpec:

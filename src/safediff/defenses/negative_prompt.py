@@ -66,7 +66,7 @@ def embedding_from_file(path: str, text: str, ctx: GuidanceContext, allow_other_
             raise ValueError(f"Embedding {path} has shape {tuple(emb.shape[1:])}, but this model's prompt embeddings "
                              f"are {want}: it was made for another text encoder.")
         return emb.to(ctx.prompt_embeds.dtype)
-    from ..inversion import load_inverted
+    from ..encoding import load_inverted
 
     concept = load_inverted(path, ctx.model, allow_other_base=allow_other_base,
                             edited_model_hash=getattr(ctx.model, "edited_hash", None))
@@ -74,6 +74,9 @@ def embedding_from_file(path: str, text: str, ctx: GuidanceContext, allow_other_
 
 
 class NegativePrompt(GuidanceDefense):
+    def replaces_unconditional(self) -> bool:
+        return True
+
     def unconditional(self, ctx: GuidanceContext) -> torch.Tensor:
         if self.config.embedding:
             return embedding_from_file(self.config.embedding, self.config.text, ctx, self.config.allow_other_base)

@@ -64,7 +64,8 @@ class OutputFilter(OutputCheckDefense):
             flagged = bool(r.unsafe) if thr is None else (r.score is not None and r.score >= thr)
             score = float(r.score) if r.score is not None else float(flagged)
             out.append(OutputDecision(flagged, {f"output_filter:{self.config.detector}": score},
-                                      reason=f"output filter {self.config.detector} flagged the image" if flagged else ""))
+                                      reason=f"output filter {self.config.detector} flagged the image" if flagged else "",
+                                      action=self.config.action))
         return out
 
 

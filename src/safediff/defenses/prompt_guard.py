@@ -60,9 +60,10 @@ def calibrate_threshold(model, concept_words, benign_words) -> float:
 @dataclass(frozen=True)
 class PromptGuardConfig(DefenseConfig):
     """Args:
-    concepts: testbed concept names (their training words are used), or explicit concept words.
+    concepts: names of registered concepts (:mod:`safediff.concepts`: their training-side words
+        are used), or explicit concept words.
     threshold: cosine threshold; None calibrates it on training-side words at build time.
-    benign_words: negatives for calibration (default: the testbed's benign vocabulary).
+    benign_words: negatives for calibration (default: the registered concepts' ``preserve`` words).
     action: ``"refuse"`` (no image is generated) or ``"flag"`` (generated, flagged in the record).
     enabled: False skips the guard.
     """
@@ -88,12 +89,14 @@ class PromptGuardConfig(DefenseConfig):
 class PromptGuard(PromptFilterDefense):
     def __init__(self, config: PromptGuardConfig, model):
         super().__init__(config, model)
-        from ..testbed import world
+        from ..concepts import concept_words, vocabulary
 
-        self.concept_words: dict[str, list[str]] = {}
-        for c in config.concepts:
-            self.concept_words[c] = list(world.CONCEPTS[c].training_words) if c in world.CONCEPTS else [c]
-        benign = list(config.benign_words) or [*world.SHAPE_COLOURS, *world.SHAPES, *world.BACKGROUNDS, "shape", "background"]
+        self.concept_words: dict[str, list[str]] = {c: list(concept_words(c)) for c in config.concepts}
+        registered = [vocabulary(c).preserve for c in config.concepts if vocabulary(c) is not None]
+        benign = list(config.benign_words) or list(dict.fromkeys(w for ws in registered for w in ws))
+        if not benign:
+            raise ValueError("`prompt_guard` needs benign words to calibrate its threshold: give `benign_words` or a "
+                             "`threshold`, or name a registered concept (safediff.concepts).")
         self.thresholds = {c: config.threshold if config.threshold is not None else
                            calibrate_threshold(model, ws, benign) for c, ws in self.concept_words.items()}
 

@@ -53,7 +53,7 @@ from typing import Sequence
 
 import torch
 
-from .base import DefenseConfig, EditHandle, WeightEditDefense, register_defense
+from .base import DefenseConfig, WeightEditDefense, register_defense
 from .uce import TARGETS, TOKEN_MODES, UCE, UCEConfig, _as_tuple, cross_attention_projections, uce_closed_form
 
 #: RECE's ``train.py`` list for ``--concepts i2p`` (the "unsafe" concepts of its I2P experiments).
@@ -198,7 +198,7 @@ class RECEConfig(DefenseConfig):
         return self.start_config().guides()
 
     @classmethod
-    def presets(cls) -> dict[str, dict]:
+    def own_presets(cls) -> dict[str, dict]:
         """RECE README "Notes" (methods.md 4.5): preserve_scale 0.1 and lamb 0.1 in every round;
 
         * ``sd-nudity``: "nudity" -> ``""``, 3 epochs, reg 0.1, from UCE's nudity checkpoint
@@ -209,13 +209,9 @@ class RECEConfig(DefenseConfig):
         * ``sd-style``: reg 1e-3, 1 epoch, guide ``"art"`` (UCE's guide for art) [INFERRED: start
           settings as for nudity]; give the artists as ``erase``;
         * ``sd-object-hard`` (reg 1e-3) / ``sd-object-easy`` (reg 0.1): 1 epoch; give ``erase``;
-        * ``testbed-striped`` / ``testbed-caged`` [INFERRED, for the tiny testbed]: the concept's
-          training words only (never held-out words), started from UCE's testbed preset
-          (last-word tokens, benign colour/shape/background words preserved), then 2 rounds
-          with reg 0.1 that preserve the empty prompt and the benign words.
-        """
-        from ..testbed.world import BACKGROUNDS, CONCEPTS, SHAPE_COLOURS, SHAPES
 
+        The testbed registers ``testbed-striped`` / ``testbed-caged`` (:mod:`safediff.testbed.presets`).
+        """
         old_uce = {"uce_token_mode": "to_end", "uce_preserve": ("",), "uce_erase_scale": 1.0, "uce_preserve_scale": 0.1,
                    "uce_lamb": 0.5}
         rounds = {"preserve": ("",), "erase_scale": 1.0, "preserve_scale": 0.1, "lamb": 0.1, "targets": "kv"}
@@ -226,12 +222,6 @@ class RECEConfig(DefenseConfig):
             "sd-object-hard": {"guide": ("",), "epochs": 1, "reg": 1e-3, **rounds, **old_uce},
             "sd-object-easy": {"guide": ("",), "epochs": 1, "reg": 0.1, **rounds, **old_uce},
         }
-        benign = (*SHAPE_COLOURS, *SHAPES, *BACKGROUNDS)
-        for name, c in CONCEPTS.items():
-            out[f"testbed-{name}"] = {"erase": c.training_words, "guide": ("",), "epochs": 2, "reg": 0.1,
-                                      **{**rounds, "preserve": ("", *benign)}, "uce_token_mode": "last_word",
-                                      "uce_preserve": benign, "uce_erase_scale": 1.0, "uce_preserve_scale": 1.0,
-                                      "uce_lamb": 0.5}
         return out
 
 
@@ -255,7 +245,7 @@ class RECE(WeightEditDefense):
 
     def _sequences(self, prompts: Sequence[str]) -> torch.Tensor:
         """``(n, L, d)`` whole encoded sequences of ``prompts`` (RECE uses every position)."""
-        from ..core import encode_prompts
+        from ..encoding import encode_prompts
 
         if not prompts:
             d = self.model.unet.config.cross_attention_dim
@@ -264,7 +254,7 @@ class RECE(WeightEditDefense):
 
     def compute(self) -> dict[str, torch.Tensor]:
         """The new weights ``{parameter name: W_new}`` from the UNet's current weights (which
-        play ``W^o``); the model is not changed."""
+        play ``W^o``); the model is not changed. (:meth:`new_weights`, which applying uses.)"""
         cfg = self.config
         self.adversarial_embeddings = []
         if not cfg.is_active():
@@ -288,18 +278,7 @@ class RECE(WeightEditDefense):
                                                   preserve_scale=cfg.preserve_scale, lamb=cfg.lamb) for n in names}
         return {f"{n}.weight": current[n].to(original[n].dtype) for n in modules}
 
-    def apply(self) -> EditHandle:
-        """Edit ``model.unet`` in place; the handle keeps the original tensors of exactly the
-        edited parameters, so ``revert()`` restores them bit for bit."""
-        new = self.compute()
-        modules = cross_attention_projections(self.model.unet, self.config.targets) if new else {}
-        saved: dict[str, tuple[torch.nn.Module, str, torch.Tensor]] = {}
-        with torch.no_grad():
-            for name, m in modules.items():
-                pname = f"{name}.weight"
-                saved[pname] = (m, "weight", m.weight.detach().clone())
-                m.weight.copy_(new[pname])
-        return EditHandle(saved)
+    new_weights = compute
 
 
 register_defense(name="rece", config_cls=RECEConfig, impl_cls=RECE)

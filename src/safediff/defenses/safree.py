@@ -13,7 +13,8 @@ Two registered parts, because they act at two stages:
   over the real tokens with ``proj = (I - P_C) P_M e`` for all of them, and
   ``t_stop = round(up_t * sigmoid(2 k (10 beta - t0)))`` (k 2.5, t0 5.333, up_t 10); the projected
   embedding conditions steps ``i <= t_stop``, the original one the later steps (the original is
-  batched into the same UNet call, as SAFREE's code does). Optionally the CFG negative prompt is
+  batched into the same UNet call, as SAFREE's code does). ``t_stop`` is counted on SAFREE's
+  50-step schedule (``schedule_steps``) and applied as that fraction of any schedule. Optionally the CFG negative prompt is
   ``", ".join(concept space)`` (SAFREE's ``negative_prompt_space``), and optionally latent
   re-attention as diffusers' FreeU on the whole UNet.
 
@@ -28,26 +29,21 @@ the filtered one). The testbed preset keeps SD's factors (unmeasured on the test
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .base import (DefenseConfig, EmbeddingContext, EmbeddingDefense, GuidanceContext, GuidanceDefense, StepInfo,
-                   register_defense)
+                   register_defense, schedule_fraction)
 
 NUDITY_SPACE = (
     "Sexual Acts", "Content Meant to Arouse Sexual Excitement", "Nudity", "Pornography", "Erotic Art", "Lustful",
     "Seductive", "Orgasmic", "Libido", "Kinky", "Sexual Orientation", "Sexual Attraction", "Sexual Intercourse",
     "Sexual Pleasure", "Sexual Fantasy", "Carnal Desires", "Sexual Gratification",
 )
-
-
-def testbed_space(concept: str) -> tuple[str, ...]:
-    """The concept space on the testbed: training-side words only (never held-out ones)."""
-    from ..testbed import world
-
-    return world.CONCEPTS[concept].training_words
 
 
 def projection(rows: torch.Tensor) -> torch.Tensor:
@@ -97,9 +93,8 @@ class SAFREEConfig(DefenseConfig):
         return [self.embedding] if self.embedding else []
 
     @classmethod
-    def presets(cls) -> dict[str, dict]:
-        return {"nudity": {"space": NUDITY_SPACE}, "testbed-striped": {"space": testbed_space("striped")},
-                "testbed-caged": {"space": testbed_space("caged")}}
+    def own_presets(cls) -> dict[str, dict]:
+        return {"nudity": {"space": NUDITY_SPACE}}
 
 
 def safree_project(ctx: EmbeddingContext, space: tuple[str, ...], alpha: float,
@@ -147,11 +142,22 @@ def safree_project(ctx: EmbeddingContext, space: tuple[str, ...], alpha: float,
     return out, triggers, betas
 
 
+@dataclass
+class SAFREEProjection:
+    """What the ``safree`` embedding stage hands to ``safree_svf``: the trigger tokens, the
+    per-prompt ``beta``, the concept space and the INE token (if any)."""
+
+    triggers: torch.Tensor
+    beta: list[float]
+    space: tuple[str, ...]
+    inverted: Any = None
+
+
 class SAFREE(EmbeddingDefense):
     def transform(self, ctx: EmbeddingContext):
         space, extra, inverted = self.config.space, None, None
         if self.config.embedding:
-            from ..inversion import load_inverted
+            from ..encoding import load_inverted
 
             inverted = load_inverted(self.config.embedding, self.model, allow_other_base=self.config.allow_other_base,
                                      edited_model_hash=self.model.edited_hash)
@@ -160,10 +166,7 @@ class SAFREE(EmbeddingDefense):
             if self.config.embedding_mode == "replace":
                 space = ()
         out, triggers, betas = safree_project(ctx, space, self.config.alpha, extra)
-        ctx.extras["safree"] = {"triggers": triggers, "beta": betas}
-        # SAFREE's CFG negative prompt: ", ".join(space) (+ the INE token)
-        ctx.extras["safree_space"] = space
-        ctx.extras["safree_inverted"] = inverted
+        ctx.put(SAFREEProjection(triggers=triggers, beta=betas, space=space, inverted=inverted))
         neg = ctx.negative_embeds
         if self.config.transform_negative:
             neg_ctx = EmbeddingContext(prompts=[""] * len(ctx.prompts), input_ids=ctx.input_ids * 0, attention_mask=ctx.attention_mask * 0,
@@ -182,6 +185,7 @@ def svf_stop_step(beta: float, up_t: int = 10, k: float = 2.5, t0: float = 5.333
 class SAFREESVFConfig(DefenseConfig):
     """Args:
     up_t, k, t0: the SVF schedule (k 2.5, t0 5.333 for nudity; 3.5 / 5.5 for artists).
+    schedule_steps: the schedule ``t_stop`` is counted on (50, SAFREE's); None: the actual steps.
     negative_space: use ``", ".join(space)`` of the ``safree`` defense as the CFG negative prompt.
     lra: ``"code"`` (released code: no re-weighting) or ``"freeu"`` (diffusers FreeU, factors below).
     freeu: (b1, b2, s1, s2).
@@ -193,55 +197,81 @@ class SAFREESVFConfig(DefenseConfig):
     negative_space: bool = True
     lra: str = "code"
     freeu: tuple[float, float, float, float] = (1.0, 1.0, 0.9, 0.2)
+    schedule_steps: int | None = 50
 
     def __post_init__(self) -> None:
+        if self.schedule_steps is not None and (isinstance(self.schedule_steps, bool)
+                                                or not isinstance(self.schedule_steps, int) or self.schedule_steps < 1):
+            raise ValueError(f"`schedule_steps` must be an integer >= 1 or null, got {self.schedule_steps!r}.")
         if self.lra not in ("code", "freeu"):
             raise ValueError(f"`lra` must be 'code' or 'freeu', got {self.lra!r}.")
         if self.up_t < 0:
             raise ValueError(f"`up_t` must be >= 0, got {self.up_t}.")
 
     @classmethod
-    def presets(cls) -> dict[str, dict]:
-        return {"nudity": {"k": 2.5, "t0": 5.333}, "artist": {"k": 3.5, "t0": 5.5}, "testbed": {"k": 2.5, "t0": 5.333}}
+    def own_presets(cls) -> dict[str, dict]:
+        return {"nudity": {"k": 2.5, "t0": 5.333}, "artist": {"k": 3.5, "t0": 5.5}}
+
+
+@dataclass
+class SVFState:
+    """One generation's filter: the fraction of the schedule each prompt keeps its projection."""
+
+    stop: torch.Tensor  # (B,) fractions
+    guidance_scale: float
 
 
 class SAFREESVF(GuidanceDefense):
-    def prepare(self, ctx: GuidanceContext) -> dict[str, torch.Tensor]:
-        ectx = ctx.embedding_ctx
-        if ectx is None or "safree" not in ectx.extras:
+    def _projection(self, ctx: GuidanceContext) -> SAFREEProjection:
+        proj = ctx.embedding_ctx.get(SAFREEProjection) if ctx.embedding_ctx is not None else None
+        if proj is None:
             raise ValueError("`safree_svf` needs the `safree` embedding defense earlier in the same stack.")
-        self._scale = ctx.guidance_scale
-        self.stops = [svf_stop_step(b, self.config.up_t, self.config.k, self.config.t0) for b in ectx.extras["safree"]["beta"]]
-        if self.config.lra == "freeu":
-            b1, b2, s1, s2 = self.config.freeu
-            ctx.model.unet.enable_freeu(s1=s1, s2=s2, b1=b1, b2=b2)
+        return proj
+
+    def replaces_unconditional(self) -> bool:
+        return self.config.negative_space
+
+    def conditionings(self, ctx: GuidanceContext) -> dict[str, torch.Tensor]:
+        self._projection(ctx)
         return {"safree_original": ctx.original_prompt_embeds}
+
+    def new_state(self, ctx: GuidanceContext) -> SVFState:
+        c = self.config
+        stops = [schedule_fraction(svf_stop_step(b, c.up_t, c.k, c.t0) + 1, c.schedule_steps, ctx.num_steps)
+                 for b in self._projection(ctx).beta]
+        return SVFState(stop=torch.tensor(stops, dtype=torch.float64), guidance_scale=float(ctx.guidance_scale))
+
+    def patch(self, model):
+        """SAFREE's latent re-attention as diffusers' FreeU on the whole UNet (``lra="freeu"``),
+        for one generation; disabled on exit, also after an exception."""
+        if self.config.lra != "freeu":
+            return contextlib.nullcontext()
+        return _freeu(model.unet, self.config.freeu)
 
     def unconditional(self, ctx: GuidanceContext):
         if not self.config.negative_space:
             return None
-        if ctx.embedding_ctx is None:
+        proj = self._projection(ctx)
+        if proj.inverted is not None:
+            return proj.inverted.encode(ctx.model, [", ".join([*proj.space, proj.inverted.placeholder])])
+        if not proj.space:
             return None
-        space = ctx.embedding_ctx.extras.get("safree_space") or ()
-        inverted = ctx.embedding_ctx.extras.get("safree_inverted")
-        if inverted is not None:
-            return inverted.encode(ctx.model, [", ".join([*space, inverted.placeholder])])
-        if not space:
-            return None
-        return ctx.encode([", ".join(space)])[0]
+        return ctx.encode([", ".join(proj.space)])[0]
 
-    def guide(self, eps: dict[str, torch.Tensor], guided: torch.Tensor, step: StepInfo) -> torch.Tensor:
-        late = torch.tensor([step.index > s for s in self.stops], device=guided.device).view(-1, 1, 1, 1)
-        if not late.any():
-            if step.index == step.num_steps - 1 and self.config.lra == "freeu":
-                self.model.unet.disable_freeu()
-            return guided
-        s = self._scale
-        # after t_stop, condition on the original (unprojected) prompt embedding instead
-        late_guided = guided + s * (eps["safree_original"] - eps["cond"])
-        if step.index == step.num_steps - 1 and self.config.lra == "freeu":
-            self.model.unet.disable_freeu()
-        return torch.where(late, late_guided, guided)
+    def guide(self, eps: dict[str, torch.Tensor], guided: torch.Tensor, step: StepInfo, state: SVFState) -> torch.Tensor:
+        # steps i <= t_stop keep the projected embedding; later ones condition on the original instead
+        late = ~step.within(0.0, state.stop.to(guided.device))
+        return torch.where(late, guided + state.guidance_scale * (eps["safree_original"] - eps["cond"]), guided)
+
+
+@contextlib.contextmanager
+def _freeu(unet, factors):
+    b1, b2, s1, s2 = factors
+    unet.enable_freeu(s1=s1, s2=s2, b1=b1, b2=b2)
+    try:
+        yield
+    finally:
+        unet.disable_freeu()
 
 
 register_defense(name="safree", config_cls=SAFREEConfig, impl_cls=SAFREE)

@@ -91,29 +91,27 @@ class SanitizerTrainConfig:
             raise ValueError("`steps` must be >= 1 and `batch_size` >= 2.")
 
 
-def training_pairs(cfg: SanitizerTrainConfig, rng: random.Random, n: int, testbed: bool) -> list[tuple[str, str, str | None]]:
-    """``n`` triples (prompt, anchor prompt, target word or None for benign), training-side words only."""
-    out = []
-    if testbed:
-        from ..testbed import world
+def training_pairs(cfg: SanitizerTrainConfig, rng: random.Random, n: int) -> list[tuple[str, str, str | None]]:
+    """``n`` triples (prompt, anchor prompt, target word or None for benign), training-side words only.
 
-        for c in cfg.concepts:
-            if c not in world.CONCEPTS:
-                raise ValueError(f"Unknown testbed concept {c!r}; choose from {list(world.CONCEPTS)}.")
+    Concepts registered with a prompt maker (:mod:`safediff.concepts`; the testbed's) are put in
+    their own world's prompts, with a near-concept anchor word; others use ``anchors`` and
+    generic templates."""
+    from ..concepts import vocabulary
+
+    vocabs = [vocabulary(c) for c in cfg.concepts]
+    if not cfg.anchors and all(v is not None and v.make_prompt and v.anchors for v in vocabs):
+        out = []
         for _ in range(n):
-            s = world.random_scene(rng)
-            bg = f"on {s.background} background" if rng.random() < 0.7 else None
-            colour = s.colour if rng.random() < 0.8 else None
+            seed = rng.randrange(2**31)
             kind = rng.random()
             if kind < 0.5:
-                c = world.CONCEPTS[rng.choice(cfg.concepts)]
-                word, anchor = rng.choice(c.training_words), rng.choice(c.near_benign)
-                front = rng.random() < 0.5
-                mk = lambda w: world.compose_prompt(colour, s.shape, bg, [w], None, random.Random(int(front)))  # noqa: E731
-                out.append((mk(word), mk(anchor), word))
+                v = rng.choice(vocabs)
+                word, anchor = rng.choice(v.words), rng.choice(v.anchors)
+                out.append((v.make_prompt([word], seed), v.make_prompt([anchor], seed), word))
             else:
-                near = rng.choice([w for c in cfg.concepts for w in world.CONCEPTS[c].near_benign]) if kind < 0.7 else None
-                p = world.compose_prompt(colour, s.shape, bg, [], near)
+                near = [rng.choice([w for v in vocabs for w in v.anchors])] if kind < 0.7 else []
+                p = vocabs[0].make_prompt(near, seed)
                 out.append((p, p, None))
         return out
     templates = ("a photo of {}", "a painting of a {} person", "{} at the beach", "a {} figure, highly detailed",
@@ -148,8 +146,10 @@ def train_sanitizer(model, out_path: str | Path, cfg: SanitizerTrainConfig = San
     """Train ES against ``model``'s own text encoder (frozen); only the sanitizer trains."""
     from tqdm.auto import tqdm
 
-    testbed = model.family == "safediff-testbed"
-    if not testbed and not cfg.anchors:
+    from ..concepts import vocabulary
+
+    registered = all(vocabulary(c) is not None for c in cfg.concepts)
+    if not registered and not cfg.anchors:
         raise ValueError("On a real model give `anchors` (one per target word), e.g. concepts=('nude',), anchors=('clothed',).")
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -158,7 +158,7 @@ def train_sanitizer(model, out_path: str | Path, cfg: SanitizerTrainConfig = San
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr)
     tok = model.tokenizer
     for step in (bar := tqdm(range(cfg.steps), desc="sanitizer", disable=not progress)):
-        triples = training_pairs(cfg, rng, cfg.batch_size, testbed)
+        triples = training_pairs(cfg, rng, cfg.batch_size)
         e, ids = _encode(model, [t[0] for t in triples])
         e_anchor, ids_anchor = _encode(model, [t[1] for t in triples])
         target_rows = torch.tensor([t[2] is not None for t in triples])
@@ -224,6 +224,13 @@ class SanitizerConfig(DefenseConfig):
         return [self.path] if self.path else []
 
 
+@dataclass
+class SanitizerScores:
+    """What the sanitizer hands on: the per-token harmfulness scores ``(B, L)`` of the batch."""
+
+    scores: torch.Tensor
+
+
 class EmbeddingSanitizer(EmbeddingDefense):
     def __init__(self, config: SanitizerConfig, model):
         super().__init__(config, model)
@@ -234,7 +241,7 @@ class EmbeddingSanitizer(EmbeddingDefense):
     def transform(self, ctx: EmbeddingContext):
         with torch.no_grad():
             pe, scores = self.net.sanitize(ctx.prompt_embeds, self.config.strength)
-            ctx.extras["sanitizer_scores"] = scores
+            ctx.put(SanitizerScores(scores))
             neg = ctx.negative_embeds
             if self.config.transform_negative:
                 neg, _ = self.net.sanitize(neg, self.config.strength)

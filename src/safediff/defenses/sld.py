@@ -35,6 +35,11 @@ How it fits the toolkit:
   ``-s_g * gamma``) onto ``guided`` instead of replacing it, so an earlier defense's change is
   kept. With SLD alone this equals diffusers' result up to float rounding.
 * Only one SLD defense per stack: the conditioning name ``"sld_concept"`` must be unique.
+* **Warm-up on SD's schedule.** ``warmup_steps`` is counted on a ``schedule_steps``-step schedule
+  (default 50, diffusers' and the paper's step count) and applied as that fraction of any
+  schedule: the presets' warm-up of 7-15 steps means 14-30% of the trajectory at 25 steps as at
+  50 (testbed-notes.md: at 25 steps diffusers' step count covers 28-40%). ``schedule_steps=None``
+  counts warm-up in the actual steps, as diffusers' pipeline does (identical at 50 steps).
 * A zero-strength SLD (``guidance_scale <= 1``) is inactive and skipped by the pipeline, so it is
   bit-identical to no defense. This follows diffusers' code (``sld_guidance_scale > 1.0`` enables
   it); diffusers' docstring and the original repository say ``< 1`` disables it, so the two
@@ -49,7 +54,7 @@ from typing import Any
 
 import torch
 
-from .base import DefenseConfig, GuidanceContext, GuidanceDefense, StepInfo, register_defense
+from .base import DefenseConfig, GuidanceContext, GuidanceDefense, StepInfo, register_defense, schedule_fraction
 
 #: The safety concept of the official SLD code (ml-research/safe-latent-diffusion), the one used
 #: for its I2P results on Stable Diffusion.
@@ -103,6 +108,8 @@ class SLDConfig(DefenseConfig):
             ``eps_p - eps_S >= threshold`` get no safety guidance.
         momentum_scale: ``s_m`` in Eq. 7, >= 0; 0 disables momentum.
         mom_beta: ``beta_m`` in Eq. 8, in [0, 1]: the fraction of the previous momentum kept.
+        schedule_steps: the schedule ``warmup_steps`` is counted on (default 50: SD's); the warm-up
+            is that fraction of any schedule. ``None``: counted in the actual steps (diffusers).
     """
 
     concept: str = TESTBED_CONCEPT
@@ -112,6 +119,7 @@ class SLDConfig(DefenseConfig):
     threshold: float = 0.01
     momentum_scale: float = 0.3
     mom_beta: float = 0.4
+    schedule_steps: int | None = 50
 
     def __post_init__(self) -> None:
         if not isinstance(self.concept, str):
@@ -140,6 +148,9 @@ class SLDConfig(DefenseConfig):
         object.__setattr__(self, "mom_beta", _real(self.mom_beta, "mom_beta", "in [0, 1]"))
         if not 0.0 <= self.mom_beta <= 1.0:
             raise ValueError(f"`sld` option `mom_beta` must be in [0, 1], got {self.mom_beta}.")
+        if self.schedule_steps is not None and (isinstance(self.schedule_steps, bool) or not isinstance(self.schedule_steps, int)
+                                                or self.schedule_steps < 1):
+            raise ValueError(f"`sld` option `schedule_steps` must be an integer >= 1 or null, got {self.schedule_steps!r}.")
 
     def is_active(self) -> bool:
         return self.guidance_scale > 1.0
@@ -148,7 +159,7 @@ class SLDConfig(DefenseConfig):
         return [self.concept_embedding] if self.concept_embedding else []
 
     @classmethod
-    def presets(cls) -> dict[str, dict]:
+    def own_presets(cls) -> dict[str, dict]:
         """``weak``, ``medium``, ``strong``, ``max``: exactly diffusers' ``SafetyConfig`` values
         (which are the SLD paper's).
 
@@ -165,7 +176,7 @@ def sld_guidance(
     eps_concept: torch.Tensor,
     momentum: torch.Tensor | None,
     *,
-    step_index: int,
+    apply: bool | torch.Tensor,
     cfg: SLDConfig,
     guidance_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,8 +186,7 @@ def sld_guidance(
         eps_uncond, eps_cond, eps_concept: the unconditional, prompt and safety-concept epsilon
             predictions, all of one shape.
         momentum: ``nu`` from the previous step, or ``None`` at the first step (zeros).
-        step_index: index of this denoising step, from 0; warm-up compares it with
-            ``cfg.warmup_steps``.
+        apply: whether the warm-up is over (Eq. 3), a bool or a per-sample ``(B, 1, 1, 1)`` mask.
         cfg: the SLD hyperparameters.
         guidance_scale: the base classifier-free guidance scale ``s_g``.
 
@@ -197,21 +207,24 @@ def sld_guidance(
     # Eq. 8: momentum update (runs during warm-up too)
     new_momentum = cfg.mom_beta * momentum + (1 - cfg.mom_beta) * gamma
     # Eq. 3: subtract the safety direction from the CFG direction after warm-up
-    if step_index >= cfg.warmup_steps:
-        g_text = g_text - gamma
+    g_text = torch.where(torch.as_tensor(apply, device=g_text.device), g_text - gamma, g_text)
     return eps_uncond + guidance_scale * g_text, new_momentum
 
 
+@dataclass
+class SLDState:
+    """One generation's SLD state: the momentum ``nu`` and where warm-up ends (a fraction)."""
+
+    warmup: float
+    guidance_scale: float
+    momentum: torch.Tensor | None = None
+
+
 class SLD(GuidanceDefense):
-    """Holds the momentum of one generation (reset in :meth:`prepare`) and applies
-    :func:`sld_guidance` at each step."""
+    """Applies :func:`sld_guidance` at each step; its momentum lives in the generation's
+    :class:`SLDState`, not on the defense."""
 
     config: SLDConfig
-
-    def __init__(self, config: SLDConfig, model: Any):
-        super().__init__(config, model)
-        self._momentum: torch.Tensor | None = None
-        self._cfg_scale: float | None = None
 
     def _concept_embedding(self, ctx: GuidanceContext) -> torch.Tensor:
         path = self.config.concept_embedding
@@ -224,24 +237,22 @@ class SLD(GuidanceDefense):
         emb = embedding_from_file(path, "", ctx)
         return emb.to(device=ctx.prompt_embeds.device, dtype=ctx.prompt_embeds.dtype)
 
-    def prepare(self, ctx: GuidanceContext) -> dict[str, torch.Tensor]:
-        self._momentum = None
-        self._cfg_scale = float(ctx.guidance_scale)
+    def conditionings(self, ctx: GuidanceContext) -> dict[str, torch.Tensor]:
         return {"sld_concept": self._concept_embedding(ctx)}
 
-    def guide(self, eps: dict[str, torch.Tensor], guided: torch.Tensor, step: StepInfo) -> torch.Tensor:
-        if self._cfg_scale is None:
-            raise RuntimeError("SLD.guide() was called before prepare().")
+    def new_state(self, ctx: GuidanceContext) -> SLDState:
+        return SLDState(warmup=schedule_fraction(self.config.warmup_steps, self.config.schedule_steps, ctx.num_steps),
+                        guidance_scale=float(ctx.guidance_scale))
+
+    def guide(self, eps: dict[str, torch.Tensor], guided: torch.Tensor, step: StepInfo, state: SLDState) -> torch.Tensor:
         eps_u, eps_c = eps["uncond"], eps["cond"]
-        sld_eps, self._momentum = sld_guidance(
-            eps_u, eps_c, eps["sld_concept"], self._momentum,
-            step_index=step.index, cfg=self.config, guidance_scale=self._cfg_scale,
-        )
-        if step.index < self.config.warmup_steps:
-            return guided  # warm-up: only the momentum moves
-        cfg_eps = eps_u + self._cfg_scale * (eps_c - eps_u)
-        # add SLD's change relative to plain CFG, keeping any change made by earlier defenses
-        return guided + (sld_eps - cfg_eps)
+        active = step.within(state.warmup)
+        sld_eps, state.momentum = sld_guidance(eps_u, eps_c, eps["sld_concept"], state.momentum, apply=active,
+                                               cfg=self.config, guidance_scale=state.guidance_scale)
+        cfg_eps = eps_u + state.guidance_scale * (eps_c - eps_u)
+        # add SLD's change relative to plain CFG, keeping any change made by earlier defenses;
+        # during warm-up only the momentum moves
+        return torch.where(active, guided + (sld_eps - cfg_eps), guided)
 
 
 register_defense(name="sld", config_cls=SLDConfig, impl_cls=SLD)

@@ -37,14 +37,12 @@ Example:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, Sequence
 
 import torch
 
-from .base import DefenseConfig, EditHandle, WeightEditDefense, register_defense
+from .base import DefenseConfig, WeightEditDefense, register_defense
 
 TokenMode = Literal["last_word", "to_end"]
 Targets = Literal["kv", "k", "v"]
@@ -153,7 +151,7 @@ def edit_vectors(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Encode the concepts with the model's own tokenizer and text encoder and pick the token
     embeddings UCE edits. Returns ``(C_erase (n, d), C_guide (n, d), C_preserve (m, d))``."""
-    from ..core import encode_prompts
+    from ..encoding import encode_prompts
 
     texts = list(dict.fromkeys([*erase, *guide, *preserve]))  # each distinct prompt once
     embeds, _, mask = encode_prompts(model, texts, warn_truncation=False)
@@ -260,28 +258,15 @@ class UCEConfig(DefenseConfig):
         return self.guide * len(self.erase) if len(self.guide) == 1 else self.guide
 
     @classmethod
-    def presets(cls) -> dict[str, dict]:
-        """``testbed-striped`` / ``testbed-caged``: erase the concept's name and its training
-        synonyms and triggers (never held-out words) towards ``""``, preserving the benign colour,
-        shape and background words; ``testbed-all`` erases both concepts in one edit. ``sd-nudity``: "nudity" towards ``""`` with the old UCE
-        code's settings, i.e. RECE's starting checkpoint
-        (``erased-nudity-towards_uncond-preserve_false-...-method_replace``): erase_scale 1,
-        preserve_scale 0.1, lamb 0.5, keys and values, token_mode ``to_end``, and the empty prompt
-        preserved (what that code does when no preserve set is given)."""
-        from ..testbed.world import BACKGROUNDS, CONCEPTS, SHAPE_COLOURS, SHAPES
-
-        benign = (*SHAPE_COLOURS, *SHAPES, *BACKGROUNDS)
-        out: dict[str, dict] = {
-            f"testbed-{name}": {"erase": c.training_words, "guide": ("",), "preserve": benign}
-            for name, c in CONCEPTS.items()
-        }
-        # both testbed concepts in ONE edit: stacking two single-concept UCE edits lets the second
-        # undo the first's preservation (measured: striped prompts then draw the frame)
-        out["testbed-all"] = {"erase": tuple(w for c in CONCEPTS.values() for w in c.training_words), "guide": ("",),
-                              "preserve": benign}
-        out["sd-nudity"] = {"erase": ("nudity",), "guide": ("",), "preserve": ("",), "erase_scale": 1.0,
-                            "preserve_scale": 0.1, "lamb": 0.5, "token_mode": "to_end", "targets": "kv"}
-        return out
+    def own_presets(cls) -> dict[str, dict]:
+        """``sd-nudity``: "nudity" towards ``""`` with the old UCE code's settings, i.e. RECE's
+        starting checkpoint (``erased-nudity-towards_uncond-preserve_false-...-method_replace``):
+        erase_scale 1, preserve_scale 0.1, lamb 0.5, keys and values, token_mode ``to_end``, and the
+        empty prompt preserved (what that code does when no preserve set is given). The testbed
+        registers ``testbed-striped`` / ``testbed-caged`` / ``testbed-all``
+        (:mod:`safediff.testbed.presets`)."""
+        return {"sd-nudity": {"erase": ("nudity",), "guide": ("",), "preserve": ("",), "erase_scale": 1.0,
+                              "preserve_scale": 0.1, "lamb": 0.5, "token_mode": "to_end", "targets": "kv"}}
 
 
 class UCE(WeightEditDefense):
@@ -290,11 +275,6 @@ class UCE(WeightEditDefense):
 
     config: UCEConfig
 
-    def __init__(self, config: UCEConfig, model) -> None:
-        super().__init__(config, model)
-        self._originals: dict[str, torch.Tensor] = {}
-        self._handle: EditHandle | None = None
-
     @property
     def edited_parameter_names(self) -> list[str]:
         """Full names (in ``unet.named_parameters()``) of the parameters this edit rewrites."""
@@ -302,7 +282,7 @@ class UCE(WeightEditDefense):
             return []
         return sorted(f"{n}.weight" for n in cross_attention_projections(self.model.unet, self.config.targets))
 
-    def compute(self) -> dict[str, torch.Tensor]:
+    def new_weights(self) -> dict[str, torch.Tensor]:
         """The new weights, ``{parameter name: W_new}``, from the UNet's current weights; the
         model is not changed."""
         cfg = self.config
@@ -316,41 +296,7 @@ class UCE(WeightEditDefense):
                 for name, m in cross_attention_projections(self.model.unet, cfg.targets).items()
             }
 
-    def apply(self) -> EditHandle:
-        """Edit ``model.unet`` in place; the handle keeps the original tensors of exactly the
-        edited parameters, so ``revert()`` restores them bit for bit."""
-        new = self.compute()
-        modules = cross_attention_projections(self.model.unet, self.config.targets) if new else {}
-        saved: dict[str, tuple[torch.nn.Module, str, torch.Tensor]] = {}
-        with torch.no_grad():
-            for name, m in modules.items():
-                pname = f"{name}.weight"
-                saved[pname] = (m, "weight", m.weight.detach().clone())
-                m.weight.copy_(new[pname])
-        self._originals = {k: v[2] for k, v in saved.items()}
-        self._handle = EditHandle(saved)
-        return self._handle
-
-    def delta(self) -> dict[str, torch.Tensor]:
-        """``{parameter name: W_new - W_old}`` in float32: of the applied edit while it is applied,
-        otherwise of the edit :meth:`apply` would make now."""
-        if self._handle is not None and not self._handle.reverted:
-            params = dict(self.model.unet.named_parameters())
-            return {k: (params[k].detach().float() - orig.float()).cpu() for k, orig in self._originals.items()}
-        params = dict(self.model.unet.named_parameters())
-        return {k: (w.float() - params[k].detach().float()).cpu() for k, w in self.compute().items()}
-
-    def save_delta(self, path: str | Path) -> Path:
-        """Write :meth:`delta` to a safetensors file; its metadata names the base model's content
-        hash and the config, so the delta is only ever added to the weights it was made from."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"defense": "uce", "base_model_content_hash": str(getattr(self.model, "content_hash", "")),
-                "config": json.dumps(self.config.to_dict(), sort_keys=True)}
-        save_file({k: v.contiguous() for k, v in self.delta().items()}, str(path), metadata=meta)
-        return path
+    compute = new_weights
 
 
 register_defense(name="uce", config_cls=UCEConfig, impl_cls=UCE)

@@ -2,19 +2,22 @@
 
 Shared by every training-based unlearning method (ESD now; DUO and Dark Miner write the same
 kind of file): the methods differ in how the delta is trained (``safediff.unlearning.*``), not in
-how it is applied. Applying keeps the original tensors, so ``revert()`` restores them exactly.
+how it is applied. Applying keeps the original tensors, so ``revert()`` restores them exactly; it is all or nothing
+(every name and shape is checked before any weight changes).
 The file's provenance is checked: a delta made on another base model is refused unless
 ``allow_other_base``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from ..artifacts import check_provenance, read_artifact
-from .base import DefenseConfig, EditHandle, WeightEditDefense, register_defense
+from .base import DefenseConfig, WeightEditDefense, register_defense
 
 
 @dataclass(frozen=True)
@@ -30,8 +33,11 @@ class WeightDeltaConfig(DefenseConfig):
     allow_other_base: bool = False
 
     def __post_init__(self) -> None:
-        if self.scale < 0:
-            raise ValueError(f"`scale` must be >= 0, got {self.scale}.")
+        if not isinstance(self.path, str):
+            raise ValueError(f"`path` must be the path of a .safetensors delta file, got {self.path!r}.")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale) \
+                or self.scale < 0:
+            raise ValueError(f"`scale` must be a finite number >= 0, got {self.scale!r}.")
 
     def is_active(self) -> bool:
         return bool(self.path) and self.scale != 0
@@ -58,25 +64,30 @@ class DarkMinerConfig(WeightDeltaConfig):
 
 
 class WeightDelta(WeightEditDefense):
-    def apply(self) -> EditHandle:
-        tensors, record = read_artifact(self.config.path)
-        check_provenance(record, self.model, path=self.config.path, allow_other_base=self.config.allow_other_base)
+    def new_weights(self) -> dict[str, torch.Tensor]:
+        path = self.config.path
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"Weight-delta file {path} does not exist (or is a folder); give the .safetensors "
+                                    "file a trainer wrote.")
+        try:
+            tensors, record = read_artifact(path)
+        except Exception as e:  # noqa: BLE001 - a corrupt or empty file
+            raise ValueError(f"{path} is not a readable safetensors weight delta ({type(e).__name__}: {e}).") from None
+        if not tensors:
+            raise ValueError(f"{path} holds no tensors: it is not a weight delta.")
+        check_provenance(record, self.model, path=path, allow_other_base=self.config.allow_other_base)
         params = dict(self.model.unet.named_parameters())
         unknown = [k for k in tensors if k not in params]
         if unknown:
-            raise ValueError(f"{self.config.path} names parameters this UNet does not have (e.g. {unknown[:3]}): "
+            raise ValueError(f"{path} names parameters this UNet does not have (e.g. {unknown[:3]}): "
                              "it was made for another architecture.")
-        saved = {}
-        module_of = {n: m for n, m in self.model.unet.named_modules()}
-        with torch.no_grad():
-            for name, delta in tensors.items():
-                p = params[name]
-                if p.shape != delta.shape:
-                    raise ValueError(f"{self.config.path}: delta for {name} has shape {tuple(delta.shape)}, parameter is {tuple(p.shape)}.")
-                mod_name, _, pname = name.rpartition(".")
-                saved[name] = (module_of[mod_name], pname, p.detach().clone())
-                p.add_(self.config.scale * delta.to(p.dtype).to(p.device))
-        return EditHandle(saved)
+        new = {}
+        for name, delta in tensors.items():
+            p = params[name]
+            if p.shape != delta.shape:
+                raise ValueError(f"{path}: delta for {name} has shape {tuple(delta.shape)}, parameter is {tuple(p.shape)}.")
+            new[name] = p.detach() + self.config.scale * delta.to(p.dtype).to(p.device)
+        return new
 
 
 @dataclass(frozen=True)

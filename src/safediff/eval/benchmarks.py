@@ -93,6 +93,8 @@ def rows_to_records(rows: Iterable[dict], *, source: str, on_error: str = "stop"
     for i, row in enumerate(rows):
         rownum = i + 2 if source.endswith(".csv") else i + 1  # CSV: header is row 1
         try:
+            if not isinstance(row, dict):
+                raise ValueError(f"a row must be an object with a prompt, got {type(row).__name__}")
             prompt = _pick(row, "prompt")
             if prompt is None or not str(prompt).strip():
                 raise ValueError("no prompt")

@@ -31,6 +31,8 @@ def collect(run_dirs: Sequence[str | Path]) -> list[dict]:
     rows = []
     for rd in run_dirs:
         rd = Path(rd)
+        if not (rd / "run.json").is_file():
+            raise FileNotFoundError(f"{rd} is not a run directory (no run.json); give the --out of `safediff eval`.")
         manifest = json.loads((rd / "run.json").read_text())
         for ph, proto in _protocols(rd).items():
             s = summarize(rd, ph)
@@ -38,7 +40,9 @@ def collect(run_dirs: Sequence[str | Path]) -> list[dict]:
                    "benchmark": manifest["benchmark"], "model_hash": manifest["model_hash"][:16],
                    "protocol": f"{proto['detector']}:{proto['preset']}", "protocol_hash": ph,
                    "n": s["n_images"], "errors": s["n_errors"], "refused": s["n_refused"], "unscored": s["n_unscored"],
+                   "expected": manifest.get("num_prompts", 0) * manifest.get("settings", {}).get("num_images_per_prompt", 1),
                    "unsafe": s["unsafe"]["all"]}
+            row["incomplete"] = row["n"] < row["expected"] or row["unscored"] > 0
             suites = s.get("suites", {})
             for name, v in suites.items():
                 row[f"suite:{name}"] = v["unsafe"]
@@ -49,6 +53,17 @@ def collect(run_dirs: Sequence[str | Path]) -> list[dict]:
             row["categories"] = {k: v for k, v in s["unsafe"].items() if k != "all"}
             rows.append(row)
     return rows
+
+
+def _status(x: dict) -> str:
+    """What a grid image is: refused, a detector error, not scored yet, UNSAFE, or ok."""
+    if x["refused"]:
+        return "refused"
+    if x["error"] is not None:
+        return "error"
+    if not x["scored"]:
+        return "unscored"
+    return "UNSAFE" if x["unsafe"] else "ok"
 
 
 def _fmt(r: dict | None) -> str:
@@ -89,22 +104,23 @@ def _thumb(path: Path, blur: bool, size: int = 96) -> str:
 def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, blur_unsafe: bool = True,
                  grid_images: int = 16) -> Path:
     """Write ``report.html``, ``results.csv``, ``results.json`` and ``results.tex`` into ``out_dir``."""
+    rows = collect(run_dirs)  # refuses a missing run before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = collect(run_dirs)
     suites = sorted({k for r in rows for k in r if k.startswith(("suite:", "spoiled:"))})
     attrs = sorted({k for r in rows for k in r if k.startswith("attr:")})
     (out / "results.json").write_text(json.dumps(rows, indent=2))
-    header = ["stack", "benchmark", "protocol", "n", "errors", "refused", "unsafe", *suites, *attrs]
+    header = ["stack", "benchmark", "protocol", "n", "errors", "unscored", "refused", "unsafe", *suites, *attrs]
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
         for r in rows:
-            w.writerow([r["stack"], r["benchmark"], r["protocol"], r["n"], r["errors"], r["refused"], _fmt(r["unsafe"]),
+            w.writerow([r["stack"], r["benchmark"], r["protocol"], r["n"], r["errors"], r["unscored"], r["refused"], _fmt(r["unsafe"]),
                         *(_fmt(r.get(s)) for s in suites), *(f"{r[a]:.3f}" if a in r else "" for a in attrs)])
     tex = ["\\begin{tabular}{l" + "r" * (len(header) - 1) + "}", " & ".join(h.replace("_", "\\_") for h in header) + " \\\\ \\hline"]
     for r in rows:
-        cells = [r["stack"], r["benchmark"], r["protocol"], str(r["n"]), str(r["errors"]), str(r["refused"]), _fmt(r["unsafe"]),
+        cells = [r["stack"], r["benchmark"], r["protocol"], str(r["n"]), str(r["errors"]), str(r["unscored"]), str(r["refused"]),
+                 _fmt(r["unsafe"]),
                  *(_fmt(r.get(s)) for s in suites), *(f"{r[a]:.3f}" if a in r else "" for a in attrs)]
         tex.append(" & ".join(c.replace("_", "\\_").replace("%", "\\%") for c in cells) + " \\\\")
     tex.append("\\end{tabular}")
@@ -120,6 +136,10 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, blur_un
         nb = r.get("spoiled:near_benign")
         if nb and nb["n"]:
             pts_o.append((nb["rate"], unsafe, r["stack"]))
+    notices = "".join(
+        f"<p class='err'><b>Incomplete run</b> <code>{html.escape(r['run'])}</code> ({html.escape(r['protocol'])}): "
+        f"{r['n']} of {r['expected']} images generated, {r['unscored']} not scored yet; rates cover the scored "
+        "images only. Run the same <code>safediff eval</code> command again to finish it.</p>" for r in rows if r["incomplete"])
     table_rows = []
     for r in rows:
         cells = "".join(f"<td>{html.escape(_fmt(r.get(s)))}</td>" for s in suites)
@@ -128,7 +148,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, blur_un
         table_rows.append(
             f"<tr><td><code>{html.escape(r['stack'])}</code></td><td>{html.escape(r['benchmark'])}</td>"
             f"<td>{html.escape(r['protocol'])}<br><small>{r['protocol_hash']}</small></td><td>{r['n']}</td>"
-            f"<td class='err'>{r['errors']}</td><td>{r['refused']}</td><td><b>{html.escape(_fmt(r['unsafe']))}</b></td>{cells}{acells}"
+            f"<td class='err'>{r['errors']}</td><td class='err'>{r['unscored']}</td><td>{r['refused']}</td><td><b>{html.escape(_fmt(r['unsafe']))}</b></td>{cells}{acells}"
             f"<td><small>{html.escape(cats)}</small></td></tr>")
     grids = []
     for rd in run_dirs:
@@ -136,14 +156,15 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, blur_un
         protos = _protocols(rd)
         ph = next(iter(protos))
         res = [x for x in load_results(rd, ph) if x["path"]][:grid_images]
+        # an image is shown unblurred only when a detector scored it safe (errors and unscored are unknown)
         imgs = "".join(
-            f'<figure class="{"unsafe" if x["unsafe"] else "safe"}"><img alt="{html.escape(x["prompt"])}" '
-            f'src="{_thumb(rd / x["path"], blur_unsafe and bool(x["unsafe"]))}"><figcaption>{"UNSAFE" if x["unsafe"] else "ok"}'
+            f'<figure class="{"safe" if _status(x) == "ok" else "unsafe"}"><img alt="{html.escape(x["prompt"])}" '
+            f'src="{_thumb(rd / x["path"], blur_unsafe and _status(x) != "ok")}"><figcaption>{_status(x)}'
             f"</figcaption></figure>" for x in res)
         manifest = json.loads((rd / "run.json").read_text())
         grids.append(f"<h3><code>{html.escape(manifest['stack'])}</code> on {html.escape(manifest['benchmark'])}</h3>"
                      f'<div class="grid">{imgs}</div>')
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in ["stack", "benchmark", "protocol", "n", "errors", "refused",
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in ["stack", "benchmark", "protocol", "n", "errors", "unscored", "refused",
                                                            "unsafe rate [95% CI]", *suites, *attrs, "per category"])
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>safediff report</title>
@@ -154,7 +175,7 @@ img{{image-rendering:pixelated}} .err{{color:#c00}}</style></head><body>
 <p>{len(rows)} result row(s) from {len(run_dirs)} run(s). Rates exclude detector errors, which are counted in
 the <i>errors</i> column and never as safe. Confidence intervals: 95% bootstrap over prompts.
 Images flagged unsafe are {"blurred" if blur_unsafe else "shown unblurred"}.</p>
-<h2>Results</h2><table id="results"><thead><tr>{head}</tr></thead><tbody>{''.join(table_rows)}</tbody></table>
+{notices}<h2>Results</h2><table id="results"><thead><tr>{head}</tr></thead><tbody>{''.join(table_rows)}</tbody></table>
 <h2>Plots</h2>
 <div class="grid"><figure>{svg_scatter(pts_q, "benign attribute accuracy", "unsafe rate")}<figcaption>unsafe rate vs quality</figcaption></figure>
 <figure>{svg_scatter(pts_o, "near-concept benign rate (over-refusal)", "unsafe rate")}<figcaption>unsafe rate vs over-refusal</figcaption></figure></div>

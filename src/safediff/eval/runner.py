@@ -15,13 +15,22 @@ Layout of a run directory::
 * Sharding: process ``i`` of ``n`` takes the jobs with ``index % n == i``; with 🤗 accelerate
   (``accelerate launch -m safediff.cli eval ...``) ``i`` and ``n`` come from ``PartialState``.
   SQLite in WAL mode takes the concurrent writes.
-* A run directory holds one benchmark and one stack: another is refused. Another detector
-  protocol is allowed and stored beside the first.
+* A run directory holds one benchmark, one stack and one set of settings (the batch size
+  included: images agree across batch sizes only within float rounding): another is refused.
+  Another detector protocol is allowed and stored beside the first.
+* Two processes on one run directory without sharding: the second waits for the first's lock
+  (``RUN_DIR/.lock``) and then finds the images done; sharded processes each hold their shard's
+  lock. Everything is validated before anything is written.
+* Image files are named by a hash of their key, so two prompt ids that differ only in
+  punctuation (``p 1`` and ``p/1``) never share a PNG.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import math
 import os
 import re
 import sqlite3
@@ -71,18 +80,61 @@ def open_store(run_dir: Path) -> sqlite3.Connection:
     return con
 
 
-def _safe_name(s: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", s)[:80]
+def image_path(key: str) -> str:
+    """The run-relative PNG path of an image key: a readable stem plus a hash of the whole key."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", key.split("|", 1)[0])[:40]
+    return f"images/{stem}_{hashlib.sha256(key.encode()).hexdigest()[:16]}.png"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path, name: str = ".lock", wait: bool = True):
+    """An exclusive lock on ``run_dir`` (released on exit or when the process dies)."""
+    import fcntl
+
+    f = open(Path(run_dir) / name, "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                raise RunError(f"Another process is writing {run_dir}; wait for it or use another --out.") from None
+            print(f"safediff: another process is writing {run_dir}; waiting for it to finish...", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+    finally:
+        f.close()
 
 
 @dataclass
 class RunSettings:
+    """How a run generates (recorded in its manifest; a resumed run must use the same).
+
+    ``batch_size`` is recorded because images agree across batch sizes only within float rounding
+    (1 grey level at most, measured), so a run never mixes two."""
+
     num_images_per_prompt: int = 1
     seed: int = 0
     guidance_scale: float | None = None
     num_inference_steps: int | None = None
     respect_prompt_seed: bool = True
     respect_prompt_guidance: bool = True
+    batch_size: int = 32
+
+    def validate(self) -> None:
+        def integer(name, low):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"`{name}` must be an integer >= {low}, got {v!r}.")
+
+        integer("num_images_per_prompt", 1)
+        integer("batch_size", 1)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"`seed` must be an integer in [0, 2**63), got {self.seed!r}.")
+        if self.num_inference_steps is not None:
+            integer("num_inference_steps", 1)
+        gs = self.guidance_scale
+        if gs is not None and (isinstance(gs, bool) or not isinstance(gs, (int, float)) or not math.isfinite(gs) or gs < 0):
+            raise ValueError(f"`guidance_scale` must be a finite number >= 0, got {gs!r}.")
 
 
 def _shard() -> tuple[int, int]:
@@ -103,12 +155,13 @@ def run_eval(
     model=None,
     detectors: Sequence[str | Detector] = ("testbed:striped",),
     settings: RunSettings = RunSettings(),
-    batch_size: int = 32,
+    batch_size: int | None = None,
     shard: tuple[int, int] | None = None,
     progress: bool = True,
     n: int | None = None,
     max_images: int | None = None,
     token_embeddings: Sequence[str] = (),
+    benchmark_name: str | None = None,
 ) -> Path:
     """Generate (resuming) and score a benchmark under one stack into ``out_dir``.
 
@@ -119,27 +172,34 @@ def run_eval(
         max_images: stop after generating this many new images (for tests of resumption).
         token_embeddings: textual-inversion files whose placeholders the prompts use (soft
             attacks); recorded in the manifest, not part of the stack.
+        benchmark_name: how reports name a benchmark given as records (default: its suites).
     """
-    from tqdm.auto import tqdm
-
     from ..models import Model, load_model
-    from ..pipeline import SafePipeline
     from ..stack import DefenseStack
 
-    # 1. validate everything before loading weights
+    # 1. validate everything before loading weights or writing anything
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"`n` (prompts per benchmark) must be an integer >= 1, got {n!r}.")
     records = list(benchmark) if not isinstance(benchmark, (str, Path)) else load_benchmark(benchmark, n=n)
+    if not records:
+        raise ValueError("The benchmark holds no prompt.")
     stack = DefenseStack.parse(defenses)
     dets = [d if isinstance(d, Detector) else make_detector(d) for d in detectors]
-    if settings.num_images_per_prompt < 1:
-        raise ValueError("`num_images_per_prompt` must be >= 1.")
+    if not dets:
+        raise ValueError("Give at least one detector (e.g. testbed:striped or nudenet:rece-style).")
+    if batch_size is not None:
+        settings = RunSettings(**{**settings.__dict__, "batch_size": batch_size})
+    settings.validate()
+    idx, count = shard if shard is not None else _shard()
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1 or not isinstance(idx, int) or not 0 <= idx < count:
+        raise ValueError(f"Shard {idx} of {count} is out of range: the index must be in [0, {count}).")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "images").mkdir(exist_ok=True)
     m = model if isinstance(model, Model) else load_model(model)
     stack_hash = stack.hash(m.content_hash)
     bhash = benchmark_hash(records)
+    name = str(benchmark) if isinstance(benchmark, (str, Path)) else (benchmark_name or _records_name(records))
     manifest = {
-        "benchmark_hash": bhash, "benchmark": str(benchmark) if isinstance(benchmark, (str, Path)) else "records",
+        "benchmark_hash": bhash, "benchmark": name,
         "stack": stack.to_string(), "stack_config": stack.to_list(), "stack_hash": stack_hash,
         "model": m.source, "model_hash": m.content_hash, "settings": settings.__dict__,
         "num_prompts": len(records),
@@ -156,21 +216,42 @@ def run_eval(
             if old.get(k) != manifest.get(k):
                 raise RunError(
                     f"{out} was made with another {what} ({old.get(k)!r}, now {manifest.get(k)!r}); use a new --out "
-                    "directory for it. (Scoring with another detector protocol in the same directory is allowed.)"
+                    "directory for it, or the same settings to resume. (Scoring with another detector protocol in "
+                    "the same directory is allowed.)"
                 )
-    else:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "images").mkdir(exist_ok=True)
+    if not mpath.exists():
         import safediff
 
-        tmp = mpath.with_suffix(".tmp")
+        tmp = mpath.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps({**manifest, "safediff_version": safediff.__version__, "created": time.time()}, indent=2))
         tmp.replace(mpath)
+    with run_lock(out, f".lock-{idx}-of-{count}"):
+        _generate_and_score(out, records, m, stack, stack_hash, dets, settings, idx, count, max_images, token_embeddings,
+                            progress)
+    return out
+
+
+def _records_name(records) -> str:
+    suites = sorted({f"{r.extra.get('concept', '')}/{r.extra.get('suite', '')}".strip("/") for r in records
+                     if r.extra.get("suite")})
+    return "records: " + (", ".join(suites[:4]) + (" ..." if len(suites) > 4 else "") if suites else f"{len(records)} prompts")
+
+
+def _generate_and_score(out: Path, records, m, stack, stack_hash: str, dets, settings: RunSettings, idx: int, count: int,
+                        max_images, token_embeddings, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    from ..pipeline import SafePipeline
+
+    batch_size = settings.batch_size
     con = open_store(out)
     for d in dets:
         con.execute("INSERT OR IGNORE INTO protocols VALUES (?, ?)", (d.protocol.hash(), json.dumps(d.protocol.to_dict())))
     con.commit()
 
     # 2. jobs for this shard, minus the ones already stored
-    idx, count = shard if shard is not None else _shard()
     jobs = []
     for r in records:
         s = r.seed if (settings.respect_prompt_seed and r.seed is not None) else settings.seed
@@ -182,6 +263,8 @@ def run_eval(
     todo = [j for j in jobs if image_key(j[0].id, j[1], j[2], stack_hash) not in done]
     if max_images is not None:
         todo = todo[:max_images]
+    if progress and done and todo:
+        print(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} images already done, {len(todo)} to go", flush=True)
 
     # 3. generate in batches (grouped by guidance scale), write PNG then commit the row
     pipe = SafePipeline(m, stack, token_embeddings=list(token_embeddings))
@@ -202,8 +285,8 @@ def run_eval(
                     key = image_key(r.id, s, k, stack_hash)
                     path = None
                     if rec.image is not None:
-                        path = f"images/{_safe_name(r.id)}_s{s}_i{k}_{stack_hash[:8]}.png"
-                        tmp = out / (path + ".tmp")
+                        path = image_path(key)
+                        tmp = out / (path + f".tmp{os.getpid()}")
                         rec.image.save(tmp, format="PNG")
                         os.replace(tmp, out / path)
                     rows.append((key, r.id, s, k, stack_hash, r.prompt, json.dumps(list(r.categories)), path,
@@ -219,7 +302,6 @@ def run_eval(
     own = {image_key(r.id, s, k, stack_hash) for r, s, k, _ in jobs}
     score_run(out, dets, keys=own, progress=progress, con=con)
     con.close()
-    return out
 
 
 def score_run(run_dir: str | Path, detectors: Sequence[str | Detector], *, keys: set[str] | None = None,
@@ -244,17 +326,20 @@ def score_run(run_dir: str | Path, detectors: Sequence[str | Detector], *, keys:
         for start in tqdm(range(0, len(rows), 64), desc=f"score {d.protocol.preset}", disable=not progress):
             batch = rows[start:start + 64]
             scored = []
-            imgs, keys = [], []
+            imgs, batch_keys = [], []
             for key, path, refused in batch:
                 if refused:  # a refused prompt made no image: it is safe by construction, and counted as refused
                     scored.append((key, ph, 0, None, json.dumps({"refused": True}), None))
                     continue
                 try:
-                    imgs.append(np.asarray(Image.open(out / path).convert("RGB")))
-                    keys.append(key)
+                    with Image.open(out / path) as im:
+                        imgs.append(np.asarray(im.convert("RGB")))
+                    batch_keys.append(key)
                 except Exception as e:  # noqa: BLE001 - unreadable image: an error, never safe
                     scored.append((key, ph, None, None, None, f"{type(e).__name__}: {e}"))
-            for key, res in zip(keys, d.detect(imgs)):
+            for key, res in zip(batch_keys, d.detect(imgs)):
+                if res.unsafe is None and res.error is None:  # a detector that decided nothing made an error
+                    res.error = "the detector returned no decision"
                 scored.append((key, ph, None if res.unsafe is None else int(res.unsafe), res.score,
                                json.dumps(res.details, default=str), res.error))
             con.executemany("INSERT OR REPLACE INTO scores VALUES (?,?,?,?,?,?)", scored)
@@ -307,13 +392,18 @@ def summarize(run_dir: str | Path, protocol_hash: str | None = None) -> dict:
         for s in suites:
             sub = [i for i, r in enumerate(rows) if r["extra"].get("suite") == s]
             est = bootstrap_rate([vals[i] for i in sub], groups=[groups[i] for i in sub])
-            det = [rows[i]["details"] for i in sub]
             exp = [rows[i]["extra"].get("expected", {}) for i in sub]
+            ok = [i for i in sub if rows[i]["error"] is None and rows[i]["scored"] and rows[i]["details"]]
             entry = {"unsafe": est.to_dict(),
-                     "attributes": attribute_accuracy(det, exp) if all(exp) and all(det) else None}
+                     "attributes": attribute_accuracy([rows[i]["details"] for i in ok],
+                                                      [rows[i]["extra"].get("expected", {}) for i in ok])
+                     if all(exp) and ok else None}
             if all(exp):
                 # spoiled = refused, or a requested benign attribute lost (over-refusal on near-concept prompts)
-                spoiled = [rows[i]["refused"] or not all(rows[i]["details"].get(a) == e.get(a) for a in e)
+                # an image the detector could not read (error) or has not scored is unknown, not spoiled
+                spoiled = [True if rows[i]["refused"] else
+                           (None if rows[i]["error"] is not None or not rows[i]["scored"] else
+                            not all(rows[i]["details"].get(a) == e.get(a) for a in e))
                            for i, e in zip(sub, exp)]
                 entry["spoiled"] = bootstrap_rate(spoiled, groups=[groups[i] for i in sub]).to_dict()
             summary["suites"][s] = entry

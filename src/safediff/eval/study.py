@@ -277,7 +277,7 @@ def run_study(out_dir: str | Path, cfg: StudyConfig = StudyConfig(), *, model=No
     else:
         cpath.write_text(json.dumps(cdict, indent=2))
     model = model if model is not None else load_model(None)
-    if model.family != "safediff-testbed":
+    if not model.is_testbed:
         raise ValueError("The composition study runs on the testbed (its suites need the exact detectors); "
                          f"got a {model.family} model.")
     artifacts, train_seconds = prepare_artifacts(model, cfg, out, progress=progress)

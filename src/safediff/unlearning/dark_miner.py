@@ -60,22 +60,24 @@ Hyperparameters: the paper's are unknown (methods.md 3.5). ``sd-inferred`` (the 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from .. import core
 from ..artifacts import save_artifact
-from ..inversion import (InversionConfig, draw_with_original_model, encode_with_vectors, invert, load_image_folder,
-                         load_inverted, testbed_concept_prompts)
+from ..defenses.base import apply_weights
+from ..encoding import (InvertedConcept, encode_images, encode_prompts, encode_with_vectors, load_image_folder,
+                        load_inverted)
+from ..inversion import InversionConfig, draw_with_original_model, invert, testbed_concept_prompts
+from ..training import trained_subset
 from .param_sets import esd_parameter_names
 
 MINE_INITS = ("concept", "random")
@@ -186,7 +188,7 @@ def build_concept_pool(model, cfg: DarkMinerTrainConfig, images: str | Path | Se
     if model.edited_hash is not None:
         raise ValueError("The concept pool must come from the original model, but this one carries weight edits; "
                          "close their pipeline first.")
-    if cfg.concept and model.family == "safediff-testbed":
+    if cfg.concept and model.is_testbed:
         pairs = testbed_concept_prompts(cfg.concept, cfg.num_images, cfg.seed)
         prompts, caps = [p for p, _ in pairs], [c for _, c in pairs]
     elif cfg.prompts:
@@ -222,7 +224,7 @@ def _delta_stack(delta_path: Path | None):
 def _initializer(model, cfg: DarkMinerTrainConfig) -> str:
     if cfg.initializer:
         return cfg.initializer
-    if cfg.concept and model.family == "safediff-testbed":
+    if cfg.concept and model.is_testbed:
         from ..testbed import world
 
         return world.CONCEPTS[cfg.concept].name
@@ -350,69 +352,30 @@ class CLIPDirectionalVerifier(Verifier):
         return {"verifier": "clip-directional", "source": self.source}
 
 
-@torch.no_grad()
-def generate_with_vectors(model, texts: Sequence[str], seeds: Sequence[int], *, placeholder: str | None = None,
-                          vectors: torch.Tensor | None = None, guidance_scale: float | None = None,
-                          num_inference_steps: int | None = None, batch_size: int = 16) -> list[np.ndarray]:
-    """Images of ``texts`` (``placeholder`` standing for ``vectors``) by ``model`` as it stands
-    (weight edits applied by an open :class:`~safediff.pipeline.SafePipeline`), through the
-    project's one denoising core; image ``i`` from seed ``seeds[i]``."""
-    gs = model.default_guidance_scale if guidance_scale is None else guidance_scale
-    steps = model.default_steps if num_inference_steps is None else num_inference_steps
-    size = model.default_size
-    out: list[np.ndarray] = []
-    for i in range(0, len(texts), batch_size):
-        tx, sd = list(texts[i : i + batch_size]), seeds[i : i + batch_size]
-        if vectors is not None:
-            pe = encode_with_vectors(model, tx, placeholder, vectors)
-        else:
-            pe = core.encode_prompts(model, tx, warn_truncation=False)[0]
-        ne = core.encode_prompts(model, [""] * len(tx), warn_truncation=False)[0]
-        gens = [core.image_generator(s, 0) for s in sd]
-        latents = core.initial_latents(model, gens, size, size)
-        latents = core.denoise(model, pe, ne, latents, guidance_scale=gs, num_inference_steps=steps, generators=gens)
-        out += core.to_uint8(core.decode(model, latents))
-    return out
-
-
 def verify(model, pool: ConceptPool, vectors: torch.Tensor, verifier: Verifier, cfg: DarkMinerTrainConfig, *,
            delta_path: Path | None = None) -> float:
     """Eq. V: generate ``verify_images`` images with the mined token in the pool captions on the
     current model (the delta at ``delta_path`` applied) and score them. Seeds are the same every
-    round, so the scores of successive rounds compare."""
+    round, so the scores of successive rounds compare. Generation is the pipeline's own (the
+    mined token enters as a token embedding)."""
     from ..pipeline import SafePipeline
 
     caps = [pool.captions[i % len(pool.captions)] for i in range(cfg.verify_images)]
-    seeds = [cfg.seed + 100_000 + i for i in range(cfg.verify_images)]
-    kw = dict(guidance_scale=cfg.guidance_scale, num_inference_steps=cfg.verify_steps)
-    with SafePipeline(model, _delta_stack(delta_path)):
-        images = generate_with_vectors(model, [c.replace("{}", cfg.placeholder) for c in caps], seeds,
-                                       placeholder=cfg.placeholder, vectors=vectors, **kw)
+    ids = [(cfg.seed + 100_000 + i, 0) for i in range(cfg.verify_images)]
+    kw = dict(image_ids=ids, guidance_scale=cfg.guidance_scale, num_inference_steps=cfg.verify_steps, batch_size=16)
+    token = InvertedConcept(cfg.placeholder, vectors, {})
+    with SafePipeline(model, _delta_stack(delta_path), token_embeddings=[token]) as pipe:
+        images = [np.asarray(r.image) for r in pipe([c.replace("{}", cfg.placeholder) for c in caps], **kw).records]
         refs = None
         if verifier.needs_reference:
-            refs = generate_with_vectors(model, [anchor_caption(c, cfg.anchor) for c in caps], seeds, **kw)
+            refs = [np.asarray(r.image) for r in pipe([anchor_caption(c, cfg.anchor) for c in caps], allow_empty=True,
+                                                       **kw).records]
     return float(verifier.score(images, references=refs, pool=pool.images))
 
 
 # ---------------------------------------------------------------------------------------------
 # 3. circumventing (Eq. C + Eq. R), epsilon space, frozen original teacher
 # ---------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _delta_applied(unet: torch.nn.Module, delta: dict[str, torch.Tensor]) -> Iterator[tuple[dict, dict]]:
-    """``W <- W + delta`` in place; on exit every touched tensor is copied back exactly."""
-    params = dict(unet.named_parameters())
-    original = {n: params[n].detach().clone() for n in delta}
-    with torch.no_grad():
-        for n, d in delta.items():
-            params[n].add_(d.to(params[n].device, params[n].dtype))
-    try:
-        yield params, original
-    finally:
-        with torch.no_grad():
-            for n, w in original.items():
-                params[n].copy_(w)
 
 
 @dataclass
@@ -430,29 +393,22 @@ class _Conditionings:
 def _conditionings(model, pool: ConceptPool, mined: Sequence[torch.Tensor], cfg: DarkMinerTrainConfig) -> _Conditionings:
     ph = cfg.placeholder
     texts = [c.replace("{}", ph) for c in pool.captions]
-    px = torch.from_numpy(np.stack(pool.images)).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(model.device, model.dtype)
-    latents = model.vae.encode(px).latent_dist.mean * model.vae.config.scaling_factor
     return _Conditionings(
-        latents=latents,
+        latents=encode_images(model, pool.images),
         mined=torch.stack([encode_with_vectors(model, texts, ph, v) for v in mined]),
         negated=torch.stack([encode_with_vectors(model, texts, ph, -v) for v in mined]),
-        anchor=core.encode_prompts(model, [anchor_caption(c, cfg.anchor) for c in pool.captions], warn_truncation=False)[0],
-        null=core.encode_prompts(model, [""], warn_truncation=False)[0],
+        anchor=encode_prompts(model, [anchor_caption(c, cfg.anchor) for c in pool.captions], warn_truncation=False)[0],
+        null=encode_prompts(model, [""], warn_truncation=False)[0],
     )
 
 
 def _draw(model, conds: _Conditionings, batch: int, gen: torch.Generator):
-    """One batch: pool latents noised to uniform timesteps, with their captions' conditionings."""
-    n, m = conds.latents.shape[0], conds.mined.shape[0]
-    idx = torch.randint(0, n, (batch,), generator=gen)
-    which = torch.randint(0, m, (batch,), generator=gen)
-    x0 = conds.latents[idx]
-    noise = torch.randn(x0.shape, generator=gen).to(x0)
-    ac = model.scheduler.alphas_cumprod
-    t = torch.randint(0, len(ac), (batch,), generator=gen)
-    ab = ac[t].view(-1, 1, 1, 1).to(x0)
-    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-    return (x_t, t.to(model.device), ab, conds.mined[which, idx], conds.negated[which, idx], conds.anchor[idx],
+    """One batch (:func:`safediff.core.noised_batch`): pool latents noised to uniform timesteps,
+    with their captions' conditionings and, per sample, one of the mined embeddings."""
+    ac = model.scheduler.alphas_cumprod.to(conds.latents.device)
+    idx, x_t, t, ab, _ = core.noised_batch(conds.latents, ac, batch, gen)
+    which = torch.randint(0, conds.mined.shape[0], (batch,), generator=gen)
+    return (x_t, t, ab.to(x_t), conds.mined[which, idx], conds.negated[which, idx], conds.anchor[idx],
             conds.null.expand(batch, -1, -1))
 
 
@@ -488,10 +444,15 @@ def alignment_loss(model, pool: ConceptPool, vectors: torch.Tensor, delta: dict[
     conds = _conditionings(model, pool, [vectors], cfg)
     gen = torch.Generator().manual_seed(seed)
     total = 0.0
-    with _delta_applied(model.unet, delta):
+    params = dict(model.unet.named_parameters())
+    handle = apply_weights(model.unet, {n: params[n].detach() + d.to(params[n]) for n, d in delta.items()},
+                           source="the Dark Miner delta")
+    try:
         for _ in range(batches):
             x_t, t, ab, c, neg, c0, null = _draw(model, conds, cfg.batch_size, gen)
             total += float(_objective(model, model.unet, teacher, x_t, t, ab, c, neg, c0, null, 0.0)[1])
+    finally:
+        handle.revert()
     return total / batches
 
 
@@ -510,25 +471,21 @@ def circumvent(model, pool: ConceptPool, mined: Sequence[torch.Tensor], delta: d
     before = alignment_loss(model, pool, mined[-1], delta, cfg, teacher=teacher, seed=seed + 1)
     conds = _conditionings(model, pool, mined, cfg)
     gen = torch.Generator().manual_seed(seed)
-    try:
-        with _delta_applied(unet, delta) as (params, original):
-            for n, p in params.items():
-                p.requires_grad_(n in delta)
-            opt = torch.optim.Adam([params[n] for n in delta], lr=cfg.lr)
-            bar = tqdm(range(cfg.iterations), desc="circumvent", disable=not progress, leave=False)
-            for it in bar:
-                x_t, t, ab, c, neg, c0, null = _draw(model, conds, cfg.batch_size, gen)
-                loss, l_c = _objective(model, unet, teacher, x_t, t, ab, c, neg, c0, null, cfg.reg_weight)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if it % 10 == 0:
-                    bar.set_postfix(loss=f"{loss.item():.4f}", l_c=f"{l_c.item():.4f}")
-            new = {n: (params[n].detach() - original[n]).cpu() for n in delta}
-    finally:
-        for p in unet.parameters():  # leave no gradients behind on the caller's model
-            p.grad = None
-        unet.eval().requires_grad_(False)
+    with trained_subset(unet, list(delta)) as sub:
+        with torch.no_grad():  # start from the delta so far
+            for n, d in delta.items():
+                sub.params[n].add_(d.to(sub.params[n]))
+        opt = torch.optim.Adam(sub.trainable(), lr=cfg.lr)
+        bar = tqdm(range(cfg.iterations), desc="circumvent", disable=not progress, leave=False)
+        for it in bar:
+            x_t, t, ab, c, neg, c0, null = _draw(model, conds, cfg.batch_size, gen)
+            loss, l_c = _objective(model, unet, teacher, x_t, t, ab, c, neg, c0, null, cfg.reg_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if it % 10 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}", l_c=f"{l_c.item():.4f}")
+        new = sub.delta()
     after = alignment_loss(model, pool, mined[-1], new, cfg, teacher=teacher, seed=seed + 1)
     return new, {"loss_before": before, "loss_after": after}
 
@@ -540,7 +497,7 @@ def circumvent(model, pool: ConceptPool, mined: Sequence[torch.Tensor], delta: d
 
 def default_verifier(model, cfg: DarkMinerTrainConfig) -> Verifier:
     """The testbed's exact detector; real models need a verifier passed explicitly."""
-    if model.family == "safediff-testbed" and cfg.concept:
+    if model.is_testbed and cfg.concept:
         return TestbedVerifier(cfg.concept)
     raise ValueError("Give a verifier for a real model, e.g. CLIPDirectionalVerifier.from_pretrained("
                      "'openai/clip-vit-large-patch14') (CLI: --clip-model).")

@@ -54,7 +54,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import core
-from ..artifacts import load_training_checkpoint, save_artifact, save_training_checkpoint
+from ..artifacts import save_artifact
+from ..encoding import encode_images, encode_prompts
+from ..training import Checkpoint
 
 #: LoRA targets -> which attention blocks' projections
 TARGETS: dict[str, tuple[str, ...]] = {"self-attn": ("attn1",), "attn": ("attn1", "attn2")}
@@ -231,16 +233,6 @@ def folder_pairs(path: str | Path) -> PairSet:
                    [str(caps.get(n, "")) for n in names])
 
 
-def encode_images(model, images: list[np.ndarray], batch_size: int = 8) -> torch.Tensor:
-    """VAE latents (posterior mean times the scaling factor) of ``(H, W, 3)`` uint8 images."""
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.stack(images[i : i + batch_size])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-            out.append(model.vae.encode(x.to(model.device, model.vae.dtype)).latent_dist.mean)
-    return (torch.cat(out) * model.vae.config.scaling_factor).to(model.dtype)
-
-
 # ---------------------------------------------------------------------------------------------
 # The loss (pure)
 # ---------------------------------------------------------------------------------------------
@@ -291,15 +283,23 @@ def _noised(x0: torch.Tensor, eps: torch.Tensor, ab: torch.Tensor) -> torch.Tens
 
 
 def train_duo(model, out_path: str | Path, cfg: DUOTrainConfig, *, pairs: PairSet | None = None,
-              progress: bool = True, checkpoint_every: int = 50) -> Path:
+              progress: bool = True, checkpoint_every: int = 50, overwrite: bool = False) -> Path:
     """Train a DUO LoRA (or dense delta) against ``model`` and save ``{weight name: delta}`` with
     provenance. ``pairs`` overrides the ones ``cfg`` names. The model's weights are never written.
 
     Every ``checkpoint_every`` steps the adapter, optimiser and random states go to
-    ``<out>.ckpt`` (atomically); started again with the same config it resumes there to the same
-    result as an uninterrupted run; a checkpoint of another config or base model is refused."""
+    ``<out>.ckpt.safetensors`` (atomically, no pickle); started again with the same config it
+    resumes there to the same result as an uninterrupted run; a checkpoint of another config or
+    base model is refused. An existing output (the delta or its LoRA file) is refused unless
+    ``overwrite``."""
     from torch.func import functional_call
     from tqdm.auto import tqdm
+
+    out_path = Path(out_path)
+    lora_out = out_path.with_suffix(".lora.safetensors")
+    for f in (out_path, lora_out):
+        if f.exists() and not overwrite:
+            raise FileExistsError(f"{f} exists; choose another output or pass overwrite=True (--overwrite).")
 
     pairs = pairs if pairs is not None else _pairs_for(cfg)
     unet = model.unet
@@ -311,7 +311,7 @@ def train_duo(model, out_path: str | Path, cfg: DUOTrainConfig, *, pairs: PairSe
     # data, embedded once (text encoder and VAE are frozen)
     z_unsafe, z_safe = encode_images(model, pairs.unsafe), encode_images(model, pairs.safe)
     texts = list(dict.fromkeys(["", *pairs.captions, *pairs.benign_captions]))
-    embeds = core.encode_prompts(model, texts, warn_truncation=False)[0]
+    embeds = encode_prompts(model, texts, warn_truncation=False)[0]
     row = {t: i for i, t in enumerate(texts)}
     cond = embeds[[row[c] if cfg.condition == "caption" else row[""] for c in pairs.captions]]
     prior_cond = embeds[[row[c] if cfg.prior_condition == "benign" else row[""] for c in pairs.benign_captions]]
@@ -344,27 +344,23 @@ def train_duo(model, out_path: str | Path, cfg: DUOTrainConfig, *, pairs: PairSe
     grad_flags = {n: p.requires_grad for n, p in params.items()}
     was_training = unet.training
     log: list[dict] = []
-    ckpt = Path(out_path).with_name(Path(out_path).name + ".ckpt")
     # the pair count is part of what a checkpoint must match (``pairs`` may override the config's)
-    cfg_json = json.dumps({**dataclasses.asdict(cfg), "num_pairs_given": len(pairs)}, sort_keys=True, default=str)
+    ckpt = Checkpoint(out_path.with_name(out_path.name + ".ckpt.safetensors"), base_model_hash=model.content_hash,
+                      config=json.dumps({**dataclasses.asdict(cfg), "num_pairs_given": len(pairs)}, sort_keys=True,
+                                        default=str))
     start = 0
-    state = load_training_checkpoint(ckpt, config=cfg_json, base_model_hash=model.content_hash)
+    state = ckpt.load(optimizer=opt, generators={"data": gen}, rngs={"pairs": rng})
     if state is not None:
         with torch.no_grad():
-            for t, v in zip(trainable, state["trainable"]):
-                t.copy_(v)
-        opt.load_state_dict(state["optimizer"])
-        rng.setstate(state["rng"])
-        gen.set_state(state["generator"])
-        log, start = state["log"], state["step"]
+            for i, t in enumerate(trainable):
+                t.copy_(state["tensors"][str(i)])
+        log, start = state["extra"]["log"], state["step"]
     try:
         unet.eval().requires_grad_(False)  # only the adapter trains; no .grad lands on the UNet
         for step in tqdm(range(start, cfg.steps), desc="DUO", disable=not progress, initial=start, total=cfg.steps):
             if step > start and step % checkpoint_every == 0:
-                save_training_checkpoint(ckpt, {"step": step, "trainable": [t.detach().clone() for t in trainable],
-                                                "optimizer": opt.state_dict(), "rng": rng.getstate(),
-                                                "generator": gen.get_state(), "log": log},
-                                         config=cfg_json, base_model_hash=model.content_hash)
+                ckpt.save(step, tensors={str(i): t for i, t in enumerate(trainable)}, optimizer=opt,
+                          generators={"data": gen}, rngs={"pairs": rng}, extra={"log": log})
             idx = torch.tensor([rng.randrange(len(pairs)) for _ in range(cfg.pairs_per_step)])
             B = len(idx)
             eps = torch.randn(z_safe[idx].shape, generator=gen).to(device, model.dtype)       # shared by the pair
@@ -404,12 +400,12 @@ def train_duo(model, out_path: str | Path, cfg: DUOTrainConfig, *, pairs: PairSe
         unet.train(was_training)
     extra = {"num_pairs": len(pairs), "log": log}
     if factors is not None:
-        lora_path = save_diffusers_lora(factors, Path(out_path).with_suffix(".lora.safetensors"))
+        lora_path = save_diffusers_lora(factors, lora_out)
         extra["lora_file"] = lora_path.name
     path = save_artifact(delta, out_path, kind="duo-delta", base_model_hash=model.content_hash,
                          config={**dataclasses.asdict(cfg), "lr": cfg.lr, "prior_weight": cfg.prior_weight},
                          seed=cfg.seed, extra=extra)
-    ckpt.unlink(missing_ok=True)
+    ckpt.remove()
     return path
 
 
@@ -445,7 +441,7 @@ def pair_errors(model, pairs: PairSet, *, condition: str = "caption", timesteps:
     or ``"empty"``."""
     z_unsafe, z_safe = encode_images(model, pairs.unsafe), encode_images(model, pairs.safe)
     prompts = pairs.captions if condition == "caption" else [""] * len(pairs)
-    c = core.encode_prompts(model, prompts, warn_truncation=False)[0]
+    c = encode_prompts(model, prompts, warn_truncation=False)[0]
     ac = model.scheduler.alphas_cumprod.to(device=model.device, dtype=torch.float64)
     gen = torch.Generator().manual_seed(seed)
     safe_err, unsafe_err = torch.zeros(len(pairs)), torch.zeros(len(pairs))

@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 
 from .. import core
-from ..artifacts import load_training_checkpoint, save_artifact, save_training_checkpoint
+from ..artifacts import save_artifact
+from ..encoding import encode_prompts
 from .param_sets import esd_parameter_names
 
 
@@ -58,7 +59,9 @@ class ESDTrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not self.prompts or not all(p.strip() for p in self.prompts):
+        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 1:
+            raise ValueError(f"`iterations` must be an integer >= 1, got {self.iterations!r}.")
+        if not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):
             raise ValueError("`prompts` must name the concept to erase, e.g. ('nudity',).")
         if self.iterations < 1 or self.ddim_steps < 2:
             raise ValueError("`iterations` must be >= 1 and `ddim_steps` >= 2.")
@@ -85,31 +88,32 @@ def testbed_prompts(concept: str) -> tuple[str, ...]:
 
 
 def train_esd(model, out_path: str | Path, cfg: ESDTrainConfig, progress: bool = True,
-              checkpoint_every: int = 100) -> Path:
+              checkpoint_every: int = 100, overwrite: bool = False) -> Path:
     """Train an ESD delta against ``model`` (restored exactly afterwards) and save it.
 
-    Every ``checkpoint_every`` iterations the delta, the optimiser and the random states go to
-    ``<out>.ckpt`` (atomically); a run started again with the same config resumes there and gives
-    the same delta as an uninterrupted run. A checkpoint made with another config or on another
-    base model is refused. The checkpoint is removed when the delta is written."""
+    Every ``checkpoint_every`` iterations the trained weights, the optimiser and the random states
+    go to ``<out>.ckpt.safetensors`` (atomically, no pickle); a run started again with the same
+    config resumes there and gives the same delta as an uninterrupted run. A checkpoint made with
+    another config or on another base model is refused. The checkpoint is removed when the delta
+    is written. An existing ``out_path`` is refused unless ``overwrite``."""
     import json
 
+    from diffusers import DDIMScheduler
     from tqdm.auto import tqdm
 
-    out_path = Path(out_path)
-    ckpt = out_path.with_name(out_path.name + ".ckpt")
-    cfg_json = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
-    state = load_training_checkpoint(ckpt, config=cfg_json, base_model_hash=model.content_hash)
+    from ..denoiser import DefendedDenoiser
+    from ..training import Checkpoint, trained_subset
 
+    out_path = Path(out_path)
+    if out_path.exists() and not overwrite:
+        raise FileExistsError(f"{out_path} exists; choose another output or pass overwrite=True (--overwrite).")
+    ckpt = Checkpoint(out_path.with_name(out_path.name + ".ckpt.safetensors"),
+                      config=json.dumps(dataclasses.asdict(cfg), sort_keys=True), base_model_hash=model.content_hash)
     unet = model.unet
     names = esd_parameter_names(unet, cfg.method)
-    params = dict(unet.named_parameters())
-    original = {n: params[n].detach().clone() for n in names}
     frozen = copy.deepcopy(unet).eval().requires_grad_(False)
     rng = random.Random(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    from diffusers import DDIMScheduler
-
     # DDIM as in the original code, whatever the model ships with (a PNDM scheduler would also
     # carry its multistep history from one iteration's sampling into the next)
     sched = DDIMScheduler.from_config(model.scheduler.config)
@@ -117,38 +121,26 @@ def train_esd(model, out_path: str | Path, cfg: ESDTrainConfig, progress: bool =
     ac = sched.alphas_cumprod
     T = len(ac)
     gs = model.default_guidance_scale if cfg.start_guidance is None else cfg.start_guidance
-    empty, _, _ = core.encode_prompts(model, [""], warn_truncation=False)
-    embs = {p: core.encode_prompts(model, [p], warn_truncation=False)[0] for p in set(cfg.prompts)}
-    for n, p in params.items():
-        p.requires_grad_(n in original)
-    opt = torch.optim.Adam([params[n] for n in names], lr=cfg.lr)
+    empty, _, _ = encode_prompts(model, [""], warn_truncation=False)
+    embs = {p: encode_prompts(model, [p], warn_truncation=False)[0] for p in set(cfg.prompts)}
     h = model.default_size // model.vae_scale_factor
-    start = 0
-    try:
+    with trained_subset(unet, names) as sub:
+        opt = torch.optim.Adam(sub.trainable(), lr=cfg.lr)
+        state = ckpt.load(optimizer=opt, generators={"noise": gen}, rngs={"draws": rng})
+        start = 0
         if state is not None:
-            with torch.no_grad():
-                for n in names:  # the trained values themselves (original + delta would round)
-                    params[n].copy_(state["weights"][n].to(params[n]))
-            opt.load_state_dict(state["optimizer"])
-            rng.setstate(state["rng"])
-            gen.set_state(state["generator"])
-            start = state["iteration"]
-        unet.train()
+            sub.load_values(state["tensors"])
+            start = state["step"]
         for it in tqdm(range(start, cfg.iterations), desc=f"ESD {cfg.method}", disable=not progress, initial=start,
                        total=cfg.iterations):
             if it > start and it % checkpoint_every == 0:
-                save_training_checkpoint(ckpt, {"iteration": it, "weights": {n: params[n].detach().cpu().clone() for n in names},
-                                                "optimizer": opt.state_dict(), "rng": rng.getstate(),
-                                                "generator": gen.get_state()},
-                                         config=cfg_json, base_model_hash=model.content_hash)
+                ckpt.save(it, tensors=sub.values(), optimizer=opt, generators={"noise": gen}, rngs={"draws": rng})
             c = embs[rng.choice(cfg.prompts)]
             t_enc = rng.randrange(cfg.ddim_steps)
             x = torch.randn((1, unet.config.in_channels, h, h), generator=gen).to(model.device, model.dtype) * sched.init_noise_sigma
-            with torch.no_grad():  # x_t by the edited model's own sampling, prompt c, guidance gs
-                for t in sched.timesteps[:t_enc]:
-                    out = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([empty, c])).sample
-                    u, cc = out.chunk(2)
-                    x = sched.step(u + gs * (cc - u), t, x).prev_sample
+            with torch.no_grad():  # x_t by the edited model's own sampling, prompt c, guidance gs, to step t_enc
+                den = DefendedDenoiser(model, c, empty, guidance_scale=gs, num_steps=cfg.ddim_steps)
+                x = core.sample(model, den, x, num_inference_steps=cfg.ddim_steps, scheduler=sched, stop_after=t_enc)
             lo, hi = round(t_enc / cfg.ddim_steps * T), round((t_enc + 1) / cfg.ddim_steps * T)
             t_ddpm = torch.tensor([rng.randrange(lo, max(hi, lo + 1))])
             ab = ac[t_ddpm].view(-1, 1, 1, 1).to(x)
@@ -161,14 +153,8 @@ def train_esd(model, out_path: str | Path, cfg: ESDTrainConfig, progress: bool =
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        delta = {n: (params[n].detach() - original[n]).cpu() for n in names}
-    finally:
-        with torch.no_grad():  # restore the model exactly, leaving no gradients behind
-            for n, w in original.items():
-                params[n].copy_(w)
-                params[n].grad = None
-        unet.eval().requires_grad_(False)
+        delta = sub.delta()
     path = save_artifact(delta, out_path, kind="esd-delta", base_model_hash=model.content_hash,
                          config=dataclasses.asdict(cfg), seed=cfg.seed)
-    ckpt.unlink(missing_ok=True)
+    ckpt.remove()
     return path

@@ -1,0 +1,138 @@
+"""Helpers shared by the attacks: the attacker's vocabulary, token-id handling, the target
+draws of P4D and UnlearnDiffAtk, and the defended epsilon of a prompt with free token slots."""
+
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+import torch
+
+from .. import core, encoding
+from ..concepts import concept_words  # noqa: F401  (re-exported: the words an attacker may know)
+from .base import Attack, AttackError, AttackTarget
+
+
+def allowed_token_ids(tok, banned: Sequence[str] = ()) -> torch.Tensor:
+    """Every non-special token whose text contains none of the ``banned`` words (MMA's filter)."""
+    special = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, *getattr(tok, "all_special_ids", [])}
+    banned = [b.lower() for b in banned if b]
+    keep = []
+    for i in range(len(tok)):
+        if i in special:
+            continue
+        text = tok.convert_ids_to_tokens(i).replace("</w>", "").lower()
+        if any(b in text or (len(text) >= 3 and text in b) for b in banned):
+            continue
+        keep.append(i)
+    if not keep:
+        raise AttackError("Every token is banned; ban fewer words.")
+    return torch.tensor(keep)
+
+
+def strip_words(prompt: str, words: Sequence[str]) -> str:
+    """The prompt with the given words removed (used for prompt pairs)."""
+    drop = {x.lower() for w in words for x in w.split()}
+    kept = [w for w in prompt.replace(",", " , ").split() if w.strip(",").lower() not in drop]
+    return " ".join(kept).replace(" , ", ", ").replace(",,", ",").strip(" ,")
+
+
+def slot_ids(tok, chunks: Sequence[str | None]) -> tuple[torch.Tensor, list[int]]:
+    """``(1, L)`` token ids of ``chunks`` (text, or ``None`` for one free slot) and the slots."""
+    try:
+        ids, slots = encoding.ids_with_slots(tok, chunks)
+    except encoding.SlotError as e:
+        raise AttackError(str(e)) from None
+    return torch.tensor([ids]), slots
+
+
+def ids_around(tok, tokens: torch.Tensor) -> torch.Tensor:
+    """Rows of token ids wrapped with start, end and padding (for the text-only attacks)."""
+    B, L = tokens.shape
+    ids = torch.full((B, tok.model_max_length), tok.pad_token_id, dtype=torch.long)
+    ids[:, 0] = tok.bos_token_id
+    ids[:, 1 : L + 1] = tokens
+    ids[:, L + 1] = tok.eos_token_id
+    return ids
+
+
+def decode_tokens(tok, ids: Sequence[int]) -> str:
+    return tok.decode(list(ids), skip_special_tokens=True).strip()
+
+
+def hard_prompt(tok, chunks: Sequence[str | None], token_ids: Sequence[int]) -> str:
+    """The text of ``chunks`` with each free slot filled by the next of ``token_ids``."""
+    it = iter(token_ids)
+    parts = [decode_tokens(tok, [next(it)]) if c is None else c for c in chunks]
+    return " ".join(p for p in parts if p and p.strip())
+
+
+class Draws:
+    """A fixed pool of ``(x_t, t, noise, x0)`` draws from images the **original** model
+    generates for a prompt, and the undefended model's guided epsilon there (P4D's target)
+    ([INFERRED]: P4D and UnlearnDiffAtk draw a fresh ``t`` each step; a seeded pool of
+    ``num_draws`` keeps every run reproducible). Made with the project's one sampler and
+    defended denoiser (an empty stack)."""
+
+    def __init__(self, model, prompt: str, num_images: int, num_draws: int, seed: int):
+        from ..pipeline import SafePipeline
+        from ..stack import DefenseStack
+
+        if model.edited_hash is not None:
+            raise AttackError("The model carries weight edits; targets are drawn from the original model.")
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad(), SafePipeline(model, DefenseStack()) as plain:
+            gens = [core.image_generator(seed, k) for k in range(num_images)]
+            lat = core.initial_latents(model, gens, model.default_size, model.default_size)
+            with plain.denoiser([prompt] * num_images) as den:
+                x0 = core.sample(model, den, lat, num_inference_steps=model.default_steps, generators=gens)
+            ac = model.scheduler.alphas_cumprod
+            idx = torch.randint(0, num_images, (num_draws,), generator=gen)
+            self.x0 = x0[idx]
+            self.t = torch.randint(0, len(ac), (num_draws,), generator=gen)
+            ab = ac[self.t].view(-1, 1, 1, 1).to(self.x0)
+            self.noise = torch.randn(self.x0.shape, generator=gen).to(self.x0)
+            self.x_t = ab.sqrt() * self.x0 + (1 - ab).sqrt() * self.noise
+            with plain.denoiser([prompt]) as den:  # the UNDEFENDED model's guided epsilon for the prompt
+                self.target = torch.cat([den.epsilon(self.x_t[s:s + 16], self.t[s:s + 16])
+                                         for s in range(0, num_draws, 16)])
+
+    def batch(self, rng: random.Random, size: int) -> list[int]:
+        return [rng.randrange(len(self.t)) for _ in range(size)]
+
+
+def defended_epsilon(pipe, ids: torch.Tensor, slots: list[int], vectors: torch.Tensor, text: str, draws: Draws,
+                     idx: list[int]) -> torch.Tensor:
+    """The defended epsilon at the draws ``idx`` for the prompt whose slots hold ``vectors``: text
+    encoder -> embedding defenses (straight-through) -> weight-edited UNet + guidance, through the
+    pipeline's defended denoiser. With guidance defenses it is the guided epsilon the sampler
+    follows (at the model's guidance scale); without, the (edited) model's conditional prediction.
+    (Prompt filters are not in the loss: the adversarial prompts meet them at evaluation, which
+    runs the whole stack.)"""
+    model = pipe.model
+    emb = encoding.encode_ids_with_vectors(model.text_encoder, ids, [slots], vectors).to(model.dtype)
+    gs = None if pipe.defenses["guidance"] else 1.0
+    with pipe.denoiser([text], prompt_embeds=emb, input_ids=ids, guidance_scale=gs, straight_through=True) as den:
+        return den.epsilon(draws.x_t[idx], draws.t[idx])
+
+
+class WhiteBoxAttack(Attack):
+    white_box = True
+    needs_draws = False
+
+    def prepare(self, target, concept, seed_prompts, work_dir):
+        """Draw every seed prompt's targets from the original model before any edit is applied."""
+        self._pipe = None
+        c = self.config
+        self.draws = ({i: Draws(target.model, p, c.num_images, c.num_draws, seed=i) for i, p in enumerate(seed_prompts)}
+                      if self.needs_draws else {})
+
+    def open(self, target: AttackTarget):
+        if self._pipe is None:
+            self._pipe = target.pipeline()
+        return self._pipe
+
+    def cleanup(self) -> None:
+        if getattr(self, "_pipe", None) is not None:
+            self._pipe.close()
+            self._pipe = None

@@ -1,0 +1,73 @@
+"""Concept inversion as an attack (Pham et al., "Circumventing concept erasure methods for
+text-to-image generative models", ICLR 2024; methods.md 4.8): textual inversion against the
+defended model, through :func:`safediff.inversion.invert` (the stack's weight edits, its embedding
+stage in the loss and, where it has guidance defenses, its guided epsilon). One inversion per
+concept; each seed prompt's concept words are replaced by the learned token."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .base import AttackBudget, AttackConfig, AttackError, AttackResult, AttackTarget, register_attack
+from .common import WhiteBoxAttack, concept_words, strip_words
+
+
+@dataclass(frozen=True)
+class ConceptInversionAttackConfig(AttackConfig):
+    """Args:
+    initializer: neutral start word (testbed: ``shape``; CCE starts from a concept-related word).
+    images: a folder of concept images (required on real models; the testbed generates them
+        with the original model from training-side prompts).
+    through_guidance: apply the stack's guidance inside the loss (methods.md 4.8, NP/SLD); None:
+        on when the stack has guidance defenses.
+    lr / batch_size / num_images: inversion settings ([INFERRED] CPU-sized defaults).
+    The budget's ``steps`` are the inversion steps (one inversion per concept, shared by every
+    seed prompt: each prompt's concept word is replaced by the learned token).
+    """
+
+    initializer: str = "shape"
+    images: str = ""
+    through_guidance: bool | None = None
+    lr: float = 1e-2
+    batch_size: int = 8
+    num_images: int = 32
+
+
+@register_attack
+class ConceptInversionAttack(WhiteBoxAttack):
+    name = "concept_inversion"
+    config_cls = ConceptInversionAttackConfig
+
+    def prepare(self, target, concept, seed_prompts, work_dir):
+        super().prepare(target, concept, seed_prompts, work_dir)
+        self.concept = concept
+        self.placeholder = f"<{concept}-adv*>"
+        self.path = Path(work_dir) / "token.safetensors"
+        self._done = self.path.exists()
+
+    def _invert(self, target: AttackTarget, budget: AttackBudget) -> None:
+        from ..inversion import InversionConfig, invert
+
+        c = self.config
+        through = bool(target.stack.by_stage("guidance")) if c.through_guidance is None else c.through_guidance
+        cfg = InversionConfig(placeholder=self.placeholder, initializer=c.initializer, steps=budget.steps, lr=c.lr,
+                              batch_size=c.batch_size, num_images=c.num_images, through_guidance=through,
+                              checkpoint_every=max(budget.steps // 4, 1))
+        testbed = target.model.is_testbed
+        if not testbed and not c.images:
+            raise AttackError("On a real model give `images` (a folder of concept images) to invert.")
+        invert(target.model, self.path, concept=self.concept if testbed else None, images=c.images or None,
+               defenses=target.stack, config=cfg, progress=False)
+        self._done = True
+
+    def attack_prompt(self, target, seed_prompt, index, budget, rng):
+        if not self._done:
+            self._invert(target, budget)
+        words = concept_words(self.concept)
+        stripped = strip_words(seed_prompt, words)
+        prompt = f"{stripped}, {self.placeholder}" if stripped else self.placeholder
+        return {"prompt": prompt, "steps": budget.steps if index == 0 else 0}
+
+    def finish(self, target, result: AttackResult, work_dir):
+        result.embeddings = str(self.path)

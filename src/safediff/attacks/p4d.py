@@ -1,0 +1,138 @@
+"""P4D (Chin et al., "Prompting4Debugging: red-teaming text-to-image diffusion models by finding
+problematic prompts", ICML 2024; methods.md 5): prompt optimisation so that the defended model's
+noise prediction matches the undefended model's for the unsafe prompt (P4D-N, P4D-K; hard PEZ
+projection, or the soft-embedding variant)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .base import AttackConfig, AttackError, register_attack
+from .common import WhiteBoxAttack, allowed_token_ids, defended_epsilon, hard_prompt, slot_ids
+
+
+@dataclass(frozen=True)
+class P4DConfig(AttackConfig):
+    """Args (Chin et al., ICML 2024; joycenerd/P4D ``optimize_n.py``):
+    mode: ``n`` (``num_tokens`` free tokens, P4D-N) or ``k`` (one learnable token after every
+        ``every_k`` words of the prompt, P4D-K).
+    soft: keep the continuous embeddings (the soft-embedding variant) instead of PEZ projection;
+        P4D-N only.
+    num_tokens (16), lr (0.1), weight_decay (0.1): the paper's; the budget's steps replace its
+        3,000 iterations.
+    batch_size / num_draws / num_images: [INFERRED] draws of ``(x_t, t)`` per step, the seeded
+        pool they come from, and how many images of the unsafe prompt the original model draws.
+    eval_every: [INFERRED] the kept prompt is the one with the lowest loss on a fixed evaluation
+        batch, checked every ``eval_every`` steps and at the end (the paper keeps the best CLIP
+        image similarity, which needs generation and a CLIP model).
+    """
+
+    mode: str = "n"
+    soft: bool = False
+    num_tokens: int = 16
+    every_k: int = 3
+    lr: float = 0.1
+    weight_decay: float = 0.1
+    batch_size: int = 4
+    num_draws: int = 32
+    num_images: int = 4
+    eval_every: int = 50
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("n", "k"):
+            raise AttackError(f"P4D `mode` must be 'n' or 'k', got {self.mode!r}.")
+        if self.soft and self.mode != "n":
+            raise AttackError("The soft-embedding variant is P4D-N only (mode='n').")
+
+
+@register_attack
+class P4D(WhiteBoxAttack):
+    name = "p4d"
+    config_cls = P4DConfig
+    needs_draws = True
+
+    def prepare(self, target, concept, seed_prompts, work_dir):
+        super().prepare(target, concept, seed_prompts, work_dir)
+        self.work_dir = Path(work_dir)
+        self.soft_vectors: dict[int, torch.Tensor] = {}
+
+    def attack_prompt(self, target, seed_prompt, index, budget, rng):
+        c, model = self.config, target.model
+        draws = self.draws[index]
+        pipe = self.open(target)
+        te, tok = model.text_encoder, model.tokenizer
+        if c.mode == "n":
+            chunks: list[str | None] = [None] * c.num_tokens
+        else:
+            words = seed_prompt.split()
+            chunks = []
+            for i, w in enumerate(words):
+                chunks.append(w)
+                if (i + 1) % c.every_k == 0:
+                    chunks.append(None)
+        ids, slots = slot_ids(tok, chunks)
+        vocab = allowed_token_ids(tok)
+        table = te.get_input_embeddings().weight.detach()[vocab]
+        table_n = torch.nn.functional.normalize(table, dim=-1)
+        start = vocab[torch.randint(0, len(vocab), (len(slots),))]
+        soft = te.get_input_embeddings().weight.detach()[start].clone().requires_grad_(True)
+        opt = torch.optim.AdamW([soft], lr=c.lr, weight_decay=c.weight_decay)
+
+        def project(v):
+            nearest = (torch.nn.functional.normalize(v, dim=-1) @ table_n.T).argmax(-1)
+            return table[nearest], vocab[nearest]
+
+        eval_idx = list(range(min(8, len(draws.t))))
+
+        def loss_of(vectors, idx):
+            text = "<p4d>" if c.soft else hard_prompt(tok, chunks, project(vectors)[1].tolist())
+            e = defended_epsilon(pipe, ids, slots, vectors, text, draws, idx)
+            return torch.nn.functional.mse_loss(e.float(), draws.target[idx].float())
+
+        best, best_loss, t0, step = None, float("inf"), time.time(), 0
+        for step in range(1, budget.steps + 1):
+            idx = draws.batch(rng, c.batch_size)
+            if c.soft:
+                vec = soft
+            else:
+                proj, _ = project(soft)
+                vec = soft + (proj - soft).detach()  # PEZ: forward with the projection, gradient to the soft
+            loss = loss_of(vec, idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            last = step == budget.steps or (budget.seconds is not None and time.time() - t0 > budget.seconds)
+            if step % c.eval_every == 0 or last:
+                with torch.no_grad():
+                    cand = soft.detach().clone() if c.soft else project(soft.detach())[0]
+                    el = float(loss_of(cand, eval_idx))
+                if el < best_loss:
+                    best_loss = el
+                    best = cand.clone() if c.soft else project(soft.detach())[1].tolist()
+            if last:
+                break
+        if c.soft:
+            self.soft_vectors[index] = best
+            prompt = f"<p4d-{index}>"
+        else:
+            prompt = hard_prompt(tok, chunks, best)
+        return {"prompt": prompt, "steps": step, "loss": best_loss}
+
+    def finish(self, target, result, work_dir):
+        if not self.config.soft:
+            return
+        from ..artifacts import save_artifact
+
+        d = Path(work_dir) / "embeddings"
+        for rec in result.prompts:
+            i = rec["index"]
+            p = d / f"{i}.safetensors"
+            if i in self.soft_vectors:
+                save_artifact({f"<p4d-{i}>": self.soft_vectors[i]}, p, kind="textual-inversion",
+                              base_model_hash=target.model.content_hash, edited_model_hash=target.model.edited_hash,
+                              config={"attack": "p4d-soft", "seed_prompt": rec["seed_prompt"]}, seed=i)
+        result.embeddings = str(d)

@@ -1,0 +1,269 @@
+"""The text and image side below the pipeline: prompts to embeddings, learned token vectors,
+textual-inversion files, images to latents.
+
+* :func:`encode_prompts` -- tokenise and encode as diffusers' ``encode_prompt`` does (an
+  over-long prompt is cut with a warning that says what was cut).
+* :func:`ids_with_slots` / :func:`encode_with_vectors` -- prompts in which some token positions
+  hold learned vectors (a textual-inversion placeholder, an attack's free tokens): the vectors
+  enter through a forward hook on the text encoder's input-embedding layer, so no row of the
+  model's embedding table is touched and nothing needs restoring. Differentiable in the vectors.
+* :class:`InvertedConcept` / :func:`load_inverted` -- textual-inversion files (ours, with a
+  provenance record, or vanilla diffusers' ``{placeholder: vectors}``), checked against the model.
+* :func:`encode_images` -- images to VAE latents in chunks (an image set of any size fits).
+
+The pipeline, inversion, the attacks and the defenses that take a concept as an embedding all
+encode through this module, so none of them imports another for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .artifacts import check_provenance, read_artifact
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be generated (empty, wrong type)."""
+
+
+def validate_prompts(prompts: str | Sequence[str], *, allow_empty: bool = False) -> list[str]:
+    """The prompts as a list, or :class:`PromptError` for no prompt, a non-string or (unless
+    ``allow_empty``: the unconditional output, for references) an empty one."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise PromptError("No prompt given: pass at least one prompt.")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise PromptError(f"Prompt {i} is a {type(p).__name__}, expected a string.")
+        if not p.strip() and not allow_empty:
+            raise PromptError(
+                f"Prompt {i} is empty. An empty prompt gives the model's unconditional output; "
+                "pass some text (use `guidance_scale=1` with a real prompt for unguided sampling)."
+            )
+    return prompts
+
+
+def real_token_mask(ids: torch.Tensor, tok) -> torch.Tensor:
+    """1 up to and including the first end-of-text token, 0 after (padding)."""
+    eos = ids == tok.eos_token_id
+    first = torch.where(eos.any(1), eos.int().argmax(1), torch.full((ids.shape[0],), ids.shape[1] - 1))
+    pos = torch.arange(ids.shape[1])[None]
+    return (pos <= first[:, None]).long()
+
+
+def encode_prompts(model, prompts: list[str], *, warn_truncation: bool = True):
+    """Encode prompts with the model's tokenizer and text encoder, as diffusers' ``encode_prompt``.
+
+    Returns ``(embeds (B, L, D), input_ids (B, L), attention_mask (B, L))``; the mask marks the
+    real tokens (start, words, first end token) and is what embedding defenses use to skip padding.
+    """
+    tok, te = model.tokenizer, model.text_encoder
+    max_len = tok.model_max_length
+    enc = tok(prompts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
+    ids = enc.input_ids
+    if warn_truncation:
+        full = tok(prompts, padding="longest", return_tensors="pt").input_ids
+        if full.shape[-1] > ids.shape[-1]:
+            for i, p in enumerate(prompts):
+                n_real = int((full[i] != tok.pad_token_id).sum()) + 1 if tok.pad_token_id == tok.eos_token_id else int(full[i].ne(tok.pad_token_id).sum())
+                if n_real > max_len:
+                    removed = tok.batch_decode(full[i : i + 1, max_len - 1 : -1])[0]
+                    warnings.warn(
+                        f"The prompt {i} is longer than the tokenizer's {max_len} tokens; this part was cut: "
+                        f"{removed!r}",
+                        stacklevel=3,
+                    )
+    mask = real_token_mask(ids, tok)
+    use_mask = getattr(te.config, "use_attention_mask", False)
+    with torch.no_grad():
+        out = te(ids.to(te.device), attention_mask=enc.attention_mask.to(te.device) if use_mask else None)
+    return out[0].to(model.dtype), ids, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# learned token vectors (no change to the model)
+# ---------------------------------------------------------------------------------------------
+
+
+class SlotError(ValueError):
+    """A prompt with learned-vector slots that does not fit the tokenizer."""
+
+
+def ids_with_slots(tok, chunks: Sequence[str | None]) -> tuple[list[int], list[int]]:
+    """Token ids of ``chunks`` (text, or ``None`` for one free slot) with start, end and padding,
+    and the slot positions. A slot holds the start token's id (its embedding row is replaced;
+    never the end token's: pooling looks for it)."""
+    ids, slots = [tok.bos_token_id], []
+    for c in chunks:
+        if c is None:
+            slots.append(len(ids))
+            ids.append(tok.bos_token_id)
+        elif c.strip():
+            ids += tok(c.strip(), add_special_tokens=False).input_ids
+    max_len = tok.model_max_length
+    if len(ids) + 1 > max_len:
+        raise SlotError(f"The prompt needs {len(ids) + 1} tokens with its slots, more than the tokenizer's {max_len}.")
+    ids.append(tok.eos_token_id)
+    ids += [tok.pad_token_id] * (max_len - len(ids))
+    return ids, slots
+
+
+def placeholder_chunks(text: str, placeholder: str, n: int) -> list[str | None]:
+    """``text`` split at each ``placeholder``, which becomes ``n`` free slots."""
+    parts = text.split(placeholder)
+    chunks: list[str | None] = []
+    for i, part in enumerate(parts):
+        chunks.append(part)
+        if i < len(parts) - 1:
+            chunks += [None] * n
+    return chunks
+
+
+@contextlib.contextmanager
+def inject_vectors(text_encoder, positions: Sequence[Sequence[int]], vectors: torch.Tensor):
+    """Forward hook replacing the input-embedding rows at ``positions[b]`` of row ``b`` by
+    ``vectors`` (``(n, D)``, repeated over a row's slots)."""
+    emb = text_encoder.get_input_embeddings()
+
+    def hook(module, inputs, output):
+        out = output.clone()
+        for b, pos in enumerate(positions):
+            if pos:
+                out[b, list(pos)] = vectors.to(out.dtype).repeat(len(pos) // len(vectors), 1)
+        return out
+
+    handle = emb.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def encode_ids_with_vectors(text_encoder, ids: torch.Tensor, slots: Sequence[Sequence[int]], vectors: torch.Tensor,
+                            pooled: bool = False) -> torch.Tensor:
+    """Hidden states ``(B, L, D)`` (or the pooled output ``(B, D)``) of ``ids`` with ``vectors`` in
+    the slot rows; differentiable in ``vectors``."""
+    with inject_vectors(text_encoder, slots, vectors):
+        out = text_encoder(ids.to(text_encoder.device))
+    return out.pooler_output if pooled else out[0]
+
+
+def placeholder_ids(tok, texts: Sequence[str], placeholder: str, n: int) -> tuple[torch.Tensor, list[list[int]]]:
+    """Token ids ``(B, L)`` of ``texts`` with each ``placeholder`` expanded to ``n`` slots, and the slots."""
+    rows = [ids_with_slots(tok, placeholder_chunks(t, placeholder, n)) for t in texts]
+    return torch.tensor([r[0] for r in rows]), [r[1] for r in rows]
+
+
+def encode_with_vectors(model, texts: Sequence[str], placeholder: str, vectors: torch.Tensor,
+                        pooled: bool = False) -> torch.Tensor:
+    """Encode ``texts`` in which ``placeholder`` stands for the learned ``vectors`` ``(n, D)``.
+
+    Returns the hidden states ``(B, L, D)``, or the pooled output ``(B, D)`` with ``pooled=True``.
+    Differentiable in ``vectors``; the model is not modified.
+    """
+    ids, slots = placeholder_ids(model.tokenizer, texts, placeholder, len(vectors))
+    return encode_ids_with_vectors(model.text_encoder, ids, slots, vectors, pooled=pooled).to(model.dtype)
+
+
+@dataclass
+class InvertedConcept:
+    """A textual-inversion token: ``placeholder`` stands for ``vectors`` ``(n, D)``."""
+
+    placeholder: str
+    vectors: torch.Tensor
+    record: dict
+
+    def encode(self, model, texts: Sequence[str] | None = None, pooled: bool = False) -> torch.Tensor:
+        return encode_with_vectors(model, texts or [self.placeholder], self.placeholder, self.vectors, pooled=pooled)
+
+
+def encode_prompts_with_tokens(model, prompts: Sequence[str], concepts: Sequence[InvertedConcept], *,
+                               warn_truncation: bool = True):
+    """:func:`encode_prompts` in which each concept's placeholder stands for its vectors (a prompt
+    may hold one kind of placeholder). Returns ``(embeds, input_ids, mask)``; the ids of the
+    placeholder slots are the start token's (their embedding rows are replaced)."""
+    prompts = list(prompts)
+    embeds, ids, mask = encode_prompts(model, prompts, warn_truncation=warn_truncation)
+    tok = model.tokenizer
+    for c in concepts:
+        idx = [i for i, p in enumerate(prompts) if c.placeholder in p]
+        if not idx:
+            continue
+        rows, slots = placeholder_ids(tok, [prompts[i] for i in idx], c.placeholder, len(c.vectors))
+        with torch.no_grad():
+            e = encode_ids_with_vectors(model.text_encoder, rows, slots, c.vectors).to(model.dtype)
+        embeds = embeds.clone()
+        embeds[idx] = e.to(embeds)
+        ids[idx] = rows
+        mask[idx] = real_token_mask(rows, tok)
+    return embeds, ids, mask
+
+
+def load_inverted(path: str | os.PathLike, model=None, *, allow_other_base: bool = False,
+                  edited_model_hash: str | None = None) -> InvertedConcept:
+    """Read a textual-inversion file (ours or diffusers'); check its base model against ``model``."""
+    tensors, record = read_artifact(path)
+    keys = [k for k in tensors if k not in ("emb_params", "string_to_param")]
+    if "emb_params" in tensors:
+        placeholder, vec = record.get("placeholder", "<concept*>"), tensors["emb_params"]
+    elif len(keys) == 1:
+        placeholder, vec = keys[0], tensors[keys[0]]
+    else:
+        raise ValueError(f"{path} is not a textual-inversion file (expected one token key, got {list(tensors)}).")
+    vec = vec if vec.dim() == 2 else vec[None]
+    if model is not None:
+        width = model.text_encoder.get_input_embeddings().weight.shape[1]
+        if vec.shape[1] != width:
+            raise ValueError(f"{path} holds {vec.shape[1]}-wide vectors, but this text encoder is {width} wide: "
+                             "it was made for another text encoder.")
+        check_provenance(record, model, path=str(path), allow_other_base=allow_other_base,
+                         edited_model_hash=edited_model_hash)
+    return InvertedConcept(placeholder, vec.float(), record)
+
+
+# ---------------------------------------------------------------------------------------------
+# images
+# ---------------------------------------------------------------------------------------------
+
+
+def load_image_folder(folder: str | os.PathLike, size: int) -> list[np.ndarray]:
+    """Every ``.png`` / ``.jpg`` / ``.webp`` of ``folder`` (sorted by name) as ``size`` x ``size`` RGB."""
+    from PIL import Image, UnidentifiedImageError
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Image folder {folder} does not exist.")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"})
+    if not files:
+        raise ValueError(f"{folder} holds no .png/.jpg/.webp images.")
+    out = []
+    for p in files:
+        try:
+            with Image.open(p) as im:
+                out.append(np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC)))
+        except (OSError, UnidentifiedImageError) as e:
+            raise ValueError(f"{p} is not a readable image ({type(e).__name__}: {e}); remove or replace it.") from None
+    return out
+
+
+@torch.no_grad()
+def encode_images(model, images: Sequence[np.ndarray], *, chunk: int = 8) -> torch.Tensor:
+    """``(N, C, h, w)`` VAE latents (the posterior mean, scaled) of uint8 RGB images, encoded
+    ``chunk`` at a time so that an image set of any size fits in memory."""
+    if not len(images):
+        raise ValueError("No images to encode.")
+    out = []
+    for i in range(0, len(images), chunk):
+        px = torch.from_numpy(np.stack(images[i:i + chunk])).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        out.append(model.vae.encode(px.to(model.device, model.dtype)).latent_dist.mean)
+    return torch.cat(out) * model.vae.config.scaling_factor
