@@ -25,8 +25,11 @@ from pathlib import Path
 import safediff
 from safediff.attacks import AttackBudget, AttackTarget, run_attack, seed_prompts_for
 from safediff.attacks.base import evaluate_attack
-from safediff.attacks.methods import (MMA, P4D, ConceptInversionAttack, ConceptInversionAttackConfig, MMAConfig,
-                                      P4DConfig, RingABell, RingABellConfig, UnlearnDiffAtk, UnlearnDiffAtkConfig)
+from safediff.attacks.concept_inversion import ConceptInversionAttack, ConceptInversionAttackConfig
+from safediff.attacks.mma import MMA, MMAConfig
+from safediff.attacks.p4d import P4D, P4DConfig
+from safediff.attacks.ring_a_bell import RingABell, RingABellConfig
+from safediff.attacks.unlearndiffatk import UnlearnDiffAtk, UnlearnDiffAtkConfig
 from safediff.eval.study import StudyConfig, edit_stack, guidance_stack, prepare_artifacts
 
 CONCEPT = "striped"

@@ -147,7 +147,7 @@ def test_soft_p4d_brings_an_erased_concept_back_through_the_runner(testbed, tmp_
 
 
 def test_concept_inversion_attack_writes_a_token_the_runner_uses(testbed, tmp_path):
-    from safediff.attacks.methods import ConceptInversionAttack, ConceptInversionAttackConfig
+    from safediff.attacks.concept_inversion import ConceptInversionAttack, ConceptInversionAttackConfig
 
     stack = "uce(preset=testbed-striped)"
     seeds = seed_prompts_for("striped", 2)
@@ -178,7 +178,7 @@ def test_white_box_attacks_run_through_an_embedding_stage_read_by_guidance(testb
     # SAFREE's filter (guidance) reads what SAFREE's projection (embedding stage) found: the
     # white-box losses must carry the embedding context into the guided epsilon (a bug found
     # by the attack benchmark: every white-box attack failed on this stack).
-    from safediff.attacks.methods import ConceptInversionAttack, ConceptInversionAttackConfig
+    from safediff.attacks.concept_inversion import ConceptInversionAttack, ConceptInversionAttackConfig
 
     stack = "safree(preset=testbed-striped)+safree_svf"
     seeds = seed_prompts_for("striped", 1)

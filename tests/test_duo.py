@@ -290,7 +290,7 @@ def test_duo_resumes_from_its_checkpoint_to_the_same_delta(tiny_sd1, tmp_path, m
 
     cfg = DUOTrainConfig(**{**FAST, "steps": 6})
     ref = read_artifact(train_duo(tiny_sd1, tmp_path / "ref.safetensors", cfg, progress=False, checkpoint_every=2))[0]
-    assert not (tmp_path / "ref.safetensors.ckpt").exists()
+    assert not (tmp_path / "ref.safetensors.ckpt.safetensors").exists()
     real, calls = duo_mod.duo_dpo_loss, {"n": 0}
 
     def dying(*a, **k):
@@ -303,7 +303,7 @@ def test_duo_resumes_from_its_checkpoint_to_the_same_delta(tiny_sd1, tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         train_duo(tiny_sd1, tmp_path / "run.safetensors", cfg, progress=False, checkpoint_every=2)
     monkeypatch.setattr(duo_mod, "duo_dpo_loss", real)
-    assert (tmp_path / "run.safetensors.ckpt").exists() and not (tmp_path / "run.safetensors").exists()
+    assert (tmp_path / "run.safetensors.ckpt.safetensors").exists() and not (tmp_path / "run.safetensors").exists()
     with pytest.raises(ValueError, match="another config"):
         train_duo(tiny_sd1, tmp_path / "run.safetensors", DUOTrainConfig(**{**FAST, "steps": 7}), progress=False)
     out = read_artifact(train_duo(tiny_sd1, tmp_path / "run.safetensors", cfg, progress=False, checkpoint_every=2))[0]

@@ -53,22 +53,31 @@ def test_inversion_file_loads_in_vanilla_diffusers(tiny_sd1, tmp_path):
     assert torch.allclose(ours, ref, atol=1e-6)
 
 
-def test_inversion_resumes_from_checkpoint(tiny_sd1, tmp_path):
+def test_inversion_resumes_from_checkpoint_exactly(tiny_sd1, tmp_path, monkeypatch):
+    # regression (review defect 8): a resumed inversion differed from an uninterrupted one by 31%
+    # (noise reseeded, Adam's state lost); now the checkpoint holds both and the result is identical
     cfg = InversionConfig(placeholder="<c*>", steps=6, batch_size=2, checkpoint_every=3, seed=1)
     full = invert(tiny_sd1, tmp_path / "full.safetensors", images=_tiny_images(), config=cfg, progress=False)
-    # simulate a run killed after its step-3 checkpoint
     part = tmp_path / "part.safetensors"
-    cfg3 = dataclasses.replace(cfg, steps=3)
-    invert(tiny_sd1, tmp_path / "tmp3.safetensors", images=_tiny_images(), config=cfg3, progress=False)
-    v3 = read_artifact(tmp_path / "tmp3.safetensors")[0]["<c*>"]
-    import json
+    calls = {"n": 0}
+    real_mse = torch.nn.functional.mse_loss
 
-    save_artifact({"vectors": v3}, part.with_name(part.name + ".ckpt.safetensors"), kind="inversion-checkpoint",
-                  base_model_hash=tiny_sd1.content_hash, config=dataclasses.asdict(cfg), seed=1,
-                  extra={"step": 3, "config_json": json.dumps(dataclasses.asdict(cfg), sort_keys=True)})
+    def dying_mse(*a, **k):  # killed in step 5, after the step-3 checkpoint
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real_mse(*a, **k)
+
+    monkeypatch.setattr(torch.nn.functional, "mse_loss", dying_mse)
+    with pytest.raises(KeyboardInterrupt):
+        invert(tiny_sd1, part, images=_tiny_images(), config=cfg, progress=False)
+    monkeypatch.setattr(torch.nn.functional, "mse_loss", real_mse)
+    assert part.with_name(part.name + ".ckpt.safetensors").exists() and not part.exists()
     invert(tiny_sd1, part, images=_tiny_images(), config=cfg, progress=False)
     assert not part.with_name(part.name + ".ckpt.safetensors").exists()
-    assert read_artifact(part)[0]["<c*>"].shape == read_artifact(full)[0]["<c*>"].shape
+    assert torch.equal(read_artifact(part)[0]["<c*>"], read_artifact(full)[0]["<c*>"])
+    with pytest.raises(FileExistsError, match="exists"):  # never overwritten without asking
+        invert(tiny_sd1, part, images=_tiny_images(), config=cfg, progress=False)
 
 
 def test_inversion_from_another_base_is_refused(tiny_sd1, tiny_sd2v, tmp_path):
@@ -134,7 +143,7 @@ def test_cli_erase_dispatches_esd_with_the_concept_text(monkeypatch, tmp_path):
 
     seen = {}
 
-    def fake_train(model, out, cfg, progress=True):
+    def fake_train(model, out, cfg, progress=True, **kw):
         seen["cfg"] = cfg
         return out
 
@@ -152,7 +161,7 @@ def test_esd_resumes_from_its_checkpoint_to_the_same_delta(tiny_sd1, tmp_path, m
 
     cfg = ESDTrainConfig(prompts=("a zebra",), method="esd-x", lr=1e-2, iterations=6, ddim_steps=4, start_guidance=3.0)
     ref = read_artifact(train_esd(tiny_sd1, tmp_path / "ref.safetensors", cfg, progress=False, checkpoint_every=2))[0]
-    assert not (tmp_path / "ref.safetensors.ckpt").exists()  # removed once the delta is written
+    assert not (tmp_path / "ref.safetensors.ckpt.safetensors").exists()  # removed once the delta is written
     # a run killed after iteration 4 (its checkpoint written), then started again
     calls = {"n": 0}
     real_mse = torch.nn.functional.mse_loss
@@ -167,7 +176,7 @@ def test_esd_resumes_from_its_checkpoint_to_the_same_delta(tiny_sd1, tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         train_esd(tiny_sd1, tmp_path / "run.safetensors", cfg, progress=False, checkpoint_every=2)
     monkeypatch.setattr(torch.nn.functional, "mse_loss", real_mse)
-    assert (tmp_path / "run.safetensors.ckpt").exists() and not (tmp_path / "run.safetensors").exists()
+    assert (tmp_path / "run.safetensors.ckpt.safetensors").exists() and not (tmp_path / "run.safetensors").exists()
     with pytest.raises(ValueError, match="another config"):
         train_esd(tiny_sd1, tmp_path / "run.safetensors", ESDTrainConfig(**{**cfg.__dict__, "lr": 1e-3}), progress=False)
     resumed = read_artifact(train_esd(tiny_sd1, tmp_path / "run.safetensors", cfg, progress=False, checkpoint_every=2))[0]

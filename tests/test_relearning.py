@@ -78,22 +78,24 @@ def test_a_killed_run_resumes_to_the_same_change(testbed, tmp_path, monkeypatch)
     cfg = RelearnConfig(checkpoints=(3, 6), num_images=4, batch_size=2)
     whole = relearn(testbed, None, "striped", tmp_path / "a", cfg, progress=False)
 
-    real_save = rl.save_training_checkpoint
+    from safediff.training import Checkpoint
+
+    real_save = Checkpoint.save
 
     def save_then_die(*a, **k):
         real_save(*a, **k)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(rl, "save_training_checkpoint", save_then_die)
+    monkeypatch.setattr(Checkpoint, "save", save_then_die)
     before = _snapshot(testbed.unet)
     with pytest.raises(KeyboardInterrupt):
         relearn(testbed, None, "striped", tmp_path / "b", cfg, progress=False)
     assert all(torch.equal(v, testbed.unet.state_dict()[k]) for k, v in before.items())
     run_dir = next((tmp_path / "b").iterdir())
-    assert (run_dir / "train.ckpt").exists() and not (run_dir / "manifest.json").exists()
-    monkeypatch.setattr(rl, "save_training_checkpoint", real_save)
+    assert (run_dir / "train.ckpt.safetensors").exists() and not (run_dir / "manifest.json").exists()
+    monkeypatch.setattr(Checkpoint, "save", real_save)
     resumed = relearn(testbed, None, "striped", tmp_path / "b", cfg, progress=False)
-    assert not (run_dir / "train.ckpt").exists()
+    assert not (run_dir / "train.ckpt.safetensors").exists()
     from safediff.artifacts import read_artifact
 
     a, rec = read_artifact(whole.deltas[6])
@@ -105,9 +107,12 @@ def test_a_killed_run_resumes_to_the_same_change(testbed, tmp_path, monkeypatch)
 def test_cli_relearn(tmp_path, capsys):
     from safediff.cli import main
 
-    assert main(["attack", "--method", "relearn", "--steps", "4", "--set", "checkpoints=2,3",
-                 "--out", str(tmp_path)]) == 2
-    assert "must equal --steps" in capsys.readouterr().err
+    assert main(["attack", "--method", "relearn", "--steps", "0", "--out", str(tmp_path)]) == 2
+    assert "budget" in capsys.readouterr().err
+    assert main(["attack", "--method", "relearn", "--steps", "3", "--set", "nosuch=1", "--out", str(tmp_path)]) == 2
+    assert "no setting 'nosuch'" in capsys.readouterr().err
+    assert main(["attack", "--method", "relearn", "--steps", "3", "--set", "lr=fast", "--out", str(tmp_path)]) == 2
+    assert "not a valid float" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
     assert main(["attack", "--method", "relearn", "--steps", "3", "--set", "num_images=4", "--n", "2",
                  "--out", str(tmp_path / "r")]) == 0

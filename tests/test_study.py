@@ -38,7 +38,9 @@ def test_best_cell_rule():
 
 
 def test_study_runs_resumes_and_reports_missing_cells(testbed, tmp_path):
-    cfg = StudyConfig(n=2, unlearning=("none", "uce"), guidance=("negative_prompt",), quick=True, batch_size=16)
+    # best_min_benign 0: every cell with guidance qualifies, so the ES-on-best cell must be made
+    cfg = StudyConfig(n=2, unlearning=("none", "uce"), guidance=("negative_prompt",), quick=True, batch_size=16,
+                      best_min_benign=0.0)
     res = run_study(tmp_path, cfg, model=testbed, progress=False, max_cells=3)
     cells = res["cells"]
     ran = [k for k, v in cells.items() if "suites" in v]
@@ -54,12 +56,14 @@ def test_study_runs_resumes_and_reports_missing_cells(testbed, tmp_path):
     assert all(res2["cells"][k]["n_images"] == n_images[k] == 2 * 6 for k in ran)
     assert res2["cells"]["uce|none|-"]["suites"]["explicit"]["rate"]["n"] == 2
     assert res2["cells"]["none|none|-"]["benign_distance"] == 0.0 and res2["cells"]["uce|none|-"]["benign_distance"] > 0
-    # the ES-on-best cell is present iff a best cell was found, and stacks ES on it
-    if res2["best_cell"]:
-        extra = res2["cells"][f"{res2['best_cell']}+sanitizer"]
-        assert extra["stack"].startswith(res2["cells"][res2["best_cell"]]["stack"]) and "sanitizer(" in extra["stack"]
+    # regression (review defect 15): this was asserted only under `if best_cell`, so it could pass vacuously
+    assert res2["best_cell"] in ("none|negative_prompt|explicit", "uce|negative_prompt|explicit")
+    extra = res2["cells"][f"{res2['best_cell']}+sanitizer"]
+    assert "suites" in extra
+    assert extra["stack"].startswith(res2["cells"][res2["best_cell"]]["stack"]) and "sanitizer(" in extra["stack"]
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["cells"].keys() == res2["cells"].keys()
     with pytest.raises(ValueError, match="another config"):
-        run_study(tmp_path, StudyConfig(n=3, unlearning=("none",), guidance=("negative_prompt",), quick=True),
+        run_study(tmp_path, StudyConfig(n=3, unlearning=("none",), guidance=("negative_prompt",), quick=True,
+                                        best_min_benign=0.0),
                   model=testbed, progress=False)

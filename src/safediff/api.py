@@ -77,7 +77,11 @@ def generate(
     """
     from .encoding import validate_prompts
 
+    from .pipeline import check_seed
+
     prompts = validate_prompts(prompts)  # fail before loading anything
+    for s in ([seed] if seeds is None else list(seeds)):
+        check_seed(s)
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise FileExistsError(f"--out {out_dir} is a file; give a folder (it is created if missing).")
     stack = DefenseStack.parse(defenses)

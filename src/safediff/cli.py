@@ -123,10 +123,10 @@ def cmd_erase(args) -> int:
         raise ValueError("Give the concept to erase with --concept TEXT (a word or phrase; repeat for a list).")
     _refuse_existing(args.out, args.overwrite)
     model = load_model(args.model)
-    out = unlearn(args.method, model, args.out, concept=concepts[0], prompts=concepts[1:], anchor=args.anchor or "",
+    out = unlearn(args.method.replace("-", "_"), model, args.out, concept=concepts[0], prompts=concepts[1:], anchor=args.anchor or "",
                   pairs_dir=args.pairs_dir, concept_images=args.concept_images, clip_model=args.clip_model,
                   seed=args.seed, overwrite=args.overwrite)
-    name = "delta" if args.method in ("uce", "rece") else args.method
+    name = "delta" if args.method in ("uce", "rece") else args.method.replace("-", "_")
     print(f"wrote {out}; apply it with --defense '{name}(path=\"{out}\")'")
     return 0
 
@@ -185,7 +185,14 @@ def cmd_attack(args) -> int:
     if not args.no_eval:
         out = Path(args.out) / f"{res.method}-{res.key[:12]}" / "eval"
         ev = evaluate_attack(res, model, stack, out, detectors=args.detector, n=args.n)
-        print(json.dumps(ev, indent=2, default=str))
+        if "curve" in ev:  # a weight attack: the concept rate after each checkpoint
+            suites = list(next(iter(ev["curve"].values())))
+            print("concept rate [95% CI] after fine-tuning steps (" + ", ".join(f"{s} prompts" for s in suites) + ")")
+            for step, row in ev["curve"].items():
+                print(f"  step {step:>5}: " + "  ".join(f"{s} {r['rate']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
+                                                     for s, r in row.items()))
+        else:
+            print(json.dumps(ev, indent=2, default=str))
     return 0
 
 
@@ -265,6 +272,11 @@ def cmd_sanitizer_explain(args) -> int:
     return 0
 
 
+def _add(subparsers, name: str, **kw) -> argparse.ArgumentParser:
+    """A subcommand whose --help shows every default."""
+    return subparsers.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -281,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help='defense in text form, e.g. \'negative_prompt(text="striped")\'; repeat or join with +')
         sp.add_argument("--stack-file", default=None, help="YAML/TOML/JSON stack file")
 
-    g = sub.add_parser("generate", help="generate images with a defense stack")
+    g = _add(sub, "generate", help="generate images with a defense stack")
     g.add_argument("prompt", nargs="+")
     model_arg(g); defense_args(g)
     g.add_argument("--seed", type=int, default=0)
@@ -292,16 +304,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="safediff-out")
     g.set_defaults(func=cmd_generate)
 
-    d = sub.add_parser("demo", help="the same prompts with and without a defense on the testbed")
+    d = _add(sub, "demo", help="the same prompts with and without a defense on the testbed")
     model_arg(d)
     d.add_argument("--defense", default=None, help="defense stack (default: UCE erasing both testbed concepts)")
-    d.add_argument("--seeds", type=int, default=4)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--num-images", "--seeds", dest="seeds", type=int, default=4,
+                   help="images per prompt (image k of a prompt uses seed + k)")
+    d.add_argument("--seed", type=int, default=0, help="base seed")
     d.add_argument("--out", default="safediff-demo")
     d.set_defaults(func=cmd_demo)
 
-    er = sub.add_parser("erase", help="erase a concept with any unlearning method (writes a weight-edit file)")
-    er.add_argument("--method", required=True, choices=["esd", "uce", "rece", "duo", "dark_miner"])
+    er = _add(sub, "erase", help="erase a concept with any unlearning method (writes a weight-edit file)")
+    er.add_argument("--method", required=True, choices=["esd", "uce", "rece", "duo", "dark_miner", "dark-miner"],
+                    help="unlearning method (uce/rece: closed form, no training)")
     er.add_argument("--concept", action="append", help="the concept to erase: any text; repeat for a list")
     er.add_argument("--anchor", default=None, help="what the concept maps to (UCE guide / Dark Miner anchor)")
     model_arg(er)
@@ -313,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     er.add_argument("--out", required=True)
     er.set_defaults(func=cmd_erase)
 
-    at = sub.add_parser("attack", help="attack a defense stack (cached, resumable) and score the result")
+    at = _add(sub, "attack", help="attack a defense stack (cached, resumable) and score the result")
     at.add_argument("--method", required=True, help="concept_inversion, p4d, unlearndiffatk, ring_a_bell, mma, or relearn "
                     "(fine-tune relearning: a weight attack; --steps is its fine-tuning budget)")
     model_arg(at); defense_args(at)
@@ -331,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--out", required=True, help="attack directory (results cached by the hash of their inputs)")
     at.set_defaults(func=cmd_attack)
 
-    sy = sub.add_parser("study", help="the composition study on the testbed (resumable)")
+    sy = _add(sub, "study", help="the composition study on the testbed (resumable)")
     sy.add_argument("--out", required=True, help="study directory (re-run the same command to resume)")
     sy.add_argument("--concept", default="striped", help="testbed concept to erase")
     sy.add_argument("--n", type=int, default=100, help="prompts per cell and suite")
@@ -343,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--max-cells", type=int, help="stop after running this many new cells")
     sy.set_defaults(func=cmd_study)
 
-    ev = sub.add_parser("eval", help="generate and score a benchmark under a defense stack (resumable)")
+    ev = _add(sub, "eval", help="generate and score a benchmark under a defense stack (resumable)")
     ev.add_argument("--benchmark", required=True, help="testbed:CONCEPT/SUITE, testbed:all, i2p, NAME=PATH or a CSV/JSONL path")
     model_arg(ev); defense_args(ev)
     ev.add_argument("--detector", action="append", help="testbed:CONCEPT or nudenet:PRESET (repeatable)")
@@ -359,53 +373,54 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True)
     ev.set_defaults(func=cmd_eval)
 
-    rp = sub.add_parser("report", help="HTML page + CSV/JSON/LaTeX tables for one or more run directories")
+    rp = _add(sub, "report", help="HTML page + CSV/JSON/LaTeX tables for one or more run directories")
     rp.add_argument("run_dir", nargs="+")
     rp.add_argument("--out", default=None, help="default: the first run directory")
     rp.add_argument("--no-blur", action="store_true", help="show images flagged unsafe unblurred")
     rp.set_defaults(func=cmd_report)
 
-    iv = sub.add_parser("invert", help="concept inversion (textual inversion) against a model, edited or not")
+    iv = _add(sub, "invert", help="concept inversion (textual inversion) against a model, edited or not")
     model_arg(iv); defense_args(iv)
     iv.add_argument("--concept-images", default=None, help="folder of concept images")
     iv.add_argument("--concept", default=None, help="testbed concept: generate its images with the original model")
-    iv.add_argument("--placeholder", default=None)
-    iv.add_argument("--initializer", default=None)
-    iv.add_argument("--num-vectors", type=int, default=1)
-    iv.add_argument("--steps", type=int, default=400)
-    iv.add_argument("--lr", type=float, default=1e-2)
-    iv.add_argument("--batch-size", type=int, default=8)
-    iv.add_argument("--num-images", type=int, default=32)
+    iv.add_argument("--placeholder", default=None, help="the learned token (default <CONCEPT*>)")
+    iv.add_argument("--initializer", default=None, help="word the vectors start from (default: the concept)")
+    iv.add_argument("--num-vectors", type=int, default=1, help="vectors behind the placeholder")
+    iv.add_argument("--steps", type=int, default=400, help="optimisation steps (Adam)")
+    iv.add_argument("--lr", type=float, default=1e-2, help="learning rate")
+    iv.add_argument("--batch-size", type=int, default=8, help="images per step")
+    iv.add_argument("--num-images", type=int, default=32, help="concept images the original model draws (testbed)")
     iv.add_argument("--through-guidance", action="store_true", help="apply the stack's guidance inside the loss")
     iv.add_argument("--seed", type=int, default=0)
     iv.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     iv.add_argument("--out", required=True, help="output .safetensors (textual-inversion format)")
     iv.set_defaults(func=cmd_invert)
 
-    un = sub.add_parser("unlearn", help="train a weight edit").add_subparsers(dest="unlearn_command", required=True)
-    es = un.add_parser("esd", help="ESD (Gandikota et al. 2023)")
+    un = _add(sub, "unlearn", help="train a weight edit").add_subparsers(dest="unlearn_command", required=True)
+    es = _add(un, "esd", help="ESD (Gandikota et al. 2023)")
     model_arg(es)
     es.add_argument("--prompt", action="append", help="concept prompt (repeatable); testbed default: the concept name")
     es.add_argument("--concept", default=None, help="testbed concept (when --prompt is not given; default on the testbed: striped)")
     es.add_argument("--method", default=None, help="parameter set (default: the preset's; esd-u for original/diffusers-2024)", choices=["esd-u", "esd-x", "esd-x-strict", "esd-all", "esd-self", "esd-notime"])
     es.add_argument("--preset", default=None, choices=["original", "diffusers-2024", "testbed"])
-    es.add_argument("--iterations", type=int, default=None)
+    es.add_argument("--iterations", type=int, default=None, help="updates (default: the preset's)")
     es.add_argument("--seed", type=int, default=0)
     es.add_argument("--out", required=True)
     es.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     es.set_defaults(func=cmd_unlearn)
-    du = un.add_parser("duo", help="DUO: preference optimisation on unsafe/safe image pairs (Park et al. 2024)")
+    du = _add(un, "duo", help="DUO: preference optimisation on unsafe/safe image pairs (Park et al. 2024); writes the "
+              "delta and, beside it, a LoRA file that vanilla diffusers' load_lora_weights reads")
     model_arg(du)
     du.add_argument("--concept", default=None, help="testbed concept: render exact pairs (default on the testbed: striped)")
     du.add_argument("--pairs-dir", default=None, help="folder with unsafe/ and safe/ images (same names), optional captions.json")
     du.add_argument("--preset", default=None, choices=["sd-nudity", "sd-nudity-ine", "sd-violence", "testbed"])
     du.add_argument("--beta", type=float, default=None, help="DPO beta (lr and lambda scale with it as in DUO)")
-    du.add_argument("--steps", type=int, default=None)
+    du.add_argument("--steps", type=int, default=None, help="updates (default: the preset's)")
     du.add_argument("--seed", type=int, default=42)
     du.add_argument("--out", required=True)
     du.add_argument("--overwrite", action="store_true", help="replace an existing --out file (and its LoRA file)")
     du.set_defaults(func=cmd_unlearn)
-    dm = un.add_parser("dark-miner", help="Dark Miner: recurring mine -> verify -> circumvent (Meng et al.)")
+    dm = _add(un, "dark-miner", aliases=["dark_miner"], help="Dark Miner: recurring mine -> verify -> circumvent (Meng et al.)")
     model_arg(dm)
     dm.add_argument("--concept", default=None, help="testbed concept (default on the testbed: striped)")
     dm.add_argument("--prompt", action="append", help="real models: training-side concept prompt for the pool (repeatable)")
@@ -425,8 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     dm.set_defaults(func=cmd_unlearn)
 
-    sz = sub.add_parser("sanitizer", help="Embedding Sanitizer").add_subparsers(dest="sanitizer_command", required=True)
-    st = sz.add_parser("train", help="train ES with the model's own text encoder")
+    sz = _add(sub, "sanitizer", help="Embedding Sanitizer").add_subparsers(dest="sanitizer_command", required=True)
+    st = _add(sz, "train", help="train ES with the model's own text encoder")
     model_arg(st)
     st.add_argument("--concepts", nargs="+", default=["striped", "caged"], help="testbed concepts, or target words")
     st.add_argument("--anchors", nargs="*", default=None, help="real models: one anchor word per target word")
@@ -435,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     st.add_argument("--out", required=True)
     st.set_defaults(func=cmd_sanitizer_train)
-    sx = sz.add_parser("explain", help="per-token harmfulness scores of a prompt")
+    sx = _add(sz, "explain", help="per-token harmfulness scores of a prompt")
     model_arg(sx)
     sx.add_argument("prompt")
     sx.add_argument("--path", required=True, help="trained sanitizer")
@@ -443,17 +458,17 @@ def build_parser() -> argparse.ArgumentParser:
     sx.add_argument("--overwrite", action="store_true", help="replace an existing --html file")
     sx.set_defaults(func=cmd_sanitizer_explain)
 
-    ls = sub.add_parser("defenses", help="list the registered defenses and their options")
+    ls = _add(sub, "defenses", help="list the registered defenses and their options")
     ls.set_defaults(func=cmd_defenses)
 
-    tb = sub.add_parser("testbed", help="the testbed model").add_subparsers(dest="testbed_command", required=True)
-    tr = tb.add_parser("train", help="train the testbed model from scratch")
+    tb = _add(sub, "testbed", help="the testbed model").add_subparsers(dest="testbed_command", required=True)
+    tr = _add(tb, "train", help="train the testbed model from scratch")
     tr.add_argument("--out", required=True)
     tr.add_argument("--config", default=None, help="JSON TrainConfig")
     tr.add_argument("--set", action="append", metavar="KEY=JSON", help="override a TrainConfig field, e.g. --set steps=200")
     tr.add_argument("--overwrite", action="store_true")
     tr.set_defaults(func=cmd_testbed_train)
-    ti = tb.add_parser("info", help="print the model's family, hash, guidance curve and concept split")
+    ti = _add(tb, "info", help="print the model's family, hash, guidance curve and concept split")
     model_arg(ti)
     ti.set_defaults(func=cmd_testbed_info)
     return p
@@ -465,9 +480,15 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except ImportError as e:  # a missing optional extra: its message says what to install
         print(f"safediff: error: {e}", file=sys.stderr)
         return 2
+    except (ValueError, OSError) as e:  # bad input: one line saying what was wrong, no traceback
+        print(f"safediff: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nsafediff: interrupted; run the same command to resume (finished work is kept).", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ def sample(model, denoiser, latents: torch.Tensor, *, num_inference_steps: int, 
         denoiser: a :class:`~safediff.denoiser.DefendedDenoiser` (entered by the caller).
         scheduler: default the model's; ESD samples with its own DDIM scheduler.
         stop_after: stop after this many steps (ESD's partial sampling to ``t_enc``).
-        on_step: called with the step index after each step (progress bars).
+        on_step: called as ``on_step(i, total)`` after each step (progress bars).
     """
     sched = scheduler if scheduler is not None else model.scheduler
     sched.set_timesteps(num_inference_steps, device=model.device)
@@ -131,6 +131,7 @@ def sample(model, denoiser, latents: torch.Tensor, *, num_inference_steps: int, 
         extra["eta"] = eta
     if "generator" in step_params:
         extra["generator"] = generators
+    total = len(sched.timesteps) if stop_after is None else min(stop_after, len(sched.timesteps))
     for i, t in enumerate(sched.timesteps):
         if stop_after is not None and i >= stop_after:
             break
@@ -138,7 +139,7 @@ def sample(model, denoiser, latents: torch.Tensor, *, num_inference_steps: int, 
         native = denoiser.model_output(x_in, t, i)
         latents = sched.step(native, t, latents, **extra, return_dict=False)[0]
         if on_step is not None:
-            on_step(i)
+            on_step(i, total)
     return latents
 
 

@@ -143,6 +143,7 @@ def invert(
     progress: bool = True,
     verify: bool = True,
     overwrite: bool = False,
+    init_vectors: torch.Tensor | None = None,
 ) -> Path:
     """Learn ``config.placeholder`` for ``concept`` against ``model`` with ``defenses`` applied.
 
@@ -156,6 +157,8 @@ def invert(
             guidance defenses act inside the loss (the defended denoiser's guided epsilon).
         verify: on the testbed, keep only generated images the exact detector confirms.
         overwrite: replace an existing ``out_path`` (refused otherwise, before any work).
+        init_vectors: ``(num_vectors, D)`` start vectors instead of the initializer word's
+            embedding (Dark Miner's random start).
     """
     from tqdm.auto import tqdm
 
@@ -193,7 +196,12 @@ def invert(
     init_ids = tok(init_word, add_special_tokens=False).input_ids if init_word else []
     table = model.text_encoder.get_input_embeddings().weight
     init = table[init_ids].mean(0) if init_ids else table.mean(0)
-    vectors = torch.nn.Parameter(init.detach().float().clone()[None].repeat(cfg.num_vectors, 1))
+    if init_vectors is not None:
+        if tuple(init_vectors.shape) != (cfg.num_vectors, table.shape[1]):
+            raise ValueError(f"`init_vectors` must be ({cfg.num_vectors}, {table.shape[1]}), got {tuple(init_vectors.shape)}.")
+        vectors = torch.nn.Parameter(init_vectors.detach().float().clone())
+    else:
+        vectors = torch.nn.Parameter(init.detach().float().clone()[None].repeat(cfg.num_vectors, 1))
     opt = torch.optim.Adam([vectors], lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     latents = encode_images(model, arrays)

@@ -190,7 +190,7 @@ class SafePipeline:
 
         Args:
             seed: base seed: prompt ``i`` uses ``seed + i`` (no two prompts share noise), and its
-                image ``k`` the seed :func:`core.image_seed(seed + i, k)`.
+                image ``k`` the seed :func:`core.imagecheck_seed(seed + i, k)`.
             seeds: one base seed per prompt (overrides ``seed``; I2P-style benchmarks carry one).
             guidance_scale / num_inference_steps: default to the model's recorded values.
             batch_size: images per UNet batch (images agree across batch sizes within float
@@ -212,7 +212,7 @@ class SafePipeline:
         num_images_per_prompt = int(_number(num_images_per_prompt, "num_images_per_prompt", low=1, integer=True))
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"`seeds` has {len(seeds)} entries for {len(prompts)} prompts.")
-        base_seeds = [_seed(s) for s in seeds] if seeds is not None else [_seed(seed) + i for i in range(len(prompts))]
+        base_seeds = [check_seed(s) for s in seeds] if seeds is not None else [check_seed(seed) + i for i in range(len(prompts))]
         h = height or self.model.default_size
         w = width or self.model.default_size
         if h % self.model.vae_scale_factor or w % self.model.vae_scale_factor:
@@ -220,7 +220,7 @@ class SafePipeline:
         if image_ids is not None:
             if len(image_ids) != len(prompts):
                 raise ValueError(f"`image_ids` has {len(image_ids)} entries for {len(prompts)} prompts.")
-            jobs = [(pi, _seed(s), int(k)) for pi, (s, k) in enumerate(image_ids)]
+            jobs = [(pi, check_seed(s), int(k)) for pi, (s, k) in enumerate(image_ids)]
         else:
             jobs = [(pi, base_seeds[pi], k) for pi in range(len(prompts)) for k in range(num_images_per_prompt)]
 
@@ -255,7 +255,7 @@ class SafePipeline:
             # 5. denoise (weight edits already applied)
             with den:
                 latents = core.sample(self.model, den, latents, num_inference_steps=steps, generators=gens,
-                                      on_step=lambda i, n=len(chunk): bar.update(n / steps))
+                                      on_step=lambda i, total, n=len(chunk): bar.update(n / total))
             imgs = core.to_uint8(core.decode(self.model, latents))
             pil = [Image.fromarray(a) for a in imgs]
             # 6. output checks (stage 5): each check's decision carries its own action
@@ -285,7 +285,8 @@ def _number(value, name: str, *, low: float, integer: bool = False):
     return value
 
 
-def _seed(value) -> int:
+def check_seed(value) -> int:
+    """``value`` as an int if it is a valid seed (an integer in ``[0, 2**63)``), else a clear error."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= int(value) < 2**63:
         raise ValueError(f"A seed must be an integer in [0, 2**63), got {value!r}.")
     return int(value)

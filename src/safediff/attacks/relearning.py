@@ -362,7 +362,10 @@ class Relearn(Attack):
         if not model.is_testbed:
             raise AttackError("Evaluate each checkpoint on a real model with: safediff eval ... --defense "
                               "'<stack>+delta(path=STEP_FILE)' (the testbed suites are testbed-only).")
-        return evaluate_relearning(res, model, out_dir, n=n, detectors=detectors, progress=progress)
+        ev = evaluate_relearning(res, model, out_dir, n=n, detectors=detectors, progress=progress)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "curve.json").write_text(json.dumps(ev, indent=2, default=str))
+        return ev
 
 
 def image_folder_with_captions(folder: str | os.PathLike) -> tuple[Path, list[str]]:

@@ -103,13 +103,15 @@ def unlearn(method: str, model, out_path, *, concept: str | None = None, prompts
     if method == "esd":
         from .esd import ESDTrainConfig, testbed_prompts, train_esd
 
-        esd_prompts = tuple(prompts) if prompts else (testbed_prompts(tb) if tb else tuple(concepts))
+        esd_prompts = testbed_prompts(tb) if tb and not prompts else tuple(concepts)
         cfg = _with(ESDTrainConfig.preset(preset or ("testbed" if tb else "original"), esd_prompts), seed=seed, **options)
         return train_esd(model, out_path, cfg, progress=progress, overwrite=overwrite)
 
     if method == "duo":
         from .duo import DUOTrainConfig, train_duo
 
+        # the testbed world renders exact pairs, so a testbed concept works on any model
+        tb = tb or (concept if concept in _testbed_concepts() else None)
         if not (pairs_dir or tb):
             raise ValueError("Give pairs_dir (unsafe/ and safe/ images of the same names, e.g. DUO's SDEdit pairs), "
                              f"or on the testbed one of its concepts {_testbed_concepts()}.")

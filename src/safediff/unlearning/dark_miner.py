@@ -242,16 +242,13 @@ def mine(model, pool: ConceptPool, cfg: DarkMinerTrainConfig, out_path: str | Pa
     icfg = InversionConfig(placeholder=cfg.placeholder, initializer=_initializer(model, cfg), num_vectors=cfg.num_vectors,
                            steps=cfg.mine_steps, lr=cfg.mine_lr, batch_size=cfg.mine_batch, num_images=len(pool.images),
                            checkpoint_every=cfg.mine_steps, seed=seed)
-    if cfg.mine_init == "random":
-        # a random start, drawn like the embedding table's rows, handed to invert() as its step-0 checkpoint
+    init = None
+    if cfg.mine_init == "random":  # a random start, drawn like the embedding table's rows
         table = model.text_encoder.get_input_embeddings().weight.detach().float()
         g = torch.Generator().manual_seed(seed)
         init = table.mean(0) + table.std(0) * torch.randn((cfg.num_vectors, table.shape[1]), generator=g).to(table)
-        save_artifact({"vectors": init}, out_path.with_name(out_path.name + ".ckpt.safetensors"), kind="inversion-checkpoint",
-                      base_model_hash=model.content_hash, config=dataclasses.asdict(icfg), seed=seed,
-                      extra={"step": 0, "config_json": json.dumps(dataclasses.asdict(icfg), sort_keys=True)})
     invert(model, out_path, images=pool.images, captions=pool.captions, defenses=_delta_stack(delta_path), config=icfg,
-           progress=progress)
+           progress=progress, init_vectors=init, overwrite=True)
     return load_inverted(out_path).vectors
 
 
