@@ -73,21 +73,27 @@ class SafePipeline:
         self._edits: list = []
         active = stack.active()
         self.defenses = {s: [] for s in ("prompt_filter", "embedding", "weight_edit", "guidance", "output_check")}
-        for cfg in active.defenses:
-            spec = get_defense(cfg.name)
-            self.defenses[spec.stage].append(spec.impl_cls(cfg, model))
-        if sum(g.replaces_unconditional() for g in self.defenses["guidance"]) > 1:
-            raise ValueError("At most one guidance defense may replace the unconditional embedding (negative prompt, "
-                             "INE, SAFREE's negative space); keep one of them.")
+        specs = [(get_defense(cfg.name), cfg) for cfg in active.defenses]
         self.stack_hash = stack.hash(model.content_hash)
-        if self.defenses["weight_edit"] and model.edited_hash is not None:
+        if any(spec.stage == "weight_edit" for spec, _ in specs) and model.edited_hash is not None:
             raise ValueError("This model already carries weight edits from another SafePipeline; close() it first.")
-        try:  # all edits or none: a failing edit reverts the ones applied before it
-            for d in self.defenses["weight_edit"]:
-                self._edits.append(d.apply())
+        try:
+            # 1. weight edits, all or none (a failing edit reverts the ones applied before it)
+            for spec, cfg in specs:
+                if spec.stage == "weight_edit":
+                    d = spec.impl_cls(cfg, model)
+                    self.defenses["weight_edit"].append(d)
+                    self._edits.append(d.apply())
             if self._edits:
                 model.edited_hash = DefenseStack(tuple(active.by_stage("weight_edit"))).hash(model.content_hash)
-            # after the edits: a token inverted on this edited model loads without a transfer warning
+            # 2. the other stages, built on the edited model (their files are read and checked now,
+            #    so a token inverted on this edited model loads without a transfer warning)
+            for spec, cfg in specs:
+                if spec.stage != "weight_edit":
+                    self.defenses[spec.stage].append(spec.impl_cls(cfg, model))
+            if sum(g.replaces_unconditional() for g in self.defenses["guidance"]) > 1:
+                raise ValueError("At most one guidance defense may replace the unconditional embedding (negative "
+                                 "prompt, INE, SAFREE's negative space); keep one of them.")
             self.token_embeddings = [t if isinstance(t, InvertedConcept) else
                                      load_inverted(t, model, edited_model_hash=model.edited_hash) for t in token_embeddings]
         except BaseException:
@@ -256,6 +262,8 @@ class SafePipeline:
             with den:
                 latents = core.sample(self.model, den, latents, num_inference_steps=steps, generators=gens,
                                       on_step=lambda i, total, n=len(chunk): bar.update(n / total))
+            bar.n = start + len(chunk)  # exact, whatever the float steps summed to
+            bar.refresh()
             imgs = core.to_uint8(core.decode(self.model, latents))
             pil = [Image.fromarray(a) for a in imgs]
             # 6. output checks (stage 5): each check's decision carries its own action

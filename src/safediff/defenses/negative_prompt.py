@@ -38,6 +38,12 @@ class NegativePromptConfig(DefenseConfig):
     embedding: str | None = None
     allow_other_base: bool = False
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.text, str):
+            raise ValueError(f"`negative_prompt` option `text` must be text, got {self.text!r}.")
+        if self.embedding is not None and not isinstance(self.embedding, str):
+            raise ValueError(f"`negative_prompt` option `embedding` must be a file path, got {self.embedding!r}.")
+
     def is_active(self) -> bool:
         return bool(self.text.strip()) or bool(self.embedding)
 
@@ -45,41 +51,56 @@ class NegativePromptConfig(DefenseConfig):
         return [self.embedding] if self.embedding else []
 
 
-def embedding_from_file(path: str, text: str, ctx: GuidanceContext, allow_other_base: bool = False) -> torch.Tensor:
-    """``(1, L, D)`` conditioning from an INE/textual-inversion file or a prompt-embedding file.
+class ConceptEmbeddingFile:
+    """A concept given as a file: an INE / textual-inversion file (its placeholder stands for the
+    learned vectors) or a prompt-embedding file (key ``embedding``, ``(L, D)`` or ``(1, L, D)``).
 
-    Shared by every defense that takes a concept as an embedding (negative prompt, SLD, SAFREE).
-    """
-    from safetensors import safe_open
+    Read and checked against the model when the defense is built (a missing, empty, corrupt or
+    mismatched file fails before any generation); encoded once per generation. Shared by every
+    defense that takes a concept as an embedding (negative prompt, SLD)."""
 
-    with safe_open(path, framework="pt") as f:
-        keys = list(f.keys())
-    want = tuple(ctx.prompt_embeds.shape[1:])
-    if keys == ["embedding"]:
-        from safetensors.torch import load_file
+    def __init__(self, path: str, model, *, allow_other_base: bool = False):
+        from ..artifacts import read_artifact
+        from ..encoding import load_inverted
 
-        if text.strip():
-            raise ValueError(f"{path} is a prompt embedding; it cannot be combined with `text`.")
-        emb = load_file(path)["embedding"]
-        emb = emb[None] if emb.dim() == 2 else emb
-        if tuple(emb.shape[1:]) != want:
-            raise ValueError(f"Embedding {path} has shape {tuple(emb.shape[1:])}, but this model's prompt embeddings "
-                             f"are {want}: it was made for another text encoder.")
-        return emb.to(ctx.prompt_embeds.dtype)
-    from ..encoding import load_inverted
+        tensors, _ = read_artifact(path)
+        self.path, self.model = path, model
+        self.prompt_embedding: torch.Tensor | None = None
+        self.inverted = None
+        if list(tensors) == ["embedding"]:
+            emb = tensors["embedding"]
+            emb = emb[None] if emb.dim() == 2 else emb
+            want = (model.tokenizer.model_max_length, model.text_encoder.config.hidden_size)
+            if tuple(emb.shape[1:]) != want:
+                raise ValueError(f"Embedding {path} has shape {tuple(emb.shape[1:])}, but this model's prompt "
+                                 f"embeddings are {want}: it was made for another text encoder.")
+            self.prompt_embedding = emb.to(model.dtype)
+        else:
+            self.inverted = load_inverted(path, model, allow_other_base=allow_other_base,
+                                          edited_model_hash=getattr(model, "edited_hash", None))
 
-    concept = load_inverted(path, ctx.model, allow_other_base=allow_other_base,
-                            edited_model_hash=getattr(ctx.model, "edited_hash", None))
-    return concept.encode(ctx.model, [text if text.strip() else concept.placeholder])
+    def encode(self, text: str = "") -> torch.Tensor:
+        """``(1, L, D)``: the prompt embedding, or ``text`` (default: the placeholder alone) encoded
+        with the placeholder standing for the learned vectors."""
+        if self.prompt_embedding is not None:
+            if text.strip():
+                raise ValueError(f"{self.path} is a prompt embedding; it cannot be combined with `text`.")
+            return self.prompt_embedding
+        return self.inverted.encode(self.model, [text if text.strip() else self.inverted.placeholder])
 
 
 class NegativePrompt(GuidanceDefense):
+    def __init__(self, config: NegativePromptConfig, model):
+        super().__init__(config, model)
+        self.file = (ConceptEmbeddingFile(config.embedding, model, allow_other_base=config.allow_other_base)
+                     if config.embedding else None)
+
     def replaces_unconditional(self) -> bool:
         return True
 
     def unconditional(self, ctx: GuidanceContext) -> torch.Tensor:
-        if self.config.embedding:
-            return embedding_from_file(self.config.embedding, self.config.text, ctx, self.config.allow_other_base)
+        if self.file is not None:
+            return self.file.encode(self.config.text)
         emb, _, _ = ctx.encode([self.config.text])
         return emb
 

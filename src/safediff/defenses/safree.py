@@ -154,13 +154,18 @@ class SAFREEProjection:
 
 
 class SAFREE(EmbeddingDefense):
-    def transform(self, ctx: EmbeddingContext):
-        space, extra, inverted = self.config.space, None, None
-        if self.config.embedding:
+    def __init__(self, config: SAFREEConfig, model):
+        super().__init__(config, model)
+        self.inverted = None
+        if config.embedding:  # read and checked when the stack is built, not at the first generation
             from ..encoding import load_inverted
 
-            inverted = load_inverted(self.config.embedding, self.model, allow_other_base=self.config.allow_other_base,
-                                     edited_model_hash=self.model.edited_hash)
+            self.inverted = load_inverted(config.embedding, model, allow_other_base=config.allow_other_base,
+                                          edited_model_hash=model.edited_hash)
+
+    def transform(self, ctx: EmbeddingContext):
+        space, extra, inverted = self.config.space, None, self.inverted
+        if inverted is not None:
             with torch.no_grad():
                 extra = inverted.encode(self.model, pooled=True).float()
             if self.config.embedding_mode == "replace":

@@ -226,16 +226,17 @@ class SLD(GuidanceDefense):
 
     config: SLDConfig
 
+    def __init__(self, config: SLDConfig, model: Any):
+        super().__init__(config, model)
+        from .negative_prompt import ConceptEmbeddingFile  # an INE / textual-inversion or prompt-embedding file
+
+        self.file = ConceptEmbeddingFile(config.concept_embedding, model) if config.concept_embedding else None
+
     def _concept_embedding(self, ctx: GuidanceContext) -> torch.Tensor:
-        path = self.config.concept_embedding
-        if not path:
+        if self.file is None:
             emb, _, _ = ctx.encode([self.config.concept])
             return emb
-        # an INE / textual-inversion file or a prompt-embedding file (key "embedding"): shared loader
-        from .negative_prompt import embedding_from_file
-
-        emb = embedding_from_file(path, "", ctx)
-        return emb.to(device=ctx.prompt_embeds.device, dtype=ctx.prompt_embeds.dtype)
+        return self.file.encode().to(device=ctx.prompt_embeds.device, dtype=ctx.prompt_embeds.dtype)
 
     def conditionings(self, ctx: GuidanceContext) -> dict[str, torch.Tensor]:
         return {"sld_concept": self._concept_embedding(ctx)}

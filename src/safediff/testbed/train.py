@@ -89,6 +89,10 @@ class TrainConfig:
         d = dict(d)
         d["world"] = world.WorldConfig(**{**d.get("world", {}), "attributes": tuple(d.get("world", {}).get("attributes", ("colour", "shape", "background")))})
         d["guidance_scales"] = tuple(d.get("guidance_scales", cls.guidance_scales))
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"Unknown training option(s) {sorted(unknown)}; known: {sorted(names)}.")
         return cls(**d)
 
 
