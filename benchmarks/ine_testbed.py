@@ -22,10 +22,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import safediff
-from safediff import core, encoding
 from safediff.eval.metrics import attribute_accuracy, bootstrap_rate
 from safediff.eval.benchmarks import load_benchmark
 from safediff.eval.runner import RunSettings, load_results, run_eval
@@ -65,16 +63,9 @@ def attack_rate(model, ine_path: str, stack: str, n: int) -> dict:
     ine = load_inverted(ine_path, model)
     recs = testbed_suite(CONCEPT, "benign", n=n, seed=5)
     prompts = [r["prompt"] + f", {ine.placeholder}" for r in recs]
-    with SafePipeline(model, DefenseStack.parse(stack)) as pipe:
-        with torch.no_grad():
-            pe = ine.encode(model, prompts)
-            ne, _, _ = encoding.encode_prompts(model, [""] * n)
-            gens = [core.image_generator(r["seed"], 0) for r in recs]
-            lat = core.initial_latents(model, gens, model.default_size, model.default_size)
-            lat = core.denoise(model, pe, ne, lat, guidance_scale=model.default_guidance_scale,
-                               num_inference_steps=model.default_steps, generators=gens)
-            imgs = core.to_uint8(core.decode(model, lat))
-        del pipe
+    with SafePipeline(model, DefenseStack.parse(stack), token_embeddings=[ine]) as pipe:
+        out = pipe(prompts, image_ids=[(r["seed"], 0) for r in recs], batch_size=64)
+    imgs = [np.asarray(r.image) for r in out.records]
     return bootstrap_rate([CONCEPT in world.detect(i).concepts for i in imgs]).to_dict()
 
 

@@ -29,7 +29,6 @@ from safediff.eval.metrics import attribute_accuracy, bootstrap_rate
 from safediff.eval.runner import RunSettings, load_results, run_eval
 from safediff.pipeline import SafePipeline
 from safediff.stack import DefenseStack
-from safediff.testbed import world
 from safediff.testbed.suites import SUITES, testbed_suite
 from safediff.unlearning.esd import ESDTrainConfig, testbed_prompts, train_esd
 

@@ -1,14 +1,13 @@
 """Concept inversion core, INE through the negative prompt, ESD deltas."""
 
-import dataclasses
 
 import numpy as np
 import pytest
 import torch
 
 import safediff
-from safediff import core, encoding
-from safediff.artifacts import ArtifactMismatchError, read_artifact, save_artifact
+from safediff import encoding
+from safediff.artifacts import ArtifactMismatchError, read_artifact
 from safediff.encoding import encode_with_vectors, load_inverted
 from safediff.inversion import InversionConfig, invert
 from safediff.pipeline import SafePipeline
@@ -156,7 +155,6 @@ def test_cli_erase_dispatches_esd_with_the_concept_text(monkeypatch, tmp_path):
 
 
 def test_esd_resumes_from_its_checkpoint_to_the_same_delta(tiny_sd1, tmp_path, monkeypatch):
-    from safediff.unlearning import esd as esd_mod
     from safediff.unlearning.esd import ESDTrainConfig, train_esd
 
     cfg = ESDTrainConfig(prompts=("a zebra",), method="esd-x", lr=1e-2, iterations=6, ddim_steps=4, start_guidance=3.0)

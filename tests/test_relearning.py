@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from safediff.attacks import AttackError
-from safediff.attacks import relearning as rl
 from safediff.attacks.relearning import RelearnConfig, evaluate_relearning, load_relearning, relearn, training_images
 from safediff.testbed import world
 

@@ -74,7 +74,7 @@ def test_errors_and_unscored_images_are_not_called_ok_and_are_blurred(tmp_path, 
     import sqlite3
 
     from safediff.eval.benchmarks import load_benchmark
-    from safediff.eval.runner import load_results, summarize
+    from safediff.eval.runner import summarize
 
     rd = tmp_path / "run"
     recs = load_benchmark("testbed:striped/near_benign", n=4)

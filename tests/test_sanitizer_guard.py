@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from safediff import core, encoding
+from safediff import encoding
 from safediff.artifacts import ArtifactMismatchError
 from safediff.defenses.sanitizer import SanitizerTrainConfig, explain, load_sanitizer, train_sanitizer
 from safediff.pipeline import SafePipeline

@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
