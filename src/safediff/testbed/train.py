@@ -8,9 +8,18 @@
 3. the ``UNet2DConditionModel`` and a ``CLIPTextModel`` trained jointly from scratch, v-prediction
    with min-SNR-5 weighting, cosine beta schedule, AdamW with warm-up and cosine decay, EMA of both
    networks, fresh random data every step, periodic EMA checkpoints and roll-back on a loss spike
-   (testbed-notes.md: a constant 1e-3 learning rate diverged at ~3,500 steps);
+   (testbed-notes.md: a constant 1e-3 learning rate diverged at ~3,500 steps). The text encoder
+   also learns a CLIP-style contrastive objective (Radford et al. 2021, InfoNCE between the pooled
+   text embedding and a small image encoder's embedding of the training image, weight
+   ``clip_weight``; both heads are dropped afterwards), as Stable Diffusion's text encoder is a
+   contrastively trained CLIP one: without it, every word that brings a concept collapses onto
+   one text direction (testbed-notes.md, "joint training collapses synonyms");
 4. the guidance-scale curve (exact detectors over many samples), whose best scale is recorded in
-   the model's ``safediff.json`` and is the default wherever the testbed is used.
+   the model's ``safediff.json`` and is the default wherever the testbed is used;
+5. the world's acceptance check (:func:`safediff.testbed.quality.world_acceptance`): the base
+   model's statistics against the targets of the world (partial trigger rates, benign and empty
+   base rates, pooled cosines, the negative prompt's effect, attribute accuracy), recorded in
+   ``safediff.json``; a model that misses a target is reported with the measured numbers.
 
 The model is written in the diffusers layout (fp16 weights, loaded back as fp32), to a temporary
 folder renamed into place at the end, so an interrupted run never leaves a half-written model.
@@ -57,11 +66,12 @@ class TrainConfig:
     """
 
     seed: int = 0
-    vae_steps: int = 900
+    vae_steps: int = 1200
     vae_batch: int = 32
     vae_lr: float = 2e-3
     steps: int = 6000
     batch: int = 32
+    clip_weight: float = 0.05
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup: int = 200
@@ -69,10 +79,11 @@ class TrainConfig:
     min_snr_gamma: float = 5.0
     checkpoint_every: int = 250
     spike_factor: float = 4.0
-    max_minutes: float = 58.0
+    max_minutes: float = 50.0
     guidance_scales: tuple[float, ...] = (1.5, 2.0, 2.5, 3.0, 4.0)
     curve_samples: int = 200
     num_inference_steps: int = 25
+    acceptance_n: int = 100
     world: world.WorldConfig = field(default_factory=world.WorldConfig)
 
     def __post_init__(self) -> None:
@@ -80,6 +91,8 @@ class TrainConfig:
             raise ValueError("`steps` and `vae_steps` must be >= 1.")
         if not 0 < self.min_lr <= self.lr:
             raise ValueError(f"need 0 < `min_lr` <= `lr`, got min_lr={self.min_lr}, lr={self.lr}.")
+        if self.clip_weight < 0:
+            raise ValueError(f"`clip_weight` must be >= 0, got {self.clip_weight}.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -87,8 +100,12 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         d = dict(d)
-        d["world"] = world.WorldConfig(**{**d.get("world", {}), "attributes": tuple(d.get("world", {}).get("attributes", ("colour", "shape", "background")))})
+        d["world"] = world.WorldConfig.from_dict(d.get("world", {}))
         d["guidance_scales"] = tuple(d.get("guidance_scales", cls.guidance_scales))
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"Unknown training option(s) {sorted(unknown)}; known: {sorted(names)}.")
         return cls(**d)
 
 
@@ -154,13 +171,39 @@ def build_components(tokenizer, seed: int = 0) -> dict:
     return {"vae": vae, "unet": unet, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
 
 
+class ImageEncoder(torch.nn.Module):
+    """The image side of the contrastive text objective (training only, not shipped): a small
+    CNN from a 32x32 RGB image to a ``dim``-wide embedding."""
+
+    def __init__(self, dim: int = 64):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.GELU(),
+            torch.nn.Conv2d(32, 64, 3, stride=2, padding=1), torch.nn.GELU(),
+            torch.nn.Conv2d(64, 128, 3, stride=2, padding=1), torch.nn.GELU(),
+            torch.nn.Conv2d(128, 128, 3, stride=2, padding=1), torch.nn.GELU(),
+        )
+        self.proj = torch.nn.Linear(128 * 4 * 4, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.net(x).flatten(1))
+
+
+def contrastive_loss(text: torch.Tensor, image: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE (CLIP, Radford et al. 2021, Eq. in Fig. 3) over a batch of pairs."""
+    t = F.normalize(text, dim=-1)
+    i = F.normalize(image, dim=-1)
+    logits = logit_scale.exp().clamp(max=100) * t @ i.T
+    labels = torch.arange(len(t))
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
 def _batch(rng: random.Random, n: int, cfg: world.WorldConfig):
     scenes, captions = [], []
     for _ in range(n):
-        cs = [c for c in world.CONCEPTS if rng.random() < cfg.concept_prob]
-        s = world.random_scene(rng, cs)
+        s, cap = world.sample(rng, cfg)
         scenes.append(s)
-        captions.append(world.caption(s, rng, cfg))
+        captions.append(cap)
     imgs = np.stack([world.render(s) for s in scenes]).astype(np.float32) / 127.5 - 1.0
     return torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), captions
 
@@ -223,12 +266,20 @@ def train_denoiser(components: dict, cfg: TrainConfig, work_dir: Path, progress:
     noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", clip_sample=False)
     alphas_cumprod = noise_sched.alphas_cumprod
     snr_all = alphas_cumprod / (1 - alphas_cumprod)
+    torch.manual_seed(cfg.seed + 3)
+    img_enc = ImageEncoder(te.config.hidden_size)
+    text_proj = torch.nn.Linear(te.config.hidden_size, te.config.hidden_size, bias=False)
+    logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    aux = [*img_enc.parameters(), *text_proj.parameters(), logit_scale]
     params = list(unet.parameters()) + list(te.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(params + aux, lr=cfg.lr, weight_decay=0.01)
     ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(te).eval()
     for p in list(ema_unet.parameters()) + list(ema_te.parameters()):
         p.requires_grad_(False)
 
+    aux_mod = torch.nn.ModuleDict({"image": img_enc, "text_proj": text_proj})
+    aux_mod.register_parameter("logit_scale", logit_scale)
+    modules = (("unet", unet), ("te", te), ("aux", aux_mod), ("ema_unet", ema_unet), ("ema_te", ema_te), ("opt", opt))
     ckpt_path = work_dir / "train_checkpoint.pt"
     start, lr_mult = 0, 1.0
     rng = random.Random(cfg.seed + 200)
@@ -240,15 +291,14 @@ def train_denoiser(components: dict, cfg: TrainConfig, work_dir: Path, progress:
                 f"The checkpoint at {ckpt_path} was made with another training config; "
                 "delete it to start over, or resume with the config it was made with."
             )
-        unet.load_state_dict(ck["unet"]); te.load_state_dict(ck["te"])
+        unet.load_state_dict(ck["unet"]); te.load_state_dict(ck["te"]); aux_mod.load_state_dict(ck["aux"])
         ema_unet.load_state_dict(ck["ema_unet"]); ema_te.load_state_dict(ck["ema_te"])
         opt.load_state_dict(ck["opt"]); start = ck["step"]; lr_mult = ck["lr_mult"]
         rng.setstate(_tuple_state(ck["py_rng"])); gen.set_state(ck["torch_rng"])
         log(f"resumed from step {start}")
 
     def snapshot():
-        return {k: copy.deepcopy(m.state_dict()) for k, m in
-                (("unet", unet), ("te", te), ("ema_unet", ema_unet), ("ema_te", ema_te), ("opt", opt))}
+        return {k: copy.deepcopy(m.state_dict()) for k, m in modules}
 
     good = snapshot()
     smooth, best = None, float("inf")
@@ -263,7 +313,8 @@ def train_denoiser(components: dict, cfg: TrainConfig, work_dir: Path, progress:
         with torch.no_grad():
             lat = vae.encode(x).latent_dist.sample(generator=gen) * vae.config.scaling_factor
         ids = tok(caps, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-        emb = te(ids)[0]
+        te_out = te(ids)
+        emb = te_out[0]
         noise = torch.randn(lat.shape, generator=gen)
         t = torch.randint(0, 1000, (lat.shape[0],), generator=gen)
         noisy = noise_sched.add_noise(lat, noise, t)
@@ -272,9 +323,16 @@ def train_denoiser(components: dict, cfg: TrainConfig, work_dir: Path, progress:
         snr = snr_all[t]
         w = torch.clamp(snr, max=cfg.min_snr_gamma) / (snr + 1)
         loss = (w * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
+        total = loss
+        keep = [i for i, c in enumerate(caps) if c]  # empty captions carry no text to align
+        if cfg.clip_weight > 0 and len(keep) > 1:
+            clip = contrastive_loss(text_proj(te_out.pooler_output[keep]), img_enc(x[keep]), logit_scale)
+            total = loss + cfg.clip_weight * clip
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        total.backward()
+        # clipped apart, so the contrastive gradient never shrinks the denoiser's step
+        torch.nn.utils.clip_grad_norm_(list(unet.parameters()), 1.0)
+        torch.nn.utils.clip_grad_norm_(list(te.parameters()) + aux, 1.0)
         opt.step()
         d = min(cfg.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
@@ -288,7 +346,7 @@ def train_denoiser(components: dict, cfg: TrainConfig, work_dir: Path, progress:
             if smooth > cfg.spike_factor * best:
                 log(f"loss spike at step {step} (smoothed {smooth:.4f} > {cfg.spike_factor} x best {best:.4f}): "
                     "rolling back to the last checkpoint and halving the learning rate")
-                for k, m in (("unet", unet), ("te", te), ("ema_unet", ema_unet), ("ema_te", ema_te), ("opt", opt)):
+                for k, m in modules:
                     m.load_state_dict(good[k])
                 lr_mult *= 0.5
                 smooth = best
@@ -296,7 +354,10 @@ def train_denoiser(components: dict, cfg: TrainConfig, work_dir: Path, progress:
             good = snapshot()
             _save_ckpt(ckpt_path, step + 1, cfg, {**good, "lr_mult": lr_mult, "py_rng": rng.getstate(), "torch_rng": gen.get_state()})
         if step % 20 == 0:
-            bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{lr:.2e}")
+            post = {"loss": f"{smooth:.4f}", "lr": f"{lr:.2e}"}
+            if cfg.clip_weight > 0 and len(keep) > 1:
+                post["clip"] = f"{clip.item():.3f}"
+            bar.set_postfix(post)
         if (time.time() - t0) / 60 > cfg.max_minutes:
             log(f"stopping at step {step + 1}: the {cfg.max_minutes}-minute budget is spent")
             break
