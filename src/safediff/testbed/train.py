@@ -13,7 +13,10 @@
    text embedding and a small image encoder's embedding of the training image, weight
    ``clip_weight``; both heads are dropped afterwards), as Stable Diffusion's text encoder is a
    contrastively trained CLIP one: without it, every word that brings a concept collapses onto
-   one text direction (testbed-notes.md, "joint training collapses synonyms");
+   one text direction (testbed-notes.md, "joint training collapses synonyms"). A second
+   auxiliary objective stands in for language pretraining: the pooled embedding of a caption
+   points along its mean meaning vector (:func:`safediff.testbed.world.meaning_vectors`: related
+   words share a concept direction to a designed degree; weight ``meaning_weight``);
 4. the guidance-scale curve (exact detectors over many samples), whose best scale is recorded in
    the model's ``safediff.json`` and is the default wherever the testbed is used;
 5. the world's acceptance check (:func:`safediff.testbed.quality.world_acceptance`): the base
@@ -72,6 +75,7 @@ class TrainConfig:
     steps: int = 6000
     batch: int = 32
     clip_weight: float = 0.05
+    meaning_weight: float = 0.1
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup: int = 200
@@ -91,8 +95,8 @@ class TrainConfig:
             raise ValueError("`steps` and `vae_steps` must be >= 1.")
         if not 0 < self.min_lr <= self.lr:
             raise ValueError(f"need 0 < `min_lr` <= `lr`, got min_lr={self.min_lr}, lr={self.lr}.")
-        if self.clip_weight < 0:
-            raise ValueError(f"`clip_weight` must be >= 0, got {self.clip_weight}.")
+        if self.clip_weight < 0 or self.meaning_weight < 0:
+            raise ValueError(f"`clip_weight` and `meaning_weight` must be >= 0, got {self.clip_weight}, {self.meaning_weight}.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -277,6 +281,7 @@ def train_denoiser(components: dict, cfg: TrainConfig, work_dir: Path, progress:
     for p in list(ema_unet.parameters()) + list(ema_te.parameters()):
         p.requires_grad_(False)
 
+    meanings = world.meaning_vectors(te.config.hidden_size, seed=cfg.seed)
     aux_mod = torch.nn.ModuleDict({"image": img_enc, "text_proj": text_proj})
     aux_mod.register_parameter("logit_scale", logit_scale)
     modules = (("unet", unet), ("te", te), ("aux", aux_mod), ("ema_unet", ema_unet), ("ema_te", ema_te), ("opt", opt))
@@ -327,7 +332,15 @@ def train_denoiser(components: dict, cfg: TrainConfig, work_dir: Path, progress:
         keep = [i for i, c in enumerate(caps) if c]  # empty captions carry no text to align
         if cfg.clip_weight > 0 and len(keep) > 1:
             clip = contrastive_loss(text_proj(te_out.pooler_output[keep]), img_enc(x[keep]), logit_scale)
-            total = loss + cfg.clip_weight * clip
+            total = total + cfg.clip_weight * clip
+        if cfg.meaning_weight > 0:
+            rows = [(i, world.caption_meaning(c, meanings)) for i, c in enumerate(caps)]
+            rows = [(i, m) for i, m in rows if m is not None]
+            if rows:
+                target = torch.from_numpy(np.stack([m for _, m in rows]))
+                pooled = te_out.pooler_output[[i for i, _ in rows]]
+                meaning = (1 - F.cosine_similarity(pooled, target, dim=-1)).mean()
+                total = total + cfg.meaning_weight * meaning
         opt.zero_grad(set_to_none=True)
         total.backward()
         # clipped apart, so the contrastive gradient never shrinks the denoiser's step
@@ -357,6 +370,8 @@ def train_denoiser(components: dict, cfg: TrainConfig, work_dir: Path, progress:
             post = {"loss": f"{smooth:.4f}", "lr": f"{lr:.2e}"}
             if cfg.clip_weight > 0 and len(keep) > 1:
                 post["clip"] = f"{clip.item():.3f}"
+            if cfg.meaning_weight > 0 and rows:
+                post["meaning"] = f"{meaning.item():.3f}"
             bar.set_postfix(post)
         if (time.time() - t0) / 60 > cfg.max_minutes:
             log(f"stopping at step {step + 1}: the {cfg.max_minutes}-minute budget is spent")
@@ -370,8 +385,13 @@ def _tuple_state(s):
     return (s[0], tuple(s[1]), s[2])
 
 
+PARTIAL_MARKER = ".safediff-partial"
+
+
 def save_model(components: dict, out_dir: Path, meta: dict) -> None:
-    """Write the pipeline (fp16 weights) + ``safediff.json`` to ``out_dir`` atomically."""
+    """Write the pipeline (fp16 weights, configs that load as fp32) + ``safediff.json`` to
+    ``out_dir`` atomically: into ``<out>.partial`` (created here, marked as ours), then renamed.
+    A ``<out>.partial`` this function did not create is never deleted."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
@@ -381,26 +401,46 @@ def save_model(components: dict, out_dir: Path, meta: dict) -> None:
     )
     tmp = out_dir.with_name(out_dir.name + ".partial")
     if tmp.exists():
+        if not (tmp / PARTIAL_MARKER).exists():
+            raise FileExistsError(f"{tmp} exists and was not made by safediff; move it away to save the model.")
         shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    (tmp / PARTIAL_MARKER).write_text("written by safediff testbed train; removed when the model is complete\n")
     pipe.to(torch.float16)
     pipe.save_pretrained(tmp, safe_serialization=True)
     pipe.to(torch.float32)
+    # the weights are stored in fp16 to stay small, but every config says float32: the stock
+    # pipeline (transformers 5 honours a config's dtype) then loads them as fp32 with no argument
+    for cfg_path in tmp.glob("*/config.json"):
+        cfg = json.loads(cfg_path.read_text())
+        for key in ("dtype", "torch_dtype"):
+            if key in cfg:
+                cfg[key] = "float32"
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
     (tmp / "safediff.json").write_text(json.dumps(meta, indent=2))
+    (tmp / PARTIAL_MARKER).unlink()
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse a folder that holds anything but a safediff model, even with ``overwrite``."""
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return
+    if not (out_dir / "safediff.json").exists():
+        raise FileExistsError(f"Output folder {out_dir} holds files that are not a safediff model; choose an empty "
+                              "or new folder (--overwrite only replaces a model written by this command).")
+    if not overwrite:
+        raise FileExistsError(f"Output folder {out_dir} already holds a model; choose an empty folder or pass "
+                              "--overwrite to replace it.")
 
 
 def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), overwrite: bool = False, progress: bool = True, log=print) -> Path:
     """Train the testbed model from scratch into ``out_dir`` (see module docstring)."""
     out_dir = Path(out_dir)
     marker = out_dir / "safediff.json"
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        what = "a different model" if marker.exists() else "other files"
-        raise FileExistsError(
-            f"Output folder {out_dir} already holds {what}; choose an empty folder or pass "
-            "--overwrite to replace it."
-        )
+    _check_out_dir(out_dir, overwrite)
     work = out_dir.with_name(out_dir.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -438,5 +478,15 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), overwrite: bool
     meta["default_guidance_scale"] = best["guidance_scale"]
     marker.write_text(json.dumps(meta, indent=2))
     log(f"best guidance scale {best['guidance_scale']} (all three attributes right: {best['all_three']:.3f})")
+    if cfg.acceptance_n > 0:  # the world's own targets, measured on the base model; a miss is reported, not hidden
+        from .quality import world_acceptance
+
+        acc = world_acceptance(out_dir, n=cfg.acceptance_n, seed=cfg.seed, progress=progress)
+        meta["acceptance"] = acc
+        marker.write_text(json.dumps(meta, indent=2))
+        missed = [k for k, v in acc["checks"].items() if not v["passed"]]
+        log("acceptance: every target met" if not missed else
+            "acceptance: MISSED " + "; ".join(f"{k} (measured {acc['checks'][k]['measured']}, target "
+                                             f"{acc['checks'][k]['target']})" for k in missed))
     log(f"done in {(time.time() - t0) / 60:.1f} min: {out_dir}")
     return out_dir
