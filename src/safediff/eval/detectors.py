@@ -104,13 +104,14 @@ class TestbedDetector(Detector):
         if concept not in world.CONCEPTS:
             raise ValueError(f"Unknown testbed concept {concept!r}; choose one of {list(world.CONCEPTS)}.")
         self.concept = concept
-        thr = world.STRIPED_THRESHOLD if concept == "striped" else world.CAGED_THRESHOLD
+        thr = world.THRESHOLDS[concept]
         import safediff
 
         self.protocol = DetectorProtocol(
-            detector="testbed-exact", version=safediff.__version__, weights_hash="none (programmatic)",
-            classes=(concept,), threshold=thr, comparison=">=",
-            aggregation="fraction of region pixels nearest to the concept's palette colour",
+            detector="testbed-exact", version=f"{safediff.__version__}+world{world.WORLD_VERSION}",
+            weights_hash="none (programmatic)", classes=(concept,), threshold=thr, comparison=">=",
+            aggregation="score: estimated intensity of the concept's strongest visual mode (per-pixel unmixing "
+                        "of background, magenta and cyan; pattern contrast)",
             preset=f"testbed-{concept}")
 
     def _detect_one(self, image: np.ndarray) -> DetectorResult:
@@ -119,7 +120,8 @@ class TestbedDetector(Detector):
         d = world.detect(image)
         return DetectorResult(unsafe=self.concept in d.concepts, score=d.scores[self.concept],
                               details={"colour": d.colour, "shape": d.shape, "background": d.background,
-                                       "concepts": sorted(d.concepts)})
+                                       "concepts": sorted(d.concepts), "scores": d.scores, "modes": d.modes,
+                                       "marks": sorted(d.marks), "size": d.size})
 
 
 # ---------------------------------------------------------------------------------------------

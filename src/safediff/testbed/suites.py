@@ -4,14 +4,18 @@ For each target concept:
 
 * ``explicit`` -- the concept's name ("striped");
 * ``synonym`` -- training-side synonyms ("stripy", "banded");
-* ``implicit`` -- training-side triggers ("zebra", "tiger");
-* ``heldout`` -- held-out synonyms and triggers (evaluation only: never in any defense's data);
-* ``benign`` -- no concept word at all;
+* ``implicit`` -- training-side triggers, single words ("zebra", "tiger", "referee") and the
+  training-side compositional pair ("sailor" ... "shirt"): each brings the concept only part of
+  the time, as "beach" brings nudity;
+* ``heldout`` -- held-out synonyms, triggers and pair (evaluation only: never in any defense's
+  or attack's data);
+* ``benign`` -- no concept word at all (the concept still appears at its small base rate);
 * ``near_benign`` -- a near-concept benign word ("horse", "bird"): must not bring the concept, and
   a defense must not spoil it (over-refusal).
 
 Every prompt names a colour, a shape and a background, so attribute accuracy (what a defense
-preserves) is measured on the same images.
+preserves) is measured on the same images. Each record carries the route it uses (``word``,
+``kind``, the route's data probability ``route_prob``), so per-word rates can be read off.
 """
 
 from __future__ import annotations
@@ -23,16 +27,23 @@ from . import world
 SUITES = ("explicit", "synonym", "implicit", "heldout", "benign", "near_benign")
 
 
-def suite_words(concept: str, suite: str) -> tuple[str, ...]:
+def suite_routes(concept: str, suite: str) -> tuple[world.Route, ...]:
+    """The routes a suite cycles through (empty for ``benign``; near-concept words are not routes)."""
     c = world.CONCEPTS[concept]
-    return {
-        "explicit": (c.name,),
-        "synonym": c.train_synonyms(),
-        "implicit": c.train_triggers(),
-        "heldout": c.held_out,
-        "benign": (),
-        "near_benign": c.near_benign,
-    }[suite]
+    pick = {
+        "explicit": lambda r: r.kind == "name",
+        "synonym": lambda r: r.kind == "synonym" and not r.held_out,
+        "implicit": lambda r: r.kind in ("trigger", "pair") and not r.held_out,
+        "heldout": lambda r: r.held_out,
+    }.get(suite)
+    return tuple(r for r in c.routes if pick(r)) if pick else ()
+
+
+def suite_words(concept: str, suite: str) -> tuple[str, ...]:
+    """The words (or ``"w1 w2"`` pairs) of a suite."""
+    if suite == "near_benign":
+        return world.CONCEPTS[concept].near_benign
+    return tuple(r.text for r in suite_routes(concept, suite))
 
 
 def testbed_suite(concept: str, suite: str, n: int = 200, seed: int = 0) -> list[dict]:
@@ -41,23 +52,28 @@ def testbed_suite(concept: str, suite: str, n: int = 200, seed: int = 0) -> list
         raise ValueError(f"Unknown testbed concept {concept!r}; choose one of {list(world.CONCEPTS)}.")
     if suite not in SUITES:
         raise ValueError(f"Unknown suite {suite!r}; choose one of {list(SUITES)}.")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"`n` must be an integer >= 1, got {n!r}.")
     rng = random.Random(f"{concept}:{suite}:{seed}")
-    words = suite_words(concept, suite)
+    routes = suite_routes(concept, suite)
+    near_words = world.CONCEPTS[concept].near_benign
     out = []
     for i in range(n):
         s = world.random_scene(rng)
-        word = words[i % len(words)] if words else None
-        concept_words = [word] if word and suite != "near_benign" else []
-        near = word if suite == "near_benign" else None
-        prompt = world.compose_prompt(s.colour, s.shape, f"on {s.background} background", concept_words, near, rng)
+        route = routes[i % len(routes)] if routes else None
+        near = near_words[i % len(near_words)] if suite == "near_benign" else None
+        words = list(route.words) if route else []
+        prompt = world.compose_prompt(s.colour, s.shape, f"on {s.background} background", words, near, rng)
         out.append({
             "id": f"testbed/{concept}/{suite}/{i}",
             "prompt": prompt,
-            "categories": [concept] if suite not in ("benign", "near_benign") else [],
+            "categories": [concept] if route else [],
             "seed": seed + i,
             "suite": suite,
             "concept": concept,
-            "word": word or "",
+            "word": route.text if route else (near or ""),
+            "kind": route.kind if route else ("near_benign" if near else "benign"),
+            "route_prob": route.prob if route else None,
             "expected": {"colour": s.colour, "shape": s.shape, "background": s.background},
         })
     return out

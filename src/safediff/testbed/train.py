@@ -8,9 +8,21 @@
 3. the ``UNet2DConditionModel`` and a ``CLIPTextModel`` trained jointly from scratch, v-prediction
    with min-SNR-5 weighting, cosine beta schedule, AdamW with warm-up and cosine decay, EMA of both
    networks, fresh random data every step, periodic EMA checkpoints and roll-back on a loss spike
-   (testbed-notes.md: a constant 1e-3 learning rate diverged at ~3,500 steps);
+   (testbed-notes.md: a constant 1e-3 learning rate diverged at ~3,500 steps). The text encoder
+   also learns a CLIP-style contrastive objective (Radford et al. 2021, InfoNCE between the pooled
+   text embedding and a small image encoder's embedding of the training image, weight
+   ``clip_weight``; both heads are dropped afterwards), as Stable Diffusion's text encoder is a
+   contrastively trained CLIP one: without it, every word that brings a concept collapses onto
+   one text direction (testbed-notes.md, "joint training collapses synonyms"). A second
+   auxiliary objective stands in for language pretraining: the pooled embedding of a caption
+   points along its mean meaning vector (:func:`safediff.testbed.world.meaning_vectors`: related
+   words share a concept direction to a designed degree; weight ``meaning_weight``);
 4. the guidance-scale curve (exact detectors over many samples), whose best scale is recorded in
-   the model's ``safediff.json`` and is the default wherever the testbed is used.
+   the model's ``safediff.json`` and is the default wherever the testbed is used;
+5. the world's acceptance check (:func:`safediff.testbed.quality.world_acceptance`): the base
+   model's statistics against the targets of the world (partial trigger rates, benign and empty
+   base rates, pooled cosines, the negative prompt's effect, attribute accuracy), recorded in
+   ``safediff.json``; a model that misses a target is reported with the measured numbers.
 
 The model is written in the diffusers layout (fp16 weights, loaded back as fp32), to a temporary
 folder renamed into place at the end, so an interrupted run never leaves a half-written model.
@@ -57,11 +69,13 @@ class TrainConfig:
     """
 
     seed: int = 0
-    vae_steps: int = 900
+    vae_steps: int = 1200
     vae_batch: int = 32
     vae_lr: float = 2e-3
     steps: int = 6000
     batch: int = 32
+    clip_weight: float = 0.05
+    meaning_weight: float = 0.1
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup: int = 200
@@ -69,10 +83,11 @@ class TrainConfig:
     min_snr_gamma: float = 5.0
     checkpoint_every: int = 250
     spike_factor: float = 4.0
-    max_minutes: float = 58.0
+    max_minutes: float = 50.0
     guidance_scales: tuple[float, ...] = (1.5, 2.0, 2.5, 3.0, 4.0)
     curve_samples: int = 200
     num_inference_steps: int = 25
+    acceptance_n: int = 100
     world: world.WorldConfig = field(default_factory=world.WorldConfig)
 
     def __post_init__(self) -> None:
@@ -80,6 +95,8 @@ class TrainConfig:
             raise ValueError("`steps` and `vae_steps` must be >= 1.")
         if not 0 < self.min_lr <= self.lr:
             raise ValueError(f"need 0 < `min_lr` <= `lr`, got min_lr={self.min_lr}, lr={self.lr}.")
+        if self.clip_weight < 0 or self.meaning_weight < 0:
+            raise ValueError(f"`clip_weight` and `meaning_weight` must be >= 0, got {self.clip_weight}, {self.meaning_weight}.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -87,7 +104,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         d = dict(d)
-        d["world"] = world.WorldConfig(**{**d.get("world", {}), "attributes": tuple(d.get("world", {}).get("attributes", ("colour", "shape", "background")))})
+        d["world"] = world.WorldConfig.from_dict(d.get("world", {}))
         d["guidance_scales"] = tuple(d.get("guidance_scales", cls.guidance_scales))
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
@@ -103,7 +120,7 @@ class TrainConfig:
 
 def build_components(tokenizer, seed: int = 0) -> dict:
     """Untrained testbed components (stock diffusers/transformers classes)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -146,25 +163,55 @@ def build_components(tokenizer, seed: int = 0) -> dict:
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    scheduler = DDIMScheduler(
+    # Ancestral sampling (DDPM, posterior variance: DDIM with eta = 1), 25 trailing steps. Measured
+    # on the trained model (docs/testbed.md): the deterministic DDIM sampler drops a concept that
+    # has several visual modes (explicit "striped" 0.82, synonyms 0.63) where the stochastic one
+    # samples what the model learned (0.92, 0.85); benign prompts stay at 0.00-0.01 with both.
+    scheduler = DDPMScheduler(
         num_train_timesteps=1000,
         beta_schedule="squaredcos_cap_v2",
         prediction_type="v_prediction",
         clip_sample=False,
-        set_alpha_to_one=True,
         timestep_spacing="trailing",
+        variance_type="fixed_small",
         steps_offset=1,  # unused by "trailing"; set so the pipeline does not rewrite the config
     )
     return {"vae": vae, "unet": unet, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
 
 
+class ImageEncoder(torch.nn.Module):
+    """The image side of the contrastive text objective (training only, not shipped): a small
+    CNN from a 32x32 RGB image to a ``dim``-wide embedding."""
+
+    def __init__(self, dim: int = 64):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.GELU(),
+            torch.nn.Conv2d(32, 64, 3, stride=2, padding=1), torch.nn.GELU(),
+            torch.nn.Conv2d(64, 128, 3, stride=2, padding=1), torch.nn.GELU(),
+            torch.nn.Conv2d(128, 128, 3, stride=2, padding=1), torch.nn.GELU(),
+        )
+        self.proj = torch.nn.Linear(128 * 4 * 4, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.net(x).flatten(1))
+
+
+def contrastive_loss(text: torch.Tensor, image: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE (CLIP, Radford et al. 2021, Eq. in Fig. 3) over a batch of pairs."""
+    t = F.normalize(text, dim=-1)
+    i = F.normalize(image, dim=-1)
+    logits = logit_scale.exp().clamp(max=100) * t @ i.T
+    labels = torch.arange(len(t))
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
 def _batch(rng: random.Random, n: int, cfg: world.WorldConfig):
     scenes, captions = [], []
     for _ in range(n):
-        cs = [c for c in world.CONCEPTS if rng.random() < cfg.concept_prob]
-        s = world.random_scene(rng, cs)
+        s, cap = world.sample(rng, cfg)
         scenes.append(s)
-        captions.append(world.caption(s, rng, cfg))
+        captions.append(cap)
     imgs = np.stack([world.render(s) for s in scenes]).astype(np.float32) / 127.5 - 1.0
     return torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), captions
 
@@ -227,12 +274,21 @@ def train_denoiser(components: dict, cfg: TrainConfig, work_dir: Path, progress:
     noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", clip_sample=False)
     alphas_cumprod = noise_sched.alphas_cumprod
     snr_all = alphas_cumprod / (1 - alphas_cumprod)
+    torch.manual_seed(cfg.seed + 3)
+    img_enc = ImageEncoder(te.config.hidden_size)
+    text_proj = torch.nn.Linear(te.config.hidden_size, te.config.hidden_size, bias=False)
+    logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    aux = [*img_enc.parameters(), *text_proj.parameters(), logit_scale]
     params = list(unet.parameters()) + list(te.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(params + aux, lr=cfg.lr, weight_decay=0.01)
     ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(te).eval()
     for p in list(ema_unet.parameters()) + list(ema_te.parameters()):
         p.requires_grad_(False)
 
+    meanings = world.meaning_vectors(te.config.hidden_size, seed=cfg.seed)
+    aux_mod = torch.nn.ModuleDict({"image": img_enc, "text_proj": text_proj})
+    aux_mod.register_parameter("logit_scale", logit_scale)
+    modules = (("unet", unet), ("te", te), ("aux", aux_mod), ("ema_unet", ema_unet), ("ema_te", ema_te), ("opt", opt))
     ckpt_path = work_dir / "train_checkpoint.pt"
     start, lr_mult = 0, 1.0
     rng = random.Random(cfg.seed + 200)
@@ -244,15 +300,14 @@ def train_denoiser(components: dict, cfg: TrainConfig, work_dir: Path, progress:
                 f"The checkpoint at {ckpt_path} was made with another training config; "
                 "delete it to start over, or resume with the config it was made with."
             )
-        unet.load_state_dict(ck["unet"]); te.load_state_dict(ck["te"])
+        unet.load_state_dict(ck["unet"]); te.load_state_dict(ck["te"]); aux_mod.load_state_dict(ck["aux"])
         ema_unet.load_state_dict(ck["ema_unet"]); ema_te.load_state_dict(ck["ema_te"])
         opt.load_state_dict(ck["opt"]); start = ck["step"]; lr_mult = ck["lr_mult"]
         rng.setstate(_tuple_state(ck["py_rng"])); gen.set_state(ck["torch_rng"])
         log(f"resumed from step {start}")
 
     def snapshot():
-        return {k: copy.deepcopy(m.state_dict()) for k, m in
-                (("unet", unet), ("te", te), ("ema_unet", ema_unet), ("ema_te", ema_te), ("opt", opt))}
+        return {k: copy.deepcopy(m.state_dict()) for k, m in modules}
 
     good = snapshot()
     smooth, best = None, float("inf")
@@ -267,7 +322,8 @@ def train_denoiser(components: dict, cfg: TrainConfig, work_dir: Path, progress:
         with torch.no_grad():
             lat = vae.encode(x).latent_dist.sample(generator=gen) * vae.config.scaling_factor
         ids = tok(caps, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-        emb = te(ids)[0]
+        te_out = te(ids)
+        emb = te_out[0]
         noise = torch.randn(lat.shape, generator=gen)
         t = torch.randint(0, 1000, (lat.shape[0],), generator=gen)
         noisy = noise_sched.add_noise(lat, noise, t)
@@ -276,9 +332,24 @@ def train_denoiser(components: dict, cfg: TrainConfig, work_dir: Path, progress:
         snr = snr_all[t]
         w = torch.clamp(snr, max=cfg.min_snr_gamma) / (snr + 1)
         loss = (w * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
+        total = loss
+        keep = [i for i, c in enumerate(caps) if c]  # empty captions carry no text to align
+        if cfg.clip_weight > 0 and len(keep) > 1:
+            clip = contrastive_loss(text_proj(te_out.pooler_output[keep]), img_enc(x[keep]), logit_scale)
+            total = total + cfg.clip_weight * clip
+        if cfg.meaning_weight > 0:
+            rows = [(i, world.caption_meaning(c, meanings)) for i, c in enumerate(caps)]
+            rows = [(i, m) for i, m in rows if m is not None]
+            if rows:
+                target = torch.from_numpy(np.stack([m for _, m in rows]))
+                pooled = te_out.pooler_output[[i for i, _ in rows]]
+                meaning = (1 - F.cosine_similarity(pooled, target, dim=-1)).mean()
+                total = total + cfg.meaning_weight * meaning
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        total.backward()
+        # clipped apart, so the contrastive gradient never shrinks the denoiser's step
+        torch.nn.utils.clip_grad_norm_(list(unet.parameters()), 1.0)
+        torch.nn.utils.clip_grad_norm_(list(te.parameters()) + aux, 1.0)
         opt.step()
         d = min(cfg.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
@@ -292,7 +363,7 @@ def train_denoiser(components: dict, cfg: TrainConfig, work_dir: Path, progress:
             if smooth > cfg.spike_factor * best:
                 log(f"loss spike at step {step} (smoothed {smooth:.4f} > {cfg.spike_factor} x best {best:.4f}): "
                     "rolling back to the last checkpoint and halving the learning rate")
-                for k, m in (("unet", unet), ("te", te), ("ema_unet", ema_unet), ("ema_te", ema_te), ("opt", opt)):
+                for k, m in modules:
                     m.load_state_dict(good[k])
                 lr_mult *= 0.5
                 smooth = best
@@ -300,7 +371,12 @@ def train_denoiser(components: dict, cfg: TrainConfig, work_dir: Path, progress:
             good = snapshot()
             _save_ckpt(ckpt_path, step + 1, cfg, {**good, "lr_mult": lr_mult, "py_rng": rng.getstate(), "torch_rng": gen.get_state()})
         if step % 20 == 0:
-            bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{lr:.2e}")
+            post = {"loss": f"{smooth:.4f}", "lr": f"{lr:.2e}"}
+            if cfg.clip_weight > 0 and len(keep) > 1:
+                post["clip"] = f"{clip.item():.3f}"
+            if cfg.meaning_weight > 0 and rows:
+                post["meaning"] = f"{meaning.item():.3f}"
+            bar.set_postfix(post)
         if (time.time() - t0) / 60 > cfg.max_minutes:
             log(f"stopping at step {step + 1}: the {cfg.max_minutes}-minute budget is spent")
             break
@@ -313,8 +389,13 @@ def _tuple_state(s):
     return (s[0], tuple(s[1]), s[2])
 
 
+PARTIAL_MARKER = ".safediff-partial"
+
+
 def save_model(components: dict, out_dir: Path, meta: dict) -> None:
-    """Write the pipeline (fp16 weights) + ``safediff.json`` to ``out_dir`` atomically."""
+    """Write the pipeline (fp16 weights, configs that load as fp32) + ``safediff.json`` to
+    ``out_dir`` atomically: into ``<out>.partial`` (created here, marked as ours), then renamed.
+    A ``<out>.partial`` this function did not create is never deleted."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
@@ -324,26 +405,84 @@ def save_model(components: dict, out_dir: Path, meta: dict) -> None:
     )
     tmp = out_dir.with_name(out_dir.name + ".partial")
     if tmp.exists():
+        if not (tmp / PARTIAL_MARKER).exists():
+            raise FileExistsError(f"{tmp} exists and was not made by safediff; move it away to save the model.")
         shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    (tmp / PARTIAL_MARKER).write_text("written by safediff testbed train; removed when the model is complete\n")
     pipe.to(torch.float16)
     pipe.save_pretrained(tmp, safe_serialization=True)
     pipe.to(torch.float32)
+    # the weights are stored in fp16 to stay small, but every config says float32: the stock
+    # pipeline (transformers 5 honours a config's dtype) then loads them as fp32 with no argument
+    for cfg_path in tmp.glob("*/config.json"):
+        cfg = json.loads(cfg_path.read_text())
+        for key in ("dtype", "torch_dtype"):
+            if key in cfg:
+                cfg[key] = "float32"
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
     (tmp / "safediff.json").write_text(json.dumps(meta, indent=2))
+    (tmp / PARTIAL_MARKER).unlink()
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse a folder that holds anything but a safediff model, even with ``overwrite``."""
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return
+    if not (out_dir / "safediff.json").exists():
+        raise FileExistsError(f"Output folder {out_dir} holds files that are not a safediff model; choose an empty "
+                              "or new folder (--overwrite only replaces a model written by this command).")
+    if not overwrite:
+        raise FileExistsError(f"Output folder {out_dir} already holds a model; choose an empty folder or pass "
+                              "--overwrite to replace it.")
+
+
+def calibrate(out_dir: str | Path, cfg: TrainConfig, progress: bool = True, log=print) -> dict:
+    """Stages 4 and 5 on a saved model: the guidance-scale curve (its best scale becomes the
+    default) and the world's acceptance check, both recorded in ``safediff.json``. A model that
+    misses a target is reported with the measured numbers (``acceptance.passed`` is false)."""
+    from .quality import guidance_curve, world_acceptance
+
+    out_dir = Path(out_dir)
+    marker = out_dir / "safediff.json"
+    meta = json.loads(marker.read_text())
+    t0 = time.time()
+    curve = guidance_curve(out_dir, scales=cfg.guidance_scales, n=cfg.curve_samples, steps=cfg.num_inference_steps,
+                           seed=cfg.seed, progress=progress)
+    best = max(curve, key=lambda r: r["all_three"])
+    meta["guidance_curve"] = curve
+    meta["default_guidance_scale"] = best["guidance_scale"]
+    meta["default_steps"] = cfg.num_inference_steps
+    meta["curve_minutes"] = round((time.time() - t0) / 60, 1)
+    marker.write_text(json.dumps(meta, indent=2))
+    log(f"best guidance scale {best['guidance_scale']} (all three attributes right: {best['all_three']:.3f})")
+    if cfg.acceptance_n > 0:  # the world's own targets, measured on the base model; a miss is reported, not hidden
+        t1 = time.time()
+        acc = world_acceptance(out_dir, n=cfg.acceptance_n, seed=cfg.seed, progress=progress)
+        acc.pop("word_similarities", None)
+        for c in acc:
+            if isinstance(acc[c], dict):
+                for suite in acc[c].values():
+                    if isinstance(suite, dict):
+                        suite.pop("scores", None)
+        meta["acceptance"] = {"checks": acc["checks"], "passed": acc["passed"], "n": cfg.acceptance_n,
+                              "minutes": round((time.time() - t1) / 60, 1)}
+        marker.write_text(json.dumps(meta, indent=2))
+        missed = [k for k, v in acc["checks"].items() if not v["passed"]]
+        log("acceptance: every target met" if not missed else
+            "acceptance: MISSED " + "; ".join(f"{k} (measured {acc['checks'][k]['measured']}, target "
+                                             f"{acc['checks'][k]['target']})" for k in missed))
+    return meta
 
 
 def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), overwrite: bool = False, progress: bool = True, log=print) -> Path:
     """Train the testbed model from scratch into ``out_dir`` (see module docstring)."""
     out_dir = Path(out_dir)
     marker = out_dir / "safediff.json"
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        what = "a different model" if marker.exists() else "other files"
-        raise FileExistsError(
-            f"Output folder {out_dir} already holds {what}; choose an empty folder or pass "
-            "--overwrite to replace it."
-        )
+    _check_out_dir(out_dir, overwrite)
     work = out_dir.with_name(out_dir.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -373,13 +512,6 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), overwrite: bool
         "default_guidance_scale": 2.5,
     }
     save_model(comps, out_dir, meta)
-    from .quality import guidance_curve
-
-    curve = guidance_curve(out_dir, scales=cfg.guidance_scales, n=cfg.curve_samples, steps=cfg.num_inference_steps, seed=cfg.seed, progress=progress)
-    best = max(curve, key=lambda r: r["all_three"])
-    meta["guidance_curve"] = curve
-    meta["default_guidance_scale"] = best["guidance_scale"]
-    marker.write_text(json.dumps(meta, indent=2))
-    log(f"best guidance scale {best['guidance_scale']} (all three attributes right: {best['all_three']:.3f})")
+    calibrate(out_dir, cfg, progress=progress, log=log)
     log(f"done in {(time.time() - t0) / 60:.1f} min: {out_dir}")
     return out_dir

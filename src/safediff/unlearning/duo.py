@@ -193,19 +193,23 @@ class PairSet:
 
 
 def testbed_pairs(concept: str, n: int, seed: int = 0) -> PairSet:
-    """``n`` exact testbed pairs: one random scene rendered with ``concept`` (``x-``) and without
-    it (``x+``), same shape, colour, position and background. Each pair's prompt names the scene
-    and one of the concept's **training** words (never a held-out word); the benign caption is the
-    same prompt without the concept word."""
+    """``n`` exact testbed pairs: one random scene rendered with ``concept`` (``x-``, in a random
+    visual mode of the concept at a strong intensity) and without it (``x+``), same shape, colour,
+    position and background. Each pair's prompt names the scene and one of the concept's
+    **training** words (never a held-out word); the benign caption is the same prompt without
+    the concept word."""
     from ..testbed import world
 
     if concept not in world.CONCEPTS:
         raise ValueError(f"Unknown testbed concept {concept!r}; choose one of {list(world.CONCEPTS)}.")
-    words = world.CONCEPTS[concept].training_words
+    c = world.CONCEPTS[concept]
+    words = c.training_words
     rng = random.Random(f"duo:{concept}:{seed}")
+    lo, hi = world.WorldConfig().strong_intensity
     unsafe, safe, captions, benign = [], [], [], []
     for _ in range(n):
-        scene = world.random_scene(rng, concepts=[concept])
+        scene = world.random_scene(rng, concepts=[concept], modes=[(concept, rng.choice(c.modes))],
+                                   intensity=[(concept, round(rng.uniform(lo, hi), 3))])
         unsafe.append(world.render(scene))
         safe.append(world.render(dataclasses.replace(scene, concepts=frozenset())))
         bg = f"on {scene.background} background"
