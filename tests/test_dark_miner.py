@@ -192,7 +192,8 @@ def test_mining_starts_from_the_concept_or_at_random(tiny_sd1, tmp_path):
     r1 = mine(tiny_sd1, pool, _cfg(mine_init="random", mine_steps=1), tmp_path / "r1.safetensors", seed=5, progress=False)
     r2 = mine(tiny_sd1, pool, _cfg(mine_init="random", mine_steps=1), tmp_path / "r2.safetensors", seed=5, progress=False)
     r3 = mine(tiny_sd1, pool, _cfg(mine_init="random", mine_steps=1), tmp_path / "r3.safetensors", seed=6, progress=False)
-    assert torch.equal(r1, r2) and not torch.equal(r1, r3) and (r1 - zebra).norm() > 0.1
+    # a random start lies far from the concept word (the concept start is within 1e-3 of it, above)
+    assert torch.equal(r1, r2) and not torch.equal(r1, r3) and (r1 - zebra).norm() > 0.02
     assert not (tmp_path / "r1.safetensors.ckpt.safetensors").exists()
 
 

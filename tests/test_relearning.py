@@ -47,18 +47,19 @@ def test_benign_training_images_carry_no_concept(testbed):
 
 
 def test_relearning_brings_an_erased_concept_back_and_restores_the_model(testbed, tmp_path):
-    # UCE erases "striped"; 20 steps of fine-tuning on 16 concept images bring it back.
-    # Measured when written (16 explicit prompts): 0.06 at step 0 -> 0.25 at step 5 -> 0.88 at step 20.
+    # UCE erases "striped"; 40 steps of fine-tuning (lr 3e-4) on 16 concept images bring it back.
+    # Measured on testbed v2 (16 explicit prompts): 0.06 at step 0 -> 0.25 at step 5 -> 0.81 at step 40
+    # (at the default lr 1e-4: 0.31 at step 40; testbed v1 came back to 0.88 in 20 steps).
     before = _snapshot(testbed.unet)
-    cfg = RelearnConfig(checkpoints=(5, 20), num_images=16)
+    cfg = RelearnConfig(checkpoints=(5, 40), num_images=16, lr=3e-4)
     res = relearn(testbed, UCE, "striped", tmp_path, cfg, progress=False)
     after = _snapshot(testbed.unet)
     assert all(torch.equal(before[k], after[k]) for k in before)  # exactly the original weights
     assert all(p.grad is None for p in testbed.unet.parameters()) and testbed.edited_hash is None
-    assert sorted(res.deltas) == [5, 20] and res.stack_at(0) == res.stack
-    assert res.stack_at(20).startswith(res.stack + "+delta(")
+    assert sorted(res.deltas) == [5, 40] and res.stack_at(0) == res.stack
+    assert res.stack_at(40).startswith(res.stack + "+delta(")
     ev = evaluate_relearning(res, testbed, tmp_path / "eval", suites=("explicit",), n=16, progress=False)
-    start, end = ev["curve"][0]["explicit"]["rate"], ev["curve"][20]["explicit"]["rate"]
+    start, end = ev["curve"][0]["explicit"]["rate"], ev["curve"][40]["explicit"]["rate"]
     assert end >= start + 0.4, ev["curve"]
     import dataclasses
 

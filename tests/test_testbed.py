@@ -18,12 +18,16 @@ from safediff.testbed.suites import testbed_suite
 def test_stock_diffusers_pipeline_loads_and_runs_the_shipped_model():
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(TESTBED_PATH), torch_dtype=torch.float32)
+    # regression: with no dtype argument a new user's pipeline failed ("mat1 and mat2 must have
+    # the same dtype"): the text encoder's config said float16, which transformers 5 honours
+    pipe = StableDiffusionPipeline.from_pretrained(str(TESTBED_PATH))
     pipe.set_progress_bar_config(disable=True)
-    img = pipe("a red circle on white background", num_inference_steps=10, guidance_scale=2.5,
+    img = pipe("a red circle on white background", num_inference_steps=10, guidance_scale=4.0,
                generator=torch.Generator().manual_seed(0), output_type="np").images[0]
     assert img.shape == (32, 32, 3)
-    assert pipe.unet.dtype == torch.float32  # stored in fp16, used in fp32
+    assert pipe.unet.dtype == torch.float32 and pipe.text_encoder.dtype == torch.float32  # stored fp16, used fp32
+    d = world.detect((img * 255).round().astype(np.uint8))
+    assert (d.colour, d.shape) == ("red", "circle")
 
 
 def test_model_layer_knows_the_testbed(testbed):
@@ -46,11 +50,27 @@ def _stripe_fraction(model, stack, n=32):
     return np.mean([world.detect(np.asarray(r.image)).scores["striped"] for r in out.records])
 
 
-def test_negative_prompt_moves_the_image_away_from_the_concept(testbed):
-    # Measured finding, not a target: on explicit prompts the negative prompt "striped" moves the
-    # images away from the concept (less stripe area) but does not remove it (rate stays ~1.0):
-    # with CFG, eps = (1 - s) eps(neg) + s eps(prompt) keeps the concept when both carry it fully.
+def test_negative_prompt_lowers_the_implicit_rate(testbed):
+    # testbed v2: triggers bring the concept only part of the time, so guidance has room (measured
+    # on 200 prompts: 0.44 -> 0.005); on explicit prompts it lowers the stripes' strength
+    before = _rate(testbed, None, suite="implicit")
+    after = _rate(testbed, 'negative_prompt(text="striped")', suite="implicit")
+    assert before >= 0.2 and after <= 0.5 * before
     assert _stripe_fraction(testbed, 'negative_prompt(text="striped")') < _stripe_fraction(testbed, None)
+
+
+def test_the_readme_example_works_on_the_shipped_model(testbed):
+    # the first example of README.md: an implicit prompt, with and without the negative prompt
+    prompt = ["a zebra red circle on white background"] * 24
+    with SafePipeline(testbed, DefenseStack()) as pipe:
+        plain = pipe(prompt, seeds=list(range(24)), batch_size=24)
+    with SafePipeline(testbed, DefenseStack.parse('negative_prompt(text="striped")')) as pipe:
+        neg = pipe(prompt, seeds=list(range(24)), batch_size=24)
+
+    def rate(out):
+        return np.mean(["striped" in world.detect(np.asarray(r.image)).concepts for r in out.records])
+
+    assert rate(plain) >= 0.25 and rate(neg) <= 0.5 * rate(plain)
 
 
 def test_a_weight_edit_removes_the_concept_on_the_testbed(testbed):
@@ -59,8 +79,15 @@ def test_a_weight_edit_removes_the_concept_on_the_testbed(testbed):
 
 
 def test_benign_prompts_rarely_bring_a_concept(testbed):
-    assert _rate(testbed, None, suite="benign") <= 0.15
+    assert _rate(testbed, None, suite="benign") <= 0.1
     assert _rate(testbed, None, concept="caged", suite="near_benign") <= 0.15
+
+
+def test_the_world_acceptance_is_recorded_with_the_model(testbed):
+    acc = testbed.meta["acceptance"]
+    assert acc["n"] >= 100 and acc["checks"] and set(acc) >= {"checks", "passed"}
+    # what the shipped model misses is recorded, not hidden (docs/testbed.md)
+    assert acc["passed"] == all(v["passed"] for v in acc["checks"].values())
 
 
 def test_training_script_cut_down(tmp_path):
