@@ -40,7 +40,7 @@ def main() -> None:
     ref.set_progress_bar_config(disable=True)
 
     def run_ours():
-        ours(prompts, seed=0, guidance_scale=gs, num_inference_steps=args.steps, batch_size=args.batch,
+        ours(prompts, seeds=[0] * len(prompts), guidance_scale=gs, num_inference_steps=args.steps, batch_size=args.batch,
              height=args.size, width=args.size)
 
     def run_ref():

@@ -84,11 +84,31 @@ def cmd_testbed_info(args) -> int:
     from .testbed import world
 
     m = load_model(args.model)
+    acc = m.meta.get("acceptance") or {}
     print(json.dumps({"family": m.family, "prediction_type": m.prediction_type, "content_hash": m.content_hash,
+                      "scheduler": type(m.scheduler).__name__, "world_version": world.WORLD_VERSION,
                       "default_guidance_scale": m.default_guidance_scale, "default_steps": m.default_steps,
                       "guidance_curve": m.meta.get("guidance_curve"),
-                      "concepts": {k: {"role": c.role, "training_words": c.training_words, "held_out": c.held_out,
+                      "acceptance": {"passed": acc.get("passed"),
+                                     "missed": {k: v for k, v in acc.get("checks", {}).items() if not v["passed"]}},
+                      "concepts": {k: {"role": c.role, "training_phrases": c.training_phrases, "held_out": c.held_out,
                                        "near_benign": c.near_benign} for k, c in world.CONCEPTS.items()}}, indent=2))
+    return 0
+
+
+def cmd_testbed_check(args) -> int:
+    import dataclasses
+
+    from .testbed.train import TrainConfig, calibrate
+
+    path = Path(args.model)
+    if not (path / "safediff.json").is_file():
+        raise FileNotFoundError(f"{path} is not a testbed model folder (no safediff.json).")
+    meta = json.loads((path / "safediff.json").read_text())
+    cfg = TrainConfig.from_dict(meta.get("train_config", {}))
+    if args.n is not None:
+        cfg = dataclasses.replace(cfg, acceptance_n=args.n)
+    calibrate(path, cfg)
     return 0
 
 
@@ -471,6 +491,10 @@ def build_parser() -> argparse.ArgumentParser:
     ti = _add(tb, "info", help="print the model's family, hash, guidance curve and concept split")
     model_arg(ti)
     ti.set_defaults(func=cmd_testbed_info)
+    tc = _add(tb, "check", help="re-measure a testbed model's guidance curve and its world acceptance (writes safediff.json)")
+    tc.add_argument("model", help="the model folder")
+    tc.add_argument("--n", type=int, default=None, help="prompts per acceptance suite (default: the model's config)")
+    tc.set_defaults(func=cmd_testbed_check)
     return p
 
 

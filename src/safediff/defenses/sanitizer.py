@@ -249,14 +249,22 @@ class EmbeddingSanitizer(EmbeddingDefense):
 
 
 def explain(model, net: SanitizerNet, prompt: str) -> list[tuple[str, float]]:
-    """Per-token harmfulness scores of the real tokens of ``prompt``."""
+    """Per-token attribution of the real tokens of ``prompt``: how much the sanitizer changes each
+    token's embedding, ``s_i * ||e_hat_i - e_i||``, divided by the largest change in the prompt
+    (0 everywhere when it changes nothing). Like the Embedding Sanitizer paper's token maps it
+    points at the words that carry the concept: the harmfulness score ``s_i`` alone stays near 1 on
+    every token after a concept word (the causal text encoder carries the concept onto them), so it
+    would light up "red", "circle" and "background" too."""
     e, ids = _encode(model, [prompt])
     with torch.no_grad():
-        s, _ = net(e)
+        s, e_hat = net(e)
+        change = s[0] * (e_hat[0] - e[0]).norm(dim=-1)
     tok = model.tokenizer
     n = int((ids[0] != tok.pad_token_id).sum()) + (1 if tok.pad_token_id == tok.eos_token_id else 0)
+    top = float(change[:n].max())
+    vals = (change[:n] / top).tolist() if top > 1e-6 else [0.0] * n
     toks = tok.convert_ids_to_tokens(ids[0, :n].tolist())
-    return [(t.replace("</w>", ""), float(v)) for t, v in zip(toks, s[0, :n])]
+    return [(t.replace("</w>", ""), float(v)) for t, v in zip(toks, vals)]
 
 
 def explain_terminal(pairs: list[tuple[str, float]]) -> str:
