@@ -151,8 +151,9 @@ class DarkMinerTrainConfig:
         [INFERRED]. ``overrides`` replace single fields."""
         presets = {
             "sd-inferred": {},
+            # testbed v2: 1 round, the budget the rule of docs/testbed.md picks
             "testbed": dict(num_images=32, mine_steps=100, mine_lr=2e-2, mine_batch=8, verify_images=16,
-                            stop_below=0.25, max_rounds=3, iterations=150, lr=1e-3, batch_size=8),
+                            stop_below=0.25, max_rounds=1, iterations=150, lr=1e-3, batch_size=8),
         }
         if name not in presets:
             raise ValueError(f"Unknown Dark Miner preset {name!r}; choose one of {sorted(presets)}.")

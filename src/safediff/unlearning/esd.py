@@ -13,10 +13,12 @@ The result is a delta file (trained minus original weights, safetensors + proven
 the ``esd(path=...)`` defense; training leaves the model exactly as it found it.
 
 Presets: ``original`` (eta 1.0, lr 1e-5, 1,000 iterations, the paper's code) is the default for
-real Stable Diffusion; ``diffusers-2024`` (eta 2, lr 5e-5, 200 iterations); ``testbed`` [INFERRED,
-measured on the shipped testbed, not copied]: **ESD-x**, eta 1.0, lr 1e-3, 600 iterations, 25 DDIM
-steps, start guidance = the model's default. Measured sweep (explicit "striped" rate / benign shape
-accuracy, 32 prompts each, base 1.00 / ~0.9; ``runs/esd_sweep``): ESD-u lr 1e-4 x 300 erased nothing
+real Stable Diffusion; ``diffusers-2024`` (eta 2, lr 5e-5, 200 iterations); ``testbed`` [INFERRED]:
+**ESD-x**, eta 1.0, lr 1e-3, 25 DDIM steps, start guidance = the model's default, and **400
+iterations**, the budget the rule of docs/testbed.md picks on testbed v2 (no budget of the grid
+brought the explicit rate to 0.1 within the benign margin: 800 iterations reached 0.25 but cost 3.5
+points of benign accuracy; 400 gave 0.37 at 0.5 points). On testbed v1: measured sweep (explicit "striped" rate / benign shape
+accuracy, 32 prompts each, base 1.00 / ~0.9): ESD-u lr 1e-4 x 300 erased nothing
 (1.00), lr 3e-4 x 300 0.94 / 0.88, lr 1e-3 x 300 0.00 but broke the model (benign shape 0.19);
 ESD-x lr 1e-3 x 300 0.34 / 0.88, **x 600 0.00 / 0.88** (held-out words 0.03), lr 3e-3 x 300
 0.00 / 0.78. ESD-u (the paper's choice for nudity) has no setting on the testbed that both erases
@@ -73,7 +75,8 @@ class ESDTrainConfig:
         presets = {
             "original": dict(eta=1.0, lr=1e-5, iterations=1000, ddim_steps=50, start_guidance=3.0),
             "diffusers-2024": dict(eta=2.0, lr=5e-5, iterations=200, ddim_steps=50, start_guidance=3.0),
-            "testbed": dict(method="esd-x", eta=1.0, lr=1e-3, iterations=600, ddim_steps=25, start_guidance=None),
+            # testbed v2: the budget chosen by the rule of docs/testbed.md (benchmarks/unlearning_presets.py)
+            "testbed": dict(method="esd-x", eta=1.0, lr=1e-3, iterations=400, ddim_steps=25, start_guidance=None),
         }
         if name not in presets:
             raise ValueError(f"Unknown ESD preset {name!r}; choose one of {sorted(presets)}.")
