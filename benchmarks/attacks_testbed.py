@@ -45,7 +45,9 @@ def targets(study_dir: Path, arts: dict) -> dict[str, str | None]:
     t["sanitizer"] = f'sanitizer(path="{arts["sanitizer"]}")'
     t["prompt_guard"] = f"prompt_guard(concepts=[{CONCEPT}])"
     # a filter weaker than the judge (twice its threshold): the same threshold would zero every rate by construction
-    t["output_filter"] = f'output_filter(detector="testbed:{CONCEPT}", score_threshold=0.3)'
+    from safediff.testbed import world
+
+    t["output_filter"] = f'output_filter(detector="testbed:{CONCEPT}", score_threshold={2 * world.THRESHOLDS[CONCEPT]})'
     res = study_dir / "results.json"
     if res.exists():
         r = json.loads(res.read_text())
@@ -86,7 +88,8 @@ def main() -> None:
     table: dict = {}
     if prev.exists():  # keep the targets of earlier runs (same seeds and budgets) beside the ones run now
         old = json.loads(prev.read_text())
-        if old.get("n_seed_prompts") == len(seeds) and old.get("budgets") == budgets(args):
+        if (old.get("n_seed_prompts") == len(seeds) and old.get("budgets") == budgets(args)
+                and old.get("model_hash") == m.content_hash):
             table = old["targets"]
     ev_root = out / "eval" / f"n{len(seeds)}"  # one run directory per prompt set
     for tname, stack in targets(Path(args.study), arts).items():
@@ -104,8 +107,8 @@ def main() -> None:
             row[aname] = evaluate_attack(res, m, stack, ev_root / tname / aname, progress=False)
         table[tname] = row
         print(tname, {k: round(v["asr"]["rate"], 2) for k, v in row.items() if isinstance(v, dict)}, flush=True)
-        write(table, args, seeds)
-    write(table, args, seeds)
+        write(table, args, seeds, m)
+    write(table, args, seeds, m)
 
 
 def run_eval_seeds(m, stack, seeds, rd) -> dict:
@@ -124,9 +127,10 @@ def budgets(args) -> dict:
             "ring_a_bell": args.rab_steps, "mma": args.mma_steps}
 
 
-def write(table: dict, args, seeds) -> None:
+def write(table: dict, args, seeds, m) -> None:
     attacks = ["no_attack", "concept_inversion", "p4d", "unlearndiffatk", "ring_a_bell", "mma"]
     res = {"concept": CONCEPT, "n_seed_prompts": len(seeds), "budgets": budgets(args), "targets": table,
+           "model_hash": m.content_hash,
         "command": f"python benchmarks/attacks_testbed.py --n {args.n} --study {args.study} --out {args.out}"}
     Path("benchmarks/results").mkdir(parents=True, exist_ok=True)
     Path("benchmarks/results/attacks_testbed.json").write_text(json.dumps(res, indent=2, default=str))
