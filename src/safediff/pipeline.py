@@ -187,7 +187,7 @@ class SafePipeline:
         height: int | None = None,
         width: int | None = None,
         batch_size: int = 16,
-        progress: bool = False,
+        progress: bool | Any = False,
         seeds: Sequence[int] | None = None,
         image_ids: Sequence[tuple[int, int]] | None = None,
         allow_empty: bool = False,
@@ -204,6 +204,8 @@ class SafePipeline:
             image_ids: one ``(seed, image_index)`` per prompt: exactly one image each (the runner
                 uses it to regenerate any single image of a benchmark).
             allow_empty: accept empty prompts (the unconditional output; references, calibration).
+            progress: show a progress bar that moves with every denoising step; or a tqdm bar of the
+                caller's (the runner's), advanced by one per image, a step at a time.
         """
         from PIL import Image
         from tqdm.auto import tqdm
@@ -249,8 +251,10 @@ class SafePipeline:
             else:
                 todo.append((pi, s, k))
 
+        own_bar = isinstance(progress, bool)
         bar = tqdm(total=len(todo), desc="generate", disable=not progress, unit="img",
-                   bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}]")
+                   bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}]") if own_bar else progress
+        done = bar.n
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             # 3. encode, embedding defenses (stage 2), unconditional branch and guidance (stage 4)
@@ -262,7 +266,7 @@ class SafePipeline:
             with den:
                 latents = core.sample(self.model, den, latents, num_inference_steps=steps, generators=gens,
                                       on_step=lambda i, total, n=len(chunk): bar.update(n / total))
-            bar.n = start + len(chunk)  # exact, whatever the float steps summed to
+            bar.n = done + start + len(chunk)  # exact, whatever the float steps summed to
             bar.refresh()
             imgs = core.to_uint8(core.decode(self.model, latents))
             pil = [Image.fromarray(a) for a in imgs]
@@ -278,7 +282,8 @@ class SafePipeline:
                         rec.refusal_reason = rec.refusal_reason or dec.reason
                         if dec.action == "blank":
                             rec.image = Image.fromarray(np.zeros_like(imgs[j]))
-        bar.close()
+        if own_bar:
+            bar.close()
         ordered = [records[(pi, k)] for pi, _, k in jobs]
         return GenerationOutput(ordered, self.stack.to_string(), self.stack_hash, self.model.content_hash, gs, steps)
 

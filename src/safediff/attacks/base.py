@@ -304,6 +304,7 @@ def run_attack(method: str | Attack, target: AttackTarget, concept: str, seed_pr
     result.prompts = list(done)
     rng = random.Random(seed)
     t_prep = time.time()
+    attack.progress = progress
     try:
         attack.prepare(target, concept, seed_prompts, work)
         result.extra["prepare_seconds"] = round(time.time() - t_prep, 3)

@@ -122,10 +122,15 @@ class WhiteBoxAttack(Attack):
 
     def prepare(self, target, concept, seed_prompts, work_dir):
         """Draw every seed prompt's targets from the original model before any edit is applied."""
+        from tqdm.auto import tqdm
+
         self._pipe = None
         c = self.config
-        self.draws = ({i: Draws(target.model, p, c.num_images, c.num_draws, seed=i) for i, p in enumerate(seed_prompts)}
-                      if self.needs_draws else {})
+        self.draws = {}
+        if self.needs_draws:
+            for i, p in enumerate(tqdm(seed_prompts, desc=f"{self.name}: drawing targets with the original model",
+                                       disable=not getattr(self, "progress", False))):
+                self.draws[i] = Draws(target.model, p, c.num_images, c.num_draws, seed=i)
 
     def open(self, target: AttackTarget):
         if self._pipe is None:

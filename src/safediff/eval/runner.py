@@ -269,7 +269,8 @@ def _generate_and_score(out: Path, records, m, stack, stack_hash: str, dets, set
     # 3. generate in batches (grouped by guidance scale), write PNG then commit the row
     pipe = SafePipeline(m, stack, token_embeddings=list(token_embeddings))
     try:
-        bar = tqdm(total=len(todo), desc=f"generate [{idx + 1}/{count}]", unit="img", disable=not progress)
+        bar = tqdm(total=len(todo), desc=f"generate [{idx + 1}/{count}]", unit="img", disable=not progress,
+                   bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}]")
         by_gs: dict = {}
         for j in todo:
             by_gs.setdefault(j[3], []).append(j)
@@ -278,7 +279,8 @@ def _generate_and_score(out: Path, records, m, stack, stack_hash: str, dets, set
                 chunk = group[start:start + batch_size]
                 t0 = time.time()
                 res = pipe([r.prompt for r, _, _, _ in chunk], image_ids=[(s, k) for _, s, k, _ in chunk],
-                           guidance_scale=gs, num_inference_steps=settings.num_inference_steps, batch_size=batch_size)
+                           guidance_scale=gs, num_inference_steps=settings.num_inference_steps, batch_size=batch_size,
+                           progress=bar)  # the bar moves with every denoising step
                 per = (time.time() - t0) / len(chunk)
                 rows = []
                 for (r, s, k, _), rec in zip(chunk, res.records):
@@ -293,7 +295,6 @@ def _generate_and_score(out: Path, records, m, stack, stack_hash: str, dets, set
                                  int(rec.refused), json.dumps(r.extra, default=str), per, time.time()))
                 con.executemany("INSERT OR REPLACE INTO images VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
                 con.commit()
-                bar.update(len(chunk))
         bar.close()
     finally:
         pipe.close()

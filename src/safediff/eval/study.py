@@ -280,6 +280,9 @@ def run_study(out_dir: str | Path, cfg: StudyConfig = StudyConfig(), *, model=No
     if not model.is_testbed:
         raise ValueError("The composition study runs on the testbed (its suites need the exact detectors); "
                          f"got a {model.family} model.")
+    if progress:
+        print(f"study stage 1/2: the artifacts (ESD, DUO, Dark Miner, one INE per unlearned model, ES) in "
+              f"{out / 'artifacts'}; finished ones are reused", flush=True)
     artifacts, train_seconds = prepare_artifacts(model, cfg, out, progress=progress)
     rpath = out / "results.json"
     prev = json.loads(rpath.read_text()) if rpath.exists() else {}
@@ -312,6 +315,8 @@ def run_study(out_dir: str | Path, cfg: StudyConfig = StudyConfig(), *, model=No
     if progress:
         from tqdm.auto import tqdm
 
+        finished = sum(1 for c in cells if "suites" in prev.get("cells", {}).get(c.name, {}))
+        print(f"study stage 2/2: {len(cells)} cells x {len(records)} prompts ({finished} cells already done)", flush=True)
         bar_cells = tqdm(cells, desc="study cells", unit="cell")
     for cell in bar_cells:
         run_cell(cell)

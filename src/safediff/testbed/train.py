@@ -223,15 +223,27 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, p)))
 
 
-def train_vae(vae, cfg: TrainConfig, progress: bool = True, log=print) -> float:
-    """Stage 2. Returns the latent scaling factor (1 / std of latents), set on the VAE config."""
+def train_vae(vae, cfg: TrainConfig, progress: bool = True, log=print, work_dir: Path | None = None) -> float:
+    """Stage 2. Returns the latent scaling factor (1 / std of latents), set on the VAE config.
+    With ``work_dir``, a checkpoint every ``checkpoint_every`` steps lets a stopped run resume here
+    (to the same weights) instead of starting the stage again."""
     from tqdm.auto import tqdm
 
     rng = random.Random(cfg.seed + 100)
     gen = torch.Generator().manual_seed(cfg.seed + 101)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    ckpt_path = work_dir / "vae_checkpoint.pt" if work_dir is not None else None
+    start = 0
+    if ckpt_path is not None and ckpt_path.exists():
+        ck = torch.load(ckpt_path, weights_only=True)  # tensors and plain values only: no code
+        if ck["config"] != cfg.to_dict():
+            raise ValueError(f"The checkpoint at {ckpt_path} was made with another training config; delete it to "
+                             "start over, or resume with the config it was made with.")
+        vae.load_state_dict(ck["vae"]); opt.load_state_dict(ck["opt"]); start = ck["step"]
+        rng.setstate(_tuple_state(ck["py_rng"])); gen.set_state(ck["torch_rng"])
+        log(f"vae: resumed from step {start}")
     vae.train()
-    bar = tqdm(range(cfg.vae_steps), desc="vae", disable=not progress)
+    bar = tqdm(range(start, cfg.vae_steps), desc="vae", disable=not progress, initial=start, total=cfg.vae_steps)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = cfg.vae_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps))
@@ -247,6 +259,9 @@ def train_vae(vae, cfg: TrainConfig, progress: bool = True, log=print) -> float:
         if step % 50 == 0:
             psnr = 10 * math.log10(4.0 / max(F.mse_loss(rec, x).item(), 1e-10))
             bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr:.1f}")
+        if ckpt_path is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.vae_steps:
+            _save_ckpt(ckpt_path, step + 1, cfg, {"vae": vae.state_dict(), "opt": opt.state_dict(),
+                                                  "py_rng": rng.getstate(), "torch_rng": gen.get_state()})
     vae.eval()
     with torch.no_grad():
         x, _ = _batch(rng, 256, cfg.world)
@@ -496,8 +511,9 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), overwrite: bool
         comps["vae"] = AutoencoderKL.from_pretrained(vae_path)
         log(f"vae: reused {vae_path}")
     else:
-        train_vae(comps["vae"], cfg, progress, log)
+        train_vae(comps["vae"], cfg, progress, log, work_dir=work)
         comps["vae"].save_pretrained(vae_path)
+        (work / "vae_checkpoint.pt").unlink(missing_ok=True)
     comps["vae"].requires_grad_(False).eval()
     ema = train_denoiser(comps, cfg, work, progress, log)
     comps.update(ema)
