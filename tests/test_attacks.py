@@ -127,14 +127,15 @@ def test_white_box_attacks_run_on_an_edited_stack_and_restore_the_model(tiny_sd1
 
 
 def test_soft_p4d_brings_an_erased_concept_back_through_the_runner(testbed, tmp_path):
-    # UCE erases "striped" on these training-side prompts; the soft P4D embedding (15 steps)
-    # brings it back. Measured when written: 0.00 -> 0.62 (8 prompts).
+    # UCE (the testbed preset) erases most of "striped" on these training-side prompts; the soft
+    # P4D embedding (60 steps) brings it back. Measured on testbed v2: 0.125 -> 0.50 (8 prompts;
+    # 15 steps gave 0.25, 30 gave 0.375).
     stack = "uce(preset=testbed-striped)"
     seeds = seed_prompts_for("striped", 8)
     with SafePipeline(testbed, DefenseStack.parse(stack)) as pipe:
         out = pipe(seeds, image_ids=[(i, 0) for i in range(8)])
     base = np.mean(["striped" in world.detect(np.asarray(im)).concepts for im in out.images])
-    res = run_attack(P4D(P4DConfig(soft=True)), AttackTarget(testbed, stack), "striped", seeds, AttackBudget(steps=15),
+    res = run_attack(P4D(P4DConfig(soft=True)), AttackTarget(testbed, stack), "striped", seeds, AttackBudget(steps=60),
                      tmp_path, progress=False)
     files = attack_token_embeddings(res)
     assert len(files) == 8 and all(p["prompt"].startswith("<p4d-") for p in res.prompts)

@@ -252,7 +252,10 @@ def test_presets():
         assert cfg.erase == concept.training_words and cfg.is_active()
         words = set(cfg.erase + cfg.guide + cfg.preserve + cfg.uce_preserve)
         assert not words & set(concept.held_out)
-        assert cfg.start_config() == UCEConfig.from_options({"preset": f"testbed-{name}"})
+        # the start is UCE's testbed preset at erase_scale 1 (the UCE preset itself uses 0.25, the
+        # budget its rule picked; RECE's rounds start from the full closed-form edit)
+        uce = UCEConfig.from_options({"preset": f"testbed-{name}", "erase_scale": 1.0})
+        assert cfg.start_config() == uce
 
 
 # ---------------------------------------------------------------------------------------------

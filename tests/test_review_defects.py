@@ -177,3 +177,31 @@ def test_bad_input_is_one_line_not_a_traceback(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("safediff: error:") and "Traceback" not in err, (argv, err)
     assert not (tmp_path / "no-run").exists()
+
+
+def test_ctrl_c_says_how_to_resume_and_the_same_command_finishes_the_run(tmp_path, testbed, monkeypatch, capsys):
+    # first-hour issue: an interrupted command printed a traceback; now one line says how to go on,
+    # the images finished before Ctrl-C are kept, and the same command resumes after them
+    from safediff import cli
+    from safediff.eval.runner import summarize
+    from safediff.pipeline import SafePipeline
+
+    argv = ["eval", "--benchmark", "testbed:striped/near_benign", "--n", "4", "--steps", "4", "--batch-size", "2",
+            "--out", str(tmp_path / "run")]
+    real_call, calls = SafePipeline.__call__, []
+
+    def interrupted(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 2:  # Ctrl-C during the second batch
+            raise KeyboardInterrupt
+        return real_call(self, *a, **kw)
+
+    monkeypatch.setattr(SafePipeline, "__call__", interrupted)
+    assert cli.main(argv) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; run the same command to resume" in err and "Traceback" not in err
+    monkeypatch.setattr(SafePipeline, "__call__", real_call)
+    assert cli.main(argv) == 0
+    assert "resuming: 2 of 4 images already done, 2 to go" in capsys.readouterr().out
+    s = summarize(tmp_path / "run")
+    assert s["n_images"] == 4 and s["n_unscored"] == 0

@@ -55,8 +55,6 @@ def test_explain_scores_the_concept_token_highest(testbed, sanitizer_path):
     assert pairs["striped"] > max(v for k, v in pairs.items() if k in ("red", "circle", "white"))
     # regression (first-hour issue): every token after the concept word scored 1.00
     assert pairs["striped"] == 1.0 and max(pairs[k] for k in ("red", "circle", "background")) < 0.8
-    benign = dict(explain(testbed, net, "a red circle on white background, horse"))
-    assert max(benign.values()) <= 1.0
 
 
 def test_sanitizer_for_another_text_encoder_is_refused(tiny_sd1, sanitizer_path):
