@@ -265,7 +265,8 @@ class SafePipeline:
             # 5. denoise (weight edits already applied)
             with den:
                 latents = core.sample(self.model, den, latents, num_inference_steps=steps, generators=gens,
-                                      on_step=lambda i, total, n=len(chunk): bar.update(n / total))
+                                      on_step=lambda i, total, n=len(chunk), base=done + start:
+                                      bar.update(base + n * (i + 1) / total - bar.n))  # no float drift past the total
             bar.n = done + start + len(chunk)  # exact, whatever the float steps summed to
             bar.refresh()
             imgs = core.to_uint8(core.decode(self.model, latents))
