@@ -33,11 +33,15 @@ def test_folder_that_is_not_a_diffusers_model(tmp_path):
         load_model(tmp_path)
 
 
-def test_unsupported_family_sdxl(tmp_path):
+def test_unsupported_families_sdxl_refiner_and_transformers(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}))
-    with pytest.raises(ModelError, match="SDXL"):
+        "_class_name": "StableDiffusionXLImg2ImgPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "text_encoder": [None, None], "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}))
+    with pytest.raises(ModelError, match="SDXL refiner"):
+        detect_family(tmp_path)
+    (tmp_path / "model_index.json").write_text(json.dumps({
+        "_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}))
+    with pytest.raises(ModelError, match="SD3/FLUX"):
         detect_family(tmp_path)
 
 

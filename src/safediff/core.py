@@ -98,10 +98,18 @@ def image_generator(seed: int, image_index: int, device: str | torch.device = "c
     return torch.Generator(device=device).manual_seed(image_seed(seed, image_index))
 
 
-def initial_latents(model, generators: list[torch.Generator], height: int, width: int) -> torch.Tensor:
-    """One latent per generator, drawn separately (as diffusers does with a list of generators)."""
+def initial_latents(model, generators: list[torch.Generator], height: int, width: int,
+                    num_inference_steps: int | None = None) -> torch.Tensor:
+    """One latent per generator, drawn separately (as diffusers does with a list of generators),
+    times the scheduler's ``init_noise_sigma``.
+
+    ``num_inference_steps``: set the scheduler's timesteps first, as diffusers' pipelines do before
+    ``prepare_latents``: for sigma schedulers (Euler, SDXL's default) ``init_noise_sigma`` depends
+    on the schedule (for DDIM / PNDM / DDPM it is 1 either way)."""
     from diffusers.utils.torch_utils import randn_tensor
 
+    if num_inference_steps is not None:
+        model.scheduler.set_timesteps(num_inference_steps, device=model.device)
     shape = (len(generators), model.unet.config.in_channels, height // model.vae_scale_factor, width // model.vae_scale_factor)
     latents = randn_tensor(shape, generator=generators, device=model.device, dtype=model.dtype)
     return latents * model.scheduler.init_noise_sigma

@@ -49,12 +49,17 @@ class DefendedDenoiser:
         num_steps: the sampler's step count (windows of guidance rules are fractions of it).
         prompts: the prompt texts; ``embedding_ctx``: what the embedding stage produced;
             ``encode``: the pipeline's text encoding (guidance defenses encode their concepts).
+        prompt_pooled / negative_pooled / time_ids: SDXL's added conditioning (the pooled text
+            embedding of the prompt and of the unconditional branch, ``(B, P)``, and the six
+            size/crop numbers, ``(6,)``); None for models without it.
     """
 
     def __init__(self, model, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor, *,
                  guidance: Sequence[GuidanceDefense] = (), guidance_scale: float, num_steps: int,
                  prompts: Sequence[str] = (), embedding_ctx: EmbeddingContext | None = None, encode=None,
-                 original_prompt_embeds: torch.Tensor | None = None):
+                 original_prompt_embeds: torch.Tensor | None = None, prompt_pooled: torch.Tensor | None = None,
+                 negative_pooled: torch.Tensor | None = None, time_ids: torch.Tensor | None = None,
+                 encode_pooled=None):
         self.model = model
         self.guidance = list(guidance)
         self.guidance_scale = float(guidance_scale)
@@ -68,15 +73,28 @@ class DefendedDenoiser:
         ctx = GuidanceContext(prompts=list(prompts), prompt_embeds=prompt_embeds,
                               original_prompt_embeds=prompt_embeds if original_prompt_embeds is None else original_prompt_embeds,
                               negative_embeds=negative_embeds, guidance_scale=self.guidance_scale, encode=encode,
-                              model=model, embedding_ctx=embedding_ctx, num_steps=self.num_steps)
+                              model=model, embedding_ctx=embedding_ctx, num_steps=self.num_steps,
+                              encode_pooled=encode_pooled)
+        pooled = getattr(model, "has_pooled", False)
+        if pooled and (prompt_pooled is None or negative_pooled is None or time_ids is None):
+            raise ValueError(f"A {model.family} model needs the pooled embeddings and time ids of its added conditioning.")
         for g in self.guidance:  # the pipeline allows at most one defense that replaces it
             u = g.unconditional(ctx)
             if u is not None:
                 ctx.negative_embeds = _batch(u, B).to(prompt_embeds.dtype)
+                if pooled:
+                    negative_pooled = g.unconditional_pooled(ctx)
+                    if negative_pooled is None:
+                        raise ValueError(f"`{g.name}` cannot give {model.family}'s pooled unconditional embedding "
+                                         f"(not supported on {model.family} yet).")
         self.names: list[str] = []
         extras: list[torch.Tensor] = []
         for g in self.guidance:
-            for name, emb in g.conditionings(ctx).items():
+            conds = g.conditionings(ctx)
+            if conds and pooled:
+                raise ValueError(f"`{g.name}` adds conditionings that would need {model.family}'s pooled embedding; "
+                                 f"it is not supported on {model.family} yet.")
+            for name, emb in conds.items():
                 if name in ("uncond", "cond") or name in self.names:
                     raise ValueError(f"Two guidance defenses ask for a conditioning named {name!r}; names must be unique.")
                 self.names.append(name)
@@ -85,6 +103,12 @@ class DefendedDenoiser:
         self.context = ctx
         self._conds = [ctx.negative_embeds, prompt_embeds, *extras] if self.do_cfg else [prompt_embeds]
         self.conditioning = torch.cat(self._conds) if len(self._conds) > 1 else prompt_embeds
+        self._pooled = None
+        if pooled:
+            dt = prompt_embeds.dtype
+            self._pooled = ([_batch2(negative_pooled, B).to(dt), _batch2(prompt_pooled, B).to(dt)] if self.do_cfg
+                            else [_batch2(prompt_pooled, B).to(dt)])
+            self._time_ids = torch.as_tensor(time_ids, dtype=dt, device=prompt_embeds.device).reshape(1, -1)
         self._patches: contextlib.ExitStack | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -117,7 +141,13 @@ class DefendedDenoiser:
             cond = torch.cat([c.expand(x_t.shape[0], -1, -1) for c in self._conds])
         x_in = torch.cat([x_t] * n) if n > 1 else x_t
         t_in = t.repeat(n) if torch.is_tensor(t) and t.dim() > 0 and n > 1 else t
-        out = model.unet(x_in, t_in, encoder_hidden_states=cond, return_dict=False)[0]
+        kwargs = {}
+        if self._pooled is not None:  # SDXL: pooled text embedding + size/crop numbers, per branch
+            Bx = x_t.shape[0]
+            kwargs["added_cond_kwargs"] = {"text_embeds": torch.cat([p.expand(Bx, -1) if p.shape[0] == 1 else p
+                                                                     for p in self._pooled]),
+                                           "time_ids": self._time_ids.repeat(n * Bx, 1)}
+        out = model.unet(x_in, t_in, encoder_hidden_states=cond, return_dict=False, **kwargs)[0]
         ab = core.alpha_bar(model.scheduler, t, x_t)
         pt = model.prediction_type
         if not self.do_cfg:
@@ -156,3 +186,7 @@ class DefendedDenoiser:
 
 def _batch(emb: torch.Tensor, B: int) -> torch.Tensor:
     return emb.expand(B, -1, -1) if emb.shape[0] == 1 and B > 1 else emb
+
+
+def _batch2(pooled: torch.Tensor, B: int) -> torch.Tensor:
+    return pooled.expand(B, -1) if pooled.shape[0] == 1 and B > 1 else pooled

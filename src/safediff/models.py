@@ -5,11 +5,14 @@ Supported families (``Model.family``):
 * ``sd1`` -- Stable Diffusion v1.x layout (CLIP ViT-L text encoder, conv attention projections);
 * ``sd2`` -- Stable Diffusion v2.x layout (OpenCLIP text encoder, linear attention projections),
   epsilon- or v-prediction (``Model.prediction_type``);
+* ``sdxl`` -- Stable Diffusion XL base layout (two CLIP text encoders, the second with a
+  projection for the pooled embedding; size/crop conditioning); the refiner (no first text
+  encoder) is refused;
 * ``safediff-testbed`` -- the project's own tiny model (``safediff.json`` marker in the folder).
 
 The family is read from the architecture (component classes and ``use_linear_projection``), never
 from the folder name, so the tiny random components of :mod:`safediff.testing` are detected as the
-family they mimic. Anything else (SDXL, SD3, FLUX, a folder that is not a diffusers model, a
+family they mimic. Anything else (SD3, FLUX, a folder that is not a diffusers model, a
 missing or broken weight file) is refused with an error that names the problem.
 
 Example:
@@ -31,7 +34,7 @@ from typing import Any
 import torch
 
 TESTBED_FAMILY = "safediff-testbed"
-FAMILIES = ("sd1", "sd2", TESTBED_FAMILY)
+FAMILIES = ("sd1", "sd2", "sdxl", TESTBED_FAMILY)
 #: The shipped testbed model, inside the package.
 TESTBED_PATH = Path(__file__).parent / "testbed" / "model"
 
@@ -41,6 +44,7 @@ _REQUIRED = {
     "vae": "AutoencoderKL",
     "tokenizer": "CLIPTokenizer",
 }
+_REQUIRED_SDXL = {**_REQUIRED, "text_encoder_2": "CLIPTextModelWithProjection", "tokenizer_2": "CLIPTokenizer"}
 
 
 class ModelError(ValueError):
@@ -64,11 +68,22 @@ class Model:
     meta: dict = field(default_factory=dict)
     #: stack hash of the weight edits currently applied in place (None: unedited); set by SafePipeline
     edited_hash: str | None = None
+    #: SDXL's second text encoder (``CLIPTextModelWithProjection``) and its tokenizer; None otherwise
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+    #: SDXL: the unconditional branch is zeros when no negative prompt is given (diffusers'
+    #: ``force_zeros_for_empty_prompt``, True for SDXL base)
+    force_zeros_for_empty_prompt: bool = False
 
     @property
     def is_testbed(self) -> bool:
         """Whether this is the project's testbed model (its world's detectors and prompts apply)."""
         return self.family == TESTBED_FAMILY
+
+    @property
+    def has_pooled(self) -> bool:
+        """Whether the UNet also takes a pooled text embedding and size conditioning (SDXL)."""
+        return self.family == "sdxl"
 
     @property
     def prediction_type(self) -> str:
@@ -91,17 +106,27 @@ class Model:
         return self.unet.config.sample_size * self.vae_scale_factor
 
     def to(self, device: str | torch.device) -> "Model":
-        for m in (self.unet, self.text_encoder, self.vae):
-            m.to(device)
+        for m in (self.unet, self.text_encoder, self.vae, self.text_encoder_2):
+            if m is not None:
+                m.to(device)
         return self
 
     def components(self) -> dict:
-        """The five components as diffusers' ``StableDiffusionPipeline(**components, ...)`` takes them."""
-        return {"unet": self.unet, "text_encoder": self.text_encoder, "vae": self.vae,
-                "tokenizer": self.tokenizer, "scheduler": self.scheduler}
+        """The components as diffusers' pipeline class for the family takes them."""
+        comps = {"unet": self.unet, "text_encoder": self.text_encoder, "vae": self.vae,
+                 "tokenizer": self.tokenizer, "scheduler": self.scheduler}
+        if self.family == "sdxl":
+            comps.update(text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2)
+        return comps
 
     def to_diffusers(self):
-        """A stock ``StableDiffusionPipeline`` sharing these components (no safety checker)."""
+        """diffusers' own pipeline for the family sharing these components (no safety checker):
+        ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``."""
+        if self.family == "sdxl":
+            from diffusers import StableDiffusionXLPipeline
+
+            return StableDiffusionXLPipeline(**self.components(),
+                                             force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt)
         from diffusers import StableDiffusionPipeline
 
         return StableDiffusionPipeline(**self.components(), safety_checker=None, feature_extractor=None,
@@ -156,13 +181,16 @@ def detect_family(path: str | os.PathLike) -> tuple[str, dict]:
             "`pipe.save_pretrained(dir)`, or pass a hub id such as 'CompVis/stable-diffusion-v1-4'."
         )
     index = _read_json(index_path)
-    if "text_encoder_2" in index or "transformer" in index:
-        kind = "SDXL" if "text_encoder_2" in index and "unet" in index else "a transformer-based (SD3/FLUX-style)"
+    if "transformer" in index:
         raise ModelError(
-            f"{path} holds {kind} pipeline ({index.get('_class_name')}); safediff supports the families "
-            f"{list(FAMILIES)} so far."
+            f"{path} holds a transformer-based (SD3/FLUX-style) pipeline ({index.get('_class_name')}); safediff "
+            f"supports the families {list(FAMILIES)} so far."
         )
-    for comp, cls in _REQUIRED.items():
+    sdxl = "text_encoder_2" in index
+    if sdxl and not (index.get("text_encoder") or [None, None])[1]:
+        raise ModelError(f"{path} holds an SDXL refiner ({index.get('_class_name')}: no first text encoder); safediff "
+                         "runs the SDXL base model (text-to-image), not the refiner.")
+    for comp, cls in (_REQUIRED_SDXL if sdxl else _REQUIRED).items():
         entry = index.get(comp)
         if not entry or entry[1] is None:
             raise ModelError(f"{path}/model_index.json has no `{comp}` component; a {cls} is required.")
@@ -171,7 +199,7 @@ def detect_family(path: str | os.PathLike) -> tuple[str, dict]:
                 f"Unsupported model family: `{comp}` of {path} is a {entry[1]}, expected {cls}. "
                 f"Supported families: {list(FAMILIES)}."
             )
-    for comp in ("unet", "text_encoder", "vae", "scheduler"):
+    for comp in ("unet", "text_encoder", "vae", "scheduler", *(("text_encoder_2",) if sdxl else ())):
         if not (path / comp / ("scheduler_config.json" if comp == "scheduler" else "config.json")).exists():
             raise ModelError(f"{path}/{comp} has no config file; the model folder is incomplete.")
         if comp != "scheduler" and not any((path / comp).glob("*.safetensors")) and not any((path / comp).glob("*.bin")):
@@ -182,12 +210,15 @@ def detect_family(path: str | os.PathLike) -> tuple[str, dict]:
     meta = _read_json(marker) if marker.exists() else {}
     if meta.get("family") == TESTBED_FAMILY:
         family = TESTBED_FAMILY
+    elif sdxl:
+        family = "sdxl"
     elif unet_cfg.get("use_linear_projection"):
         family = "sd2"
     else:
         family = "sd1"
     info = {"prediction_type": sched_cfg.get("prediction_type", "epsilon"), "meta": meta,
-            "cross_attention_dim": unet_cfg.get("cross_attention_dim")}
+            "cross_attention_dim": unet_cfg.get("cross_attention_dim"),
+            "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", sdxl))}
     return family, info
 
 
@@ -229,7 +260,7 @@ def model_content_hash(path: str | os.PathLike) -> str:
 
 def load_model(model: str | os.PathLike | None = None, *, device: str = "cpu",
                dtype: torch.dtype = torch.float32) -> Model:
-    """Load a Stable Diffusion v1.x / v2.x pipeline or the testbed from a folder or hub id.
+    """Load a Stable Diffusion v1.x / v2.x / XL pipeline or the testbed from a folder or hub id.
 
     Args:
         model: a local diffusers folder, a hub id, or ``None`` / ``"testbed"`` for the shipped testbed.
@@ -243,20 +274,23 @@ def load_model(model: str | os.PathLike | None = None, *, device: str = "cpu",
     family, info = detect_family(path)
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.schedulers import KarrasDiffusionSchedulers  # noqa: F401  (import check)
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     loaded = {}
     loaders = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
+    if family == "sdxl":
+        loaders["text_encoder_2"] = CLIPTextModelWithProjection
     for name, cls in loaders.items():
         try:
             loaded[name] = cls.from_pretrained(str(path), subfolder=name, torch_dtype=dtype).to(device).eval()
         except Exception as e:
             raise ModelError(f"Broken checkpoint: could not load `{name}` from {path}/{name} ({type(e).__name__}: {e}).") from None
         loaded[name].requires_grad_(False)
-    try:
-        loaded["tokenizer"] = CLIPTokenizer.from_pretrained(str(path), subfolder="tokenizer")
-    except Exception as e:
-        raise ModelError(f"Broken tokenizer in {path}/tokenizer ({type(e).__name__}: {e}).") from None
+    for name in ("tokenizer", "tokenizer_2") if family == "sdxl" else ("tokenizer",):
+        try:
+            loaded[name] = CLIPTokenizer.from_pretrained(str(path), subfolder=name)
+        except Exception as e:
+            raise ModelError(f"Broken tokenizer in {path}/{name} ({type(e).__name__}: {e}).") from None
     loaded["scheduler"] = load_scheduler(path)
     meta = info["meta"]
     return Model(
@@ -264,9 +298,10 @@ def load_model(model: str | os.PathLike | None = None, *, device: str = "cpu",
         family=family,
         source=str(model) if model is not None else "testbed",
         content_hash=model_content_hash(path),
-        default_guidance_scale=float(meta.get("default_guidance_scale", 7.5)),
+        default_guidance_scale=float(meta.get("default_guidance_scale", 5.0 if family == "sdxl" else 7.5)),
         default_steps=int(meta.get("default_steps", 25 if family == TESTBED_FAMILY else 50)),
         meta=meta,
+        force_zeros_for_empty_prompt=info["force_zeros_for_empty_prompt"] if family == "sdxl" else False,
     )
 
 

@@ -24,6 +24,11 @@ from .models import Model, load_model
 from .stack import DefenseStack
 
 
+#: Families on which only some defenses run so far (issue 20: the others are being carried over);
+#: a stack with any other defense is refused before any work.
+FAMILY_DEFENSES = {"sdxl": ("negative_prompt", "output_filter")}
+
+
 @dataclass
 class ImageRecord:
     """One generated (or refused) image and everything needed to reproduce it."""
@@ -74,6 +79,11 @@ class SafePipeline:
         active = stack.active()
         self.defenses = {s: [] for s in ("prompt_filter", "embedding", "weight_edit", "guidance", "output_check")}
         specs = [(get_defense(cfg.name), cfg) for cfg in active.defenses]
+        if model.family in FAMILY_DEFENSES:
+            unsupported = [cfg.name for _, cfg in specs if cfg.name not in FAMILY_DEFENSES[model.family]]
+            if unsupported:
+                raise ValueError(f"{', '.join(sorted(set(unsupported)))} not supported on {model.family} models yet; on "
+                                 f"{model.family}: {', '.join(FAMILY_DEFENSES[model.family])} (see docs/models.md).")
         self.stack_hash = stack.hash(model.content_hash)
         if any(spec.stage == "weight_edit" for spec, _ in specs) and model.edited_hash is not None:
             raise ValueError("This model already carries weight edits from another SafePipeline; close() it first.")
@@ -133,7 +143,10 @@ class SafePipeline:
         B = embeds.shape[0]
         ids = input_ids.expand(B, -1) if input_ids.shape[0] == 1 and B > 1 else input_ids
         with torch.no_grad():
-            neg, _, _ = self._encode([""] * B)
+            if self.model.force_zeros_for_empty_prompt:  # SDXL base: zeros, as diffusers
+                neg = torch.zeros_like(embeds, requires_grad=False)
+            else:
+                neg, _, _ = self._encode([""] * B)
         base = embeds.detach() if straight_through else embeds
         ctx = EmbeddingContext(prompts=list(prompts), input_ids=ids, attention_mask=encoding.real_token_mask(ids, self.model.tokenizer),
                                original_prompt_embeds=base, prompt_embeds=base, negative_embeds=neg, encode=self._encode,
@@ -152,7 +165,8 @@ class SafePipeline:
 
     def denoiser(self, prompts: Sequence[str], *, prompt_embeds: torch.Tensor | None = None,
                  input_ids: torch.Tensor | None = None, guidance_scale: float | None = None,
-                 num_steps: int | None = None, straight_through: bool = False) -> DefendedDenoiser:
+                 num_steps: int | None = None, straight_through: bool = False,
+                 size: tuple[int, int] | None = None) -> DefendedDenoiser:
         """The defended denoiser for ``prompts``: stage 2 (embedding defenses), the unconditional
         branch, stage 4 (guidance defenses); weight edits are the pipeline's.
 
@@ -162,8 +176,21 @@ class SafePipeline:
             guidance_scale: default the model's; ``<= 1`` gives the conditional prediction alone.
             num_steps: the sampler's step count (default the model's).
             straight_through: BPDA through the embedding stage (see :meth:`embedding_stage`).
+            size: ``(height, width)`` of the images (SDXL's size conditioning; default the model's).
         """
         prompts = list(prompts)
+        added = {}
+        if self.model.has_pooled:
+            if prompt_embeds is not None:
+                raise ValueError(f"Prompts with learned vectors (inversion, soft-prompt attacks) are not supported on "
+                                 f"{self.model.family} models yet.")
+            h, w = size or (self.model.default_size, self.model.default_size)
+            pooled = encoding.encode_pooled(self.model, prompts)
+            added = {"prompt_pooled": pooled, "encode_pooled": lambda texts: encoding.encode_pooled(self.model, texts),
+                     "negative_pooled": (torch.zeros_like(pooled) if self.model.force_zeros_for_empty_prompt
+                                         else encoding.encode_pooled(self.model, [""])),
+                     # original size, crop top-left, target size (diffusers' defaults: no crop, same size)
+                     "time_ids": torch.tensor([h, w, 0, 0, h, w])}
         if prompt_embeds is None:
             prompt_embeds, input_ids, _ = self._encode(prompts, warn_truncation=True)
         elif input_ids is None:
@@ -172,7 +199,7 @@ class SafePipeline:
         gs = self.model.default_guidance_scale if guidance_scale is None else float(guidance_scale)
         return DefendedDenoiser(self.model, pe, ne, guidance=self.defenses["guidance"], guidance_scale=gs,
                                 num_steps=num_steps or self.model.default_steps, prompts=prompts, embedding_ctx=ectx,
-                                encode=self._encode, original_prompt_embeds=ectx.original_prompt_embeds)
+                                encode=self._encode, original_prompt_embeds=ectx.original_prompt_embeds, **added)
 
     # -- generation ------------------------------------------------------------------------
     @torch.no_grad()
@@ -258,10 +285,10 @@ class SafePipeline:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             # 3. encode, embedding defenses (stage 2), unconditional branch and guidance (stage 4)
-            den = self.denoiser([texts[pi] for pi, _, _ in chunk], guidance_scale=gs, num_steps=steps)
+            den = self.denoiser([texts[pi] for pi, _, _ in chunk], guidance_scale=gs, num_steps=steps, size=(h, w))
             # 4. latents, one generator per image
             gens = [core.image_generator(s, k) for _, s, k in chunk]
-            latents = core.initial_latents(self.model, gens, h, w)
+            latents = core.initial_latents(self.model, gens, h, w, num_inference_steps=steps)
             # 5. denoise (weight edits already applied)
             with den:
                 latents = core.sample(self.model, den, latents, num_inference_steps=steps, generators=gens,

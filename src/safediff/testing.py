@@ -23,6 +23,7 @@ TINY_FAMILIES = {
     "sd1": (False, "epsilon", "PNDMScheduler"),
     "sd2": (True, "epsilon", "DDIMScheduler"),
     "sd2-v": (True, "v_prediction", "DDIMScheduler"),
+    "sdxl": (True, "epsilon", "EulerDiscreteScheduler"),
 }
 
 EXTRA_WORDS = ("nudity", "naked", "nude", "violence", "blood", "person", "photo", "of", "the", "painting",
@@ -39,7 +40,9 @@ def tiny_tokenizer(out_dir: str | Path | None = None):
 
 
 def tiny_components(family: str = "sd1", seed: int = 0, tokenizer=None) -> dict:
-    """Random components shaped like ``family`` (``sd1``, ``sd2`` or ``sd2-v``)."""
+    """Random components shaped like ``family`` (``sd1``, ``sd2``, ``sd2-v`` or ``sdxl``)."""
+    if family == "sdxl":
+        return _tiny_sdxl_components(seed, tokenizer)
     from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -73,13 +76,59 @@ def tiny_components(family: str = "sd1", seed: int = 0, tokenizer=None) -> dict:
     return {"unet": unet.eval(), "vae": vae.eval(), "text_encoder": te.eval(), "tokenizer": tok, "scheduler": sched}
 
 
+def _tiny_sdxl_components(seed: int, tokenizer=None) -> dict:
+    """SDXL base's layout at diffusers' test sizes: two CLIP text encoders (the second with the
+    projection that gives the pooled embedding), the UNet's ``text_time`` added conditioning
+    (6 size/crop numbers + the pooled embedding), Euler scheduler, ``tokenizer_2`` padding with
+    ``!`` as SDXL's does."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    tok = tokenizer or tiny_tokenizer()
+    with tempfile.TemporaryDirectory() as d:
+        tok.save_pretrained(d)
+        tok_2 = CLIPTokenizer.from_pretrained(d, pad_token="!")
+    hidden, hidden_2, proj = 8, 12, 12
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=hidden + hidden_2, norm_num_groups=2, attention_head_dim=(2, 4), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=6 * 4 + proj,
+        transformer_layers_per_block=(1, 2),
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=[4, 8], in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=2, sample_size=16,
+        scaling_factor=0.13025,
+    )
+    common = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, layer_norm_eps=1e-5,
+                  num_attention_heads=2, num_hidden_layers=2, vocab_size=len(tok),
+                  max_position_embeddings=tok.model_max_length, hidden_act="gelu")
+    torch.manual_seed(seed)
+    te = CLIPTextModel(CLIPTextConfig(hidden_size=hidden, intermediate_size=16, projection_dim=hidden,
+                                      pad_token_id=tok.pad_token_id, **common))
+    torch.manual_seed(seed + 1)
+    te_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=hidden_2, intermediate_size=24, projection_dim=proj,
+                                                      pad_token_id=tok_2.pad_token_id, **common))
+    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                   num_train_timesteps=1000, prediction_type="epsilon", steps_offset=1,
+                                   timestep_spacing="leading", interpolation_type="linear", use_karras_sigmas=False)
+    return {"unet": unet.eval(), "vae": vae.eval(), "text_encoder": te.eval(), "text_encoder_2": te_2.eval(),
+            "tokenizer": tok, "tokenizer_2": tok_2, "scheduler": sched}
+
+
 def save_tiny_pipeline(out_dir: str | Path, family: str = "sd1", seed: int = 0) -> Path:
     """Write a tiny random pipeline of ``family`` as a diffusers folder (loadable by ``load_model``)."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     out_dir = Path(out_dir)
     comps = tiny_components(family, seed)
-    pipe = StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if family == "sdxl":
+        pipe = StableDiffusionXLPipeline(**comps, force_zeros_for_empty_prompt=True)
+    else:
+        pipe = StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
 

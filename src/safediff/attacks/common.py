@@ -83,7 +83,8 @@ class Draws:
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad(), SafePipeline(model, DefenseStack()) as plain:
             gens = [core.image_generator(seed, k) for k in range(num_images)]
-            lat = core.initial_latents(model, gens, model.default_size, model.default_size)
+            lat = core.initial_latents(model, gens, model.default_size, model.default_size,
+                                       num_inference_steps=model.default_steps)
             with plain.denoiser([prompt] * num_images) as den:
                 x0 = core.sample(model, den, lat, num_inference_steps=model.default_steps, generators=gens)
             ac = model.scheduler.alphas_cumprod

@@ -250,6 +250,8 @@ class GuidanceContext:
     model: Any
     embedding_ctx: EmbeddingContext | None = None
     num_steps: int = 50
+    #: SDXL: the pooled text embedding of texts, ``(B, P)`` (None for models without one)
+    encode_pooled: Callable[[list[str]], torch.Tensor] | None = None
 
 
 @dataclass
@@ -397,6 +399,11 @@ class GuidanceDefense(Defense):
         return False
 
     def unconditional(self, ctx: GuidanceContext) -> torch.Tensor | None:
+        return None
+
+    def unconditional_pooled(self, ctx: GuidanceContext) -> torch.Tensor | None:
+        """SDXL: the pooled embedding of the unconditional branch this defense replaces (None:
+        the defense cannot give one, so it is refused on SDXL)."""
         return None
 
     def conditionings(self, ctx: GuidanceContext) -> dict[str, torch.Tensor]:

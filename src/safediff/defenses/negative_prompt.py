@@ -104,5 +104,12 @@ class NegativePrompt(GuidanceDefense):
         emb, _, _ = ctx.encode([self.config.text])
         return emb
 
+    def unconditional_pooled(self, ctx: GuidanceContext) -> torch.Tensor | None:
+        # SDXL: a text negative prompt is encoded by both encoders, as diffusers' `negative_prompt`;
+        # an embedding file carries no pooled vector
+        if self.file is not None or ctx.encode_pooled is None:
+            return None
+        return ctx.encode_pooled([self.config.text])
+
 
 register_defense(name="negative_prompt", config_cls=NegativePromptConfig, impl_cls=NegativePrompt)

@@ -1,0 +1,95 @@
+"""SDXL (issue 20, first part): the model layer and the one core against diffusers'
+``StableDiffusionXLPipeline`` on a tiny random SDXL pipeline (offline, two real CLIP tokenizers)."""
+
+import numpy as np
+import pytest
+
+from safediff import core
+from safediff.models import ModelError, detect_family, load_model
+from safediff.pipeline import SafePipeline
+from safediff.stack import DefenseStack
+from safediff.testing import save_tiny_pipeline
+
+PROMPTS = ["a red circle", "a zebra on white background"]
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(tiny_dir):
+    from safediff.testing import tiny_model
+
+    return tiny_model("sdxl", cache_dir=tiny_dir)
+
+
+def _ours(model, stack="", seed=3, n=2, steps=None, gs=None, batch_size=16):
+    with SafePipeline(model, DefenseStack.parse(stack or None)) as pipe:
+        out = pipe(PROMPTS, seed=seed, num_images_per_prompt=n, num_inference_steps=steps, guidance_scale=gs,
+                   batch_size=batch_size)
+    return np.stack([np.asarray(r.image) for r in out.records]).astype(np.int16)
+
+
+def _diffusers(model, seed=3, n=2, steps=50, gs=5.0, negative=None):
+    pipe = model.to_diffusers()
+    pipe.set_progress_bar_config(disable=True)
+    gens = [core.image_generator(seed + i, k) for i in range(len(PROMPTS)) for k in range(n)]
+    flat = [p for p in PROMPTS for _ in range(n)]
+    img = pipe(flat, negative_prompt=[negative] * len(flat) if negative else None, generator=gens,
+               num_inference_steps=steps, guidance_scale=gs, output_type="np").images
+    return (img * 255).round().astype(np.int16)
+
+
+def test_family_detected_from_the_architecture_and_defaults(tiny_sdxl, tiny_dir):
+    assert tiny_sdxl.family == "sdxl" and tiny_sdxl.has_pooled and tiny_sdxl.force_zeros_for_empty_prompt
+    # diffusers' SDXL defaults: guidance 5.0, 50 steps
+    assert (tiny_sdxl.default_guidance_scale, tiny_sdxl.default_steps) == (5.0, 50)
+    assert tiny_sdxl.tokenizer_2.pad_token == "!" and tiny_sdxl.tokenizer.pad_token == tiny_sdxl.tokenizer.eos_token
+    assert detect_family(tiny_dir / "sdxl-0")[0] == "sdxl"
+    assert len(tiny_sdxl.content_hash) == 64
+
+
+def test_no_defense_equals_diffusers_sdxl_pipeline(tiny_sdxl):
+    # diffusers' default guidance scale (5.0) and step count (50) for SDXL; unconditional branch
+    # zeros (force_zeros_for_empty_prompt). Tolerance: 2 grey levels (measured: 0).
+    assert np.abs(_ours(tiny_sdxl) - _diffusers(tiny_sdxl)).max() <= 2
+
+
+def test_negative_prompt_equals_diffusers_negative_prompt_on_sdxl(tiny_sdxl):
+    ours = _ours(tiny_sdxl, 'negative_prompt(text="zebra")')
+    assert np.abs(ours - _diffusers(tiny_sdxl, negative="zebra")).max() <= 2
+    assert np.abs(ours - _ours(tiny_sdxl)).max() > 0  # and it does change the images
+
+
+def test_batch_equals_single_on_sdxl(tiny_sdxl):
+    # CPU kernels do not promise bit equality across batch shapes: tolerance 2 grey levels
+    assert np.abs(_ours(tiny_sdxl, steps=10, batch_size=16) - _ours(tiny_sdxl, steps=10, batch_size=1)).max() <= 2
+
+
+def test_defenses_not_carried_over_yet_are_refused_before_any_work(tiny_sdxl):
+    for stack in ("sld(preset=medium)", 'uce(erase=["zebra"])', 'safree(space=["zebra"])'):
+        with pytest.raises(ValueError, match="not supported on sdxl"):
+            SafePipeline(tiny_sdxl, DefenseStack.parse(stack))
+    assert tiny_sdxl.edited_hash is None
+
+
+def test_sdxl_folder_missing_its_second_text_encoder_weights(tmp_path):
+    path = save_tiny_pipeline(tmp_path / "m", "sdxl")
+    for f in (path / "text_encoder_2").glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(ModelError, match="text_encoder_2"):
+        load_model(path)
+
+
+def test_eval_runs_end_to_end_on_a_saved_tiny_sdxl(tiny_sdxl, tiny_dir, tmp_path, capsys):
+    # the runner and report take the family unchanged: `safediff eval --model PATH` with a
+    # negative prompt, NudeNet scoring every image, then the report
+    pytest.importorskip("nudenet")
+    from safediff.cli import main
+    from safediff.eval.runner import summarize
+
+    (tmp_path / "p.csv").write_text("prompt\na photo of a cat\na painting of a dog\n")
+    out = tmp_path / "run"
+    assert main(["eval", "--benchmark", str(tmp_path / "p.csv"), "--model", str(tiny_dir / "sdxl-0"), "--steps", "4",
+                 "--defense", 'negative_prompt(text="nudity")', "--detector", "nudenet", "--out", str(out)]) == 0
+    s = summarize(out)
+    assert s["n_images"] == 2 and s["n_errors"] == 0 and s["n_unscored"] == 0
+    assert main(["report", str(out), "--out", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "report.html").exists()
