@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from safediff import core
+from safediff.artifacts import ArtifactMismatchError
 from safediff.models import ModelError, detect_family, load_model
 from safediff.pipeline import SafePipeline
 from safediff.stack import DefenseStack
@@ -93,3 +94,35 @@ def test_eval_runs_end_to_end_on_a_saved_tiny_sdxl(tiny_sdxl, tiny_dir, tmp_path
     assert s["n_images"] == 2 and s["n_errors"] == 0 and s["n_unscored"] == 0
     assert main(["report", str(out), "--out", str(tmp_path / "rep")]) == 0
     assert (tmp_path / "rep" / "report.html").exists()
+
+
+def test_uce_on_sdxl_cross_attention_moves_the_erased_word_and_reverts_exactly(tiny_sdxl):
+    # UCE's closed form on SDXL's cross-attention (keys/values of the concatenated 2-encoder
+    # token embeddings; the pooled path is not a cross-attention input and is left alone)
+    import torch
+
+    from safediff.defenses.uce import UCE, UCEConfig, cross_attention_projections, edit_vectors
+
+    before = {k: v.clone() for k, v in tiny_sdxl.unet.state_dict().items()}
+    ce, cg, _ = edit_vectors(tiny_sdxl, ["striped"], [""], [], "last_word")
+    layers = cross_attention_projections(tiny_sdxl.unet)
+    assert layers and all(m.weight.shape[1] == ce.shape[-1] == 20 for m in layers.values())
+    old = {n: m.weight.detach().clone() for n, m in layers.items()}
+    handle = UCE(UCEConfig(erase=("striped",)), tiny_sdxl).apply()
+    try:
+        for n, m in layers.items():
+            target = cg @ old[n].T
+            assert (ce @ m.weight.T - target).norm() < 0.25 * (ce @ old[n].T - target).norm(), n
+    finally:
+        handle.revert()
+    assert all(torch.equal(tiny_sdxl.unet.state_dict()[k], v) for k, v in before.items())
+
+
+def test_a_delta_made_on_sd1_is_refused_on_sdxl(tiny_sd1, tiny_sdxl, tmp_path):
+    from safediff.unlearning import freeze_edit
+
+    path = tmp_path / "uce-sd1.safetensors"
+    freeze_edit(tiny_sd1, 'uce(erase=["zebra"])', path, method="uce", config={"erase": ["zebra"]})
+    with pytest.raises(ArtifactMismatchError, match="made on a sd1 model .* this is a sdxl model"):
+        SafePipeline(tiny_sdxl, DefenseStack.parse(f'delta(path="{path}")'))
+    assert tiny_sdxl.edited_hash is None

@@ -25,7 +25,8 @@ class ArtifactMismatchError(ValueError):
 
 
 def save_artifact(tensors: dict[str, torch.Tensor], path: str | os.PathLike, *, kind: str, base_model_hash: str,
-                  config: dict, seed: int | None, edited_model_hash: str | None = None, extra: dict | None = None) -> Path:
+                  config: dict, seed: int | None, edited_model_hash: str | None = None, extra: dict | None = None,
+                  base_model_family: str | None = None) -> Path:
     """Write ``tensors`` + provenance atomically (temporary name, then rename)."""
     from safetensors.torch import save_file
 
@@ -33,7 +34,8 @@ def save_artifact(tensors: dict[str, torch.Tensor], path: str | os.PathLike, *, 
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"kind": kind, "base_model_hash": base_model_hash, "edited_model_hash": edited_model_hash,
+    record = {"kind": kind, "base_model_hash": base_model_hash, "base_model_family": base_model_family,
+              "edited_model_hash": edited_model_hash,
               "config": config, "seed": seed, "safediff_version": __version__, **(extra or {})}
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
@@ -72,6 +74,13 @@ def check_provenance(record: dict, model, *, path: str, allow_other_base: bool =
     if base is None:
         warnings.warn(f"{path} carries no safediff provenance record; its base model cannot be checked.", stacklevel=3)
         return
+    made_family = record.get("base_model_family")
+    family = getattr(model, "family", None)
+    if made_family and family and made_family != family:  # another architecture: never applicable
+        raise ArtifactMismatchError(
+            f"{path} was made on a {made_family} model ({base[:16]}), but this is a {family} model "
+            f"({model.source}); an artifact does not carry over between model families. Make it again on this model."
+        )
     if base != model.content_hash and not allow_other_base:
         raise ArtifactMismatchError(
             f"{path} was made on base model {base[:16]}, but this model is {model.content_hash[:16]} ({model.source}). "

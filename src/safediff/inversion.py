@@ -244,7 +244,7 @@ def invert(
     finally:
         pipe.close()
     save_artifact({cfg.placeholder: vectors.detach()}, out_path, kind="textual-inversion",
-                  base_model_hash=model.content_hash, edited_model_hash=edited_hash, seed=cfg.seed,
+                  base_model_hash=model.content_hash, base_model_family=model.family, edited_model_hash=edited_hash, seed=cfg.seed,
                   config={**dataclasses.asdict(cfg), "concept": concept, "stack": stack.to_string(),
                           "num_concept_images": len(arrays)},
                   extra={"placeholder": cfg.placeholder})

@@ -133,6 +133,6 @@ class P4D(WhiteBoxAttack):
             p = d / f"{i}.safetensors"
             if i in self.soft_vectors:
                 save_artifact({f"<p4d-{i}>": self.soft_vectors[i]}, p, kind="textual-inversion",
-                              base_model_hash=target.model.content_hash, edited_model_hash=target.model.edited_hash,
+                              base_model_hash=target.model.content_hash, base_model_family=target.model.family, edited_model_hash=target.model.edited_hash,
                               config={"attack": "p4d-soft", "seed_prompt": rec["seed_prompt"]}, seed=i)
         result.embeddings = str(d)

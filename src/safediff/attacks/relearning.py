@@ -266,7 +266,7 @@ def relearn(model, stack, concept: str, out_dir: str | os.PathLike, config: Rele
                     secs[step + 1] = round(time.time() - t0, 2)
                     deltas[step + 1] = save_artifact(
                         sub.delta(), run_dir / f"step{step + 1:05d}.safetensors",
-                        kind="relearn-delta", base_model_hash=model.content_hash, seed=cfg.seed,
+                        kind="relearn-delta", base_model_hash=model.content_hash, base_model_family=model.family, seed=cfg.seed,
                         config={**dataclasses.asdict(cfg), "concept": concept},
                         extra={"target_stack": st.to_string(), "target_stack_hash": stack_hash, "step": step + 1,
                                "num_images": len(arrays)})
@@ -279,7 +279,7 @@ def relearn(model, stack, concept: str, out_dir: str | os.PathLike, config: Rele
     finally:  # trained_subset gave back the edited weights; the stack reverts its edits exactly
         pipe.close()
     res = RelearnResult(key=key, directory=run_dir, stack=st.to_string(), stack_hash=stack_hash,
-                        base_model_hash=model.content_hash, concept=concept,
+                        base_model_hash=model.content_hash, base_model_family=model.family, concept=concept,
                         config=dataclasses.asdict(cfg), num_images=len(arrays), deltas=deltas, train_seconds=secs)
     tmp = manifest.with_suffix(".tmp")
     tmp.write_text(json.dumps({**dataclasses.asdict(res), "directory": str(run_dir),

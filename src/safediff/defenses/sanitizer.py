@@ -179,7 +179,7 @@ def train_sanitizer(model, out_path: str | Path, cfg: SanitizerTrainConfig = San
             bar.set_postfix(loss=f"{loss.item():.4f}")
     del tok
     tensors = {k: v.detach() for k, v in net.state_dict().items()}
-    return save_artifact(tensors, out_path, kind="embedding-sanitizer", base_model_hash=model.content_hash,
+    return save_artifact(tensors, out_path, kind="embedding-sanitizer", base_model_hash=model.content_hash, base_model_family=model.family,
                          config=dataclasses.asdict(cfg), seed=cfg.seed,
                          extra={"dim": dim, "hidden": cfg.hidden, "text_encoder_hash": text_encoder_hash(model)})
 

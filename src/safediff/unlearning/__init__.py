@@ -54,7 +54,7 @@ def freeze_edit(model, stack: str, out_path, *, method: str, config: dict, overw
                  if not torch.equal(p.detach(), original[n])}
     if not delta:
         raise ValueError(f"The edit {stack!r} changed no weight; nothing to save.")
-    return save_artifact(delta, out_path, kind=f"{method}-delta", base_model_hash=model.content_hash,
+    return save_artifact(delta, out_path, kind=f"{method}-delta", base_model_hash=model.content_hash, base_model_family=model.family,
                          config={"stack": stack, **config}, seed=None)
 
 

@@ -547,8 +547,8 @@ def train_dark_miner(model, out_path: str | Path, cfg: DarkMinerTrainConfig, *, 
             entry.update(stats)
             bar.set_postfix(verified=f"{score:.2f}", l_c=f"{stats['loss_before']:.4f}->{stats['loss_after']:.4f}")
             delta_path = save_artifact(delta, work / f"round{r}-delta.safetensors", kind="dark-miner-delta",
-                                       base_model_hash=model.content_hash, config=dataclasses.asdict(cfg), seed=cfg.seed,
+                                       base_model_hash=model.content_hash, base_model_family=model.family, config=dataclasses.asdict(cfg), seed=cfg.seed,
                                        extra={"rounds": history})
-    return save_artifact(delta, out_path, kind="dark-miner-delta", base_model_hash=model.content_hash,
+    return save_artifact(delta, out_path, kind="dark-miner-delta", base_model_hash=model.content_hash, base_model_family=model.family,
                          config={**dataclasses.asdict(cfg), **verifier.describe()}, seed=cfg.seed,
                          extra={"rounds": history, "stop_reason": stop_reason, "num_pool_images": len(pool.images)})

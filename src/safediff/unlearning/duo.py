@@ -349,7 +349,7 @@ def train_duo(model, out_path: str | Path, cfg: DUOTrainConfig, *, pairs: PairSe
     was_training = unet.training
     log: list[dict] = []
     # the pair count is part of what a checkpoint must match (``pairs`` may override the config's)
-    ckpt = Checkpoint(out_path.with_name(out_path.name + ".ckpt.safetensors"), base_model_hash=model.content_hash,
+    ckpt = Checkpoint(out_path.with_name(out_path.name + ".ckpt.safetensors"), base_model_hash=model.content_hash, base_model_family=model.family,
                       config=json.dumps({**dataclasses.asdict(cfg), "num_pairs_given": len(pairs)}, sort_keys=True,
                                         default=str))
     start = 0
@@ -406,7 +406,7 @@ def train_duo(model, out_path: str | Path, cfg: DUOTrainConfig, *, pairs: PairSe
     if factors is not None:
         lora_path = save_diffusers_lora(factors, lora_out)
         extra["lora_file"] = lora_path.name
-    path = save_artifact(delta, out_path, kind="duo-delta", base_model_hash=model.content_hash,
+    path = save_artifact(delta, out_path, kind="duo-delta", base_model_hash=model.content_hash, base_model_family=model.family,
                          config={**dataclasses.asdict(cfg), "lr": cfg.lr, "prior_weight": cfg.prior_weight},
                          seed=cfg.seed, extra=extra)
     ckpt.remove()

@@ -157,7 +157,7 @@ def train_esd(model, out_path: str | Path, cfg: ESDTrainConfig, progress: bool =
             loss.backward()
             opt.step()
         delta = sub.delta()
-    path = save_artifact(delta, out_path, kind="esd-delta", base_model_hash=model.content_hash,
+    path = save_artifact(delta, out_path, kind="esd-delta", base_model_hash=model.content_hash, base_model_family=model.family,
                          config=dataclasses.asdict(cfg), seed=cfg.seed)
     ckpt.remove()
     return path
