@@ -89,11 +89,15 @@ class DefendedDenoiser:
                                          f"(not supported on {model.family} yet).")
         self.names: list[str] = []
         extras: list[torch.Tensor] = []
+        extra_pooled: list[torch.Tensor] = []
         for g in self.guidance:
             conds = g.conditionings(ctx)
             if conds and pooled:
-                raise ValueError(f"`{g.name}` adds conditionings that would need {model.family}'s pooled embedding; "
-                                 f"it is not supported on {model.family} yet.")
+                pc = g.conditionings_pooled(ctx)
+                if pc is None or set(pc) != set(conds):
+                    raise ValueError(f"`{g.name}` cannot give the pooled embeddings of its conditionings; it is not "
+                                     f"supported on {model.family} yet.")
+                extra_pooled += [pc[name] for name in conds]
             for name, emb in conds.items():
                 if name in ("uncond", "cond") or name in self.names:
                     raise ValueError(f"Two guidance defenses ask for a conditioning named {name!r}; names must be unique.")
@@ -106,8 +110,8 @@ class DefendedDenoiser:
         self._pooled = None
         if pooled:
             dt = prompt_embeds.dtype
-            self._pooled = ([_batch2(negative_pooled, B).to(dt), _batch2(prompt_pooled, B).to(dt)] if self.do_cfg
-                            else [_batch2(prompt_pooled, B).to(dt)])
+            self._pooled = ([_batch2(p, B).to(dt) for p in (negative_pooled, prompt_pooled, *extra_pooled)]
+                            if self.do_cfg else [_batch2(prompt_pooled, B).to(dt)])
             self._time_ids = torch.as_tensor(time_ids, dtype=dt, device=prompt_embeds.device).reshape(1, -1)
         self._patches: contextlib.ExitStack | None = None
 

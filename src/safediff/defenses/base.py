@@ -406,6 +406,11 @@ class GuidanceDefense(Defense):
         the defense cannot give one, so it is refused on SDXL)."""
         return None
 
+    def conditionings_pooled(self, ctx: GuidanceContext) -> dict[str, torch.Tensor] | None:
+        """SDXL: the pooled embedding of each of :meth:`conditionings` (None: the defense cannot
+        give them, so it is refused on SDXL)."""
+        return None
+
     def conditionings(self, ctx: GuidanceContext) -> dict[str, torch.Tensor]:
         return {}
 

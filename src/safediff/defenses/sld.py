@@ -241,6 +241,12 @@ class SLD(GuidanceDefense):
     def conditionings(self, ctx: GuidanceContext) -> dict[str, torch.Tensor]:
         return {"sld_concept": self._concept_embedding(ctx)}
 
+    def conditionings_pooled(self, ctx: GuidanceContext) -> dict[str, torch.Tensor] | None:
+        # SDXL: the concept text through both encoders (an embedding file carries no pooled vector)
+        if self.file is not None or ctx.encode_pooled is None:
+            return None
+        return {"sld_concept": ctx.encode_pooled([self.config.concept])}
+
     def new_state(self, ctx: GuidanceContext) -> SLDState:
         return SLDState(warmup=schedule_fraction(self.config.warmup_steps, self.config.schedule_steps, ctx.num_steps),
                         guidance_scale=float(ctx.guidance_scale))
