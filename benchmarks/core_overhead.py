@@ -31,7 +31,18 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--size", type=int, default=None, help="image size (default: the model's)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--full-size", default=None, choices=["sd1", "sd2-v", "sdxl"],
+                    help="time a random-weight model with the full architecture of this family (written once to "
+                         "--full-size-dir, then loaded through the real model layer)")
+    ap.add_argument("--full-size-dir", default="runs/full-size")
     args = ap.parse_args()
+    if args.full_size:
+        from safediff.testing import save_full_size_pipeline
+
+        path = Path(args.full_size_dir) / args.full_size
+        if not (path / "model_index.json").exists():
+            save_full_size_pipeline(path, args.full_size)
+        args.model = str(path)
     m = safediff.load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
     prompts = ["a red circle on white background"] * args.batch
     gs = m.default_guidance_scale
@@ -69,7 +80,7 @@ def main() -> None:
         "diffusers_median_s": statistics.median(t_ref), "safediff_median_s": statistics.median(t_ours),
         "ratio": statistics.median(t_ours) / statistics.median(t_ref),
         "command": f"python benchmarks/core_overhead.py --batch {args.batch} --steps {args.steps} --repeats {args.repeats} --dtype {args.dtype}"
-                   + (f" --model {args.model}" if args.model else ""),
+                   + (f" --full-size {args.full_size}" if args.full_size else f" --model {args.model}" if args.model else ""),
     }
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"core_overhead_{m.family}_{args.device.split(':')[0]}.json"
     out.write_text(json.dumps(res, indent=2))

@@ -31,7 +31,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--full-size", default=None, choices=["sd1", "sd2-v", "sdxl"],
+                    help="time a random-weight model with the full architecture of this family (written once to "
+                         "--full-size-dir, then loaded through the real model layer)")
+    ap.add_argument("--full-size-dir", default="runs/full-size")
     args = ap.parse_args()
+    if args.full_size:
+        from safediff.testing import save_full_size_pipeline
+
+        path = Path(args.full_size_dir) / args.full_size
+        if not (path / "model_index.json").exists():
+            save_full_size_pipeline(path, args.full_size)
+        args.model = str(path)
     m = safediff.load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
     prompts = ["a photo of a red circle on a white background"] * args.batch
     rows = []
@@ -62,7 +73,8 @@ def main() -> None:
     res = {"model": m.source, "family": m.family, "device": args.device, "dtype": args.dtype, "batch": args.batch,
            "steps": args.steps,
            "machine": torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
-           "rows": rows, "command": f"python benchmarks/stack_cost.py --device {args.device} --dtype {args.dtype} --batch {args.batch} --steps {args.steps}"}
+           "rows": rows, "command": f"python benchmarks/stack_cost.py --device {args.device} --dtype {args.dtype} --batch {args.batch} --steps {args.steps}"
+                      + (f" --full-size {args.full_size}" if args.full_size else f" --model {args.model}" if args.model else "")}
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"stack_cost_{m.family}_{args.device.split(':')[0]}.json"
     out.write_text(json.dumps(res, indent=2))
 

@@ -147,15 +147,54 @@ def tiny_model(family: str = "sd1", seed: int = 0, cache_dir: str | Path | None 
     return load_model(path)
 
 
+def full_size_sdxl_configs() -> dict:
+    """SDXL base's architecture as configs (UNet 2.57 B parameters, CLIP ViT-L + OpenCLIP bigG
+    text encoders, the SD VAE at scaling factor 0.13025), as in its published config files."""
+    return {
+        "unet": dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+                     block_out_channels=(320, 640, 1280), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D",
+                                                                            "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                     transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+                     cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+                     projection_class_embeddings_input_dim=2816, norm_num_groups=32),
+        "vae": dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+                    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                    up_block_types=("UpDecoderBlock2D",) * 4, sample_size=1024, norm_num_groups=32, scaling_factor=0.13025),
+        "text_encoder": dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                             num_attention_heads=12, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu"),
+        "text_encoder_2": dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                               num_attention_heads=20, max_position_embeddings=77, projection_dim=1280, hidden_act="gelu"),
+    }
+
+
 def full_size_components(family: str = "sd1", seed: int = 0) -> dict:
-    """Random components with the **full** Stable Diffusion v1.x / v2.x architectures (860 M UNet),
-    for timing and memory benchmarks where real weights cannot be downloaded. The tokenizer is the
-    offline one (the text encoder keeps CLIP's 49,408-row embedding table)."""
+    """Random components with the **full** architectures (SD v1.x / v2.x: 860 M UNet; SDXL base:
+    2.57 B UNet and two text encoders), for timing and memory benchmarks where real weights cannot
+    be downloaded. The tokenizer is the offline one (the text encoders keep CLIP's 49,408-row
+    embedding table)."""
     from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    if family == "sdxl":
+        from diffusers import EulerDiscreteScheduler
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+        cfg, tok = full_size_sdxl_configs(), tiny_tokenizer()
+        with tempfile.TemporaryDirectory() as d:
+            tok.save_pretrained(d)
+            tok_2 = CLIPTokenizer.from_pretrained(d, pad_token="!")
+        ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        torch.manual_seed(seed)
+        return {"unet": UNet2DConditionModel(**cfg["unet"]).eval(), "vae": AutoencoderKL(**cfg["vae"]).eval(),
+                "text_encoder": CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"], **ids, pad_token_id=tok.pad_token_id)).eval(),
+                "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"], **ids,
+                                                                             pad_token_id=tok_2.pad_token_id)).eval(),
+                "tokenizer": tok, "tokenizer_2": tok_2,
+                "scheduler": EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                    num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")}
     if family not in ("sd1", "sd2-v"):
-        raise ValueError(f"full-size families: 'sd1', 'sd2-v'; got {family!r}.")
+        raise ValueError(f"full-size families: 'sd1', 'sd2-v', 'sdxl'; got {family!r}.")
     tok = tiny_tokenizer()
     sd2 = family == "sd2-v"
     torch.manual_seed(seed)
@@ -186,9 +225,12 @@ def full_size_components(family: str = "sd1", seed: int = 0) -> dict:
 
 
 def save_full_size_pipeline(out_dir: str | Path, family: str = "sd1", seed: int = 0) -> Path:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionPipeline(**full_size_components(family, seed), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    if family == "sdxl":
+        pipe = StableDiffusionXLPipeline(**full_size_components(family, seed), force_zeros_for_empty_prompt=True)
+    else:
+        pipe = StableDiffusionPipeline(**full_size_components(family, seed), safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return Path(out_dir)
