@@ -65,7 +65,7 @@ def test_batch_equals_single_on_sdxl(tiny_sdxl):
 
 
 def test_defenses_not_carried_over_yet_are_refused_before_any_work(tiny_sdxl):
-    for stack in ("safree_svf", "prompt_guard", 'safree(space=["zebra"])'):
+    for stack in ("safree_svf", "esd(path=\"x.safetensors\")", 'safree(space=["zebra"])'):
         with pytest.raises(ValueError, match="not supported on sdxl"):
             SafePipeline(tiny_sdxl, DefenseStack.parse(stack))
     assert tiny_sdxl.edited_hash is None
@@ -134,3 +134,12 @@ def test_sld_on_sdxl_guides_with_the_concept_through_both_encoders(tiny_sdxl):
     plain = _ours(tiny_sdxl, steps=10)
     assert np.array_equal(_ours(tiny_sdxl, 'sld(concept="zebra", guidance_scale=0)', steps=10), plain)
     assert np.abs(_ours(tiny_sdxl, 'sld(preset=max, concept="zebra")', steps=10) - plain).max() > 0
+
+
+def test_prompt_guard_on_sdxl_reads_the_first_text_encoder(tiny_sdxl):
+    # the guard scores words by the first encoder's (CLIP ViT-L's) pooled embedding: a prompt
+    # holding the guarded word itself (cosine 1) is refused, and no image is generated for it
+    with SafePipeline(tiny_sdxl, DefenseStack.parse('prompt_guard(concepts=["zebra"], threshold=0.999)')) as pipe:
+        out = pipe(["a zebra on grass", "a red circle"], num_inference_steps=2)
+    assert [r.refused for r in out.records] == [True, False]
+    assert out.records[0].image is None and out.records[1].image is not None

@@ -94,7 +94,7 @@ class PromptGuard(PromptFilterDefense):
         self.concept_words: dict[str, list[str]] = {c: list(concept_words(c)) for c in config.concepts}
         registered = [vocabulary(c).preserve for c in config.concepts if vocabulary(c) is not None]
         benign = list(config.benign_words) or list(dict.fromkeys(w for ws in registered for w in ws))
-        if not benign:
+        if not benign and config.threshold is None:
             raise ValueError("`prompt_guard` needs benign words to calibrate its threshold: give `benign_words` or a "
                              "`threshold`, or name a registered concept (safediff.concepts).")
         self.thresholds = {c: config.threshold if config.threshold is not None else
