@@ -61,6 +61,83 @@ LITERATURE = {
 }
 
 
+#: Testbed v1's figures for the same phenomena (issue 18's measurements and the v1 result files in
+#: benchmarks/results/v1/; v1 ran some rows at other budgets, said in the text).
+V1 = {
+    "partial base rates": "explicit, synonym, implicit, held-out 1.00 (n=200); benign 0.00; empty prompt 0.09 "
+                          "(data 0.25)",
+    "guidance partly effective": "negative prompt and every SLD preset leave implicit at 1.00 (stripe area moves 1-6%)",
+    "synonyms distinct": "every synonym and trigger at pooled cosine >= 0.995 to the name",
+    "residue after unlearning": "ESD: 0.00-0.04 on every suite, held-out words included",
+    "attack ASR on ESD": "0/16 under every attack (budgets: CI 200, P4D 30, UnlearnDiffAtk 40, Ring-A-Bell 50, "
+                         "MMA 30)",
+    "concept inversion": "0.00 against ESD (200 steps, initialised from the name)",
+    "relearning": "ESD: 0.00 -> 0.16 / 0.34 / 0.88 / 1.00 after 5 / 10 / 20 / 50 concept steps; benign fine-tuning "
+                  "0.00-0.03 at 200",
+    "INE": "untestable: unlearned models were at 0.00-0.04 already",
+}
+
+
+def _r(x) -> str:
+    """A rate summary (``{"rate", "ci_low", "ci_high"}``) as ``0.44 [0.35, 0.54]``."""
+    if isinstance(x, dict) and "rate" in x:
+        return f"{x['rate']:.2f} [{x['ci_low']:.2f}, {x['ci_high']:.2f}]"
+    return "-" if x is None else str(x)
+
+
+def render_markdown(res: dict) -> str:
+    """The docs table: each phenomenon, the literature, testbed v1, testbed v2 (this run)."""
+    sec = res.get("sections", {})
+    rows = []
+
+    def add(name, lit_key, v2):
+        rows.append(f"| {name} | {LITERATURE.get(lit_key, '-')} | {V1.get(lit_key, '-')} | {v2} |")
+
+    if "1 partial base rates" in sec:
+        checks = sec["1 partial base rates"]["result"].get("checks", {})
+        keys = [k for k in checks if k.startswith(f"{CONCEPT}:") and any(
+            w in k for w in ("explicit rate", "trigger rate", "benign rate", "empty prompt"))]
+        add("partial base rates", "partial base rates",
+            "; ".join(f"{k.split(': ', 1)[1]} {checks[k]['measured']}" for k in keys))
+    if "2 guidance partly effective" in sec:
+        g = sec["2 guidance partly effective"]["result"]
+        add("guidance partly effective (implicit / explicit)", "guidance partly effective",
+            "; ".join(f"{name}: {_r(v['implicit'])} / {_r(v['explicit'])}" for name, v in g.items()))
+    if "3 synonyms distinct" in sec:
+        items = sec["3 synonyms distinct"]["result"][CONCEPT]
+        routes = [i["cosine_to_name"] for i in items if i["kind"] != "near_benign"]
+        near = [i["cosine_to_name"] for i in items if i["kind"] == "near_benign"]
+        txt = (f"synonyms/triggers/pairs {min(routes):.3f} to {max(routes):.3f} ({len(routes)}); "
+               f"near-concept benign words {min(near):.3f} to {max(near):.3f} ({len(near)})")
+        add("synonyms distinct (pooled cosine to the name)", "synonyms distinct", txt)
+    if "4 residue after unlearning" in sec:
+        r = sec["4 residue after unlearning"]["result"]
+        add(f"residue after unlearning (ESD-x {r['iterations']} its)", "residue after unlearning",
+            "; ".join(f"{s} {_r(r[s])}" for s in SUITES if s in r))
+    if "5 attacks on ESD" in sec:
+        a = sec["5 attacks on ESD"]["result"]
+        add("attack ASR on ESD (16 seed prompts)", "attack ASR on ESD",
+            "; ".join(f"{k} {_r(v['asr'])} ({v.get('budget', '')})" for k, v in a.items() if k != "no_attack")
+            + f"; no attack {_r(a.get('no_attack', {}).get('asr'))}")
+    if "6 concept inversion from the name vs a neutral word" in sec:
+        c = sec["6 concept inversion from the name vs a neutral word"]["result"]
+        add("concept inversion against ESD (benign prompts + token)", "concept inversion",
+            "; ".join(f"{k}: {_r(v)}" for k, v in c.items()))
+    if "7 relearning and benign fine-tuning" in sec:
+        rl = sec["7 relearning and benign fine-tuning"]["result"]
+        add("relearning / benign fine-tuning of ESD", "relearning", json.dumps({k: v["curve"] for k, v in rl.items()},
+                                                                               default=str)[:400])
+    if "8 INE as in its paper" in sec:
+        i = sec["8 INE as in its paper"]["result"]
+        add("INE (explicit / implicit / held-out)", "INE",
+            "; ".join(f"{name}: {_r(v['explicit'])} / {_r(v['implicit'])} / {_r(v['heldout'])}" for name, v in i.items()))
+    head = ("| phenomenon | literature | testbed v1 | testbed v2 (this run) |\n|---|---|---|---|\n")
+    secs = ", ".join(f"{k.split(' ', 1)[0]}: {v['seconds'] / 60:.0f} min" for k, v in sec.items())
+    return (f"Concept `{CONCEPT}`, {res.get('n')} prompts per suite, model {str(res.get('model_hash'))[:16]}; "
+            f"`{res.get('command')}`; minutes per section ({secs}; 2-core CPU, other jobs ran beside it).\n\n"
+            + head + "\n".join(rows) + "\n")
+
+
 def rate_of(model, stack, suite: str, n: int, out: Path) -> dict:
     run_eval(load_benchmark(f"testbed:{CONCEPT}/{suite}", n=n), out, defenses=stack, model=model,
              detectors=[f"testbed:{CONCEPT}"], settings=RunSettings(), batch_size=64, progress=False)
@@ -75,7 +152,12 @@ def main() -> None:
     ap.add_argument("--presets", default=str(Path(__file__).parent / "results" / "unlearning_presets.json"))
     ap.add_argument("--results", default=str(Path(__file__).parent / "results" / "testbed_phenomena.json"))
     ap.add_argument("--sections", nargs="*", default=None, help="run only these sections (1-8)")
+    ap.add_argument("--render-only", action="store_true", help="write the markdown table from the results file")
     args = ap.parse_args()
+    if args.render_only:
+        rpath = Path(args.results)
+        rpath.with_suffix(".md").write_text(render_markdown(json.loads(rpath.read_text())))
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rpath = Path(args.results)
@@ -89,6 +171,7 @@ def main() -> None:
     def save() -> None:
         rpath.parent.mkdir(parents=True, exist_ok=True)
         rpath.write_text(json.dumps(res, indent=2, default=str))
+        rpath.with_suffix(".md").write_text(render_markdown(res))
 
     def section(key: str, fn) -> None:
         if args.sections and key.split(" ")[0] not in args.sections:

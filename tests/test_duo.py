@@ -198,7 +198,7 @@ def test_pipeline_apply_revert_and_zero_scale(tiny_sd1, tmp_path):
 
 def test_delta_on_another_base_is_refused(tiny_sd1, tiny_sd2v, tmp_path):
     path = train_duo(tiny_sd1, tmp_path / "duo.safetensors", DUOTrainConfig(**FAST), progress=False)
-    with pytest.raises(ArtifactMismatchError, match="made on base model"):
+    with pytest.raises(ArtifactMismatchError, match="made on a sd1 model .* this is a sd2 model"):
         SafePipeline(tiny_sd2v, DefenseStack.parse(f'duo(path="{path}")'))
 
 

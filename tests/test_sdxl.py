@@ -143,3 +143,23 @@ def test_prompt_guard_on_sdxl_reads_the_first_text_encoder(tiny_sdxl):
         out = pipe(["a zebra on grass", "a red circle"], num_inference_steps=2)
     assert [r.refused for r in out.records] == [True, False]
     assert out.records[0].image is None and out.records[1].image is not None
+
+
+def test_text_encoder_attacks_run_against_an_sdxl_stack(tiny_sdxl, tmp_path):
+    # Ring-A-Bell and MMA need only a text encoder (the first, CLIP ViT-L); their prompts then go
+    # through the whole SDXL stack with the runner
+    pytest.importorskip("nudenet")
+    from safediff.attacks import AttackBudget, AttackTarget, run_attack, seed_prompts_for
+    from safediff.attacks.base import evaluate_attack
+    from safediff.attacks.mma import MMA, MMAConfig
+    from safediff.attacks.ring_a_bell import RingABell, RingABellConfig
+    from safediff.testbed import world
+
+    stack = 'negative_prompt(text="striped")'
+    target, seeds = AttackTarget(tiny_sdxl, stack), seed_prompts_for("striped", 2)
+    for attack, d in ((RingABell(RingABellConfig(population=16)), "rab"), (MMA(MMAConfig(candidates=16)), "mma")):
+        res = run_attack(attack, target, "striped", seeds, AttackBudget(steps=2), tmp_path / d, progress=False)
+        assert len(res.prompts) == 2
+        assert not {w for p in res.prompts for w in p["prompt"].lower().split()} & set(world.CONCEPTS["striped"].training_words)
+        ev = evaluate_attack(res, tiny_sdxl, stack, tmp_path / f"{d}-eval", detectors=["nudenet"], progress=False)
+        assert ev["asr"]["n"] == 2

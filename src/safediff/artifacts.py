@@ -76,10 +76,11 @@ def check_provenance(record: dict, model, *, path: str, allow_other_base: bool =
         return
     made_family = record.get("base_model_family")
     family = getattr(model, "family", None)
-    if made_family and family and made_family != family:  # another architecture: never applicable
+    if made_family and family and made_family != family and not allow_other_base:  # another architecture
         raise ArtifactMismatchError(
             f"{path} was made on a {made_family} model ({base[:16]}), but this is a {family} model "
-            f"({model.source}); an artifact does not carry over between model families. Make it again on this model."
+            f"({model.source}); an artifact does not carry over between model families. Make it again on this model "
+            "(allow_other_base=True applies it anyway, where the shapes happen to match)."
         )
     if base != model.content_hash and not allow_other_base:
         raise ArtifactMismatchError(

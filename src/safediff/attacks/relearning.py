@@ -279,7 +279,7 @@ def relearn(model, stack, concept: str, out_dir: str | os.PathLike, config: Rele
     finally:  # trained_subset gave back the edited weights; the stack reverts its edits exactly
         pipe.close()
     res = RelearnResult(key=key, directory=run_dir, stack=st.to_string(), stack_hash=stack_hash,
-                        base_model_hash=model.content_hash, base_model_family=model.family, concept=concept,
+                        base_model_hash=model.content_hash, concept=concept,
                         config=dataclasses.asdict(cfg), num_images=len(arrays), deltas=deltas, train_seconds=secs)
     tmp = manifest.with_suffix(".tmp")
     tmp.write_text(json.dumps({**dataclasses.asdict(res), "directory": str(run_dir),

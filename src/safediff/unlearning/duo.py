@@ -349,7 +349,7 @@ def train_duo(model, out_path: str | Path, cfg: DUOTrainConfig, *, pairs: PairSe
     was_training = unet.training
     log: list[dict] = []
     # the pair count is part of what a checkpoint must match (``pairs`` may override the config's)
-    ckpt = Checkpoint(out_path.with_name(out_path.name + ".ckpt.safetensors"), base_model_hash=model.content_hash, base_model_family=model.family,
+    ckpt = Checkpoint(out_path.with_name(out_path.name + ".ckpt.safetensors"), base_model_hash=model.content_hash,
                       config=json.dumps({**dataclasses.asdict(cfg), "num_pairs_given": len(pairs)}, sort_keys=True,
                                         default=str))
     start = 0
