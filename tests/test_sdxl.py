@@ -163,3 +163,34 @@ def test_text_encoder_attacks_run_against_an_sdxl_stack(tiny_sdxl, tmp_path):
         assert not {w for p in res.prompts for w in p["prompt"].lower().split()} & set(world.CONCEPTS["striped"].training_words)
         ev = evaluate_attack(res, tiny_sdxl, stack, tmp_path / f"{d}-eval", detectors=["nudenet"], progress=False)
         assert ev["asr"]["n"] == 2
+
+
+def test_sdxl_textual_inversion_negative_equals_diffusers_two_encoder_loading(tiny_sdxl, tiny_dir, tmp_path):
+    # diffusers' SDXL textual-inversion layout: one file, `clip_l` for the first encoder and
+    # `clip_g` for the second; diffusers loads each into its encoder (load_textual_inversion twice)
+    import torch
+
+    from safediff.artifacts import save_artifact
+
+    g = torch.Generator().manual_seed(0)
+    vec_l, vec_g = torch.randn(1, 8, generator=g), torch.randn(1, 12, generator=g)
+    path = save_artifact({"clip_l": vec_l, "clip_g": vec_g}, tmp_path / "ti.safetensors", kind="textual-inversion",
+                         base_model_hash=tiny_sdxl.content_hash, base_model_family="sdxl", config={}, seed=0,
+                         extra={"placeholder": "<c*>"})
+    ours = _ours(tiny_sdxl, f'negative_prompt(embedding="{path}")', steps=10)
+    fresh = load_model(tiny_dir / "sdxl-0")  # diffusers' loader adds tokens to the tokenizers it is given
+    pipe = fresh.to_diffusers()
+    pipe.load_textual_inversion(vec_l[0], token="<c*>", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(vec_g[0], token="<c*>", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+    pipe.set_progress_bar_config(disable=True)
+    gens = [core.image_generator(3 + i, k) for i in range(len(PROMPTS)) for k in range(2)]
+    flat = [p for p in PROMPTS for _ in range(2)]
+    ref = pipe(flat, negative_prompt=["<c*>"] * len(flat), generator=gens, num_inference_steps=10,
+               guidance_scale=5.0, output_type="np").images
+    assert np.abs(ours - (ref * 255).round().astype(np.int16)).max() <= 2
+    assert np.abs(ours - _ours(tiny_sdxl, steps=10)).max() > 0
+    # a one-encoder (SD1-style) file is refused on SDXL, naming the layout it needs
+    one = save_artifact({"<c*>": vec_l}, tmp_path / "one.safetensors", kind="textual-inversion",
+                        base_model_hash=tiny_sdxl.content_hash, base_model_family="sdxl", config={}, seed=0)
+    with pytest.raises(ValueError, match="clip_l and clip_g"):
+        SafePipeline(tiny_sdxl, DefenseStack.parse(f'negative_prompt(embedding="{one}")'))

@@ -202,16 +202,36 @@ def encode_with_vectors(model, texts: Sequence[str], placeholder: str, vectors: 
     return encode_ids_with_vectors(model.text_encoder, ids, slots, vectors, pooled=pooled).to(model.dtype)
 
 
+def encode_sdxl_with_vectors(model, texts: Sequence[str], placeholder: str, vectors: torch.Tensor,
+                             vectors_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL: ``texts`` in which ``placeholder`` stands for ``vectors`` in the first text encoder and
+    ``vectors_2`` in the second (diffusers' two-encoder textual inversion). Returns the
+    concatenated penultimate hidden states ``(B, L, D1 + D2)`` and the pooled embedding ``(B, P)``."""
+    ids, slots = placeholder_ids(model.tokenizer, texts, placeholder, len(vectors))
+    ids_2, slots_2 = placeholder_ids(model.tokenizer_2, texts, placeholder, len(vectors_2))
+    with inject_vectors(model.text_encoder, slots, vectors):
+        h_1 = model.text_encoder(ids.to(model.text_encoder.device), output_hidden_states=True).hidden_states[-2]
+    with inject_vectors(model.text_encoder_2, slots_2, vectors_2):
+        out_2 = model.text_encoder_2(ids_2.to(model.text_encoder_2.device), output_hidden_states=True)
+    return torch.cat([h_1, out_2.hidden_states[-2]], dim=-1).to(model.dtype), out_2[0].to(model.dtype)
+
+
 @dataclass
 class InvertedConcept:
-    """A textual-inversion token: ``placeholder`` stands for ``vectors`` ``(n, D)``."""
+    """A textual-inversion token: ``placeholder`` stands for ``vectors`` ``(n, D)``; on SDXL also
+    for ``vectors_2`` ``(n, D2)`` in the second text encoder (diffusers' ``clip_l`` / ``clip_g``)."""
 
     placeholder: str
     vectors: torch.Tensor
     record: dict
+    vectors_2: torch.Tensor | None = None
 
     def encode(self, model, texts: Sequence[str] | None = None, pooled: bool = False) -> torch.Tensor:
-        return encode_with_vectors(model, texts or [self.placeholder], self.placeholder, self.vectors, pooled=pooled)
+        texts = list(texts or [self.placeholder])
+        if getattr(model, "has_pooled", False):
+            embeds, pool = encode_sdxl_with_vectors(model, texts, self.placeholder, self.vectors, self.vectors_2)
+            return pool if pooled else embeds
+        return encode_with_vectors(model, texts, self.placeholder, self.vectors, pooled=pooled)
 
 
 def encode_prompts_with_tokens(model, prompts: Sequence[str], concepts: Sequence[InvertedConcept], *,
@@ -238,9 +258,32 @@ def encode_prompts_with_tokens(model, prompts: Sequence[str], concepts: Sequence
 
 def load_inverted(path: str | os.PathLike, model=None, *, allow_other_base: bool = False,
                   edited_model_hash: str | None = None) -> InvertedConcept:
-    """Read a textual-inversion file (ours or diffusers'); check its base model against ``model``."""
+    """Read a textual-inversion file (ours or diffusers', SDXL's ``clip_l`` / ``clip_g`` layout
+    included); check it against ``model`` (family, text-encoder widths, base model)."""
     tensors, record = read_artifact(path)
     keys = [k for k in tensors if k not in ("emb_params", "string_to_param")]
+    sdxl_file = set(tensors) == {"clip_l", "clip_g"}
+    sdxl_model = getattr(model, "has_pooled", False)
+    if model is not None and sdxl_file != sdxl_model:
+        raise ValueError(
+            f"{path} is a textual-inversion file for SDXL's two text encoders (clip_l, clip_g), but this is a "
+            f"{model.family} model." if sdxl_file else
+            f"{path} holds vectors for one text encoder, but this {model.family} model has two: an SDXL "
+            "textual-inversion file has the keys clip_l and clip_g (diffusers' layout).")
+    if sdxl_file:
+        vec, vec_2 = (t if t.dim() == 2 else t[None] for t in (tensors["clip_l"], tensors["clip_g"]))
+        placeholder = record.get("placeholder", "<concept*>")
+        if model is not None:
+            for name, v, te in (("clip_l", vec, model.text_encoder), ("clip_g", vec_2, model.text_encoder_2)):
+                width = te.get_input_embeddings().weight.shape[1]
+                if v.shape[1] != width:
+                    raise ValueError(f"{path}: `{name}` holds {v.shape[1]}-wide vectors, but this model's encoder is "
+                                     f"{width} wide: it was made for another model.")
+            if len(vec) != len(vec_2):
+                raise ValueError(f"{path}: clip_l has {len(vec)} vectors and clip_g {len(vec_2)}; they must match.")
+            check_provenance(record, model, path=str(path), allow_other_base=allow_other_base,
+                             edited_model_hash=edited_model_hash)
+        return InvertedConcept(placeholder, vec.float(), record, vectors_2=vec_2.float())
     if "emb_params" in tensors:
         placeholder, vec = record.get("placeholder", "<concept*>"), tensors["emb_params"]
     elif len(keys) == 1:

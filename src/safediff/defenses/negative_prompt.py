@@ -88,6 +88,13 @@ class ConceptEmbeddingFile:
             return self.prompt_embedding
         return self.inverted.encode(self.model, [text if text.strip() else self.inverted.placeholder])
 
+    def encode_pooled(self, text: str = "") -> torch.Tensor | None:
+        """SDXL: the pooled embedding of what :meth:`encode` encodes (None for a prompt-embedding
+        file, which carries none)."""
+        if self.inverted is None:
+            return None
+        return self.inverted.encode(self.model, [text if text.strip() else self.inverted.placeholder], pooled=True)
+
 
 class NegativePrompt(GuidanceDefense):
     def __init__(self, config: NegativePromptConfig, model):
@@ -106,8 +113,11 @@ class NegativePrompt(GuidanceDefense):
 
     def unconditional_pooled(self, ctx: GuidanceContext) -> torch.Tensor | None:
         # SDXL: a text negative prompt is encoded by both encoders, as diffusers' `negative_prompt`;
-        # an embedding file carries no pooled vector
-        if self.file is not None or ctx.encode_pooled is None:
+        # a textual-inversion file in SDXL's layout (clip_l, clip_g) through both too; a saved
+        # prompt embedding carries no pooled vector (refused)
+        if self.file is not None:
+            return self.file.encode_pooled(self.config.text)
+        if ctx.encode_pooled is None:
             return None
         return ctx.encode_pooled([self.config.text])
 
