@@ -401,7 +401,7 @@ def evaluate_attack(result: AttackResult, model, stack, out_dir: str | os.PathLi
     dets = list(detectors) if detectors else [f"testbed:{result.concept}"]
     rd = run_eval(attack_records(result), out_dir, defenses=st, model=model, detectors=dets,
                   settings=RunSettings(num_images_per_prompt=1), batch_size=batch_size, progress=progress,
-                  token_embeddings=attack_token_embeddings(result))
+                  token_embeddings=attack_token_embeddings(result), benchmark_name=f"attack:{result.method}")
     s = summarize(rd)
     return {"method": result.method, "concept": result.concept, "asr": s["unsafe"]["all"], "n_refused": s["n_refused"],
             "n_errors": s["n_errors"], "seconds_per_prompt": result.seconds_per_prompt,

@@ -2,7 +2,8 @@
 
 The page has a table per detector protocol (unsafe rate with 95% CI, errors and refusals counted,
 per category and per testbed suite, near-concept benign rate beside every unsafe rate, attribute
-accuracy), SVG plots (unsafe rate against benign quality and against over-refusal) and image grids
+accuracy), a protocol card and a threshold sweep for every rate (:mod:`safediff.eval.protocol`),
+SVG plots (unsafe rate against benign quality and against over-refusal) and image grids
 in which images flagged unsafe are **blurred by default** (``blur_unsafe=False`` to show them).
 """
 
@@ -16,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from .protocol import protocol_card, threshold_sweep
 from .runner import load_results, open_store, summarize
 
 
@@ -43,6 +45,8 @@ def collect(run_dirs: Sequence[str | Path]) -> list[dict]:
                    "expected": manifest.get("num_prompts", 0) * manifest.get("settings", {}).get("num_images_per_prompt", 1),
                    "unsafe": s["unsafe"]["all"]}
             row["incomplete"] = row["n"] < row["expected"] or row["unscored"] > 0
+            row["card"] = protocol_card(manifest, proto)
+            row["sweep"] = threshold_sweep(rd, ph, proto)
             suites = s.get("suites", {})
             for name, v in suites.items():
                 row[f"suite:{name}"] = v["unsafe"]
@@ -89,6 +93,22 @@ def svg_scatter(points: list[tuple[float, float, str]], xlabel: str, ylabel: str
     return f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img">{axes}{"".join(items)}</svg>'
 
 
+def _card_html(r: dict) -> str:
+    c = r["card"]
+    items = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(', '.join(v) if isinstance(v, list) else str(v))}</td></tr>"
+                    for k, v in c.items() if v not in ("", None))
+    sweep = ""
+    if r["sweep"]:
+        sweep = ("<table class='sweep'><tr><th>threshold</th><th>unsafe rate [95% CI]</th><th>convention</th></tr>"
+                 + "".join(f"<tr{' class=this' if p['this_run'] else ''}><td>{html.escape(p['comparison'])} "
+                           f"{p['threshold']}</td><td>{html.escape(_fmt(p['unsafe']))}</td>"
+                           f"<td>{html.escape(p['convention'])}{' (this run)' if p['this_run'] else ''}</td></tr>"
+                           for p in r["sweep"]) + "</table>")
+    return (f"<details class='card'><summary><code>{html.escape(r['stack'])}</code> on {html.escape(r['benchmark'])}, "
+            f"{html.escape(r['protocol'])}: <b>{html.escape(_fmt(r['unsafe']))}</b></summary>"
+            f"<table>{items}</table>{sweep}</details>")
+
+
 def _thumb(path: Path, blur: bool, size: int = 96) -> str:
     from PIL import Image, ImageFilter
 
@@ -111,12 +131,15 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, blur_un
     attrs = sorted({k for r in rows for k in r if k.startswith("attr:")})
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     header = ["stack", "benchmark", "protocol", "n", "errors", "unscored", "refused", "unsafe", *suites, *attrs]
+    sweep_cols = sorted({(p["threshold"], p["comparison"]) for r in rows for p in r["sweep"]})
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(header)
+        w.writerow([*header, *(f"unsafe at {c} {t}" for t, c in sweep_cols)])
         for r in rows:
+            at = {(p["threshold"], p["comparison"]): p["unsafe"] for p in r["sweep"]}
             w.writerow([r["stack"], r["benchmark"], r["protocol"], r["n"], r["errors"], r["unscored"], r["refused"], _fmt(r["unsafe"]),
-                        *(_fmt(r.get(s)) for s in suites), *(f"{r[a]:.3f}" if a in r else "" for a in attrs)])
+                        *(_fmt(r.get(s)) for s in suites), *(f"{r[a]:.3f}" if a in r else "" for a in attrs),
+                        *(_fmt(at.get(k)) for k in sweep_cols)])
     tex = ["\\begin{tabular}{l" + "r" * (len(header) - 1) + "}", " & ".join(h.replace("_", "\\_") for h in header) + " \\\\ \\hline"]
     for r in rows:
         cells = [r["stack"], r["benchmark"], r["protocol"], str(r["n"]), str(r["errors"]), str(r["unscored"]), str(r["refused"]),
@@ -150,6 +173,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, blur_un
             f"<td>{html.escape(r['protocol'])}<br><small>{r['protocol_hash']}</small></td><td>{r['n']}</td>"
             f"<td class='err'>{r['errors']}</td><td class='err'>{r['unscored']}</td><td>{r['refused']}</td><td><b>{html.escape(_fmt(r['unsafe']))}</b></td>{cells}{acells}"
             f"<td><small>{html.escape(cats)}</small></td></tr>")
+    cards = "".join(_card_html(r) for r in rows)
     grids = []
     for rd in run_dirs:
         rd = Path(rd)
@@ -170,12 +194,16 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, blur_un
 <html lang="en"><head><meta charset="utf-8"><title>safediff report</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:4px 6px;font-size:13px}}
 .grid{{display:flex;flex-wrap:wrap;gap:6px}} figure{{margin:0;text-align:center;font-size:11px}} figure.unsafe figcaption{{color:#c00}}
-img{{image-rendering:pixelated}} .err{{color:#c00}}</style></head><body>
+img{{image-rendering:pixelated}} .err{{color:#c00}} details.card{{margin:6px 0}} tr.this{{font-weight:bold}}</style></head><body>
 <h1>safediff report</h1>
 <p>{len(rows)} result row(s) from {len(run_dirs)} run(s). Rates exclude detector errors, which are counted in
 the <i>errors</i> column and never as safe. Confidence intervals: 95% bootstrap over prompts.
 Images flagged unsafe are {"blurred" if blur_unsafe else "shown unblurred"}.</p>
 {notices}<h2>Results</h2><table id="results"><thead><tr>{head}</tr></thead><tbody>{''.join(table_rows)}</tbody></table>
+<h2>Protocol cards and threshold sweeps</h2>
+<p>Each rate above, with how it was measured, and the same images at the field's common thresholds,
+recomputed from the raw scores stored once (the detector is not run again).</p>
+{cards}
 <h2>Plots</h2>
 <div class="grid"><figure>{svg_scatter(pts_q, "benign attribute accuracy", "unsafe rate")}<figcaption>unsafe rate vs quality</figcaption></figure>
 <figure>{svg_scatter(pts_o, "near-concept benign rate (over-refusal)", "unsafe rate")}<figcaption>unsafe rate vs over-refusal</figcaption></figure></div>

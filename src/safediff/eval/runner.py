@@ -225,7 +225,11 @@ def run_eval(
         import safediff
 
         tmp = mpath.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({**manifest, "safediff_version": safediff.__version__, "created": time.time()}, indent=2))
+        # what "default" meant for this model (the protocol card shows it; not part of the resume check)
+        defaults = {"guidance_scale": m.default_guidance_scale, "num_inference_steps": m.default_steps,
+                    "family": m.family}
+        tmp.write_text(json.dumps({**manifest, "model_defaults": defaults, "safediff_version": safediff.__version__,
+                                   "created": time.time()}, indent=2))
         tmp.replace(mpath)
     with run_lock(out, f".lock-{idx}-of-{count}"):
         _generate_and_score(out, records, m, stack, stack_hash, dets, settings, idx, count, max_images, token_embeddings,
