@@ -101,7 +101,12 @@ def test_uce_on_sdxl_cross_attention_moves_the_erased_word_and_reverts_exactly(t
     # token embeddings; the pooled path is not a cross-attention input and is left alone)
     import torch
 
-    from safediff.defenses.uce import UCE, UCEConfig, cross_attention_projections, edit_vectors
+    from safediff.defenses.uce import (
+        UCE,
+        UCEConfig,
+        cross_attention_projections,
+        edit_vectors,
+    )
 
     before = {k: v.clone() for k, v in tiny_sdxl.unet.state_dict().items()}
     ce, cg, _ = edit_vectors(tiny_sdxl, ["striped"], [""], [], "last_word")
@@ -149,7 +154,12 @@ def test_text_encoder_attacks_run_against_an_sdxl_stack(tiny_sdxl, tmp_path):
     # Ring-A-Bell and MMA need only a text encoder (the first, CLIP ViT-L); their prompts then go
     # through the whole SDXL stack with the runner
     pytest.importorskip("nudenet")
-    from safediff.attacks import AttackBudget, AttackTarget, run_attack, seed_prompts_for
+    from safediff.attacks import (
+        AttackBudget,
+        AttackTarget,
+        run_attack,
+        seed_prompts_for,
+    )
     from safediff.attacks.base import evaluate_attack
     from safediff.attacks.mma import MMA, MMAConfig
     from safediff.attacks.ring_a_bell import RingABell, RingABellConfig

@@ -224,6 +224,24 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    import torch
+
+    from .export import export
+    from .models import load_model
+
+    stack = _stack_arg(args)
+    if stack is None:
+        raise ValueError("Give the stack to export with --defense SPEC (or --stack-file FILE).")
+    if Path(args.out).exists() and not args.overwrite:  # before loading anything
+        raise FileExistsError(f"{args.out} exists; choose another --out or pass --overwrite to replace it.")
+    model = load_model(args.model)
+    for p in export(model, stack, args.out, fmt=args.format, overwrite=args.overwrite,
+                    dtype=torch.float16 if args.half else None):
+        print(f"wrote {p}")
+    return 0
+
+
 def cmd_invert(args) -> int:
     from .inversion import InversionConfig, invert
     from .models import load_model
@@ -398,6 +416,17 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", default=None, help="default: the first run directory")
     rp.add_argument("--no-blur", action="store_true", help="show images flagged unsafe unblurred")
     rp.set_defaults(func=cmd_report)
+
+    ex = _add(sub, "export", help="a stack's weight edits as a diffusers folder, an A1111/ComfyUI checkpoint or a LoRA "
+                                   "file; a stack without weight edits as its stack file (docs/defenses.md)")
+    model_arg(ex); defense_args(ex)
+    ex.add_argument("--format", default="diffusers", choices=["diffusers", "single-file", "lora", "stack"],
+                    help="diffusers: a folder for from_pretrained; single-file: one .safetensors in the original SD "
+                         "layout (A1111, ComfyUI); lora: DUO's LoRA file; stack: the stack file (.json/.yaml)")
+    ex.add_argument("--half", action="store_true", help="single-file: store the weights in float16")
+    ex.add_argument("--out", required=True, help="the folder or file to write")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    ex.set_defaults(func=cmd_export)
 
     iv = _add(sub, "invert", help="concept inversion (textual inversion) against a model, edited or not")
     model_arg(iv); defense_args(iv)

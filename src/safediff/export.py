@@ -1,0 +1,236 @@
+"""``safediff export``: a defense stack as files other tools load (issue 21, part 3).
+
+* ``diffusers`` -- the stack's weight edits (ESD, UCE, RECE, DUO, Dark Miner, any ``delta``)
+  applied and saved as a full diffusers folder: ``StableDiffusionPipeline.from_pretrained(dir)``
+  then generates what the stack generates (tested to 0 grey levels).
+* ``single-file`` -- the same weights as one ``.safetensors`` checkpoint in the original Stable
+  Diffusion (LDM) key layout that AUTOMATIC1111 and ComfyUI load (``model.diffusion_model.*``,
+  ``first_stage_model.*``, ``cond_stage_model.transformer.*``); SD v1.x layout (and the testbed,
+  which has it). Tested by converting it back with diffusers' own LDM importer and loading it with
+  ``from_single_file``.
+* ``lora`` -- DUO's LoRA adapter file (``pipe.load_lora_weights``), the one edit trained as a LoRA.
+* ``stack`` -- the stack file (YAML) of a stack without weight edits; guidance, embedding and filter
+  defenses are not weights and travel as this file. A mixed stack exported as weights writes the
+  rest of the stack beside them.
+
+The key mapping is written from the two layouts' block structure (``layers_per_block + 1`` LDM
+blocks per resolution), not copied from a conversion script.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+FORMATS = ("diffusers", "single-file", "lora", "stack")
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers -> original Stable Diffusion (LDM) keys
+# ---------------------------------------------------------------------------------------------
+
+_RESNET = (("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("time_emb_proj.", "emb_layers.1."),
+           ("norm2.", "out_layers.0."), ("conv2.", "out_layers.3."), ("conv_shortcut.", "skip_connection."))
+
+
+def _resnet(rest: str) -> str:
+    for d, ldm in _RESNET:
+        if rest.startswith(d):
+            return ldm + rest[len(d):]
+    raise KeyError(rest)
+
+
+def unet_key_to_ldm(key: str, layers_per_block: int, up_has_attention: list[bool]) -> str:
+    """One diffusers UNet2DConditionModel key -> its LDM ``model.diffusion_model`` key."""
+    per = layers_per_block + 1  # LDM: per resolution, layers_per_block blocks + a down/upsampler
+    p = key.split(".")
+    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    head = ".".join(p[:2]) if p[0] == "time_embedding" else p[0]
+    if head in fixed:
+        return fixed[head] + "." + ".".join(p[2:] if p[0] == "time_embedding" else p[1:])
+    if p[0] == "down_blocks":
+        i, kind, j, rest = int(p[1]), p[2], int(p[3]), ".".join(p[4:])
+        if kind == "resnets":
+            return f"input_blocks.{per * i + j + 1}.0.{_resnet(rest)}"
+        if kind == "attentions":
+            return f"input_blocks.{per * i + j + 1}.1.{rest}"
+        if kind == "downsamplers":  # downsamplers.0.conv.*
+            return f"input_blocks.{per * (i + 1)}.0.op.{rest.split('.', 1)[1]}"
+    if p[0] == "mid_block":
+        kind, j, rest = p[1], int(p[2]), ".".join(p[3:])
+        if kind == "resnets":
+            return f"middle_block.{2 * j}.{_resnet(rest)}"
+        if kind == "attentions":
+            return f"middle_block.1.{rest}"
+    if p[0] == "up_blocks":
+        i, kind, j, rest = int(p[1]), p[2], int(p[3]), ".".join(p[4:])
+        if kind == "resnets":
+            return f"output_blocks.{per * i + j}.0.{_resnet(rest)}"
+        if kind == "attentions":
+            return f"output_blocks.{per * i + j}.1.{rest}"
+        if kind == "upsamplers":  # after the block's last resnet (and attention, if it has one)
+            return f"output_blocks.{per * i + per - 1}.{2 if up_has_attention[i] else 1}.{rest}"
+    raise KeyError(f"No LDM key for UNet parameter {key!r}: not an SD v1.x-layout UNet.")
+
+
+def _vae_resnet(rest: str) -> str:
+    return rest.replace("conv_shortcut.", "nin_shortcut.")
+
+
+def vae_key_to_ldm(key: str, num_blocks: int) -> str:
+    """One diffusers AutoencoderKL key -> its LDM ``first_stage_model`` key."""
+    p = key.split(".")
+    if p[0] in ("quant_conv", "post_quant_conv"):
+        return key
+    side, rest = p[0], p[1:]
+    if rest[0] in ("conv_in", "conv_out"):
+        return key
+    if rest[0] == "conv_norm_out":
+        return f"{side}.norm_out.{'.'.join(rest[1:])}"
+    if rest[0] == "mid_block":
+        kind, j, tail = rest[1], int(rest[2]), ".".join(rest[3:])
+        if kind == "resnets":
+            return f"{side}.mid.block_{j + 1}.{_vae_resnet(tail)}"
+        attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}
+        name, leaf = tail.split(".", 1)
+        if name == "to_out":  # to_out.0.weight
+            leaf = leaf.split(".", 1)[1]
+        return f"{side}.mid.attn_1.{attn[name]}.{leaf}"
+    if rest[0] in ("down_blocks", "up_blocks"):
+        i, kind, tail = int(rest[1]), rest[2], ".".join(rest[3:])
+        level = i if side == "encoder" else num_blocks - 1 - i  # LDM numbers the decoder's levels bottom-up
+        group = "down" if side == "encoder" else "up"
+        if kind == "resnets":
+            j, leaf = tail.split(".", 1)
+            return f"{side}.{group}.{level}.block.{j}.{_vae_resnet(leaf)}"
+        if kind in ("downsamplers", "upsamplers"):
+            return f"{side}.{group}.{level}.{'downsample' if kind == 'downsamplers' else 'upsample'}.{tail.split('.', 1)[1]}"
+    raise KeyError(f"No LDM key for VAE parameter {key!r}.")
+
+
+def to_ldm_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model's current weights (edits applied) in the original SD v1.x checkpoint layout."""
+    if model.family not in ("sd1", "safediff-testbed"):
+        raise ValueError(f"Single-file export writes the SD v1.x checkpoint layout; a {model.family} model is exported "
+                         "as a diffusers folder (`--format diffusers`).")
+    unet = model.unet
+    lpb = unet.config.layers_per_block
+    if not isinstance(lpb, int):
+        raise ValueError("Single-file export needs one `layers_per_block` for every resolution (SD v1.x layout).")
+    up_attn = [hasattr(b, "attentions") for b in unet.up_blocks]
+    out: dict[str, torch.Tensor] = {}
+    for k, v in unet.state_dict().items():
+        out["model.diffusion_model." + unet_key_to_ldm(k, lpb, up_attn)] = v
+    n = len(model.vae.config.block_out_channels)
+    for k, v in model.vae.state_dict().items():
+        ldm = vae_key_to_ldm(k, n)
+        if ".mid.attn_1." in ldm and ldm.endswith(".weight") and v.dim() == 2:
+            v = v[:, :, None, None]  # LDM's VAE attention uses 1x1 convolutions
+        out["first_stage_model." + ldm] = v
+    for k, v in model.text_encoder.state_dict().items():
+        # SD checkpoints hold the HF CLIP keys under `text_model.` (transformers 5 saves them without it)
+        out["cond_stage_model.transformer." + (k if k.startswith("text_model.") else "text_model." + k)] = v
+    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+# ---------------------------------------------------------------------------------------------
+
+
+def _split(stack) -> tuple[list, list]:
+    from .defenses.base import get_defense
+
+    active = stack.active().defenses
+    edits = [c for c in active if get_defense(c.name).stage == "weight_edit"]
+    return edits, [c for c in active if get_defense(c.name).stage != "weight_edit"]
+
+
+def export(model, stack, out: str | Path, *, fmt: str = "diffusers", overwrite: bool = False,
+           dtype: torch.dtype | None = None) -> list[Path]:
+    """Write ``stack`` on ``model`` in format ``fmt`` (see the module docstring); returns the
+    written paths. Refuses, before any work, a format the stack cannot take, or an existing
+    ``out`` without ``overwrite``."""
+    from .pipeline import SafePipeline
+    from .stack import DefenseStack
+
+    if fmt not in FORMATS:
+        raise ValueError(f"Unknown export format {fmt!r}; choose one of {list(FORMATS)}.")
+    stack = stack if isinstance(stack, DefenseStack) else DefenseStack.parse(stack)
+    edits, rest = _split(stack)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; choose another --out or pass --overwrite to replace it.")
+    if fmt == "stack":
+        if edits:
+            raise ValueError(f"The stack has weight edits ({', '.join(c.name for c in edits)}); export them with "
+                             "`--format diffusers` or `single-file` (the rest of the stack is written beside them).")
+        if out.suffix not in (".json", ".yaml", ".yml"):
+            raise ValueError(f"A stack file ends in .json or .yaml (got {out.name}); `--defense {out}` loads it back.")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        data = {"defenses": stack.to_list()}
+        if out.suffix == ".json":
+            out.write_text(json.dumps(data, indent=2) + "\n")
+        else:
+            import yaml
+
+            out.write_text(yaml.safe_dump(data, sort_keys=False))
+        return [out]
+    if not edits:
+        raise ValueError(f"Nothing to write as weights: {', '.join(c.name for c in rest) or 'the stack is empty'} "
+                         "act at sampling time (guidance, embeddings, filters), and guidance is not a weight. Export "
+                         "the stack file with `--format stack`.")
+    if fmt == "lora":
+        if [c.name for c in edits] != ["duo"]:
+            raise ValueError("Only DUO is trained as a LoRA adapter (its LoRA file is written beside its delta); export "
+                             "other edits with `--format diffusers` or `single-file`.")
+        from .artifacts import read_artifact
+
+        path = Path(edits[0].path)
+        _, record = read_artifact(path)
+        lora = path.parent / record.get("lora_file", "")
+        if not record.get("lora_file") or not lora.is_file():
+            raise FileNotFoundError(f"{path} has no LoRA file beside it (it was trained with adapter='full'?); "
+                                    "export it with `--format diffusers` instead.")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(lora, out)
+        return [out]
+    written: list[Path] = []
+    with SafePipeline(model, DefenseStack(tuple(edits))):
+        if fmt == "diffusers":
+            tmp = out.with_name(out.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            pipe = model.to_diffusers()
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            meta = dict(model.meta)
+            if meta:  # the testbed marker: the exported folder is still detected as the testbed family
+                (tmp / "safediff.json").write_text(json.dumps(meta, indent=2))
+            (tmp / "safediff-export.json").write_text(json.dumps(
+                {"base_model": model.source, "base_model_hash": model.content_hash,
+                 "weight_edits": DefenseStack(tuple(edits)).to_string(), "stack_hash": stack.hash(model.content_hash)},
+                indent=2))
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)
+            written.append(out)
+        else:
+            from safetensors.torch import save_file
+
+            sd = to_ldm_state_dict(model)
+            if dtype is not None:
+                sd = {k: v.to(dtype) for k, v in sd.items()}
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(out.name + ".tmp")
+            save_file(sd, str(tmp), metadata={"safediff": json.dumps(
+                {"base_model_hash": model.content_hash, "weight_edits": DefenseStack(tuple(edits)).to_string()})})
+            tmp.replace(out)
+            written.append(out)
+    if rest:
+        side = out.with_name(out.name.split(".")[0] + "-runtime-stack.json") if fmt == "single-file" else out / "safediff-runtime-stack.json"
+        side.write_text(json.dumps({"defenses": DefenseStack(tuple(rest)).to_list()}, indent=2) + "\n")
+        written.append(side)
+    return written
