@@ -328,3 +328,28 @@ def test_duo_resumes_from_its_checkpoint_to_the_same_delta(tiny_sd1, tmp_path, m
         train_duo(tiny_sd1, tmp_path / "run.safetensors", DUOTrainConfig(**{**FAST, "steps": 7}), progress=False)
     out = read_artifact(train_duo(tiny_sd1, tmp_path / "run.safetensors", cfg, progress=False, checkpoint_every=2))[0]
     assert all(torch.equal(ref[k], out[k]) for k in ref)  # bit for bit
+
+
+def test_a_run_stopped_after_writing_its_lora_file_resumes(tiny_sd1, tmp_path, monkeypatch):
+    # found by the phenomena benchmark: the LoRA file is written just before the delta; a run that
+    # stopped in between refused to resume ("duo.lora.safetensors exists") although its checkpoint
+    # was there. Resuming now rewrites the LoRA file and gives the uninterrupted run's delta.
+    import safediff.unlearning.duo as duo_mod
+    from safediff.artifacts import read_artifact
+
+    cfg = DUOTrainConfig(**{**FAST, "steps": 6})
+    ref = read_artifact(train_duo(tiny_sd1, tmp_path / "ref.safetensors", cfg, progress=False, checkpoint_every=2))[0]
+    real = duo_mod.save_artifact
+
+    def dying(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(duo_mod, "save_artifact", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train_duo(tiny_sd1, tmp_path / "run.safetensors", cfg, progress=False, checkpoint_every=2)
+    monkeypatch.setattr(duo_mod, "save_artifact", real)
+    assert (tmp_path / "run.lora.safetensors").exists() and not (tmp_path / "run.safetensors").exists()
+    out = read_artifact(train_duo(tiny_sd1, tmp_path / "run.safetensors", cfg, progress=False, checkpoint_every=2))[0]
+    assert all(torch.equal(ref[k], out[k]) for k in ref)
+    with pytest.raises(FileExistsError, match="exists"):  # a finished output is still protected
+        train_duo(tiny_sd1, tmp_path / "run.safetensors", cfg, progress=False)

@@ -301,7 +301,10 @@ def train_duo(model, out_path: str | Path, cfg: DUOTrainConfig, *, pairs: PairSe
 
     out_path = Path(out_path)
     lora_out = out_path.with_suffix(".lora.safetensors")
-    for f in (out_path, lora_out):
+    # an interrupted run of this output (its checkpoint is beside it) may have written the LoRA file
+    # before it stopped: resuming rewrites it, so only a finished delta is protected then
+    resuming = out_path.with_name(out_path.name + ".ckpt.safetensors").exists()
+    for f in (out_path,) if resuming else (out_path, lora_out):
         if f.exists() and not overwrite:
             raise FileExistsError(f"{f} exists; choose another output or pass overwrite=True (--overwrite).")
 
