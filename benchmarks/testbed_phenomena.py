@@ -125,8 +125,10 @@ def render_markdown(res: dict) -> str:
             "; ".join(f"{k}: {_r(v)}" for k, v in c.items()))
     if "7 relearning and benign fine-tuning" in sec:
         rl = sec["7 relearning and benign fine-tuning"]["result"]
-        add("relearning / benign fine-tuning of ESD", "relearning", json.dumps({k: v["curve"] for k, v in rl.items()},
-                                                                               default=str)[:400])
+        def curve(c):
+            return ", ".join(f"{step}: {v['explicit']['rate']:.2f}" for step, v in c.items())
+        add("relearning / benign fine-tuning of ESD (explicit rate after N steps)", "relearning",
+            "; ".join(f"on {k} images: {curve(v['curve'])}" for k, v in rl.items()))
     if "8 INE as in its paper" in sec:
         i = sec["8 INE as in its paper"]["result"]
         add("INE (explicit / implicit / held-out)", "INE",
