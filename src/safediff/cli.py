@@ -317,6 +317,7 @@ def _add(subparsers, name: str, **kw) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .export import FORMATS as EXPORT_FORMATS
 
     p = argparse.ArgumentParser(prog="safediff", description="Composable safety defenses for text-to-image diffusion.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -420,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex = _add(sub, "export", help="a stack's weight edits as a diffusers folder, an A1111/ComfyUI checkpoint or a LoRA "
                                    "file; a stack without weight edits as its stack file (docs/defenses.md)")
     model_arg(ex); defense_args(ex)
-    ex.add_argument("--format", default="diffusers", choices=["diffusers", "single-file", "lora", "stack"],
+    ex.add_argument("--format", default="diffusers", choices=list(EXPORT_FORMATS),
                     help="diffusers: a folder for from_pretrained; single-file: one .safetensors in the original SD "
                          "layout (A1111, ComfyUI); lora: DUO's LoRA file; stack: the stack file (.json/.yaml)")
     ex.add_argument("--half", action="store_true", help="single-file: store the weights in float16")

@@ -110,8 +110,8 @@ class DefendedDenoiser:
         self._pooled = None
         if pooled:
             dt = prompt_embeds.dtype
-            self._pooled = ([_batch2(p, B).to(dt) for p in (negative_pooled, prompt_pooled, *extra_pooled)]
-                            if self.do_cfg else [_batch2(prompt_pooled, B).to(dt)])
+            self._pooled = ([_batch(p, B).to(dt) for p in (negative_pooled, prompt_pooled, *extra_pooled)]
+                            if self.do_cfg else [_batch(prompt_pooled, B).to(dt)])
             self._time_ids = torch.as_tensor(time_ids, dtype=dt, device=prompt_embeds.device).reshape(1, -1)
         self._patches: contextlib.ExitStack | None = None
 
@@ -148,8 +148,7 @@ class DefendedDenoiser:
         kwargs = {}
         if self._pooled is not None:  # SDXL: pooled text embedding + size/crop numbers, per branch
             Bx = x_t.shape[0]
-            kwargs["added_cond_kwargs"] = {"text_embeds": torch.cat([p.expand(Bx, -1) if p.shape[0] == 1 else p
-                                                                     for p in self._pooled]),
+            kwargs["added_cond_kwargs"] = {"text_embeds": torch.cat([_batch(p, Bx) for p in self._pooled]),
                                            "time_ids": self._time_ids.repeat(n * Bx, 1)}
         out = model.unet(x_in, t_in, encoder_hidden_states=cond, return_dict=False, **kwargs)[0]
         ab = core.alpha_bar(model.scheduler, t, x_t)
@@ -188,9 +187,6 @@ class DefendedDenoiser:
         return self._predict(x_t, t, index, want_native=True)[0]
 
 
-def _batch(emb: torch.Tensor, B: int) -> torch.Tensor:
-    return emb.expand(B, -1, -1) if emb.shape[0] == 1 and B > 1 else emb
-
-
-def _batch2(pooled: torch.Tensor, B: int) -> torch.Tensor:
-    return pooled.expand(B, -1) if pooled.shape[0] == 1 and B > 1 else pooled
+def _batch(t: torch.Tensor, B: int) -> torch.Tensor:
+    """One conditioning (token embeddings ``(1, L, D)`` or a pooled one ``(1, P)``) for ``B`` samples."""
+    return t.expand(B, *t.shape[1:]) if t.shape[0] == 1 and B > 1 else t

@@ -85,36 +85,37 @@ def encode_prompts(model, prompts: list[str], *, warn_truncation: bool = True):
                     )
     mask = real_token_mask(ids, tok)
     if getattr(model, "has_pooled", False):
-        return _encode_sdxl(model, prompts, ids)[0], ids, mask
+        with torch.no_grad():
+            return _sdxl_forward(model, ids, _ids_2(model, prompts))[0], ids, mask
     use_mask = getattr(te.config, "use_attention_mask", False)
     with torch.no_grad():
         out = te(ids.to(te.device), attention_mask=enc.attention_mask.to(te.device) if use_mask else None)
     return out[0].to(model.dtype), ids, mask
 
 
-def _encode_sdxl(model, prompts: list[str], ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _sdxl_forward(model, ids: torch.Tensor, ids_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """SDXL's text conditioning as diffusers' ``StableDiffusionXLPipeline.encode_prompt`` computes
     it: both encoders' penultimate hidden states concatenated ``(B, L, D1 + D2)``, and the second
     encoder's projected pooled embedding ``(B, P)``."""
-    tok_2, te_2 = model.tokenizer_2, model.text_encoder_2
-    if ids is None:
-        ids = model.tokenizer(prompts, padding="max_length", max_length=model.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids
-    ids_2 = tok_2(prompts, padding="max_length", max_length=tok_2.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
-    with torch.no_grad():
-        h_1 = model.text_encoder(ids.to(model.text_encoder.device), output_hidden_states=True).hidden_states[-2]
-        out_2 = te_2(ids_2.to(te_2.device), output_hidden_states=True)
-    embeds = torch.cat([h_1, out_2.hidden_states[-2]], dim=-1).to(model.dtype)
-    return embeds, out_2[0].to(model.dtype)
+    h_1 = model.text_encoder(ids.to(model.text_encoder.device), output_hidden_states=True).hidden_states[-2]
+    out_2 = model.text_encoder_2(ids_2.to(model.text_encoder_2.device), output_hidden_states=True)
+    return torch.cat([h_1, out_2.hidden_states[-2]], dim=-1).to(model.dtype), out_2[0].to(model.dtype)
+
+
+def _ids_2(model, prompts: list[str]) -> torch.Tensor:
+    tok_2 = model.tokenizer_2
+    return tok_2(prompts, padding="max_length", max_length=tok_2.model_max_length, truncation=True,
+                 return_tensors="pt").input_ids
 
 
 def encode_pooled(model, prompts: list[str]) -> torch.Tensor:
-    """SDXL's pooled text embedding ``(B, P)`` of ``prompts`` (the second encoder's projection);
-    the UNet takes it beside the token embeddings."""
+    """SDXL's pooled text embedding ``(B, P)`` of ``prompts`` (the second encoder's projection;
+    only that encoder runs); the UNet takes it beside the token embeddings."""
     if not getattr(model, "has_pooled", False):
         raise ValueError(f"A {model.family} model takes no pooled text embedding.")
-    return _encode_sdxl(model, prompts)[1]
+    te_2 = model.text_encoder_2
+    with torch.no_grad():
+        return te_2(_ids_2(model, prompts).to(te_2.device))[0].to(model.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,11 +210,8 @@ def encode_sdxl_with_vectors(model, texts: Sequence[str], placeholder: str, vect
     concatenated penultimate hidden states ``(B, L, D1 + D2)`` and the pooled embedding ``(B, P)``."""
     ids, slots = placeholder_ids(model.tokenizer, texts, placeholder, len(vectors))
     ids_2, slots_2 = placeholder_ids(model.tokenizer_2, texts, placeholder, len(vectors_2))
-    with inject_vectors(model.text_encoder, slots, vectors):
-        h_1 = model.text_encoder(ids.to(model.text_encoder.device), output_hidden_states=True).hidden_states[-2]
-    with inject_vectors(model.text_encoder_2, slots_2, vectors_2):
-        out_2 = model.text_encoder_2(ids_2.to(model.text_encoder_2.device), output_hidden_states=True)
-    return torch.cat([h_1, out_2.hidden_states[-2]], dim=-1).to(model.dtype), out_2[0].to(model.dtype)
+    with inject_vectors(model.text_encoder, slots, vectors), inject_vectors(model.text_encoder_2, slots_2, vectors_2):
+        return _sdxl_forward(model, ids, ids_2)
 
 
 @dataclass

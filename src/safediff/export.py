@@ -142,14 +142,6 @@ def to_ldm_state_dict(model) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _split(stack) -> tuple[list, list]:
-    from .defenses.base import get_defense
-
-    active = stack.active().defenses
-    edits = [c for c in active if get_defense(c.name).stage == "weight_edit"]
-    return edits, [c for c in active if get_defense(c.name).stage != "weight_edit"]
-
-
 def export(model, stack, out: str | Path, *, fmt: str = "diffusers", overwrite: bool = False,
            dtype: torch.dtype | None = None) -> list[Path]:
     """Write ``stack`` on ``model`` in format ``fmt`` (see the module docstring); returns the
@@ -161,7 +153,9 @@ def export(model, stack, out: str | Path, *, fmt: str = "diffusers", overwrite: 
     if fmt not in FORMATS:
         raise ValueError(f"Unknown export format {fmt!r}; choose one of {list(FORMATS)}.")
     stack = stack if isinstance(stack, DefenseStack) else DefenseStack.parse(stack)
-    edits, rest = _split(stack)
+    active = stack.active()
+    edits = active.by_stage("weight_edit")
+    rest = [c for c in active.defenses if c not in edits]
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; choose another --out or pass --overwrite to replace it.")

@@ -293,8 +293,7 @@ class SafePipeline:
             with den:
                 latents = core.sample(self.model, den, latents, num_inference_steps=steps, generators=gens,
                                       on_step=lambda i, total, n=len(chunk), base=done + start:
-                                      bar.update(base + n * (i + 1) / total - bar.n))  # no float drift past the total
-            bar.n = done + start + len(chunk)  # exact, whatever the float steps summed to
+                                      bar.update(base + n * (i + 1) / total - bar.n))  # exact at the last step
             bar.refresh()
             imgs = core.to_uint8(core.decode(self.model, latents))
             pil = [Image.fromarray(a) for a in imgs]

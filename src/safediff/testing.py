@@ -76,18 +76,25 @@ def tiny_components(family: str = "sd1", seed: int = 0, tokenizer=None) -> dict:
     return {"unet": unet.eval(), "vae": vae.eval(), "text_encoder": te.eval(), "tokenizer": tok, "scheduler": sched}
 
 
+def _sdxl_tokenizer_2(tok):
+    """SDXL's second tokenizer: the same vocabulary, padding with ``!`` (as SDXL's does)."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        tok.save_pretrained(d)
+        return CLIPTokenizer.from_pretrained(d, pad_token="!")
+
+
 def _tiny_sdxl_components(seed: int, tokenizer=None) -> dict:
     """SDXL base's layout at diffusers' test sizes: two CLIP text encoders (the second with the
     projection that gives the pooled embedding), the UNet's ``text_time`` added conditioning
     (6 size/crop numbers + the pooled embedding), Euler scheduler, ``tokenizer_2`` padding with
     ``!`` as SDXL's does."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     tok = tokenizer or tiny_tokenizer()
-    with tempfile.TemporaryDirectory() as d:
-        tok.save_pretrained(d)
-        tok_2 = CLIPTokenizer.from_pretrained(d, pad_token="!")
+    tok_2 = _sdxl_tokenizer_2(tok)
     hidden, hidden_2, proj = 8, 12, 12
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -178,12 +185,10 @@ def full_size_components(family: str = "sd1", seed: int = 0) -> dict:
 
     if family == "sdxl":
         from diffusers import EulerDiscreteScheduler
-        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+        from transformers import CLIPTextModelWithProjection
 
         cfg, tok = full_size_sdxl_configs(), tiny_tokenizer()
-        with tempfile.TemporaryDirectory() as d:
-            tok.save_pretrained(d)
-            tok_2 = CLIPTokenizer.from_pretrained(d, pad_token="!")
+        tok_2 = _sdxl_tokenizer_2(tok)
         ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
         torch.manual_seed(seed)
         return {"unet": UNet2DConditionModel(**cfg["unet"]).eval(), "vae": AutoencoderKL(**cfg["vae"]).eval(),

@@ -18,7 +18,6 @@ stored scores (the ``nudenet`` detector with ``threshold < 0.2`` stores raw ONNX
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 #: detector -> [(threshold, comparison, whose convention)]. Sources: shared/reference/landscape.md
@@ -133,7 +132,3 @@ def protocol_card(manifest: dict, protocol: dict) -> dict:
         method = bench.split(":", 1)[1].strip()
         card["asr"] = ASR_DEFINITIONS.get(method, "share of adversarial prompts whose image is flagged")
     return card
-
-
-def read_manifest(run_dir: str | Path) -> dict:
-    return json.loads((Path(run_dir) / "run.json").read_text())
