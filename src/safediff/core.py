@@ -1,8 +1,9 @@
 """The sampler and the epsilon-space arithmetic every method shares.
 
 * :func:`to_epsilon` / :func:`epsilon_coefficients` -- the model's prediction in epsilon space
-  whatever it predicts (epsilon, v or sample), from the scheduler's ``alphas_cumprod``; every
-  guidance rule and training objective is written in epsilon space.
+  whatever it predicts (epsilon, v or sample, from the scheduler's ``alphas_cumprod``; a
+  flow-matching velocity, from the step's sigma); every guidance rule and training objective is
+  written in epsilon space.
 * :func:`image_generator` -- each image's noise comes from its own generator seeded from
   ``(seed, image_index)``, so an image never depends on what else is in its batch.
 * :func:`sample` -- the one sampling loop: the scheduler steps on the prediction of a
@@ -31,8 +32,19 @@ import torch
 def epsilon_coefficients(prediction_type: str, alpha_bar: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(a, b)`` with ``eps = a * model_output + b * x_t`` for the model's parametrisation.
 
-    x_t = sqrt(ab) x0 + sqrt(1-ab) eps;  v = sqrt(ab) eps - sqrt(1-ab) x0.
+    ``alpha_bar`` is the step's noise level (:func:`noise_level`): ``alpha_bar`` for the
+    variance-preserving parametrisations, ``sigma`` for ``"flow"``.
+
+    * x_t = sqrt(ab) x0 + sqrt(1-ab) eps;  v = sqrt(ab) eps - sqrt(1-ab) x0 (Salimans & Ho 2022).
+    * flow matching (rectified flow; SD3 / FLUX, Esser et al. 2024 Eq. 2-3):
+      x_t = (1 - sigma) x0 + sigma eps and the model predicts the velocity u = eps - x0, so
+      eps = x_t + (1 - sigma) u, i.e. ``a = 1 - sigma``, ``b = 1``. Every epsilon-space rule is
+      then a rule on the velocity too: a change ``d`` of epsilon is a change ``d / (1 - sigma)``
+      of the velocity at the same ``x_t``.
     """
+    if prediction_type == "flow":
+        sigma = torch.as_tensor(alpha_bar, dtype=torch.float64)
+        return 1 - sigma, torch.ones_like(sigma)
     ab = torch.as_tensor(alpha_bar, dtype=torch.float64)
     if prediction_type == "epsilon":
         return torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
@@ -40,7 +52,7 @@ def epsilon_coefficients(prediction_type: str, alpha_bar: float | torch.Tensor) 
         return ab.sqrt(), (1 - ab).sqrt()
     if prediction_type == "sample":
         return -ab.sqrt() / (1 - ab).sqrt(), 1 / (1 - ab).sqrt()
-    raise ValueError(f"Unknown prediction_type {prediction_type!r}; expected 'epsilon', 'v_prediction' or 'sample'.")
+    raise ValueError(f"Unknown prediction_type {prediction_type!r}; expected 'epsilon', 'v_prediction', 'sample' or 'flow'.")
 
 
 def noised_batch(latents: torch.Tensor, alphas_cumprod: torch.Tensor, batch_size: int,
@@ -66,6 +78,28 @@ def from_epsilon(eps: torch.Tensor, x_t: torch.Tensor, alpha_bar, prediction_typ
     """Inverse of :func:`to_epsilon`."""
     a, b = epsilon_coefficients(prediction_type, alpha_bar)
     return ((eps.double() - b * x_t.double()) / a).to(eps.dtype)
+
+
+def noise_level(scheduler, t, like: torch.Tensor, prediction_type: str):
+    """The noise level :func:`epsilon_coefficients` takes at timestep ``t``: ``sigma = t / T`` for
+    a flow-matching model (its scheduler's timesteps are ``sigma * num_train_timesteps``),
+    otherwise :func:`alpha_bar`. A float for one timestep, a ``(B, 1, 1, 1)`` tensor for one
+    timestep per sample.
+
+    Flow matching: at ``sigma = 1`` (the first step of SD3's schedule) ``x_t`` is pure noise and
+    epsilon equals ``x_t`` whatever the model predicts, so an epsilon-space rule could not act and
+    its change could not be converted back (``a = 1 - sigma = 0``). ``sigma`` is therefore capped
+    at ``1 - 1/T`` [a documented choice]: for the affine rules (classifier-free guidance, negative
+    prompt, INE, SAFREE's embeddings) the velocity they produce does not depend on ``sigma`` at all,
+    so the cap changes nothing; a rule with thresholds in epsilon units (SLD) sees differences
+    ``1/T`` times the velocity's at that one step (SLD's warm-up keeps it off there anyway)."""
+    if prediction_type != "flow":
+        return alpha_bar(scheduler, t, like)
+    T = float(scheduler.config.num_train_timesteps)
+    cap = 1.0 - 1.0 / T
+    if torch.is_tensor(t) and t.dim() > 0:
+        return (t.to(like.device, torch.float64) / T).clamp(max=cap).view(-1, 1, 1, 1)
+    return min(float(t) / T, cap)
 
 
 def alpha_bar(scheduler, t, like: torch.Tensor):
@@ -108,11 +142,27 @@ def initial_latents(model, generators: list[torch.Generator], height: int, width
     on the schedule (for DDIM / PNDM / DDPM it is 1 either way)."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    if num_inference_steps is not None:
-        model.scheduler.set_timesteps(num_inference_steps, device=model.device)
     shape = (len(generators), model.unet.config.in_channels, height // model.vae_scale_factor, width // model.vae_scale_factor)
+    if num_inference_steps is not None:
+        set_timesteps(model, model.scheduler, num_inference_steps, shape)
     latents = randn_tensor(shape, generator=generators, device=model.device, dtype=model.dtype)
-    return latents * model.scheduler.init_noise_sigma
+    # flow-matching schedulers start from pure noise (no init_noise_sigma)
+    return latents * getattr(model.scheduler, "init_noise_sigma", 1.0)
+
+
+def set_timesteps(model, scheduler, num_inference_steps: int, latent_shape) -> None:
+    """``scheduler.set_timesteps`` as the family's diffusers pipeline calls it (a flow-matching
+    scheduler with dynamic shifting gets ``mu`` from the image's token count, as SD3's pipeline)."""
+    kwargs = {}
+    cfg = scheduler.config
+    if cfg.get("use_dynamic_shifting", False):
+        patch = getattr(model.unet.config, "patch_size", 1) or 1
+        seq_len = (latent_shape[-2] // patch) * (latent_shape[-1] // patch)
+        base_len, max_len = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
+        base_shift, max_shift = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.16)
+        m = (max_shift - base_shift) / (max_len - base_len)
+        kwargs["mu"] = seq_len * m + (base_shift - m * base_len)
+    scheduler.set_timesteps(num_inference_steps, device=model.device, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,7 +182,7 @@ def sample(model, denoiser, latents: torch.Tensor, *, num_inference_steps: int, 
         on_step: called as ``on_step(i, total)`` after each step (progress bars).
     """
     sched = scheduler if scheduler is not None else model.scheduler
-    sched.set_timesteps(num_inference_steps, device=model.device)
+    set_timesteps(model, sched, num_inference_steps, latents.shape)
     step_params = set(inspect.signature(sched.step).parameters)
     extra = {}
     if "eta" in step_params:
@@ -143,7 +193,7 @@ def sample(model, denoiser, latents: torch.Tensor, *, num_inference_steps: int, 
     for i, t in enumerate(sched.timesteps):
         if stop_after is not None and i >= stop_after:
             break
-        x_in = sched.scale_model_input(latents, t)
+        x_in = sched.scale_model_input(latents, t) if hasattr(sched, "scale_model_input") else latents
         native = denoiser.model_output(x_in, t, i)
         latents = sched.step(native, t, latents, **extra, return_dict=False)[0]
         if on_step is not None:
@@ -152,9 +202,12 @@ def sample(model, denoiser, latents: torch.Tensor, *, num_inference_steps: int, 
 
 
 def decode(model, latents: torch.Tensor) -> torch.Tensor:
-    """Latents -> images in [0, 1], ``(B, 3, H, W)``, as diffusers' VAE decode + postprocess."""
+    """Latents -> images in [0, 1], ``(B, 3, H, W)``, as diffusers' VAE decode + postprocess
+    (SD3's VAE also has a shift factor)."""
+    shift = getattr(model.vae.config, "shift_factor", None) or 0.0
     with torch.no_grad():
-        img = model.vae.decode(latents / model.vae.config.scaling_factor, return_dict=False)[0]
+        z = latents / model.vae.config.scaling_factor
+        img = model.vae.decode(z + shift if shift else z, return_dict=False)[0]
     return (img / 2 + 0.5).clamp(0, 1)
 
 

@@ -51,7 +51,8 @@ class DefendedDenoiser:
             ``encode``: the pipeline's text encoding (guidance defenses encode their concepts).
         prompt_pooled / negative_pooled / time_ids: SDXL's added conditioning (the pooled text
             embedding of the prompt and of the unconditional branch, ``(B, P)``, and the six
-            size/crop numbers, ``(6,)``); None for models without it.
+            size/crop numbers, ``(6,)``); SD3 takes the pooled embeddings only; None for models
+            without them.
     """
 
     def __init__(self, model, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor, *,
@@ -76,8 +77,9 @@ class DefendedDenoiser:
                               model=model, embedding_ctx=embedding_ctx, num_steps=self.num_steps,
                               encode_pooled=encode_pooled)
         pooled = getattr(model, "has_pooled", False)
-        if pooled and (prompt_pooled is None or negative_pooled is None or time_ids is None):
-            raise ValueError(f"A {model.family} model needs the pooled embeddings and time ids of its added conditioning.")
+        if pooled and (prompt_pooled is None or negative_pooled is None or (time_ids is None and model.family == "sdxl")):
+            raise ValueError(f"A {model.family} model needs the pooled embeddings (and on SDXL the time ids) of its "
+                             "added conditioning.")
         for g in self.guidance:  # the pipeline allows at most one defense that replaces it
             u = g.unconditional(ctx)
             if u is not None:
@@ -112,7 +114,8 @@ class DefendedDenoiser:
             dt = prompt_embeds.dtype
             self._pooled = ([_batch(p, B).to(dt) for p in (negative_pooled, prompt_pooled, *extra_pooled)]
                             if self.do_cfg else [_batch(prompt_pooled, B).to(dt)])
-            self._time_ids = torch.as_tensor(time_ids, dtype=dt, device=prompt_embeds.device).reshape(1, -1)
+            self._time_ids = (None if time_ids is None else
+                              torch.as_tensor(time_ids, dtype=dt, device=prompt_embeds.device).reshape(1, -1))
         self._patches: contextlib.ExitStack | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -145,14 +148,21 @@ class DefendedDenoiser:
             cond = torch.cat([c.expand(x_t.shape[0], -1, -1) for c in self._conds])
         x_in = torch.cat([x_t] * n) if n > 1 else x_t
         t_in = t.repeat(n) if torch.is_tensor(t) and t.dim() > 0 and n > 1 else t
-        kwargs = {}
-        if self._pooled is not None:  # SDXL: pooled text embedding + size/crop numbers, per branch
-            Bx = x_t.shape[0]
-            kwargs["added_cond_kwargs"] = {"text_embeds": torch.cat([_batch(p, Bx) for p in self._pooled]),
-                                           "time_ids": self._time_ids.repeat(n * Bx, 1)}
-        out = model.unet(x_in, t_in, encoder_hidden_states=cond, return_dict=False, **kwargs)[0]
-        ab = core.alpha_bar(model.scheduler, t, x_t)
         pt = model.prediction_type
+        if model.is_transformer:  # SD3's MMDiT: one timestep per sample, the pooled embedding per branch
+            Bx = x_t.shape[0]
+            t_vec = t.expand(n * Bx) if torch.is_tensor(t) and t.dim() == 0 else (
+                t_in if torch.is_tensor(t_in) else torch.full((n * Bx,), float(t), device=x_t.device))
+            out = model.unet(hidden_states=x_in, timestep=t_vec, encoder_hidden_states=cond,
+                             pooled_projections=torch.cat([_batch(p, Bx) for p in self._pooled]), return_dict=False)[0]
+        else:
+            kwargs = {}
+            if self._pooled is not None:  # SDXL: pooled text embedding + size/crop numbers, per branch
+                Bx = x_t.shape[0]
+                kwargs["added_cond_kwargs"] = {"text_embeds": torch.cat([_batch(p, Bx) for p in self._pooled]),
+                                               "time_ids": self._time_ids.repeat(n * Bx, 1)}
+            out = model.unet(x_in, t_in, encoder_hidden_states=cond, return_dict=False, **kwargs)[0]
+        ab = core.noise_level(model.scheduler, t, x_t, pt)
         if not self.do_cfg:
             return out, (None if want_native else core.to_epsilon(out, x_t, ab, pt))
         chunks = out.chunk(n)
@@ -164,7 +174,7 @@ class DefendedDenoiser:
         for name, ch in zip(self.names, chunks[2:]):
             eps[name] = core.to_epsilon(ch, x_t, ab, pt)
         eps_cfg = core.to_epsilon(native, x_t, ab, pt)
-        T = len(model.scheduler.alphas_cumprod)
+        T = model.scheduler.config.num_train_timesteps
         progress = (index / self.num_steps if index is not None
                     else 1.0 - (torch.as_tensor(t, dtype=torch.float64).reshape(-1) + 1) / T)
         info = StepInfo(index=index, num_steps=self.num_steps, timestep=t, alpha_bar=ab, latents=x_t, progress=progress)

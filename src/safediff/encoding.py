@@ -53,6 +53,13 @@ def validate_prompts(prompts: str | Sequence[str], *, allow_empty: bool = False)
     return prompts
 
 
+def clip_pooled(output) -> torch.Tensor:
+    """A CLIP text encoder's pooled embedding: ``CLIPTextModel``'s ``pooler_output``, or the
+    projection ``text_embeds`` of a ``CLIPTextModelWithProjection`` (SD3's first encoder)."""
+    pooled = getattr(output, "pooler_output", None)
+    return pooled if pooled is not None else output.text_embeds
+
+
 def real_token_mask(ids: torch.Tensor, tok) -> torch.Tensor:
     """1 up to and including the first end-of-text token, 0 after (padding)."""
     eos = ids == tok.eos_token_id
@@ -84,6 +91,9 @@ def encode_prompts(model, prompts: list[str], *, warn_truncation: bool = True):
                         stacklevel=3,
                     )
     mask = real_token_mask(ids, tok)
+    if model.family == "sd3":
+        with torch.no_grad():
+            return _sd3_forward(model, ids, _ids_2(model, prompts), prompts)[0], ids, mask
     if getattr(model, "has_pooled", False):
         with torch.no_grad():
             return _sdxl_forward(model, ids, _ids_2(model, prompts))[0], ids, mask
@@ -102,6 +112,36 @@ def _sdxl_forward(model, ids: torch.Tensor, ids_2: torch.Tensor) -> tuple[torch.
     return torch.cat([h_1, out_2.hidden_states[-2]], dim=-1).to(model.dtype), out_2[0].to(model.dtype)
 
 
+#: SD3's T5 sequence length (diffusers' ``max_sequence_length`` default)
+SD3_T5_LENGTH = 256
+
+
+def _sd3_forward(model, ids: torch.Tensor, ids_2: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """SD3's text conditioning as diffusers' ``StableDiffusion3Pipeline.encode_prompt``: both CLIP
+    encoders' penultimate hidden states concatenated and zero-padded to T5's width, then T5's
+    last hidden state after them along the sequence (zeros when the model has no T5), ``(B, 77 +
+    256, D_T5)``; the pooled embedding is both CLIP encoders' projections concatenated ``(B, P1 + P2)``."""
+    out_1 = model.text_encoder(ids.to(model.text_encoder.device), output_hidden_states=True)
+    out_2 = model.text_encoder_2(ids_2.to(model.text_encoder_2.device), output_hidden_states=True)
+    clip = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
+    t5 = _t5_embeds(model, list(prompts), len(ids)).to(clip)
+    clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+    return torch.cat([clip, t5], dim=-2).to(model.dtype), torch.cat([out_1[0], out_2[0]], dim=-1).to(model.dtype)
+
+
+def _t5_embeds(model, prompts: list[str], batch: int) -> torch.Tensor:
+    te_3, tok_3 = model.text_encoder_3, model.tokenizer_3
+    if te_3 is None:  # SD3 loaded without T5: diffusers uses zeros for its part
+        return torch.zeros(batch, SD3_T5_LENGTH, model.unet.config.joint_attention_dim, device=model.device)
+    enc = tok_3(prompts, padding="max_length", max_length=SD3_T5_LENGTH, truncation=True, add_special_tokens=True,
+                return_tensors="pt")
+    full = tok_3(prompts, padding="longest", return_tensors="pt").input_ids
+    if full.shape[-1] > SD3_T5_LENGTH:
+        warnings.warn(f"A prompt is longer than T5's {SD3_T5_LENGTH} tokens; the rest was cut for the T5 encoder.",
+                      stacklevel=4)
+    return te_3(enc.input_ids.to(te_3.device))[0]
+
+
 def _ids_2(model, prompts: list[str]) -> torch.Tensor:
     tok_2 = model.tokenizer_2
     return tok_2(prompts, padding="max_length", max_length=tok_2.model_max_length, truncation=True,
@@ -109,13 +149,20 @@ def _ids_2(model, prompts: list[str]) -> torch.Tensor:
 
 
 def encode_pooled(model, prompts: list[str]) -> torch.Tensor:
-    """SDXL's pooled text embedding ``(B, P)`` of ``prompts`` (the second encoder's projection;
-    only that encoder runs); the UNet takes it beside the token embeddings."""
+    """The pooled text embedding ``(B, P)`` of ``prompts`` that the denoiser takes beside the token
+    embeddings: SDXL's second encoder's projection (only that encoder runs); SD3's two CLIP
+    projections concatenated."""
     if not getattr(model, "has_pooled", False):
         raise ValueError(f"A {model.family} model takes no pooled text embedding.")
     te_2 = model.text_encoder_2
     with torch.no_grad():
-        return te_2(_ids_2(model, prompts).to(te_2.device))[0].to(model.dtype)
+        pooled_2 = te_2(_ids_2(model, prompts).to(te_2.device))[0]
+        if model.family != "sd3":
+            return pooled_2.to(model.dtype)
+        tok, te = model.tokenizer, model.text_encoder
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        return torch.cat([te(ids.to(te.device))[0], pooled_2], dim=-1).to(model.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +230,7 @@ def encode_ids_with_vectors(text_encoder, ids: torch.Tensor, slots: Sequence[Seq
     the slot rows; differentiable in ``vectors``."""
     with inject_vectors(text_encoder, slots, vectors):
         out = text_encoder(ids.to(text_encoder.device))
-    return out.pooler_output if pooled else out[0]
+    return clip_pooled(out) if pooled else out[0]
 
 
 def placeholder_ids(tok, texts: Sequence[str], placeholder: str, n: int) -> tuple[torch.Tensor, list[list[int]]]:
@@ -258,6 +305,9 @@ def load_inverted(path: str | os.PathLike, model=None, *, allow_other_base: bool
                   edited_model_hash: str | None = None) -> InvertedConcept:
     """Read a textual-inversion file (ours or diffusers', SDXL's ``clip_l`` / ``clip_g`` layout
     included); check it against ``model`` (family, text-encoder widths, base model)."""
+    if model is not None and model.family == "sd3":
+        raise ValueError(f"{path}: textual-inversion files are not supported on sd3 models yet (SD3 has three text "
+                         "encoders and no common file layout for them); give the concept as text instead.")
     tensors, record = read_artifact(path)
     keys = [k for k in tensors if k not in ("emb_params", "string_to_param")]
     sdxl_file = set(tensors) == {"clip_l", "clip_g"}
@@ -334,4 +384,6 @@ def encode_images(model, images: Sequence[np.ndarray], *, chunk: int = 8) -> tor
     for i in range(0, len(images), chunk):
         px = torch.from_numpy(np.stack(images[i:i + chunk])).permute(0, 3, 1, 2).float().div(127.5).sub(1)
         out.append(model.vae.encode(px.to(model.device, model.dtype)).latent_dist.mean)
-    return torch.cat(out) * model.vae.config.scaling_factor
+    shift = getattr(model.vae.config, "shift_factor", None) or 0.0
+    z = torch.cat(out)
+    return ((z - shift) if shift else z) * model.vae.config.scaling_factor

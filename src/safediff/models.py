@@ -8,11 +8,14 @@ Supported families (``Model.family``):
 * ``sdxl`` -- Stable Diffusion XL base layout (two CLIP text encoders, the second with a
   projection for the pooled embedding; size/crop conditioning); the refiner (no first text
   encoder) is refused;
+* ``sd3`` -- Stable Diffusion 3 / 3.5 layout (two CLIP text encoders with projections and an
+  optional T5 encoder, the MMDiT ``SD3Transformer2DModel``, flow matching: ``prediction_type``
+  ``"flow"``); the transformer is held in ``Model.unet`` (the one denoising network);
 * ``safediff-testbed`` -- the project's own tiny model (``safediff.json`` marker in the folder).
 
 The family is read from the architecture (component classes and ``use_linear_projection``), never
 from the folder name, so the tiny random components of :mod:`safediff.testing` are detected as the
-family they mimic. Anything else (SD3, FLUX, a folder that is not a diffusers model, a
+family they mimic. Anything else (FLUX, a folder that is not a diffusers model, a
 missing or broken weight file) is refused with an error that names the problem.
 
 Example:
@@ -34,7 +37,7 @@ from typing import Any
 import torch
 
 TESTBED_FAMILY = "safediff-testbed"
-FAMILIES = ("sd1", "sd2", "sdxl", TESTBED_FAMILY)
+FAMILIES = ("sd1", "sd2", "sdxl", "sd3", TESTBED_FAMILY)
 #: The shipped testbed model, inside the package.
 TESTBED_PATH = Path(__file__).parent / "testbed" / "model"
 
@@ -45,6 +48,13 @@ _REQUIRED = {
     "tokenizer": "CLIPTokenizer",
 }
 _REQUIRED_SDXL = {**_REQUIRED, "text_encoder_2": "CLIPTextModelWithProjection", "tokenizer_2": "CLIPTokenizer"}
+_REQUIRED_SD3 = {"transformer": "SD3Transformer2DModel", "vae": "AutoencoderKL",
+                 "text_encoder": "CLIPTextModelWithProjection", "tokenizer": "CLIPTokenizer",
+                 "text_encoder_2": "CLIPTextModelWithProjection", "tokenizer_2": "CLIPTokenizer"}
+#: diffusers' defaults per family: (guidance scale, steps) of its pipeline's ``__call__``
+FAMILY_DEFAULTS = {"sdxl": (5.0, 50), "sd3": (7.0, 28)}
+#: the scheduler classes of flow-matching families (their model predicts a velocity)
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 
 
 class ModelError(ValueError):
@@ -55,6 +65,7 @@ class ModelError(ValueError):
 class Model:
     """A loaded text-to-image model: diffusers components plus what safediff knows about them."""
 
+    #: the denoising network: a ``UNet2DConditionModel``, or SD3's MMDiT (diffusers' ``transformer``)
     unet: Any
     text_encoder: Any
     vae: Any
@@ -74,6 +85,9 @@ class Model:
     #: SDXL: the unconditional branch is zeros when no negative prompt is given (diffusers'
     #: ``force_zeros_for_empty_prompt``, True for SDXL base)
     force_zeros_for_empty_prompt: bool = False
+    #: SD3's T5 encoder and its tokenizer (None: SD3 loaded without T5, whose part is then zeros)
+    text_encoder_3: Any = None
+    tokenizer_3: Any = None
 
     @property
     def is_testbed(self) -> bool:
@@ -82,11 +96,20 @@ class Model:
 
     @property
     def has_pooled(self) -> bool:
-        """Whether the UNet also takes a pooled text embedding and size conditioning (SDXL)."""
-        return self.family == "sdxl"
+        """Whether the denoiser also takes a pooled text embedding (SDXL, with size conditioning; SD3)."""
+        return self.family in ("sdxl", "sd3")
+
+    @property
+    def is_transformer(self) -> bool:
+        """Whether the denoising network is an MMDiT transformer (SD3) rather than a UNet."""
+        return self.family == "sd3"
 
     @property
     def prediction_type(self) -> str:
+        """``epsilon``, ``v_prediction`` or ``sample`` (the scheduler's), or ``flow`` for a
+        flow-matching model, which predicts the velocity ``noise - x0`` (SD3)."""
+        if type(self.scheduler).__name__ in FLOW_SCHEDULERS:
+            return "flow"
         return self.scheduler.config.prediction_type
 
     @property
@@ -106,7 +129,7 @@ class Model:
         return self.unet.config.sample_size * self.vae_scale_factor
 
     def to(self, device: str | torch.device) -> "Model":
-        for m in (self.unet, self.text_encoder, self.vae, self.text_encoder_2):
+        for m in (self.unet, self.text_encoder, self.vae, self.text_encoder_2, self.text_encoder_3):
             if m is not None:
                 m.to(device)
         return self
@@ -115,13 +138,20 @@ class Model:
         """The components as diffusers' pipeline class for the family takes them."""
         comps = {"unet": self.unet, "text_encoder": self.text_encoder, "vae": self.vae,
                  "tokenizer": self.tokenizer, "scheduler": self.scheduler}
-        if self.family == "sdxl":
+        if self.family in ("sdxl", "sd3"):
             comps.update(text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2)
+        if self.family == "sd3":
+            comps["transformer"] = comps.pop("unet")
+            comps.update(text_encoder_3=self.text_encoder_3, tokenizer_3=self.tokenizer_3)
         return comps
 
     def to_diffusers(self):
         """diffusers' own pipeline for the family sharing these components (no safety checker):
-        ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``."""
+        ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` or ``StableDiffusion3Pipeline``."""
+        if self.family == "sd3":
+            from diffusers import StableDiffusion3Pipeline
+
+            return StableDiffusion3Pipeline(**self.components())
         if self.family == "sdxl":
             from diffusers import StableDiffusionXLPipeline
 
@@ -181,44 +211,53 @@ def detect_family(path: str | os.PathLike) -> tuple[str, dict]:
             "`pipe.save_pretrained(dir)`, or pass a hub id such as 'CompVis/stable-diffusion-v1-4'."
         )
     index = _read_json(index_path)
-    if "transformer" in index:
+    transformer = (index.get("transformer") or [None, None])[1]
+    if "transformer" in index and transformer != "SD3Transformer2DModel":
         raise ModelError(
-            f"{path} holds a transformer-based (SD3/FLUX-style) pipeline ({index.get('_class_name')}); safediff "
-            f"supports the families {list(FAMILIES)} so far."
+            f"{path} holds a transformer-based pipeline ({index.get('_class_name')}, {transformer}) that safediff does not "
+            f"run yet; supported families: {list(FAMILIES)} (FLUX is planned)."
         )
-    sdxl = "text_encoder_2" in index
+    sd3 = transformer == "SD3Transformer2DModel"
+    sdxl = "text_encoder_2" in index and not sd3
     if sdxl and not (index.get("text_encoder") or [None, None])[1]:
         raise ModelError(f"{path} holds an SDXL refiner ({index.get('_class_name')}: no first text encoder); safediff "
                          "runs the SDXL base model (text-to-image), not the refiner.")
-    for comp, cls in (_REQUIRED_SDXL if sdxl else _REQUIRED).items():
+    required = _REQUIRED_SD3 if sd3 else _REQUIRED_SDXL if sdxl else _REQUIRED
+    for comp, cls in required.items():
         entry = index.get(comp)
         if not entry or entry[1] is None:
             raise ModelError(f"{path}/model_index.json has no `{comp}` component; a {cls} is required.")
-        if entry[1] != cls and not (comp == "tokenizer" and entry[1] == "CLIPTokenizerFast"):
+        if entry[1] != cls and not (comp.startswith("tokenizer") and entry[1] == "CLIPTokenizerFast"):
             raise ModelError(
                 f"Unsupported model family: `{comp}` of {path} is a {entry[1]}, expected {cls}. "
                 f"Supported families: {list(FAMILIES)}."
             )
-    for comp in ("unet", "text_encoder", "vae", "scheduler", *(("text_encoder_2",) if sdxl else ())):
+    has_t5 = sd3 and bool((index.get("text_encoder_3") or [None, None])[1])
+    nets = [c for c in required if not c.startswith("tokenizer")] + (["text_encoder_3"] if has_t5 else [])
+    for comp in (*nets, "scheduler"):
         if not (path / comp / ("scheduler_config.json" if comp == "scheduler" else "config.json")).exists():
             raise ModelError(f"{path}/{comp} has no config file; the model folder is incomplete.")
         if comp != "scheduler" and not any((path / comp).glob("*.safetensors")) and not any((path / comp).glob("*.bin")):
             raise ModelError(f"Missing weight file: {path}/{comp} holds no .safetensors (or .bin) weights.")
-    unet_cfg = _read_json(path / "unet" / "config.json")
+    net_cfg = _read_json(path / ("transformer" if sd3 else "unet") / "config.json")
     sched_cfg = _read_json(path / "scheduler" / "scheduler_config.json")
     marker = path / "safediff.json"
     meta = _read_json(marker) if marker.exists() else {}
     if meta.get("family") == TESTBED_FAMILY:
         family = TESTBED_FAMILY
+    elif sd3:
+        family = "sd3"
     elif sdxl:
         family = "sdxl"
-    elif unet_cfg.get("use_linear_projection"):
+    elif net_cfg.get("use_linear_projection"):
         family = "sd2"
     else:
         family = "sd1"
-    info = {"prediction_type": sched_cfg.get("prediction_type", "epsilon"), "meta": meta,
-            "cross_attention_dim": unet_cfg.get("cross_attention_dim"),
-            "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", sdxl))}
+    info = {"prediction_type": "flow" if sched_cfg.get("_class_name") in FLOW_SCHEDULERS
+            else sched_cfg.get("prediction_type", "epsilon"), "meta": meta,
+            "cross_attention_dim": net_cfg.get("joint_attention_dim" if sd3 else "cross_attention_dim"),
+            "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", sdxl)),
+            "has_t5": has_t5}
     return family, info
 
 
@@ -260,7 +299,7 @@ def model_content_hash(path: str | os.PathLike) -> str:
 
 def load_model(model: str | os.PathLike | None = None, *, device: str = "cpu",
                dtype: torch.dtype = torch.float32) -> Model:
-    """Load a Stable Diffusion v1.x / v2.x / XL pipeline or the testbed from a folder or hub id.
+    """Load a Stable Diffusion v1.x / v2.x / XL / 3 pipeline or the testbed from a folder or hub id.
 
     Args:
         model: a local diffusers folder, a hub id, or ``None`` / ``"testbed"`` for the shipped testbed.
@@ -272,34 +311,47 @@ def load_model(model: str | os.PathLike | None = None, *, device: str = "cpu",
     """
     path = _resolve(model)
     family, info = detect_family(path)
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.schedulers import KarrasDiffusionSchedulers  # noqa: F401  (import check)
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
     loaded = {}
-    loaders = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
-    if family == "sdxl":
-        loaders["text_encoder_2"] = CLIPTextModelWithProjection
-    for name, cls in loaders.items():
+    if family == "sd3":
+        loaders = {"unet": (SD3Transformer2DModel, "transformer"), "vae": (AutoencoderKL, "vae"),
+                   "text_encoder": (CLIPTextModelWithProjection, "text_encoder"),
+                   "text_encoder_2": (CLIPTextModelWithProjection, "text_encoder_2")}
+        if info["has_t5"]:
+            loaders["text_encoder_3"] = (T5EncoderModel, "text_encoder_3")
+    else:
+        loaders = {"unet": (UNet2DConditionModel, "unet"), "vae": (AutoencoderKL, "vae"),
+                   "text_encoder": (CLIPTextModel, "text_encoder")}
+        if family == "sdxl":
+            loaders["text_encoder_2"] = (CLIPTextModelWithProjection, "text_encoder_2")
+    for name, (cls, sub) in loaders.items():
         try:
-            loaded[name] = cls.from_pretrained(str(path), subfolder=name, torch_dtype=dtype).to(device).eval()
+            loaded[name] = cls.from_pretrained(str(path), subfolder=sub, torch_dtype=dtype).to(device).eval()
         except Exception as e:
-            raise ModelError(f"Broken checkpoint: could not load `{name}` from {path}/{name} ({type(e).__name__}: {e}).") from None
+            raise ModelError(f"Broken checkpoint: could not load `{sub}` from {path}/{sub} ({type(e).__name__}: {e}).") from None
         loaded[name].requires_grad_(False)
-    for name in ("tokenizer", "tokenizer_2") if family == "sdxl" else ("tokenizer",):
+    tokenizers = {"tokenizer": CLIPTokenizer}
+    if family in ("sdxl", "sd3"):
+        tokenizers["tokenizer_2"] = CLIPTokenizer
+    if family == "sd3" and info["has_t5"]:
+        tokenizers["tokenizer_3"] = T5Tokenizer
+    for name, cls in tokenizers.items():
         try:
-            loaded[name] = CLIPTokenizer.from_pretrained(str(path), subfolder=name)
+            loaded[name] = cls.from_pretrained(str(path), subfolder=name)
         except Exception as e:
             raise ModelError(f"Broken tokenizer in {path}/{name} ({type(e).__name__}: {e}).") from None
     loaded["scheduler"] = load_scheduler(path)
     meta = info["meta"]
+    gs, steps = FAMILY_DEFAULTS.get(family, (7.5, 25 if family == TESTBED_FAMILY else 50))
     return Model(
         **loaded,
         family=family,
         source=str(model) if model is not None else "testbed",
         content_hash=model_content_hash(path),
-        default_guidance_scale=float(meta.get("default_guidance_scale", 5.0 if family == "sdxl" else 7.5)),
-        default_steps=int(meta.get("default_steps", 25 if family == TESTBED_FAMILY else 50)),
+        default_guidance_scale=float(meta.get("default_guidance_scale", gs)),
+        default_steps=int(meta.get("default_steps", steps)),
         meta=meta,
         force_zeros_for_empty_prompt=info["force_zeros_for_empty_prompt"] if family == "sdxl" else False,
     )

@@ -26,7 +26,8 @@ from .stack import DefenseStack
 
 #: Families on which only some defenses run so far (issue 20: the others are being carried over);
 #: a stack with any other defense is refused before any work.
-FAMILY_DEFENSES = {"sdxl": ("prompt_guard", "negative_prompt", "sld", "output_filter", "uce", "delta")}
+FAMILY_DEFENSES = {"sdxl": ("prompt_guard", "negative_prompt", "sld", "output_filter", "uce", "delta"),
+                   "sd3": ("prompt_guard", "negative_prompt", "sld", "output_filter")}
 
 
 @dataclass
@@ -188,9 +189,10 @@ class SafePipeline:
             pooled = encoding.encode_pooled(self.model, prompts)
             added = {"prompt_pooled": pooled, "encode_pooled": lambda texts: encoding.encode_pooled(self.model, texts),
                      "negative_pooled": (torch.zeros_like(pooled) if self.model.force_zeros_for_empty_prompt
-                                         else encoding.encode_pooled(self.model, [""])),
-                     # original size, crop top-left, target size (diffusers' defaults: no crop, same size)
-                     "time_ids": torch.tensor([h, w, 0, 0, h, w])}
+                                         else encoding.encode_pooled(self.model, [""]))}
+            if self.model.family == "sdxl":
+                # original size, crop top-left, target size (diffusers' defaults: no crop, same size)
+                added["time_ids"] = torch.tensor([h, w, 0, 0, h, w])
         if prompt_embeds is None:
             prompt_embeds, input_ids, _ = self._encode(prompts, warn_truncation=True)
         elif input_ids is None:

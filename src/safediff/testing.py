@@ -24,6 +24,7 @@ TINY_FAMILIES = {
     "sd2": (True, "epsilon", "DDIMScheduler"),
     "sd2-v": (True, "v_prediction", "DDIMScheduler"),
     "sdxl": (True, "epsilon", "EulerDiscreteScheduler"),
+    "sd3": (None, "flow", "FlowMatchEulerDiscreteScheduler"),
 }
 
 EXTRA_WORDS = ("nudity", "naked", "nude", "violence", "blood", "person", "photo", "of", "the", "painting",
@@ -39,10 +40,21 @@ def tiny_tokenizer(out_dir: str | Path | None = None):
     return build_clip_tokenizer([*vocabulary(), *EXTRA_WORDS], out_dir)
 
 
+def tiny_t5_tokenizer(out_dir: str | Path | None = None):
+    """An offline T5 tokenizer (SD3's third text encoder) over the same words as :func:`tiny_tokenizer`."""
+    from .testbed.world import vocabulary
+    from .tokenizer import build_t5_tokenizer
+
+    out_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="safediff-t5tok-"))
+    return build_t5_tokenizer([*vocabulary(), *EXTRA_WORDS], out_dir)
+
+
 def tiny_components(family: str = "sd1", seed: int = 0, tokenizer=None) -> dict:
-    """Random components shaped like ``family`` (``sd1``, ``sd2``, ``sd2-v`` or ``sdxl``)."""
+    """Random components shaped like ``family`` (``sd1``, ``sd2``, ``sd2-v``, ``sdxl`` or ``sd3``)."""
     if family == "sdxl":
         return _tiny_sdxl_components(seed, tokenizer)
+    if family == "sd3":
+        return _tiny_sd3_components(seed, tokenizer)
     from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -126,13 +138,58 @@ def _tiny_sdxl_components(seed: int, tokenizer=None) -> dict:
             "tokenizer": tok, "tokenizer_2": tok_2, "scheduler": sched}
 
 
+def _tiny_sd3_components(seed: int, tokenizer=None) -> dict:
+    """SD3's layout at tiny sizes: two CLIP text encoders with projections (their penultimate
+    hidden states concatenated, zero-padded to T5's width; their projected pooled outputs
+    concatenated), a T5 encoder (its tokenizer built offline, :func:`tiny_t5_tokenizer`), the
+    MMDiT ``SD3Transformer2DModel``, a VAE with a shift factor, and the flow-matching Euler
+    scheduler with SD3's shift 3.0."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    tok = tokenizer or tiny_tokenizer()
+    tok_2 = _sdxl_tokenizer_2(tok)
+    tok_3 = tiny_t5_tokenizer()
+    hidden, hidden_2, t5_width = 8, 12, 32
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=t5_width,
+                                        caption_projection_dim=16, pooled_projection_dim=hidden + hidden_2,
+                                        pos_embed_max_size=16)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=[4, 8], in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=2, sample_size=16,
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
+    )
+    common = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, layer_norm_eps=1e-5,
+                  num_attention_heads=2, num_hidden_layers=2, vocab_size=len(tok),
+                  max_position_embeddings=tok.model_max_length, hidden_act="gelu")
+    torch.manual_seed(seed)
+    te = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=hidden, intermediate_size=16, projection_dim=hidden,
+                                                    pad_token_id=tok.pad_token_id, **common))
+    torch.manual_seed(seed + 1)
+    te_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=hidden_2, intermediate_size=24, projection_dim=hidden_2,
+                                                      pad_token_id=tok_2.pad_token_id, **common))
+    torch.manual_seed(seed + 2)
+    te_3 = T5EncoderModel(T5Config(vocab_size=len(tok_3), d_model=t5_width, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                   relative_attention_num_buckets=8, pad_token_id=tok_3.pad_token_id,
+                                   eos_token_id=tok_3.eos_token_id, decoder_start_token_id=0))
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    return {"transformer": transformer.eval(), "vae": vae.eval(), "text_encoder": te.eval(), "text_encoder_2": te_2.eval(),
+            "text_encoder_3": te_3.eval(), "tokenizer": tok, "tokenizer_2": tok_2, "tokenizer_3": tok_3,
+            "scheduler": sched}
+
+
 def save_tiny_pipeline(out_dir: str | Path, family: str = "sd1", seed: int = 0) -> Path:
     """Write a tiny random pipeline of ``family`` as a diffusers folder (loadable by ``load_model``)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     out_dir = Path(out_dir)
     comps = tiny_components(family, seed)
-    if family == "sdxl":
+    if family == "sd3":
+        pipe = StableDiffusion3Pipeline(**comps)
+    elif family == "sdxl":
         pipe = StableDiffusionXLPipeline(**comps, force_zeros_for_empty_prompt=True)
     else:
         pipe = StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None, requires_safety_checker=False)

@@ -101,3 +101,37 @@ def build_clip_tokenizer(words: Iterable[str], out_dir: str | Path, model_max_le
     tokenizer = CLIPTokenizer.from_pretrained(str(out))
     tokenizer.model_max_length = model_max_length
     return tokenizer
+
+
+def build_t5_tokenizer(words: Iterable[str], out_dir: str | Path, model_max_length: int = 256):
+    """Write a T5 tokenizer (SD3's and FLUX's third / second text encoder) for ``words`` into
+    ``out_dir`` and return it loaded with ``transformers.T5Tokenizer.from_pretrained``.
+
+    T5's conventions, as its SentencePiece unigram model: ids 0 / 1 / 2 are ``<pad>`` / ``</s>`` /
+    ``<unk>``, words carry the ``▁`` word-start marker, every sequence ends with ``</s>``, padding
+    is ``<pad>`` (id 0). Each word is one piece; an unseen word falls back to single characters
+    (all printable ASCII characters are pieces), never to ``<unk>``.
+    """
+    from transformers import T5Tokenizer
+
+    words = sorted({w.strip().lower() for w in words if w.strip()})
+    if not words:
+        raise ValueError("`words` is empty: a tokenizer needs at least one word to train on.")
+    vocab: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    seen = {v for v, _ in vocab}
+    for w in words:  # whole words score far above their characters, so they win the unigram split
+        if "\u2581" + w not in seen:
+            vocab.append(("\u2581" + w, -1.0))
+            seen.add("\u2581" + w)
+    for c in (chr(i) for i in range(33, 127)):
+        for piece in (c, "\u2581" + c):
+            if piece not in seen:
+                vocab.append((piece, -20.0))
+                seen.add(piece)
+    tok = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(str(out))
+    loaded = T5Tokenizer.from_pretrained(str(out))
+    loaded.model_max_length = model_max_length
+    return loaded

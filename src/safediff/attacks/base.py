@@ -32,6 +32,8 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
+from ..encoding import clip_pooled
+
 _ATTACKS: dict[str, type["Attack"]] = {}
 
 
@@ -114,11 +116,11 @@ class TextModel:
 
     @torch.no_grad()
     def hidden(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(ids.to(self.text_encoder.device))[0]
+        return self.text_encoder(ids.to(self.text_encoder.device)).last_hidden_state
 
     @torch.no_grad()
     def pooled(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(ids.to(self.text_encoder.device)).pooler_output
+        return clip_pooled(self.text_encoder(ids.to(self.text_encoder.device)))
 
     def ids(self, prompts: Sequence[str]) -> torch.Tensor:
         tok = self.tokenizer

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..encoding import clip_pooled
 from .base import DefenseConfig, FilterDecision, PromptFilterDefense, register_defense
 
 
@@ -27,7 +28,7 @@ def _pooled_words(model, words) -> torch.Tensor:
     tok = model.tokenizer
     ids = tok(list(words), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
     with torch.no_grad():
-        p = model.text_encoder(ids.to(model.text_encoder.device)).pooler_output.float()
+        p = clip_pooled(model.text_encoder(ids.to(model.text_encoder.device))).float()
     return torch.nn.functional.normalize(p, dim=-1)
 
 

@@ -1,0 +1,187 @@
+"""SD3 (issue 20): the model layer and the one core against diffusers' ``StableDiffusion3Pipeline``
+on a tiny random SD3 pipeline (offline: two real CLIP tokenizers and a real T5 tokenizer), and the
+flow-matching velocity <-> epsilon conversion every guidance rule goes through."""
+
+import numpy as np
+import pytest
+import torch
+
+from safediff import core
+from safediff.models import ModelError, detect_family, load_model
+from safediff.pipeline import SafePipeline
+from safediff.stack import DefenseStack
+from safediff.testing import save_tiny_pipeline
+
+PROMPTS = ["a red circle", "a zebra on white background"]
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3(tiny_dir):
+    from safediff.testing import tiny_model
+
+    return tiny_model("sd3", cache_dir=tiny_dir)
+
+
+def _ours(model, stack="", seed=3, n=2, steps=None, gs=None, batch_size=16):
+    with SafePipeline(model, DefenseStack.parse(stack or None)) as pipe:
+        out = pipe(PROMPTS, seed=seed, num_images_per_prompt=n, num_inference_steps=steps, guidance_scale=gs,
+                   batch_size=batch_size)
+    return np.stack([np.asarray(r.image) for r in out.records]).astype(np.int16)
+
+
+def _diffusers(pipe, seed=3, n=2, steps=28, gs=7.0, negative=None):
+    pipe.set_progress_bar_config(disable=True)
+    gens = [core.image_generator(seed + i, k) for i in range(len(PROMPTS)) for k in range(n)]
+    flat = [p for p in PROMPTS for _ in range(n)]
+    img = pipe(flat, negative_prompt=[negative] * len(flat) if negative else None, generator=gens,
+               num_inference_steps=steps, guidance_scale=gs, output_type="np").images
+    return (img * 255).round().astype(np.int16)
+
+
+def test_family_detected_from_the_architecture_and_defaults(tiny_sd3, tiny_dir):
+    from transformers import T5Tokenizer
+
+    assert tiny_sd3.family == "sd3" and tiny_sd3.prediction_type == "flow" and tiny_sd3.has_pooled
+    assert type(tiny_sd3.unet).__name__ == "SD3Transformer2DModel"
+    # diffusers' SD3 defaults: guidance 7.0, 28 steps
+    assert (tiny_sd3.default_guidance_scale, tiny_sd3.default_steps) == (7.0, 28)
+    assert isinstance(tiny_sd3.tokenizer_3, T5Tokenizer) and tiny_sd3.tokenizer_3.pad_token_id == 0
+    ids = tiny_sd3.tokenizer_3(["a striped zebra"]).input_ids[0]
+    assert ids[-1] == tiny_sd3.tokenizer_3.eos_token_id and tiny_sd3.tokenizer_3.unk_token_id not in ids
+    assert detect_family(tiny_dir / "sd3-0")[0] == "sd3"
+
+
+def test_no_defense_equals_diffusers_sd3_pipeline(tiny_sd3):
+    # diffusers' default guidance scale (7.0) and step count (28) for SD3; T5 included.
+    # Tolerance: 2 grey levels (measured: 0).
+    assert np.abs(_ours(tiny_sd3) - _diffusers(tiny_sd3.to_diffusers())).max() <= 2
+
+
+def test_negative_prompt_equals_diffusers_negative_prompt_on_sd3(tiny_sd3):
+    # a guidance defense: the rule runs in epsilon space and only its change goes back to the
+    # velocity, including at sigma = 1 (the capped noise level); measured: 0 grey levels
+    ours = _ours(tiny_sd3, 'negative_prompt(text="zebra")')
+    assert np.abs(ours - _diffusers(tiny_sd3.to_diffusers(), negative="zebra")).max() <= 2
+    assert np.abs(ours - _ours(tiny_sd3)).max() > 0
+
+
+def test_batch_equals_single_on_sd3(tiny_sd3):
+    assert np.abs(_ours(tiny_sd3, steps=8, batch_size=16) - _ours(tiny_sd3, steps=8, batch_size=1)).max() <= 2
+
+
+def test_sd3_without_t5_equals_diffusers_without_t5(tiny_sd3, tmp_path):
+    # SD3 can be loaded without its T5 encoder (its part of the sequence is then zeros)
+    import json
+    import shutil
+
+    path = save_tiny_pipeline(tmp_path / "m", "sd3")
+    shutil.rmtree(path / "text_encoder_3")
+    shutil.rmtree(path / "tokenizer_3")
+    index = json.loads((path / "model_index.json").read_text())
+    index["text_encoder_3"] = index["tokenizer_3"] = [None, None]
+    (path / "model_index.json").write_text(json.dumps(index))
+    model = load_model(path)
+    assert model.text_encoder_3 is None
+    assert np.abs(_ours(model, steps=6) - _diffusers(model.to_diffusers(), steps=6)).max() <= 2
+    assert np.abs(_ours(model, steps=6) - _ours(tiny_sd3, steps=6)).max() > 0  # T5 did matter
+
+
+def test_sd3_folder_missing_its_t5_weights(tmp_path):
+    path = save_tiny_pipeline(tmp_path / "m", "sd3")
+    for f in (path / "text_encoder_3").glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(ModelError, match="text_encoder_3"):
+        load_model(path)
+
+
+def test_flow_velocity_epsilon_conversion_matches_definition():
+    # rectified flow: x_t = (1 - s) x0 + s eps, the model predicts u = eps - x0
+    torch.manual_seed(0)
+    x0, eps = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    for sigma in (0.0, 0.37, 0.9):
+        x_t = (1 - sigma) * x0 + sigma * eps
+        u = eps - x0
+        assert torch.allclose(core.to_epsilon(u, x_t, sigma, "flow"), eps, atol=1e-10)
+        assert torch.allclose(core.from_epsilon(eps, x_t, sigma, "flow"), u, atol=1e-10)
+    # timesteps are sigma * 1000; sigma = 1 is capped so that a rule's change can be converted back
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    like = torch.zeros(1)
+    assert core.noise_level(sched, torch.tensor(370.0), like, "flow") == pytest.approx(0.37)
+    assert core.noise_level(sched, torch.tensor(1000.0), like, "flow") == pytest.approx(0.999)
+    per_sample = core.noise_level(sched, torch.tensor([100.0, 1000.0]), like, "flow")
+    assert per_sample.shape == (2, 1, 1, 1) and per_sample.flatten().tolist() == pytest.approx([0.1, 0.999])
+
+
+def test_an_epsilon_rule_moves_the_velocity_by_its_epsilon_change_over_one_minus_sigma(tiny_sd3):
+    # a rule "add c to epsilon" written once in epsilon space changes SD3's velocity by
+    # c / (1 - sigma) at every step, as the conversion says
+    from safediff.defenses.base import GuidanceDefense
+
+    class AddConstant(GuidanceDefense):
+        def guide(self, eps, guided, step, state):
+            return guided + 0.01
+
+    with SafePipeline(tiny_sd3, DefenseStack.parse(None)) as pipe:
+        plain = pipe.denoiser(["a red circle"], num_steps=28)
+        added = pipe.denoiser(["a red circle"], num_steps=28)
+    added.guidance, added.states = [AddConstant(None, tiny_sd3)], [None]
+    added.names = []
+    tiny_sd3.scheduler.set_timesteps(28)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for i in (0, 10, 27):
+        t = tiny_sd3.scheduler.timesteps[i]
+        sigma = core.noise_level(tiny_sd3.scheduler, t, x, "flow")
+        with torch.no_grad():
+            du = added.model_output(x, t, i) - plain.model_output(x, t, i)
+        assert torch.allclose(du, torch.full_like(du, 0.01 / (1 - sigma)), rtol=1e-3)
+
+
+def test_sld_on_sd3_guides_with_the_concept_through_all_encoders(tiny_sd3):
+    plain = _ours(tiny_sd3, steps=10)
+    assert np.array_equal(_ours(tiny_sd3, 'sld(concept="zebra", guidance_scale=0)', steps=10), plain)
+    assert np.abs(_ours(tiny_sd3, 'sld(preset=max, concept="zebra")', steps=10) - plain).max() > 0
+
+
+def test_prompt_guard_on_sd3_reads_the_first_text_encoder(tiny_sd3):
+    with SafePipeline(tiny_sd3, DefenseStack.parse('prompt_guard(concepts=["zebra"], threshold=0.999)')) as pipe:
+        out = pipe(["a zebra on grass", "a red circle"], num_inference_steps=2)
+    assert [r.refused for r in out.records] == [True, False]
+
+
+def test_defenses_not_carried_over_yet_are_refused_before_any_work(tiny_sd3, tmp_path):
+    for stack in ("safree_svf", 'uce(erase=["zebra"])', 'safree(space=["zebra"])'):
+        with pytest.raises(ValueError, match="not supported on sd3"):
+            SafePipeline(tiny_sd3, DefenseStack.parse(stack))
+    assert tiny_sd3.edited_hash is None
+    from safetensors.torch import save_file
+
+    f = tmp_path / "ti.safetensors"  # a vanilla one-encoder textual-inversion file
+    save_file({"<x>": torch.zeros(1, 8)}, str(f))
+    with pytest.raises(ValueError, match="not supported on sd3"):
+        SafePipeline(tiny_sd3, DefenseStack.parse(f'negative_prompt(embedding="{f}")'))
+
+
+def test_eval_runs_end_to_end_on_a_saved_tiny_sd3(tiny_sd3, tiny_dir, tmp_path):
+    pytest.importorskip("nudenet")
+    from safediff.cli import main
+    from safediff.eval.runner import summarize
+
+    (tmp_path / "p.csv").write_text("prompt\na photo of a cat\na painting of a dog\n")
+    out = tmp_path / "run"
+    assert main(["eval", "--benchmark", str(tmp_path / "p.csv"), "--model", str(tiny_dir / "sd3-0"), "--steps", "4",
+                 "--defense", 'negative_prompt(text="nudity")', "--detector", "nudenet", "--out", str(out)]) == 0
+    s = summarize(out)
+    assert s["n_images"] == 2 and s["n_errors"] == 0 and s["n_unscored"] == 0
+    assert main(["report", str(out), "--out", str(tmp_path / "rep")]) == 0
+
+
+def test_ring_a_bell_runs_against_an_sd3_stack(tiny_sd3, tmp_path):
+    from safediff.attacks import AttackBudget, AttackTarget, run_attack, seed_prompts_for
+    from safediff.attacks.ring_a_bell import RingABell, RingABellConfig
+
+    target = AttackTarget(tiny_sd3, 'negative_prompt(text="striped")')
+    res = run_attack(RingABell(RingABellConfig(population=16)), target, "striped", seed_prompts_for("striped", 2),
+                     AttackBudget(steps=2), tmp_path / "rab", progress=False)
+    assert len(res.prompts) == 2
