@@ -107,7 +107,7 @@ def test_flow_velocity_epsilon_conversion_matches_definition():
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    like = torch.zeros(1)
+    like = torch.zeros(1, 4, 8, 8)
     assert core.noise_level(sched, torch.tensor(370.0), like, "flow") == pytest.approx(0.37)
     assert core.noise_level(sched, torch.tensor(1000.0), like, "flow") == pytest.approx(0.999)
     per_sample = core.noise_level(sched, torch.tensor([100.0, 1000.0]), like, "flow")

@@ -83,8 +83,8 @@ def from_epsilon(eps: torch.Tensor, x_t: torch.Tensor, alpha_bar, prediction_typ
 def noise_level(scheduler, t, like: torch.Tensor, prediction_type: str):
     """The noise level :func:`epsilon_coefficients` takes at timestep ``t``: ``sigma = t / T`` for
     a flow-matching model (its scheduler's timesteps are ``sigma * num_train_timesteps``),
-    otherwise :func:`alpha_bar`. A float for one timestep, a ``(B, 1, 1, 1)`` tensor for one
-    timestep per sample.
+    otherwise :func:`alpha_bar`. A float for one timestep, a ``(B, 1, ..., 1)`` tensor shaped
+    like ``like`` for one timestep per sample.
 
     Flow matching: at ``sigma = 1`` (the first step of SD3's schedule) ``x_t`` is pure noise and
     epsilon equals ``x_t`` whatever the model predicts, so an epsilon-space rule could not act and
@@ -98,7 +98,7 @@ def noise_level(scheduler, t, like: torch.Tensor, prediction_type: str):
     T = float(scheduler.config.num_train_timesteps)
     cap = 1.0 - 1.0 / T
     if torch.is_tensor(t) and t.dim() > 0:
-        return (t.to(like.device, torch.float64) / T).clamp(max=cap).view(-1, 1, 1, 1)
+        return (t.to(like.device, torch.float64) / T).clamp(max=cap).view(-1, *(1,) * (like.dim() - 1))
     return min(float(t) / T, cap)
 
 
@@ -142,6 +142,13 @@ def initial_latents(model, generators: list[torch.Generator], height: int, width
     on the schedule (for DDIM / PNDM / DDPM it is 1 either way)."""
     from diffusers.utils.torch_utils import randn_tensor
 
+    if model.family == "flux":  # noise on the latent grid, then packed into 2x2 patches, as FluxPipeline
+        c, h, w = model.unet.config.in_channels // 4, 2 * (height // (model.vae_scale_factor * 2)), 2 * (width // (model.vae_scale_factor * 2))
+        latents = pack_latents(randn_tensor((len(generators), c, h, w), generator=generators, device=model.device,
+                                            dtype=model.dtype))
+        if num_inference_steps is not None:
+            set_timesteps(model, model.scheduler, num_inference_steps, latents.shape)
+        return latents
     shape = (len(generators), model.unet.config.in_channels, height // model.vae_scale_factor, width // model.vae_scale_factor)
     if num_inference_steps is not None:
         set_timesteps(model, model.scheduler, num_inference_steps, shape)
@@ -150,16 +157,46 @@ def initial_latents(model, generators: list[torch.Generator], height: int, width
     return latents * getattr(model.scheduler, "init_noise_sigma", 1.0)
 
 
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """FLUX's packing: ``(B, C, h, w)`` -> ``(B, h/2 * w/2, 4C)``, one token per 2x2 patch."""
+    B, C, h, w = latents.shape
+    return latents.view(B, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, (h // 2) * (w // 2), C * 4)
+
+
+def unpack_latents(latents: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Inverse of :func:`pack_latents` for a ``h`` x ``w`` latent grid."""
+    B, _, D = latents.shape
+    return latents.view(B, h // 2, w // 2, D // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, D // 4, h, w)
+
+
+def latent_image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
+    """FLUX's position ids of the packed tokens of a ``h`` x ``w`` latent grid: ``(h/2 * w/2, 3)``
+    holding (0, row, column), as FluxPipeline."""
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] += torch.arange(h // 2)[:, None]
+    ids[..., 2] += torch.arange(w // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
 def set_timesteps(model, scheduler, num_inference_steps: int, latent_shape) -> None:
-    """``scheduler.set_timesteps`` as the family's diffusers pipeline calls it (a flow-matching
-    scheduler with dynamic shifting gets ``mu`` from the image's token count, as SD3's pipeline)."""
+    """``scheduler.set_timesteps`` as the family's diffusers pipeline calls it: a flow-matching
+    scheduler with dynamic shifting gets ``mu`` from the image's token count (SD3's pipeline;
+    FLUX's always), and FLUX passes its own sigmas ``linspace(1, 1/n, n)``."""
+    import numpy as np
+
     kwargs = {}
     cfg = scheduler.config
-    if cfg.get("use_dynamic_shifting", False):
-        patch = getattr(model.unet.config, "patch_size", 1) or 1
-        seq_len = (latent_shape[-2] // patch) * (latent_shape[-1] // patch)
+    flux = model.family == "flux"
+    if flux and not cfg.get("use_flow_sigmas", False):
+        kwargs["sigmas"] = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+    if cfg.get("use_dynamic_shifting", False) or flux:
+        if len(latent_shape) == 3:  # packed tokens (FLUX)
+            seq_len = latent_shape[1]
+        else:
+            patch = getattr(model.unet.config, "patch_size", 1) or 1
+            seq_len = (latent_shape[-2] // patch) * (latent_shape[-1] // patch)
         base_len, max_len = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
-        base_shift, max_shift = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.16)
+        base_shift, max_shift = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15 if flux else 1.16)
         m = (max_shift - base_shift) / (max_len - base_len)
         kwargs["mu"] = seq_len * m + (base_shift - m * base_len)
     scheduler.set_timesteps(num_inference_steps, device=model.device, **kwargs)
@@ -201,9 +238,14 @@ def sample(model, denoiser, latents: torch.Tensor, *, num_inference_steps: int, 
     return latents
 
 
-def decode(model, latents: torch.Tensor) -> torch.Tensor:
+def decode(model, latents: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
     """Latents -> images in [0, 1], ``(B, 3, H, W)``, as diffusers' VAE decode + postprocess
-    (SD3's VAE also has a shift factor)."""
+    (SD3's and FLUX's VAEs also have a shift factor). FLUX's packed latents are unpacked first,
+    for images of ``size`` ``(height, width)`` (default the model's)."""
+    if latents.dim() == 3:
+        H, W = size or (model.default_size, model.default_size)
+        f = model.vae_scale_factor
+        latents = unpack_latents(latents, 2 * (H // (f * 2)), 2 * (W // (f * 2)))
     shift = getattr(model.vae.config, "shift_factor", None) or 0.0
     with torch.no_grad():
         z = latents / model.vae.config.scaling_factor

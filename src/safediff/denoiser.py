@@ -51,8 +51,9 @@ class DefendedDenoiser:
             ``encode``: the pipeline's text encoding (guidance defenses encode their concepts).
         prompt_pooled / negative_pooled / time_ids: SDXL's added conditioning (the pooled text
             embedding of the prompt and of the unconditional branch, ``(B, P)``, and the six
-            size/crop numbers, ``(6,)``); SD3 takes the pooled embeddings only; None for models
-            without them.
+            size/crop numbers, ``(6,)``); SD3 and FLUX take the pooled embeddings only; None for
+            models without them.
+        image_ids: FLUX's position ids of the packed latent tokens (:func:`safediff.core.latent_image_ids`).
     """
 
     def __init__(self, model, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor, *,
@@ -60,15 +61,20 @@ class DefendedDenoiser:
                  prompts: Sequence[str] = (), embedding_ctx: EmbeddingContext | None = None, encode=None,
                  original_prompt_embeds: torch.Tensor | None = None, prompt_pooled: torch.Tensor | None = None,
                  negative_pooled: torch.Tensor | None = None, time_ids: torch.Tensor | None = None,
-                 encode_pooled=None):
+                 encode_pooled=None, image_ids: torch.Tensor | None = None):
         self.model = model
         self.guidance = list(guidance)
         self.guidance_scale = float(guidance_scale)
         self.num_steps = int(num_steps)
         self.do_cfg = self.guidance_scale > 1.0
         if self.guidance and not self.do_cfg:
+            hint = (" FLUX runs classifier-free guidance only as true CFG: pass guidance_scale > 1 (diffusers' "
+                    "`true_cfg_scale`, e.g. 4.0); its distilled guidance stays as it is." if model.family == "flux" else "")
             raise ValueError(f"Guidance defenses need classifier-free guidance, but `guidance_scale` is "
-                             f"{self.guidance_scale} (<= 1).")
+                             f"{self.guidance_scale} (<= 1).{hint}")
+        if model.family == "flux" and image_ids is None:
+            raise ValueError("A flux model needs the position ids of its packed latent tokens (`image_ids`).")
+        self._image_ids = image_ids
         B = prompt_embeds.shape[0]
         self.batch_size = B
         ctx = GuidanceContext(prompts=list(prompts), prompt_embeds=prompt_embeds,
@@ -149,12 +155,22 @@ class DefendedDenoiser:
         x_in = torch.cat([x_t] * n) if n > 1 else x_t
         t_in = t.repeat(n) if torch.is_tensor(t) and t.dim() > 0 and n > 1 else t
         pt = model.prediction_type
-        if model.is_transformer:  # SD3's MMDiT: one timestep per sample, the pooled embedding per branch
+        if model.is_transformer:  # SD3's / FLUX's MMDiT: one timestep per sample, the pooled embedding per branch
             Bx = x_t.shape[0]
             t_vec = t.expand(n * Bx) if torch.is_tensor(t) and t.dim() == 0 else (
                 t_in if torch.is_tensor(t_in) else torch.full((n * Bx,), float(t), device=x_t.device))
-            out = model.unet(hidden_states=x_in, timestep=t_vec, encoder_hidden_states=cond,
-                             pooled_projections=torch.cat([_batch(p, Bx) for p in self._pooled]), return_dict=False)[0]
+            pooled_in = torch.cat([_batch(p, Bx) for p in self._pooled])
+            if model.family == "flux":  # timesteps in [0, 1], distilled guidance as an embedding, RoPE ids
+                g = model.distilled_guidance
+                out = model.unet(hidden_states=x_in, timestep=t_vec.to(x_t.dtype) / 1000, encoder_hidden_states=cond,
+                                 pooled_projections=pooled_in, img_ids=self._image_ids,
+                                 txt_ids=torch.zeros(cond.shape[1], 3, device=cond.device, dtype=cond.dtype),
+                                 guidance=None if g is None else torch.full((n * Bx,), g, device=x_t.device,
+                                                                            dtype=torch.float32),
+                                 return_dict=False)[0]
+            else:
+                out = model.unet(hidden_states=x_in, timestep=t_vec, encoder_hidden_states=cond,
+                                 pooled_projections=pooled_in, return_dict=False)[0]
         else:
             kwargs = {}
             if self._pooled is not None:  # SDXL: pooled text embedding + size/crop numbers, per branch

@@ -91,6 +91,9 @@ def encode_prompts(model, prompts: list[str], *, warn_truncation: bool = True):
                         stacklevel=3,
                     )
     mask = real_token_mask(ids, tok)
+    if model.family == "flux":  # FLUX's tokens are T5's alone (CLIP gives only the pooled embedding)
+        with torch.no_grad():
+            return _t5_embeds(model, prompts, len(ids)).to(model.dtype), ids, mask
     if model.family == "sd3":
         with torch.no_grad():
             return _sd3_forward(model, ids, _ids_2(model, prompts), prompts)[0], ids, mask
@@ -112,8 +115,8 @@ def _sdxl_forward(model, ids: torch.Tensor, ids_2: torch.Tensor) -> tuple[torch.
     return torch.cat([h_1, out_2.hidden_states[-2]], dim=-1).to(model.dtype), out_2[0].to(model.dtype)
 
 
-#: SD3's T5 sequence length (diffusers' ``max_sequence_length`` default)
-SD3_T5_LENGTH = 256
+#: the T5 sequence length per family (diffusers' ``max_sequence_length`` defaults)
+T5_LENGTH = {"sd3": 256, "flux": 512}
 
 
 def _sd3_forward(model, ids: torch.Tensor, ids_2: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,14 +133,17 @@ def _sd3_forward(model, ids: torch.Tensor, ids_2: torch.Tensor, prompts: Sequenc
 
 
 def _t5_embeds(model, prompts: list[str], batch: int) -> torch.Tensor:
-    te_3, tok_3 = model.text_encoder_3, model.tokenizer_3
+    """T5's last hidden state ``(B, L, D)`` (SD3: ``text_encoder_3``, FLUX: ``text_encoder_2``)."""
+    length = T5_LENGTH[model.family]
+    te_3, tok_3 = ((model.text_encoder_2, model.tokenizer_2) if model.family == "flux"
+                   else (model.text_encoder_3, model.tokenizer_3))
     if te_3 is None:  # SD3 loaded without T5: diffusers uses zeros for its part
-        return torch.zeros(batch, SD3_T5_LENGTH, model.unet.config.joint_attention_dim, device=model.device)
-    enc = tok_3(prompts, padding="max_length", max_length=SD3_T5_LENGTH, truncation=True, add_special_tokens=True,
+        return torch.zeros(batch, length, model.unet.config.joint_attention_dim, device=model.device)
+    enc = tok_3(prompts, padding="max_length", max_length=length, truncation=True, add_special_tokens=True,
                 return_tensors="pt")
     full = tok_3(prompts, padding="longest", return_tensors="pt").input_ids
-    if full.shape[-1] > SD3_T5_LENGTH:
-        warnings.warn(f"A prompt is longer than T5's {SD3_T5_LENGTH} tokens; the rest was cut for the T5 encoder.",
+    if full.shape[-1] > length:
+        warnings.warn(f"A prompt is longer than T5's {length} tokens; the rest was cut for the T5 encoder.",
                       stacklevel=4)
     return te_3(enc.input_ids.to(te_3.device))[0]
 
@@ -151,9 +157,15 @@ def _ids_2(model, prompts: list[str]) -> torch.Tensor:
 def encode_pooled(model, prompts: list[str]) -> torch.Tensor:
     """The pooled text embedding ``(B, P)`` of ``prompts`` that the denoiser takes beside the token
     embeddings: SDXL's second encoder's projection (only that encoder runs); SD3's two CLIP
-    projections concatenated."""
+    projections concatenated; FLUX's CLIP pooled output."""
     if not getattr(model, "has_pooled", False):
         raise ValueError(f"A {model.family} model takes no pooled text embedding.")
+    if model.family == "flux":  # CLIP ViT-L's pooled output
+        tok, te = model.tokenizer, model.text_encoder
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        with torch.no_grad():
+            return te(ids.to(te.device)).pooler_output.to(model.dtype)
     te_2 = model.text_encoder_2
     with torch.no_grad():
         pooled_2 = te_2(_ids_2(model, prompts).to(te_2.device))[0]
@@ -305,9 +317,9 @@ def load_inverted(path: str | os.PathLike, model=None, *, allow_other_base: bool
                   edited_model_hash: str | None = None) -> InvertedConcept:
     """Read a textual-inversion file (ours or diffusers', SDXL's ``clip_l`` / ``clip_g`` layout
     included); check it against ``model`` (family, text-encoder widths, base model)."""
-    if model is not None and model.family == "sd3":
-        raise ValueError(f"{path}: textual-inversion files are not supported on sd3 models yet (SD3 has three text "
-                         "encoders and no common file layout for them); give the concept as text instead.")
+    if model is not None and model.family in ("sd3", "flux"):
+        raise ValueError(f"{path}: textual-inversion files are not supported on {model.family} models yet (their T5 "
+                         "encoder has no common file layout for them); give the concept as text instead.")
     tensors, record = read_artifact(path)
     keys = [k for k in tensors if k not in ("emb_params", "string_to_param")]
     sdxl_file = set(tensors) == {"clip_l", "clip_g"}

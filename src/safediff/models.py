@@ -11,11 +11,15 @@ Supported families (``Model.family``):
 * ``sd3`` -- Stable Diffusion 3 / 3.5 layout (two CLIP text encoders with projections and an
   optional T5 encoder, the MMDiT ``SD3Transformer2DModel``, flow matching: ``prediction_type``
   ``"flow"``); the transformer is held in ``Model.unet`` (the one denoising network);
+* ``flux`` -- FLUX.1 layout (CLIP ViT-L for the pooled embedding, T5 for the tokens, the
+  ``FluxTransformer2DModel`` on packed 2x2 latent patches, flow matching; FLUX.1-dev's distilled
+  guidance enters as an embedding, ``Model.distilled_guidance``; true classifier-free guidance
+  runs only with ``guidance_scale > 1``, as diffusers' ``true_cfg_scale``);
 * ``safediff-testbed`` -- the project's own tiny model (``safediff.json`` marker in the folder).
 
 The family is read from the architecture (component classes and ``use_linear_projection``), never
 from the folder name, so the tiny random components of :mod:`safediff.testing` are detected as the
-family they mimic. Anything else (FLUX, a folder that is not a diffusers model, a
+family they mimic. Anything else (a folder that is not a diffusers model, a
 missing or broken weight file) is refused with an error that names the problem.
 
 Example:
@@ -37,7 +41,7 @@ from typing import Any
 import torch
 
 TESTBED_FAMILY = "safediff-testbed"
-FAMILIES = ("sd1", "sd2", "sdxl", "sd3", TESTBED_FAMILY)
+FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux", TESTBED_FAMILY)
 #: The shipped testbed model, inside the package.
 TESTBED_PATH = Path(__file__).parent / "testbed" / "model"
 
@@ -51,8 +55,12 @@ _REQUIRED_SDXL = {**_REQUIRED, "text_encoder_2": "CLIPTextModelWithProjection", 
 _REQUIRED_SD3 = {"transformer": "SD3Transformer2DModel", "vae": "AutoencoderKL",
                  "text_encoder": "CLIPTextModelWithProjection", "tokenizer": "CLIPTokenizer",
                  "text_encoder_2": "CLIPTextModelWithProjection", "tokenizer_2": "CLIPTokenizer"}
-#: diffusers' defaults per family: (guidance scale, steps) of its pipeline's ``__call__``
-FAMILY_DEFAULTS = {"sdxl": (5.0, 50), "sd3": (7.0, 28)}
+_REQUIRED_FLUX = {"transformer": "FluxTransformer2DModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel",
+                  "tokenizer": "CLIPTokenizer", "text_encoder_2": "T5EncoderModel", "tokenizer_2": "T5Tokenizer"}
+_TRANSFORMERS = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
+#: diffusers' defaults per family: (guidance scale, steps) of its pipeline's ``__call__``; FLUX's
+#: guidance scale here is its true-CFG scale (diffusers' ``true_cfg_scale``, default 1: off)
+FAMILY_DEFAULTS = {"sdxl": (5.0, 50), "sd3": (7.0, 28), "flux": (1.0, 28)}
 #: the scheduler classes of flow-matching families (their model predicts a velocity)
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 
@@ -85,9 +93,13 @@ class Model:
     #: SDXL: the unconditional branch is zeros when no negative prompt is given (diffusers'
     #: ``force_zeros_for_empty_prompt``, True for SDXL base)
     force_zeros_for_empty_prompt: bool = False
-    #: SD3's T5 encoder and its tokenizer (None: SD3 loaded without T5, whose part is then zeros)
+    #: SD3's T5 encoder and its tokenizer (None: SD3 loaded without T5, whose part is then zeros);
+    #: FLUX's T5 is ``text_encoder_2`` / ``tokenizer_2``, as diffusers names it
     text_encoder_3: Any = None
     tokenizer_3: Any = None
+    #: FLUX.1-dev's embedded (distilled) guidance, diffusers' ``guidance_scale`` (3.5); None for a
+    #: transformer without a guidance embedding (FLUX.1-schnell) and other families
+    distilled_guidance: float | None = None
 
     @property
     def is_testbed(self) -> bool:
@@ -97,12 +109,12 @@ class Model:
     @property
     def has_pooled(self) -> bool:
         """Whether the denoiser also takes a pooled text embedding (SDXL, with size conditioning; SD3)."""
-        return self.family in ("sdxl", "sd3")
+        return self.family in ("sdxl", "sd3", "flux")
 
     @property
     def is_transformer(self) -> bool:
-        """Whether the denoising network is an MMDiT transformer (SD3) rather than a UNet."""
-        return self.family == "sd3"
+        """Whether the denoising network is an MMDiT transformer (SD3, FLUX) rather than a UNet."""
+        return self.family in ("sd3", "flux")
 
     @property
     def prediction_type(self) -> str:
@@ -126,7 +138,12 @@ class Model:
 
     @property
     def default_size(self) -> int:
-        return self.unet.config.sample_size * self.vae_scale_factor
+        """The image side diffusers' pipeline uses by default (FLUX: 128 latent pixels); a
+        ``default_size`` in the folder's ``safediff.json`` overrides it."""
+        if "default_size" in self.meta:
+            return int(self.meta["default_size"])
+        sample = 128 if self.family == "flux" else self.unet.config.sample_size
+        return sample * self.vae_scale_factor
 
     def to(self, device: str | torch.device) -> "Model":
         for m in (self.unet, self.text_encoder, self.vae, self.text_encoder_2, self.text_encoder_3):
@@ -138,10 +155,11 @@ class Model:
         """The components as diffusers' pipeline class for the family takes them."""
         comps = {"unet": self.unet, "text_encoder": self.text_encoder, "vae": self.vae,
                  "tokenizer": self.tokenizer, "scheduler": self.scheduler}
-        if self.family in ("sdxl", "sd3"):
+        if self.family in ("sdxl", "sd3", "flux"):
             comps.update(text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2)
-        if self.family == "sd3":
+        if self.is_transformer:
             comps["transformer"] = comps.pop("unet")
+        if self.family == "sd3":
             comps.update(text_encoder_3=self.text_encoder_3, tokenizer_3=self.tokenizer_3)
         return comps
 
@@ -152,6 +170,10 @@ class Model:
             from diffusers import StableDiffusion3Pipeline
 
             return StableDiffusion3Pipeline(**self.components())
+        if self.family == "flux":
+            from diffusers import FluxPipeline
+
+            return FluxPipeline(**self.components())
         if self.family == "sdxl":
             from diffusers import StableDiffusionXLPipeline
 
@@ -212,22 +234,23 @@ def detect_family(path: str | os.PathLike) -> tuple[str, dict]:
         )
     index = _read_json(index_path)
     transformer = (index.get("transformer") or [None, None])[1]
-    if "transformer" in index and transformer != "SD3Transformer2DModel":
+    if "transformer" in index and transformer not in _TRANSFORMERS:
         raise ModelError(
             f"{path} holds a transformer-based pipeline ({index.get('_class_name')}, {transformer}) that safediff does not "
-            f"run yet; supported families: {list(FAMILIES)} (FLUX is planned)."
+            f"run; supported families: {list(FAMILIES)} (SD3's and FLUX.1's transformers)."
         )
     sd3 = transformer == "SD3Transformer2DModel"
-    sdxl = "text_encoder_2" in index and not sd3
+    flux = transformer == "FluxTransformer2DModel"
+    sdxl = "text_encoder_2" in index and not (sd3 or flux)
     if sdxl and not (index.get("text_encoder") or [None, None])[1]:
         raise ModelError(f"{path} holds an SDXL refiner ({index.get('_class_name')}: no first text encoder); safediff "
                          "runs the SDXL base model (text-to-image), not the refiner.")
-    required = _REQUIRED_SD3 if sd3 else _REQUIRED_SDXL if sdxl else _REQUIRED
+    required = _REQUIRED_SD3 if sd3 else _REQUIRED_FLUX if flux else _REQUIRED_SDXL if sdxl else _REQUIRED
     for comp, cls in required.items():
         entry = index.get(comp)
         if not entry or entry[1] is None:
             raise ModelError(f"{path}/model_index.json has no `{comp}` component; a {cls} is required.")
-        if entry[1] != cls and not (comp.startswith("tokenizer") and entry[1] == "CLIPTokenizerFast"):
+        if entry[1] != cls and not (comp.startswith("tokenizer") and entry[1] in ("CLIPTokenizerFast", "T5TokenizerFast")):
             raise ModelError(
                 f"Unsupported model family: `{comp}` of {path} is a {entry[1]}, expected {cls}. "
                 f"Supported families: {list(FAMILIES)}."
@@ -239,14 +262,14 @@ def detect_family(path: str | os.PathLike) -> tuple[str, dict]:
             raise ModelError(f"{path}/{comp} has no config file; the model folder is incomplete.")
         if comp != "scheduler" and not any((path / comp).glob("*.safetensors")) and not any((path / comp).glob("*.bin")):
             raise ModelError(f"Missing weight file: {path}/{comp} holds no .safetensors (or .bin) weights.")
-    net_cfg = _read_json(path / ("transformer" if sd3 else "unet") / "config.json")
+    net_cfg = _read_json(path / ("transformer" if sd3 or flux else "unet") / "config.json")
     sched_cfg = _read_json(path / "scheduler" / "scheduler_config.json")
     marker = path / "safediff.json"
     meta = _read_json(marker) if marker.exists() else {}
     if meta.get("family") == TESTBED_FAMILY:
         family = TESTBED_FAMILY
-    elif sd3:
-        family = "sd3"
+    elif sd3 or flux:
+        family = "sd3" if sd3 else "flux"
     elif sdxl:
         family = "sdxl"
     elif net_cfg.get("use_linear_projection"):
@@ -255,7 +278,8 @@ def detect_family(path: str | os.PathLike) -> tuple[str, dict]:
         family = "sd1"
     info = {"prediction_type": "flow" if sched_cfg.get("_class_name") in FLOW_SCHEDULERS
             else sched_cfg.get("prediction_type", "epsilon"), "meta": meta,
-            "cross_attention_dim": net_cfg.get("joint_attention_dim" if sd3 else "cross_attention_dim"),
+            "cross_attention_dim": net_cfg.get("joint_attention_dim" if sd3 or flux else "cross_attention_dim"),
+            "guidance_embeds": bool(net_cfg.get("guidance_embeds", False)),
             "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", sdxl)),
             "has_t5": has_t5}
     return family, info
@@ -311,7 +335,7 @@ def load_model(model: str | os.PathLike | None = None, *, device: str = "cpu",
     """
     path = _resolve(model)
     family, info = detect_family(path)
-    from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
+    from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
     loaded = {}
@@ -321,6 +345,9 @@ def load_model(model: str | os.PathLike | None = None, *, device: str = "cpu",
                    "text_encoder_2": (CLIPTextModelWithProjection, "text_encoder_2")}
         if info["has_t5"]:
             loaders["text_encoder_3"] = (T5EncoderModel, "text_encoder_3")
+    elif family == "flux":
+        loaders = {"unet": (FluxTransformer2DModel, "transformer"), "vae": (AutoencoderKL, "vae"),
+                   "text_encoder": (CLIPTextModel, "text_encoder"), "text_encoder_2": (T5EncoderModel, "text_encoder_2")}
     else:
         loaders = {"unet": (UNet2DConditionModel, "unet"), "vae": (AutoencoderKL, "vae"),
                    "text_encoder": (CLIPTextModel, "text_encoder")}
@@ -335,6 +362,8 @@ def load_model(model: str | os.PathLike | None = None, *, device: str = "cpu",
     tokenizers = {"tokenizer": CLIPTokenizer}
     if family in ("sdxl", "sd3"):
         tokenizers["tokenizer_2"] = CLIPTokenizer
+    if family == "flux":
+        tokenizers["tokenizer_2"] = T5Tokenizer
     if family == "sd3" and info["has_t5"]:
         tokenizers["tokenizer_3"] = T5Tokenizer
     for name, cls in tokenizers.items():
@@ -354,6 +383,8 @@ def load_model(model: str | os.PathLike | None = None, *, device: str = "cpu",
         default_steps=int(meta.get("default_steps", steps)),
         meta=meta,
         force_zeros_for_empty_prompt=info["force_zeros_for_empty_prompt"] if family == "sdxl" else False,
+        distilled_guidance=(float(meta.get("distilled_guidance", 3.5)) if family == "flux" and info["guidance_embeds"]
+                            else None),
     )
 
 

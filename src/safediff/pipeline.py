@@ -27,7 +27,8 @@ from .stack import DefenseStack
 #: Families on which only some defenses run so far (issue 20: the others are being carried over);
 #: a stack with any other defense is refused before any work.
 FAMILY_DEFENSES = {"sdxl": ("prompt_guard", "negative_prompt", "sld", "output_filter", "uce", "delta"),
-                   "sd3": ("prompt_guard", "negative_prompt", "sld", "output_filter")}
+                   "sd3": ("prompt_guard", "negative_prompt", "sld", "output_filter"),
+                   "flux": ("prompt_guard", "negative_prompt", "sld", "output_filter")}
 
 
 @dataclass
@@ -193,6 +194,10 @@ class SafePipeline:
             if self.model.family == "sdxl":
                 # original size, crop top-left, target size (diffusers' defaults: no crop, same size)
                 added["time_ids"] = torch.tensor([h, w, 0, 0, h, w])
+            if self.model.family == "flux":
+                f = self.model.vae_scale_factor
+                added["image_ids"] = core.latent_image_ids(2 * (h // (f * 2)), 2 * (w // (f * 2)), self.model.device,
+                                                           self.model.dtype)
         if prompt_embeds is None:
             prompt_embeds, input_ids, _ = self._encode(prompts, warn_truncation=True)
         elif input_ids is None:
@@ -297,7 +302,7 @@ class SafePipeline:
                                       on_step=lambda i, total, n=len(chunk), base=done + start:
                                       bar.update(base + n * (i + 1) / total - bar.n))  # exact at the last step
             bar.refresh()
-            imgs = core.to_uint8(core.decode(self.model, latents))
+            imgs = core.to_uint8(core.decode(self.model, latents, size=(h, w)))
             pil = [Image.fromarray(a) for a in imgs]
             # 6. output checks (stage 5): each check's decision carries its own action
             for j, (pi, s, k) in enumerate(chunk):

@@ -25,6 +25,7 @@ TINY_FAMILIES = {
     "sd2-v": (True, "v_prediction", "DDIMScheduler"),
     "sdxl": (True, "epsilon", "EulerDiscreteScheduler"),
     "sd3": (None, "flow", "FlowMatchEulerDiscreteScheduler"),
+    "flux": (None, "flow", "FlowMatchEulerDiscreteScheduler"),
 }
 
 EXTRA_WORDS = ("nudity", "naked", "nude", "violence", "blood", "person", "photo", "of", "the", "painting",
@@ -55,6 +56,8 @@ def tiny_components(family: str = "sd1", seed: int = 0, tokenizer=None) -> dict:
         return _tiny_sdxl_components(seed, tokenizer)
     if family == "sd3":
         return _tiny_sd3_components(seed, tokenizer)
+    if family == "flux":
+        return _tiny_flux_components(seed, tokenizer)
     from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -181,6 +184,49 @@ def _tiny_sd3_components(seed: int, tokenizer=None) -> dict:
             "scheduler": sched}
 
 
+def _tiny_flux_components(seed: int, tokenizer=None) -> dict:
+    """FLUX.1-dev's layout at tiny sizes: CLIP ViT-L-like encoder (its pooled output), a T5
+    encoder (tokens; tokenizer built offline), ``FluxTransformer2DModel`` with the distilled-guidance
+    embedding on packed 2x2 latent patches (``in_channels`` = 4 x latent channels), a VAE with a
+    shift factor, flow-matching Euler with dynamic shifting as FLUX's scheduler config."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    tok = tokenizer or tiny_tokenizer()
+    tok_2 = tiny_t5_tokenizer()
+    hidden, t5_width, latent = 8, 32, 4
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4 * latent, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=t5_width,
+                                         pooled_projection_dim=hidden, guidance_embeds=True, axes_dims_rope=(4, 4, 8))
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=[4, 8], in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=latent, norm_num_groups=2, sample_size=16,
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611,
+    )
+    torch.manual_seed(seed)
+    te = CLIPTextModel(CLIPTextConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, layer_norm_eps=1e-5,
+                                      num_attention_heads=2, num_hidden_layers=2, vocab_size=len(tok),
+                                      max_position_embeddings=tok.model_max_length, hidden_act="quick_gelu",
+                                      hidden_size=hidden, intermediate_size=16, projection_dim=hidden,
+                                      pad_token_id=tok.pad_token_id))
+    torch.manual_seed(seed + 2)
+    te_2 = T5EncoderModel(T5Config(vocab_size=len(tok_2), d_model=t5_width, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                   relative_attention_num_buckets=8, pad_token_id=tok_2.pad_token_id,
+                                   eos_token_id=tok_2.eos_token_id, decoder_start_token_id=0))
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                            base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                            max_image_seq_len=4096)
+    return {"transformer": transformer.eval(), "vae": vae.eval(), "text_encoder": te.eval(), "text_encoder_2": te_2.eval(),
+            "tokenizer": tok, "tokenizer_2": tok_2, "scheduler": sched}
+
+
+#: the image side of the tiny FLUX folder (``safediff.json``): diffusers' FLUX default (128 latent
+#: pixels) would make the tiny model draw 256 x 256 images
+TINY_FLUX_SIZE = 16
+
+
 def save_tiny_pipeline(out_dir: str | Path, family: str = "sd1", seed: int = 0) -> Path:
     """Write a tiny random pipeline of ``family`` as a diffusers folder (loadable by ``load_model``)."""
     from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -189,11 +235,19 @@ def save_tiny_pipeline(out_dir: str | Path, family: str = "sd1", seed: int = 0) 
     comps = tiny_components(family, seed)
     if family == "sd3":
         pipe = StableDiffusion3Pipeline(**comps)
+    elif family == "flux":
+        from diffusers import FluxPipeline
+
+        pipe = FluxPipeline(**comps)
     elif family == "sdxl":
         pipe = StableDiffusionXLPipeline(**comps, force_zeros_for_empty_prompt=True)
     else:
         pipe = StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out_dir, safe_serialization=True)
+    if family == "flux":
+        import json
+
+        (out_dir / "safediff.json").write_text(json.dumps({"default_size": TINY_FLUX_SIZE}))
     return out_dir
 
 

@@ -213,14 +213,16 @@ class StepInfo:
     progress: Any = 0.0
 
     def within(self, start: Any = 0.0, stop: Any = math.inf) -> torch.Tensor:
-        """``(B, 1, 1, 1)`` bool: whether each sample's step lies in ``[start, stop)``, fractions
-        of the schedule (scalars or per-sample tensors; the default ``stop`` keeps every step to
-        the end). The common window of every guidance rule."""
+        """``(B, 1, ..., 1)`` bool (as many dims as the latents: ``(B, 1, 1, 1)``, or ``(B, 1, 1)`` for
+        FLUX's packed tokens): whether each sample's step lies in ``[start, stop)``, fractions of
+        the schedule (scalars or per-sample tensors; the default ``stop`` keeps every step to the
+        end). The common window of every guidance rule."""
         B = self.latents.shape[0]
         p = torch.as_tensor(self.progress, dtype=torch.float64).reshape(-1)
         lo = torch.as_tensor(start, dtype=torch.float64).reshape(-1)
         hi = torch.as_tensor(stop, dtype=torch.float64).reshape(-1)
-        return ((p >= lo) & (p < hi)).expand(B).reshape(B, 1, 1, 1).to(self.latents.device)
+        ones = (1,) * (self.latents.dim() - 1)
+        return ((p >= lo) & (p < hi)).expand(B).reshape(B, *ones).to(self.latents.device)
 
 
 def schedule_fraction(steps: float, schedule_steps: int | None, num_steps: int) -> float:
