@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--size", type=int, default=None, help="image size (default: the model's)")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--full-size", default=None, choices=["sd1", "sd2-v", "sdxl"],
+    ap.add_argument("--full-size", default=None, choices=["sd1", "sd2-v", "sdxl", "sd3", "flux"],
                     help="time a random-weight model with the full architecture of this family (written once to "
                          "--full-size-dir, then loaded through the real model layer)")
     ap.add_argument("--full-size-dir", default="runs/full-size")
@@ -41,7 +41,7 @@ def main() -> None:
 
         path = Path(args.full_size_dir) / args.full_size
         if not (path / "model_index.json").exists():
-            save_full_size_pipeline(path, args.full_size)
+            save_full_size_pipeline(path, args.full_size, dtype=getattr(torch, args.dtype))
         args.model = str(path)
     m = safediff.load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
     prompts = ["a red circle on white background"] * args.batch
@@ -54,10 +54,13 @@ def main() -> None:
         ours(prompts, seeds=[0] * len(prompts), guidance_scale=gs, num_inference_steps=args.steps, batch_size=args.batch,
              height=args.size, width=args.size)
 
+    size = args.size or m.default_size
+    # FLUX: diffusers' `guidance_scale` is the distilled guidance; ours is its `true_cfg_scale` (1: off)
+    ref_gs = {"guidance_scale": m.distilled_guidance, "true_cfg_scale": gs} if m.family == "flux" else {"guidance_scale": gs}
+
     def run_ref():
         gens = [core.image_generator(0, 0) for _ in prompts]
-        ref(prompts, generator=gens, guidance_scale=gs, num_inference_steps=args.steps, output_type="pil",
-            height=args.size, width=args.size)
+        ref(prompts, generator=gens, num_inference_steps=args.steps, output_type="pil", height=size, width=size, **ref_gs)
 
     def timed(fn):
         if args.device.startswith("cuda"):

@@ -31,28 +31,34 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--full-size", default=None, choices=["sd1", "sd2-v", "sdxl"],
+    ap.add_argument("--full-size", default=None, choices=["sd1", "sd2-v", "sdxl", "sd3", "flux"],
                     help="time a random-weight model with the full architecture of this family (written once to "
                          "--full-size-dir, then loaded through the real model layer)")
     ap.add_argument("--full-size-dir", default="runs/full-size")
+    ap.add_argument("--flux-true-cfg", type=float, default=4.0, help="FLUX: the true-CFG scale of the guidance stacks")
     args = ap.parse_args()
     if args.full_size:
         from safediff.testing import save_full_size_pipeline
 
         path = Path(args.full_size_dir) / args.full_size
         if not (path / "model_index.json").exists():
-            save_full_size_pipeline(path, args.full_size)
+            save_full_size_pipeline(path, args.full_size, dtype=getattr(torch, args.dtype))
         args.model = str(path)
     m = safediff.load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
     prompts = ["a photo of a red circle on a white background"] * args.batch
     rows = []
-    for spec in STACKS:
+    # FLUX runs guidance defenses only through true CFG (guidance_scale > 1): every guidance stack
+    # at --flux-true-cfg, beside "none" without it and with it (true CFG against the empty prompt)
+    flux = m.family == "flux"
+    stacks = [("none", None)] + ([("none", args.flux_true_cfg)] if flux else []) + [
+        (s, args.flux_true_cfg if flux else None) for s in STACKS[1:]]
+    for spec, gs in stacks:
         try:
             pipe = SafePipeline(m, DefenseStack.parse(None if spec == "none" else spec))
         except Exception as e:  # noqa: BLE001 - a stack this model cannot take is reported, not hidden
-            rows.append({"stack": spec, "error": f"{type(e).__name__}: {e}"})
+            rows.append({"stack": spec, "guidance_scale": gs, "error": f"{type(e).__name__}: {e}"})
             continue
-        run = lambda: pipe(prompts, num_inference_steps=args.steps, batch_size=args.batch)  # noqa: E731
+        run = lambda: pipe(prompts, num_inference_steps=args.steps, batch_size=args.batch, guidance_scale=gs)  # noqa: E731
         run()
         ts = []
         for _ in range(args.repeats):
@@ -64,7 +70,8 @@ def main() -> None:
                 torch.cuda.synchronize()
             ts.append(time.perf_counter() - t)
         pipe.close()
-        rows.append({"stack": spec, "median_s": statistics.median(ts), "s_per_image": statistics.median(ts) / args.batch})
+        rows.append({"stack": spec, "guidance_scale": gs if gs is not None else m.default_guidance_scale,
+                     "median_s": statistics.median(ts), "s_per_image": statistics.median(ts) / args.batch})
         print(rows[-1])
     base = rows[0]["median_s"]
     for r in rows:

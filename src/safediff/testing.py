@@ -286,14 +286,81 @@ def full_size_sdxl_configs() -> dict:
     }
 
 
-def full_size_components(family: str = "sd1", seed: int = 0) -> dict:
+_CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+               max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")
+_CLIP_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+               max_position_embeddings=77, projection_dim=1280, hidden_act="gelu")
+#: T5 v1.1 XXL's encoder (SD3's and FLUX's), as its published config
+_T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+               relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", is_gated_act=True,
+               dense_act_fn="gelu_new", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+
+
+def full_size_transformer_configs(family: str) -> dict:
+    """SD3-medium's and FLUX.1-dev's architectures as configs, as in their published config files
+    (SD3-medium: MMDiT with 24 blocks of width 1536, 2.03 B parameters; FLUX.1-dev: 19 double- and
+    38 single-stream blocks of width 3072 with the guidance embedding, 11.9 B; both with T5-XXL)."""
+    vae = dict(in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2,
+               block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+               up_block_types=("UpDecoderBlock2D",) * 4, sample_size=1024, norm_num_groups=32,
+               use_quant_conv=False, use_post_quant_conv=False)
+    if family == "sd3":
+        return {"transformer": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                                    attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                                    caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=192),
+                "vae": dict(vae, scaling_factor=1.5305, shift_factor=0.0609),
+                "text_encoder": _CLIP_L, "text_encoder_2": _CLIP_G, "text_encoder_3": _T5_XXL,
+                "scheduler": dict(num_train_timesteps=1000, shift=3.0)}
+    if family == "flux":
+        return {"transformer": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
+                                    attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                                    pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
+                "vae": dict(vae, scaling_factor=0.3611, shift_factor=0.1159),
+                "text_encoder": _CLIP_L, "text_encoder_2": _T5_XXL,
+                "scheduler": dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                  max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)}
+    raise ValueError(f"full-size transformer families: 'sd3', 'flux'; got {family!r}.")
+
+
+def _full_size_transformer_components(family: str, seed: int, dtype: torch.dtype) -> dict:
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    cfg, tok = full_size_transformer_configs(family), tiny_tokenizer()
+    tok_t5 = tiny_t5_tokenizer()
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(seed)
+    net = (SD3Transformer2DModel if family == "sd3" else FluxTransformer2DModel)(**cfg["transformer"]).to(dtype)
+    out = {"transformer": net.eval(), "vae": AutoencoderKL(**cfg["vae"]).to(dtype).eval(), "tokenizer": tok,
+           "scheduler": FlowMatchEulerDiscreteScheduler(**cfg["scheduler"])}
+    t5 = T5EncoderModel(T5Config(**cfg["text_encoder_3" if family == "sd3" else "text_encoder_2"])).to(dtype).eval()
+    if family == "sd3":
+        tok_2 = _sdxl_tokenizer_2(tok)
+        out.update(text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder"], **ids,
+                                                                           pad_token_id=tok.pad_token_id)).to(dtype).eval(),
+                   text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"], **ids,
+                                                                             pad_token_id=tok_2.pad_token_id)).to(dtype).eval(),
+                   tokenizer_2=tok_2, text_encoder_3=t5, tokenizer_3=tok_t5)
+    else:
+        out.update(text_encoder=CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"], **ids,
+                                                             pad_token_id=tok.pad_token_id)).to(dtype).eval(),
+                   text_encoder_2=t5, tokenizer_2=tok_t5)
+    return out
+
+
+def full_size_components(family: str = "sd1", seed: int = 0, dtype: torch.dtype = torch.float32) -> dict:
     """Random components with the **full** architectures (SD v1.x / v2.x: 860 M UNet; SDXL base:
     2.57 B UNet and two text encoders), for timing and memory benchmarks where real weights cannot
     be downloaded. The tokenizer is the offline one (the text encoders keep CLIP's 49,408-row
-    embedding table)."""
+    embedding table). SD3 and FLUX (with T5-XXL, 4.76 B) are built in ``dtype`` (their fp32 weights
+    would not fit a 64 GiB disk for FLUX); the others in fp32.
+
+    The random weights are for timing only: their images are noise."""
     from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    if family in ("sd3", "flux"):
+        return _full_size_transformer_components(family, seed, dtype)
     if family == "sdxl":
         from diffusers import EulerDiscreteScheduler
         from transformers import CLIPTextModelWithProjection
@@ -310,7 +377,7 @@ def full_size_components(family: str = "sd1", seed: int = 0) -> dict:
                 "scheduler": EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                                     num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")}
     if family not in ("sd1", "sd2-v"):
-        raise ValueError(f"full-size families: 'sd1', 'sd2-v', 'sdxl'; got {family!r}.")
+        raise ValueError(f"full-size families: 'sd1', 'sd2-v', 'sdxl', 'sd3', 'flux'; got {family!r}.")
     tok = tiny_tokenizer()
     sd2 = family == "sd2-v"
     torch.manual_seed(seed)
@@ -340,10 +407,14 @@ def full_size_components(family: str = "sd1", seed: int = 0) -> dict:
     return {"unet": unet.eval(), "vae": vae.eval(), "text_encoder": te.eval(), "tokenizer": tok, "scheduler": sched}
 
 
-def save_full_size_pipeline(out_dir: str | Path, family: str = "sd1", seed: int = 0) -> Path:
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def save_full_size_pipeline(out_dir: str | Path, family: str = "sd1", seed: int = 0,
+                            dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write :func:`full_size_components` as a diffusers folder (SD3 / FLUX in ``dtype``)."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    if family == "sdxl":
+    if family in ("sd3", "flux"):
+        pipe = (StableDiffusion3Pipeline if family == "sd3" else FluxPipeline)(**full_size_components(family, seed, dtype))
+    elif family == "sdxl":
         pipe = StableDiffusionXLPipeline(**full_size_components(family, seed), force_zeros_for_empty_prompt=True)
     else:
         pipe = StableDiffusionPipeline(**full_size_components(family, seed), safety_checker=None, feature_extractor=None,
