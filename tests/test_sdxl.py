@@ -204,3 +204,31 @@ def test_sdxl_textual_inversion_negative_equals_diffusers_two_encoder_loading(ti
                         base_model_hash=tiny_sdxl.content_hash, base_model_family="sdxl", config={}, seed=0)
     with pytest.raises(ValueError, match="clip_l and clip_g"):
         SafePipeline(tiny_sdxl, DefenseStack.parse(f'negative_prompt(embedding="{one}")'))
+
+
+def test_esd_trains_on_sdxl_with_its_added_conditioning_and_the_delta_applies_and_reverts(tiny_sdxl, tmp_path):
+    # ESD's objective with the pooled embedding and size numbers on every UNet call; the delta
+    # moves the cross-attention weights, changes the images, records the family, reverts exactly
+    import torch
+
+    from safediff.artifacts import read_artifact
+    from safediff.unlearning.esd import ESDTrainConfig, train_esd
+
+    before = {k: v.clone() for k, v in tiny_sdxl.unet.state_dict().items()}
+    cfg = ESDTrainConfig(prompts=("zebra",), method="esd-x", lr=1e-2, iterations=3, ddim_steps=4, start_guidance=None)
+    path = train_esd(tiny_sdxl, tmp_path / "esd.safetensors", cfg, progress=False)
+    assert all(torch.equal(tiny_sdxl.unet.state_dict()[k], v) for k, v in before.items())  # training restores
+    delta, record = read_artifact(path)
+    assert record["base_model_family"] == "sdxl" and any(t.abs().max() > 0 for t in delta.values())
+    assert all("attn2" in k for k in delta)
+    plain = _ours(tiny_sdxl, steps=6)
+    assert np.abs(_ours(tiny_sdxl, f'esd(path="{path}")', steps=6) - plain).max() > 0
+    assert all(torch.equal(tiny_sdxl.unet.state_dict()[k], v) for k, v in before.items())  # the pipeline reverts
+
+
+def test_esd_is_refused_on_transformer_families(tmp_path, tiny_dir):
+    from safediff.testing import tiny_model
+    from safediff.unlearning.esd import ESDTrainConfig, train_esd
+
+    with pytest.raises(ValueError, match="does not run on sd3"):
+        train_esd(tiny_model("sd3", cache_dir=tiny_dir), tmp_path / "x.safetensors", ESDTrainConfig(iterations=1, ddim_steps=2))

@@ -12,6 +12,12 @@ choice, kept). Only the parameters of the chosen set train (:mod:`.param_sets`).
 The result is a delta file (trained minus original weights, safetensors + provenance) applied by
 the ``esd(path=...)`` defense; training leaves the model exactly as it found it.
 
+On SDXL every UNet call also carries the added conditioning (the pooled embedding of its branch's
+text and the size numbers of the model's default size), and ``""`` stands for SDXL's
+unconditional branch as the pipeline builds it (zeros when ``force_zeros_for_empty_prompt``), so
+the objective's ``eps_orig(x_t, "", t)`` is the same unconditional prediction classifier-free
+guidance uses at inference. SD3 / FLUX (transformers) are refused.
+
 Presets: ``original`` (eta 1.0, lr 1e-5, 1,000 iterations, the paper's code) is the default for
 real Stable Diffusion; ``diffusers-2024`` (eta 2, lr 5e-5, 200 iterations); ``testbed`` [INFERRED]:
 **ESD-x**, eta 1.0, lr 1e-3, 25 DDIM steps, start guidance = the model's default, and **400
@@ -37,7 +43,7 @@ import torch
 
 from .. import core
 from ..artifacts import save_artifact
-from ..encoding import encode_prompts
+from ..encoding import encode_pooled, encode_prompts
 from .param_sets import esd_parameter_names
 
 
@@ -108,6 +114,8 @@ def train_esd(model, out_path: str | Path, cfg: ESDTrainConfig, progress: bool =
     from ..training import Checkpoint, trained_subset
 
     out_path = Path(out_path)
+    if getattr(model, "is_transformer", False):
+        raise ValueError(f"ESD trains a UNet's parameter sets; it does not run on {model.family} models (transformers) yet.")
     if out_path.exists() and not overwrite:
         raise FileExistsError(f"{out_path} exists; choose another output or pass overwrite=True (--overwrite).")
     ckpt = Checkpoint(out_path.with_name(out_path.name + ".ckpt.safetensors"),
@@ -127,6 +135,20 @@ def train_esd(model, out_path: str | Path, cfg: ESDTrainConfig, progress: bool =
     empty, _, _ = encode_prompts(model, [""], warn_truncation=False)
     embs = {p: encode_prompts(model, [p], warn_truncation=False)[0] for p in set(cfg.prompts)}
     h = model.default_size // model.vae_scale_factor
+    pooled, empty_pooled, time_ids = {}, None, None
+    if model.has_pooled:  # SDXL: the pooled embedding per branch and the size numbers
+        pooled = {p: encode_pooled(model, [p]) for p in embs}
+        empty_pooled = encode_pooled(model, [""])
+        if model.force_zeros_for_empty_prompt:
+            empty, empty_pooled = torch.zeros_like(empty), torch.zeros_like(empty_pooled)
+        size = model.default_size
+        time_ids = torch.tensor([size, size, 0, 0, size, size])
+
+    def added(*branch_pooled):  # the UNet's added conditioning for a batch of branches (SDXL)
+        if not pooled:
+            return {}
+        return {"added_cond_kwargs": {"text_embeds": torch.cat(branch_pooled),
+                                      "time_ids": time_ids.to(model.dtype).reshape(1, -1).repeat(len(branch_pooled), 1)}}
     with trained_subset(unet, names) as sub:
         opt = torch.optim.Adam(sub.trainable(), lr=cfg.lr)
         state = ckpt.load(optimizer=opt, generators={"noise": gen}, rngs={"draws": rng})
@@ -138,20 +160,25 @@ def train_esd(model, out_path: str | Path, cfg: ESDTrainConfig, progress: bool =
                        total=cfg.iterations):
             if it > start and it % checkpoint_every == 0:
                 ckpt.save(it, tensors=sub.values(), optimizer=opt, generators={"noise": gen}, rngs={"draws": rng})
-            c = embs[rng.choice(cfg.prompts)]
+            prompt = rng.choice(cfg.prompts)
+            c, c_pooled = embs[prompt], pooled.get(prompt)
             t_enc = rng.randrange(cfg.ddim_steps)
             x = torch.randn((1, unet.config.in_channels, h, h), generator=gen).to(model.device, model.dtype) * sched.init_noise_sigma
             with torch.no_grad():  # x_t by the edited model's own sampling, prompt c, guidance gs, to step t_enc
-                den = DefendedDenoiser(model, c, empty, guidance_scale=gs, num_steps=cfg.ddim_steps)
+                den = DefendedDenoiser(model, c, empty, guidance_scale=gs, num_steps=cfg.ddim_steps,
+                                       **({"prompt_pooled": c_pooled, "negative_pooled": empty_pooled,
+                                           "time_ids": time_ids} if pooled else {}))
                 x = core.sample(model, den, x, num_inference_steps=cfg.ddim_steps, scheduler=sched, stop_after=t_enc)
             lo, hi = round(t_enc / cfg.ddim_steps * T), round((t_enc + 1) / cfg.ddim_steps * T)
             t_ddpm = torch.tensor([rng.randrange(lo, max(hi, lo + 1))])
             ab = ac[t_ddpm].view(-1, 1, 1, 1).to(x)
             with torch.no_grad():
-                o = frozen(torch.cat([x, x]), t_ddpm.repeat(2), encoder_hidden_states=torch.cat([empty, c])).sample
+                o = frozen(torch.cat([x, x]), t_ddpm.repeat(2), encoder_hidden_states=torch.cat([empty, c]),
+                           **added(empty_pooled, c_pooled)).sample
                 e0, ec = core.to_epsilon(o, torch.cat([x, x]), ab, model.prediction_type).chunk(2)
                 target = e0 - cfg.eta * (ec - e0)
-            pred = core.to_epsilon(unet(x, t_ddpm, encoder_hidden_states=c).sample, x, ab, model.prediction_type)
+            pred = core.to_epsilon(unet(x, t_ddpm, encoder_hidden_states=c, **added(c_pooled)).sample, x, ab,
+                                   model.prediction_type)
             loss = torch.nn.functional.mse_loss(pred.float(), target.float())
             opt.zero_grad(set_to_none=True)
             loss.backward()
