@@ -65,7 +65,7 @@ def test_batch_equals_single_on_sdxl(tiny_sdxl):
 
 
 def test_defenses_not_carried_over_yet_are_refused_before_any_work(tiny_sdxl):
-    for stack in ("safree_svf", "esd(path=\"x.safetensors\")", 'safree(space=["zebra"])'):
+    for stack in ('rece(erase=["zebra"])', "duo(path=\"x.safetensors\")", "sanitizer(path=\"x.safetensors\")"):
         with pytest.raises(ValueError, match="not supported on sdxl"):
             SafePipeline(tiny_sdxl, DefenseStack.parse(stack))
     assert tiny_sdxl.edited_hash is None
@@ -232,3 +232,30 @@ def test_esd_is_refused_on_transformer_families(tmp_path, tiny_dir):
 
     with pytest.raises(ValueError, match="does not run on sd3"):
         train_esd(tiny_model("sd3", cache_dir=tiny_dir), tmp_path / "x.safetensors", ESDTrainConfig(iterations=1, ddim_steps=2))
+
+
+def test_safree_on_sdxl_projects_each_encoders_slice_and_svf_runs(tiny_sdxl, tmp_path):
+    # one projection per text encoder on its slice of the concatenated token embeddings: only
+    # trigger tokens change, in either slice; the pooled path is left alone; SVF batches the
+    # original prompt with its pooled embedding; disabled is no defense bit for bit
+    import torch
+
+    from safediff.defenses.safree import SAFREEProjection
+
+    stack = 'safree(space=["zebra", "tiger"])+safree_svf'
+    with SafePipeline(tiny_sdxl, DefenseStack.parse(stack)) as p:
+        pe, _, ctx = p.encode(["a red zebra on white background"])
+        trig = ctx.get(SAFREEProjection).triggers[0]
+        changed = (pe[0] != ctx.original_prompt_embeds[0]).any(-1)
+        assert torch.equal(changed, trig)
+        d1 = tiny_sdxl.text_encoder.config.hidden_size
+        for sl in (slice(0, d1), slice(d1, None)):  # each slice changes only at trigger positions
+            assert not (pe[0, :, sl] != ctx.original_prompt_embeds[0, :, sl]).any(-1)[~trig].any()
+    plain = _ours(tiny_sdxl, steps=6)
+    assert np.array_equal(_ours(tiny_sdxl, 'safree(enabled=false)', steps=6), plain)
+    assert np.abs(_ours(tiny_sdxl, stack, steps=6) - plain).max() > 0
+    from safetensors.torch import save_file
+
+    save_file({"clip_l": torch.zeros(1, 8), "clip_g": torch.zeros(1, 12)}, str(tmp_path / "ine.safetensors"))
+    with pytest.raises(ValueError, match="not supported on sdxl"):
+        SafePipeline(tiny_sdxl, DefenseStack.parse(f'safree(embedding="{tmp_path / "ine.safetensors"}")'))
