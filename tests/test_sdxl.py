@@ -259,3 +259,23 @@ def test_safree_on_sdxl_projects_each_encoders_slice_and_svf_runs(tiny_sdxl, tmp
     save_file({"clip_l": torch.zeros(1, 8), "clip_g": torch.zeros(1, 12)}, str(tmp_path / "ine.safetensors"))
     with pytest.raises(ValueError, match="not supported on sdxl"):
         SafePipeline(tiny_sdxl, DefenseStack.parse(f'safree(embedding="{tmp_path / "ine.safetensors"}")'))
+
+
+def test_concept_inversion_on_sdxl_learns_vectors_for_both_encoders(tiny_sdxl, tmp_path):
+    # one set of vectors per text encoder, trained together (both move), saved in diffusers' SDXL
+    # layout, loaded back and used as a negative prompt (INE on SDXL)
+    import torch
+
+    from safediff.encoding import load_inverted
+    from safediff.inversion import InversionConfig, invert
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (tiny_sdxl.default_size, tiny_sdxl.default_size, 3), dtype=np.uint8) for _ in range(4)]
+    cfg = InversionConfig(placeholder="<z*>", initializer="zebra", steps=3, lr=0.05, batch_size=2)
+    path = invert(tiny_sdxl, tmp_path / "ine.safetensors", config=cfg, images=images, progress=False)
+    inv = load_inverted(path, tiny_sdxl)
+    assert inv.vectors.shape == (1, 8) and inv.vectors_2.shape == (1, 12) and inv.placeholder == "<z*>"
+    table, table_2 = (te.get_input_embeddings().weight for te in (tiny_sdxl.text_encoder, tiny_sdxl.text_encoder_2))
+    zid = tiny_sdxl.tokenizer("zebra", add_special_tokens=False).input_ids
+    assert not torch.allclose(inv.vectors[0], table[zid].mean(0)) and not torch.allclose(inv.vectors_2[0], table_2[zid].mean(0))
+    assert np.abs(_ours(tiny_sdxl, f'negative_prompt(embedding="{path}")', steps=4) - _ours(tiny_sdxl, steps=4)).max() > 0

@@ -14,6 +14,9 @@ erasure", methods.md 4.8). INE, Dark Miner's mining and the inversion attacks re
 * The stack's embedding stage is in the loss (straight-through gradient), and optionally its
   guidance (negative prompt, SLD...) acts inside the training forward pass (methods.md 4.8: CCE's
   NP/SLD variants): the loss is then on the defended denoiser's guided epsilon.
+* SDXL: one set of vectors per text encoder (the placeholder's slots in both), trained together
+  through the concatenated token embeddings and the pooled embedding; saved in diffusers' SDXL
+  layout (``clip_l``, ``clip_g``). SD3 / FLUX are refused.
 * Saved in the textual-inversion format that vanilla diffusers ``load_textual_inversion`` reads
   (``{placeholder: (num_vectors, D)}``), with a provenance record naming the base model's content
   hash and the edited model's (the stack hash of the weight edits) it was inverted on.
@@ -40,7 +43,8 @@ import torch
 
 from . import core
 from .artifacts import save_artifact
-from .encoding import (InvertedConcept, encode_ids_with_vectors, encode_images, encode_with_vectors,  # noqa: F401
+from .encoding import (InvertedConcept, encode_ids_with_vectors, encode_images, encode_sdxl_with_vectors,  # noqa: F401
+                       encode_with_vectors,
                        load_image_folder, load_inverted, placeholder_ids)
 
 
@@ -168,6 +172,12 @@ def invert(
 
     stack = DefenseStack.parse(defenses)
     out_path = Path(out_path)
+    if getattr(model, "is_transformer", False):
+        raise ValueError(f"Concept inversion is not supported on {model.family} models yet (their T5 encoder has no "
+                         "textual-inversion layout).")
+    sdxl = model.family == "sdxl"
+    if sdxl and init_vectors is not None:
+        raise ValueError("`init_vectors` (Dark Miner's random start) is for one text encoder; not supported on sdxl.")
     if out_path.exists() and not overwrite:
         raise FileExistsError(f"{out_path} exists; choose another output or pass overwrite=True (--overwrite).")
     if images is None and concept is None:
@@ -202,7 +212,14 @@ def invert(
         vectors = torch.nn.Parameter(init_vectors.detach().float().clone())
     else:
         vectors = torch.nn.Parameter(init.detach().float().clone()[None].repeat(cfg.num_vectors, 1))
-    opt = torch.optim.Adam([vectors], lr=cfg.lr)
+    params = [vectors]
+    if sdxl:  # the second encoder's vectors, from the same initializer word in its own table
+        table_2 = model.text_encoder_2.get_input_embeddings().weight
+        init_ids_2 = model.tokenizer_2(init_word, add_special_tokens=False).input_ids if init_word else []
+        init_2 = table_2[init_ids_2].mean(0) if init_ids_2 else table_2.mean(0)
+        vectors_2 = torch.nn.Parameter(init_2.detach().float().clone()[None].repeat(cfg.num_vectors, 1))
+        params.append(vectors_2)
+    opt = torch.optim.Adam(params, lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     latents = encode_images(model, arrays)
 
@@ -213,6 +230,8 @@ def invert(
     if state is not None:  # vectors, Adam's moments and the noise stream: the same run as without the stop
         with torch.no_grad():
             vectors.copy_(state["tensors"]["vectors"])
+            if sdxl:
+                vectors_2.copy_(state["tensors"]["vectors_2"])
         start = state["step"]
 
     pipe = SafePipeline(model, stack)  # applies the weight edits: the edited model we invert on
@@ -227,10 +246,15 @@ def invert(
             idx, x_t, t, _, noise = core.noised_batch(latents, ac, cfg.batch_size, gen)
             texts = [caps[i] for i in idx.tolist()]
             ids, slots = placeholder_ids(tok, texts, cfg.placeholder, cfg.num_vectors)
-            emb = encode_ids_with_vectors(model.text_encoder, ids, slots, vectors).to(model.dtype)
+            pooled = None
+            if sdxl:
+                emb, pooled = encode_sdxl_with_vectors(model, texts, cfg.placeholder, vectors, vectors_2)
+            else:
+                emb = encode_ids_with_vectors(model.text_encoder, ids, slots, vectors).to(model.dtype)
             # the defended denoiser: the stack's embedding stage (straight-through) and, through
             # guidance, its guided epsilon; else the (edited) model's conditional prediction
-            den = pipe.denoiser(texts, prompt_embeds=emb, input_ids=ids, guidance_scale=gs, straight_through=True)
+            den = pipe.denoiser(texts, prompt_embeds=emb, input_ids=ids, guidance_scale=gs, straight_through=True,
+                                prompt_pooled=pooled)
             with den:
                 eps = den.epsilon(x_t, t)
             loss = torch.nn.functional.mse_loss(eps.float(), noise.float())
@@ -240,10 +264,13 @@ def invert(
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-                ckpt.save(step + 1, tensors={"vectors": vectors}, optimizer=opt, generators={"noise": gen})
+                ckpt.save(step + 1, tensors={"vectors": vectors, **({"vectors_2": vectors_2} if sdxl else {})},
+                          optimizer=opt, generators={"noise": gen})
     finally:
         pipe.close()
-    save_artifact({cfg.placeholder: vectors.detach()}, out_path, kind="textual-inversion",
+    tensors = ({"clip_l": vectors.detach(), "clip_g": vectors_2.detach()} if sdxl  # diffusers' SDXL layout
+               else {cfg.placeholder: vectors.detach()})
+    save_artifact(tensors, out_path, kind="textual-inversion",
                   base_model_hash=model.content_hash, base_model_family=model.family, edited_model_hash=edited_hash, seed=cfg.seed,
                   config={**dataclasses.asdict(cfg), "concept": concept, "stack": stack.to_string(),
                           "num_concept_images": len(arrays)},

@@ -169,7 +169,7 @@ class SafePipeline:
     def denoiser(self, prompts: Sequence[str], *, prompt_embeds: torch.Tensor | None = None,
                  input_ids: torch.Tensor | None = None, guidance_scale: float | None = None,
                  num_steps: int | None = None, straight_through: bool = False,
-                 size: tuple[int, int] | None = None) -> DefendedDenoiser:
+                 size: tuple[int, int] | None = None, prompt_pooled: torch.Tensor | None = None) -> DefendedDenoiser:
         """The defended denoiser for ``prompts``: stage 2 (embedding defenses), the unconditional
         branch, stage 4 (guidance defenses); weight edits are the pipeline's.
 
@@ -180,15 +180,20 @@ class SafePipeline:
             num_steps: the sampler's step count (default the model's).
             straight_through: BPDA through the embedding stage (see :meth:`embedding_stage`).
             size: ``(height, width)`` of the images (SDXL's size conditioning; default the model's).
+            prompt_pooled: SDXL: the pooled embedding of ``prompt_embeds`` when the caller encoded them
+                (learned vectors in both encoders); differentiable.
         """
         prompts = list(prompts)
         added = {}
         if self.model.has_pooled:
-            if prompt_embeds is not None:
+            if prompt_embeds is not None and self.model.family != "sdxl":
                 raise ValueError(f"Prompts with learned vectors (inversion, soft-prompt attacks) are not supported on "
                                  f"{self.model.family} models yet.")
+            if prompt_embeds is not None and prompt_pooled is None:
+                raise ValueError("On sdxl, prompts with learned vectors need their pooled embedding too: pass "
+                                 "`prompt_pooled` (encoding.encode_sdxl_with_vectors gives both).")
             h, w = size or (self.model.default_size, self.model.default_size)
-            pooled = encoding.encode_pooled(self.model, prompts)
+            pooled = encoding.encode_pooled(self.model, prompts) if prompt_pooled is None else prompt_pooled
             added = {"prompt_pooled": pooled, "encode_pooled": lambda texts: encoding.encode_pooled(self.model, texts),
                      "negative_pooled": (torch.zeros_like(pooled) if self.model.force_zeros_for_empty_prompt
                                          else encoding.encode_pooled(self.model, [""]))}
