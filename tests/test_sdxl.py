@@ -65,7 +65,7 @@ def test_batch_equals_single_on_sdxl(tiny_sdxl):
 
 
 def test_defenses_not_carried_over_yet_are_refused_before_any_work(tiny_sdxl):
-    for stack in ('rece(erase=["zebra"])', "duo(path=\"x.safetensors\")", "sanitizer(path=\"x.safetensors\")"):
+    for stack in ('rece(erase=["zebra"])', "duo(path=\"x.safetensors\")", "dark_miner(path=\"x.safetensors\")"):
         with pytest.raises(ValueError, match="not supported on sdxl"):
             SafePipeline(tiny_sdxl, DefenseStack.parse(stack))
     assert tiny_sdxl.edited_hash is None
@@ -279,3 +279,20 @@ def test_concept_inversion_on_sdxl_learns_vectors_for_both_encoders(tiny_sdxl, t
     zid = tiny_sdxl.tokenizer("zebra", add_special_tokens=False).input_ids
     assert not torch.allclose(inv.vectors[0], table[zid].mean(0)) and not torch.allclose(inv.vectors_2[0], table_2[zid].mean(0))
     assert np.abs(_ours(tiny_sdxl, f'negative_prompt(embedding="{path}")', steps=4) - _ours(tiny_sdxl, steps=4)).max() > 0
+
+
+def test_embedding_sanitizer_on_sdxl_acts_on_the_joint_token_embedding(tiny_sdxl, tiny_sd1, tmp_path):
+    # one sanitizer over both encoders' concatenated token embeddings; strength 0 is no defense
+    # bit for bit; it changes the images; one trained on SD1 is refused naming both families
+    from safediff.artifacts import ArtifactMismatchError
+    from safediff.defenses.sanitizer import SanitizerTrainConfig, load_sanitizer, train_sanitizer
+
+    cfg = SanitizerTrainConfig(concepts=("zebra",), anchors=("tiger",), steps=3, batch_size=4, hidden=16)
+    path = train_sanitizer(tiny_sdxl, tmp_path / "es.safetensors", cfg, progress=False)
+    assert load_sanitizer(path, tiny_sdxl).dim == 8 + 12
+    plain = _ours(tiny_sdxl, steps=4)
+    assert np.array_equal(_ours(tiny_sdxl, f'sanitizer(path="{path}", strength=0)', steps=4), plain)
+    assert np.abs(_ours(tiny_sdxl, f'sanitizer(path="{path}")', steps=4) - plain).max() > 0
+    sd1 = train_sanitizer(tiny_sd1, tmp_path / "es1.safetensors", cfg, progress=False)
+    with pytest.raises(ArtifactMismatchError, match="sd1 model's text encoder, but this is a sdxl"):
+        SafePipeline(tiny_sdxl, DefenseStack.parse(f'sanitizer(path="{sd1}")'))

@@ -23,6 +23,11 @@ overridable:
 
 Only the prompt embedding is transformed, never the negative/unconditional one, unless
 ``transform_negative`` (so a sanitizer never cancels a negative prompt or an INE embedding).
+
+**SDXL**: one sanitizer on the **joint** token embedding (both encoders' penultimate hidden states
+concatenated, ``D = 768 + 1280`` on SDXL base), trained and applied on what the UNet's
+cross-attention reads; its record hashes both text encoders. The pooled embedding (SDXL's added
+conditioning) is not sanitized [INFERRED: ES is defined on token embeddings]. SD3 / FLUX are refused.
 """
 
 from __future__ import annotations
@@ -117,6 +122,7 @@ def training_pairs(cfg: SanitizerTrainConfig, rng: random.Random, n: int) -> lis
     templates = ("a photo of {}", "a painting of a {} person", "{} at the beach", "a {} figure, highly detailed",
                  "portrait, {}, studio light", "a {} woman", "a {} man in a city")
     benign = ("a photo of a cat", "a landscape painting", "a portrait of a man", "a bowl of fruit", "a city at night")
+    out = []
     for _ in range(n):
         if rng.random() < 0.5:
             i = rng.randrange(len(cfg.concepts))
@@ -129,16 +135,34 @@ def training_pairs(cfg: SanitizerTrainConfig, rng: random.Random, n: int) -> lis
 
 
 def _encode(model, prompts):
+    if model.family == "sdxl":  # the joint token embedding the UNet reads
+        from ..encoding import encode_prompts
+
+        e, ids, _ = encode_prompts(model, list(prompts), warn_truncation=False)
+        return e.float(), ids
     tok = model.tokenizer
     ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
     with torch.no_grad():
         return model.text_encoder(ids.to(model.text_encoder.device))[0].float(), ids
 
 
+def embedding_width(model) -> int:
+    """The width of the token embeddings the sanitizer acts on (SDXL: both encoders' together)."""
+    width = model.text_encoder.config.hidden_size
+    return width + model.text_encoder_2.config.hidden_size if model.family == "sdxl" else width
+
+
 def text_encoder_hash(model) -> str:
     from ..models import state_dict_hash
 
-    return state_dict_hash(model.text_encoder)
+    h = state_dict_hash(model.text_encoder)
+    return h if model.family != "sdxl" else state_dict_hash(model.text_encoder) + ":" + state_dict_hash(model.text_encoder_2)
+
+
+def _check_family(model) -> None:
+    if getattr(model, "is_transformer", False):
+        raise ValueError(f"The Embedding Sanitizer is not supported on {model.family} models yet (their T5 tokens are "
+                         "not what it was designed on).")
 
 
 def train_sanitizer(model, out_path: str | Path, cfg: SanitizerTrainConfig = SanitizerTrainConfig(),
@@ -148,12 +172,13 @@ def train_sanitizer(model, out_path: str | Path, cfg: SanitizerTrainConfig = San
 
     from ..concepts import vocabulary
 
+    _check_family(model)
     registered = all(vocabulary(c) is not None for c in cfg.concepts)
     if not registered and not cfg.anchors:
         raise ValueError("On a real model give `anchors` (one per target word), e.g. concepts=('nude',), anchors=('clothed',).")
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    dim = model.text_encoder.config.hidden_size
+    dim = embedding_width(model)
     net = SanitizerNet(dim, cfg.hidden)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr)
     tok = model.tokenizer
@@ -189,7 +214,12 @@ def load_sanitizer(path: str | Path, model) -> SanitizerNet:
     tensors, record = read_artifact(path)
     if record.get("kind") != "embedding-sanitizer":
         raise ValueError(f"{path} is not an embedding-sanitizer file (kind {record.get('kind')!r}).")
-    dim = model.text_encoder.config.hidden_size
+    _check_family(model)
+    made = record.get("base_model_family")
+    if made and made != model.family:
+        raise ArtifactMismatchError(f"{path} was trained on a {made} model's text encoder, but this is a {model.family} "
+                                    f"model; retrain it with `safediff sanitizer train --model {model.source}`.")
+    dim = embedding_width(model)
     if record["dim"] != dim:
         raise ArtifactMismatchError(f"{path} was trained for a {record['dim']}-wide text encoder; this one is {dim} wide.")
     if record.get("text_encoder_hash") != text_encoder_hash(model):
