@@ -65,7 +65,7 @@ def test_batch_equals_single_on_sdxl(tiny_sdxl):
 
 
 def test_defenses_not_carried_over_yet_are_refused_before_any_work(tiny_sdxl):
-    for stack in ('rece(erase=["zebra"])', "duo(path=\"x.safetensors\")", "dark_miner(path=\"x.safetensors\")"):
+    for stack in ("duo(path=\"x.safetensors\")", "dark_miner(path=\"x.safetensors\")"):
         with pytest.raises(ValueError, match="not supported on sdxl"):
             SafePipeline(tiny_sdxl, DefenseStack.parse(stack))
     assert tiny_sdxl.edited_hash is None
@@ -296,3 +296,23 @@ def test_embedding_sanitizer_on_sdxl_acts_on_the_joint_token_embedding(tiny_sdxl
     sd1 = train_sanitizer(tiny_sd1, tmp_path / "es1.safetensors", cfg, progress=False)
     with pytest.raises(ArtifactMismatchError, match="sd1 model's text encoder, but this is a sdxl"):
         SafePipeline(tiny_sdxl, DefenseStack.parse(f'sanitizer(path="{sd1}")'))
+
+
+def test_rece_on_sdxl_edits_the_cross_attention_and_reverts_exactly(tiny_sdxl):
+    # RECE's rounds (adversarial embedding + UCE closed form) on the joint token embedding that
+    # SDXL's cross-attention keys/values read; zero rounds is exactly the UCE edit
+    import torch
+
+    from safediff.defenses.rece import RECE, RECEConfig
+    from safediff.defenses.uce import UCE, UCEConfig
+
+    before = {k: v.clone() for k, v in tiny_sdxl.unet.state_dict().items()}
+    zero = RECE(RECEConfig(erase=("zebra",), epochs=0, uce_token_mode="to_end"), tiny_sdxl).compute()
+    uce = UCE(UCEConfig(erase=("zebra",), token_mode="to_end"), tiny_sdxl).compute()
+    assert sorted(zero) == sorted(uce) and all(torch.equal(zero[k], uce[k]) for k in uce)
+    rece = RECE(RECEConfig(erase=("zebra",), epochs=2), tiny_sdxl)
+    assert rece.adversarial_embeddings == [] and rece.compute()
+    assert len(rece.adversarial_embeddings) == 2 and rece.adversarial_embeddings[0].shape[-1] == 8 + 12
+    plain = _ours(tiny_sdxl, steps=4)
+    assert np.abs(_ours(tiny_sdxl, 'rece(erase=["zebra"], epochs=2)', steps=4) - plain).max() > 0
+    assert all(torch.equal(tiny_sdxl.unet.state_dict()[k], v) for k, v in before.items())

@@ -27,7 +27,7 @@ from .stack import DefenseStack
 #: Families on which only some defenses run so far (issue 20: the others are being carried over);
 #: a stack with any other defense is refused before any work.
 FAMILY_DEFENSES = {"sdxl": ("prompt_guard", "negative_prompt", "sld", "output_filter", "uce", "delta", "esd",
-                            "safree", "safree_svf", "sanitizer"),
+                            "safree", "safree_svf", "sanitizer", "rece"),
                    "sd3": ("prompt_guard", "negative_prompt", "sld", "output_filter"),
                    "flux": ("prompt_guard", "negative_prompt", "sld", "output_filter")}
 
