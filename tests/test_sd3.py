@@ -177,11 +177,18 @@ def test_eval_runs_end_to_end_on_a_saved_tiny_sd3(tiny_sd3, tiny_dir, tmp_path):
     assert main(["report", str(out), "--out", str(tmp_path / "rep")]) == 0
 
 
-def test_ring_a_bell_runs_against_an_sd3_stack(tiny_sd3, tmp_path):
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_text_encoder_attacks_run_against_transformer_families(family, tiny_dir, tmp_path):
+    # Ring-A-Bell and MMA need only the first text encoder (CLIP, with or without projection);
+    # their prompts then go through the family's whole stack
     from safediff.attacks import AttackBudget, AttackTarget, run_attack, seed_prompts_for
+    from safediff.attacks.mma import MMA, MMAConfig
     from safediff.attacks.ring_a_bell import RingABell, RingABellConfig
+    from safediff.testing import tiny_model
 
-    target = AttackTarget(tiny_sd3, 'negative_prompt(text="striped")')
-    res = run_attack(RingABell(RingABellConfig(population=16)), target, "striped", seed_prompts_for("striped", 2),
-                     AttackBudget(steps=2), tmp_path / "rab", progress=False)
-    assert len(res.prompts) == 2
+    model = tiny_model(family, cache_dir=tiny_dir)
+    target = AttackTarget(model, 'prompt_guard(concepts=["striped"], threshold=0.999)')
+    for attack, d in ((RingABell(RingABellConfig(population=16)), "rab"), (MMA(MMAConfig(candidates=16)), "mma")):
+        res = run_attack(attack, target, "striped", seed_prompts_for("striped", 2), AttackBudget(steps=2), tmp_path / d,
+                         progress=False)
+        assert len(res.prompts) == 2
