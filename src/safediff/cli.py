@@ -43,6 +43,13 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve import serve
+
+    serve(args.model, host=args.host, port=args.port, share=args.share)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import DEMO_DEFENSE, run_demo
 
@@ -351,6 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0, help="base seed")
     d.add_argument("--out", default="safediff-demo")
     d.set_defaults(func=cmd_demo)
+
+    sv = _add(sub, "serve", help="a local web page: a prompt with and without a stack, side by side (needs the serve extra)")
+    model_arg(sv)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=7860)
+    sv.add_argument("--share", action="store_true", help="also make a public Gradio link (needs internet)")
+    sv.set_defaults(func=cmd_serve)
 
     er = _add(sub, "erase", help="erase a concept with any unlearning method (writes a weight-edit file)")
     er.add_argument("--method", required=True, choices=["esd", "uce", "rece", "duo", "dark_miner", "dark-miner"],
