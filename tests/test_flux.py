@@ -86,7 +86,7 @@ def test_prompt_guard_and_refusals_on_flux(tiny_flux):
     with SafePipeline(tiny_flux, DefenseStack.parse('prompt_guard(concepts=["zebra"], threshold=0.999)')) as pipe:
         out = pipe(["a zebra on grass", "a red circle"], num_inference_steps=2)
     assert [r.refused for r in out.records] == [True, False]
-    for stack in ("safree_svf", 'uce(erase=["zebra"])'):
+    for stack in ("safree_svf", 'esd(path="x.safetensors")'):
         with pytest.raises(ValueError, match="not supported on flux"):
             SafePipeline(tiny_flux, DefenseStack.parse(stack))
 

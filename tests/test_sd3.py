@@ -151,7 +151,7 @@ def test_prompt_guard_on_sd3_reads_the_first_text_encoder(tiny_sd3):
 
 
 def test_defenses_not_carried_over_yet_are_refused_before_any_work(tiny_sd3, tmp_path):
-    for stack in ("safree_svf", 'uce(erase=["zebra"])', 'safree(space=["zebra"])'):
+    for stack in ("safree_svf", 'esd(path="x.safetensors")', 'safree(space=["zebra"])'):
         with pytest.raises(ValueError, match="not supported on sd3"):
             SafePipeline(tiny_sd3, DefenseStack.parse(stack))
     assert tiny_sd3.edited_hash is None
@@ -192,3 +192,35 @@ def test_text_encoder_attacks_run_against_transformer_families(family, tiny_dir,
         res = run_attack(attack, target, "striped", seed_prompts_for("striped", 2), AttackBudget(steps=2), tmp_path / d,
                          progress=False)
         assert len(res.prompts) == 2
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_uce_and_rece_edit_the_context_embedder_and_revert_exactly(family, tiny_dir):
+    # the closed form on the linear map every text token enters the transformer through: the
+    # erased word's tokens (CLIP and T5 segments) now map near where the guide's mapped; the edit
+    # changes the images and is reverted bit for bit; zero rounds of RECE are the UCE edit
+    from safediff.defenses.rece import RECE, RECEConfig
+    from safediff.defenses.uce import UCE, UCEConfig, cross_attention_projections, edit_vectors
+    from safediff.testing import tiny_model
+
+    model = tiny_model(family, cache_dir=tiny_dir)
+    assert list(cross_attention_projections(model.unet)) == ["context_embedder"]
+    ce, cg, _ = edit_vectors(model, ["zebra"], [""], [], "last_word")
+    assert len(ce) == (2 if family == "sd3" else 1)  # one last-word token per text segment
+    before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    old = model.unet.context_embedder.weight.detach().clone()
+    handle = UCE(UCEConfig(erase=("zebra",)), model).apply()
+    try:
+        new = model.unet.context_embedder.weight
+        assert (ce @ new.T - cg @ old.T).norm() < 0.25 * (ce @ old.T - cg @ old.T).norm()
+    finally:
+        handle.revert()
+    assert all(torch.equal(model.unet.state_dict()[k], v) for k, v in before.items())
+    zero = RECE(RECEConfig(erase=("zebra",), epochs=0), model).compute()
+    uce = UCE(RECEConfig(erase=("zebra",), epochs=0).start_config(), model).compute()
+    assert all(torch.equal(zero[k], uce[k]) for k in uce)
+    gs = 4.0 if family == "flux" else None
+    plain = _ours(model, steps=4, gs=gs)
+    assert np.abs(_ours(model, 'uce(erase=["zebra"])', steps=4, gs=gs) - plain).max() > 0
+    assert np.abs(_ours(model, 'rece(erase=["zebra"], epochs=1)', steps=4, gs=gs) - plain).max() > 0
+    assert all(torch.equal(model.unet.state_dict()[k], v) for k, v in before.items())

@@ -28,8 +28,8 @@ from .stack import DefenseStack
 #: a stack with any other defense is refused before any work.
 FAMILY_DEFENSES = {"sdxl": ("prompt_guard", "negative_prompt", "sld", "output_filter", "uce", "delta", "esd",
                             "safree", "safree_svf", "sanitizer", "rece"),
-                   "sd3": ("prompt_guard", "negative_prompt", "sld", "output_filter"),
-                   "flux": ("prompt_guard", "negative_prompt", "sld", "output_filter")}
+                   "sd3": ("prompt_guard", "negative_prompt", "sld", "output_filter", "uce", "rece"),
+                   "flux": ("prompt_guard", "negative_prompt", "sld", "output_filter", "uce", "rece")}
 
 
 @dataclass

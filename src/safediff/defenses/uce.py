@@ -28,6 +28,15 @@ Which token embeddings are ``c`` (``token_mode``):
   code, every position of a *preserve* prompt is used (its whole sequence), and "no preserve set"
   there still preserved the empty prompt ``""``: the ``sd-nudity`` preset says so explicitly.
 
+**SD3 and FLUX** (MMDiT transformers): text enters the transformer through one linear map, the
+``context_embedder``, and every block's context projections (``add_k_proj`` / ``add_v_proj``) then
+read text features that have been modulated by the timestep and mixed with the image tokens by
+joint attention, so no closed form exists for them. UCE (and RECE) therefore edit the
+``context_embedder`` weight [a documented choice]: the same objective, on the map every text token
+goes through. Token positions are taken per text segment: SD3's CLIP part (77 tokens) and its T5
+part (256), FLUX's T5 tokens (512); in each, the last word token is the one before the end token
+(T5 has no start token, so ``""`` is its end token alone).
+
 Example:
     >>> import safediff                                                       # doctest: +SKIP
     >>> pipe = safediff.build(defenses="uce(preset=testbed-striped)")         # doctest: +SKIP
@@ -156,25 +165,49 @@ def edit_vectors(
     texts = list(dict.fromkeys([*erase, *guide, *preserve]))  # each distinct prompt once
     embeds, _, mask = encode_prompts(model, texts, warn_truncation=False)
     row = {t: i for i, t in enumerate(texts)}
-    n_real = mask.sum(1).tolist()
-    seq_len = embeds.shape[1]
     ce, cg, cp = [], [], []
-    for e, g in zip(erase, guide):
-        pe, pg = erase_positions(n_real[row[e]], n_real[row[g]], seq_len, mode)
-        ce.append(embeds[row[e], pe])
-        cg.append(embeds[row[g], pg])
-    for p in preserve:
-        cp.append(embeds[row[p], preserve_positions(n_real[row[p]], seq_len, mode)])
+    for offset, seq_len, n_real in text_segments(model, texts, mask):
+        for e, g in zip(erase, guide):
+            pe, pg = erase_positions(n_real[row[e]], n_real[row[g]], seq_len, mode)
+            ce.append(embeds[row[e], [offset + i for i in pe]])
+            cg.append(embeds[row[g], [offset + i for i in pg]])
+        for p in preserve:
+            cp.append(embeds[row[p], [offset + i for i in preserve_positions(n_real[row[p]], seq_len, mode)]])
     d = embeds.shape[-1]
     empty = embeds.new_zeros(0, d)
     return (torch.cat(ce) if ce else empty, torch.cat(cg) if cg else empty, torch.cat(cp) if cp else empty)
 
 
+def text_segments(model, texts: Sequence[str], mask: torch.Tensor) -> list[tuple[int, int, list[int]]]:
+    """The token segments of the encoded sequence, ``[(offset, length, real token count per text)]``:
+    one CLIP segment (SD1/SD2/SDXL: the attention mask's counts); SD3's CLIP part and its T5 part;
+    FLUX's T5 tokens. A T5 count is its words plus the end token (no start token)."""
+    clip = (0, mask.shape[1], mask.sum(1).tolist())
+    if model.family not in ("sd3", "flux"):
+        return [clip]
+    from ..encoding import T5_LENGTH
+
+    tok = model.tokenizer_2 if model.family == "flux" else model.tokenizer_3
+    length = T5_LENGTH[model.family]
+    if tok is None:  # SD3 without T5: its part is zeros, nothing to edit there
+        return [clip]
+    t5_real = tok(list(texts), padding="max_length", max_length=length, truncation=True,
+                  return_tensors="pt").attention_mask.sum(1).tolist()
+    return [(0, length, t5_real)] if model.family == "flux" else [clip, (mask.shape[1], length, t5_real)]
+
+
 def cross_attention_projections(unet: torch.nn.Module, targets: str = "kv") -> dict[str, torch.nn.Module]:
     """The UNet's cross-attention projections UCE edits, ``{module name: Linear}``: every
-    ``...attn2.to_k`` and/or ``...attn2.to_v`` (``targets`` ``"kv"``, ``"k"`` or ``"v"``)."""
+    ``...attn2.to_k`` and/or ``...attn2.to_v`` (``targets`` ``"kv"``, ``"k"`` or ``"v"``). For an
+    SD3 / FLUX transformer: its ``context_embedder`` (see the module docstring; ``targets`` must be
+    ``"kv"``)."""
     if targets not in TARGETS:
         raise ValueError(f"Unknown targets {targets!r}; choose one of {list(TARGETS)}.")
+    if hasattr(unet, "context_embedder") and not hasattr(unet, "down_blocks"):
+        if targets != "kv":
+            raise ValueError(f"On a transformer, UCE edits the context embedder (keys and values alike); `targets` "
+                             f"must be 'kv', got {targets!r}.")
+        return {"context_embedder": unet.context_embedder}
     leaves = TARGETS[targets]
     found = {
         name: m for name, m in unet.named_modules()
