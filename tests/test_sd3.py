@@ -151,7 +151,7 @@ def test_prompt_guard_on_sd3_reads_the_first_text_encoder(tiny_sd3):
 
 
 def test_defenses_not_carried_over_yet_are_refused_before_any_work(tiny_sd3, tmp_path):
-    for stack in ("safree_svf", 'esd(path="x.safetensors")', 'safree(space=["zebra"])'):
+    for stack in ('esd(path="x.safetensors")', 'sanitizer(path="x.safetensors")'):
         with pytest.raises(ValueError, match="not supported on sd3"):
             SafePipeline(tiny_sd3, DefenseStack.parse(stack))
     assert tiny_sd3.edited_hash is None
@@ -224,3 +224,21 @@ def test_uce_and_rece_edit_the_context_embedder_and_revert_exactly(family, tiny_
     assert np.abs(_ours(model, 'uce(erase=["zebra"])', steps=4, gs=gs) - plain).max() > 0
     assert np.abs(_ours(model, 'rece(erase=["zebra"], epochs=1)', steps=4, gs=gs) - plain).max() > 0
     assert all(torch.equal(model.unet.state_dict()[k], v) for k, v in before.items())
+
+
+def test_safree_on_sd3_projects_the_clip_part_per_encoder_and_leaves_t5(tiny_sd3):
+    from safediff.defenses.safree import SAFREEProjection
+
+    stack = 'safree(space=["zebra", "tiger"])+safree_svf'
+    with SafePipeline(tiny_sd3, DefenseStack.parse(stack)) as p:
+        pe, _, ctx = p.encode(["a red zebra on white background"])
+        orig = ctx.original_prompt_embeds
+        trig = ctx.get(SAFREEProjection).triggers[0]
+        assert trig.any()
+        changed = (pe[0, :77] != orig[0, :77]).any(-1)
+        assert torch.equal(changed, trig) and torch.equal(pe[0, 77:], orig[0, 77:])  # T5 part untouched
+    plain = _ours(tiny_sd3, steps=6)
+    assert np.array_equal(_ours(tiny_sd3, 'safree(enabled=false)', steps=6), plain)
+    assert np.abs(_ours(tiny_sd3, stack, steps=6) - plain).max() > 0
+    with pytest.raises(ValueError, match="has none"):
+        _ours(tiny_sd3, 'safree(space=["zebra"])+safree_svf(lra="freeu")', steps=2)

@@ -28,7 +28,8 @@ from .stack import DefenseStack
 #: a stack with any other defense is refused before any work.
 FAMILY_DEFENSES = {"sdxl": ("prompt_guard", "negative_prompt", "sld", "output_filter", "uce", "delta", "esd",
                             "safree", "safree_svf", "sanitizer", "rece"),
-                   "sd3": ("prompt_guard", "negative_prompt", "sld", "output_filter", "uce", "rece"),
+                   "sd3": ("prompt_guard", "negative_prompt", "sld", "output_filter", "uce", "rece", "safree",
+                           "safree_svf"),
                    "flux": ("prompt_guard", "negative_prompt", "sld", "output_filter", "uce", "rece")}
 
 

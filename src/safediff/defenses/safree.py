@@ -32,8 +32,12 @@ concept space's pooled embeddings through that encoder, before any output projec
 masked-token embeddings; a token is a trigger if it is one for either encoder, and ``beta`` is the
 mean of the two. The pooled embedding (SDXL's added conditioning) is left as it is, as SAFREE only
 projects token embeddings [INFERRED: SAFREE's SDXL code is not described in the paper]. An INE
-token is not supported on SDXL yet. SD3 and FLUX (T5 tokens have no pooled embedding to build the
-subspace from) are refused.
+token is not supported on SDXL yet.
+
+**SD3**: the same two projections on the CLIP part of its sequence (CLIP ViT-L's and OpenCLIP
+bigG's slices of the first 77 positions); the T5 part is left as it is, because T5 has no pooled
+embedding to build a toxic subspace from [INFERRED]. FLUX (T5 tokens only) is refused. Latent
+re-attention (``lra="freeu"``) needs a UNet and is refused on transformers.
 """
 
 from __future__ import annotations
@@ -170,9 +174,9 @@ class SAFREE(EmbeddingDefense):
     def __init__(self, config: SAFREEConfig, model):
         super().__init__(config, model)
         self.inverted = None
-        if config.embedding and model.family == "sdxl":
-            raise ValueError("safree(embedding=...) (an INE token in the concept space) is not supported on sdxl models "
-                             "yet; give the concept space as text (`space=`).")
+        if config.embedding and model.family in ("sdxl", "sd3"):
+            raise ValueError(f"safree(embedding=...) (an INE token in the concept space) is not supported on "
+                             f"{model.family} models yet; give the concept space as text (`space=`).")
         if config.embedding:  # read and checked when the stack is built, not at the first generation
             from ..encoding import load_inverted
 
@@ -198,22 +202,25 @@ class SAFREE(EmbeddingDefense):
 
     def _project(self, ctx: EmbeddingContext, space, extra):
         """:func:`safree_project`, once per text encoder on its slice of the token embeddings (SDXL)."""
-        if self.model.family != "sdxl":
+        if self.model.family not in ("sdxl", "sd3"):
             return safree_project(ctx, space, self.config.alpha, extra)
         from ..encoding import _ids_2, real_token_mask
 
         m = self.model
-        d1 = m.text_encoder.config.hidden_size
+        d1, d2 = m.text_encoder.config.hidden_size, m.text_encoder_2.config.hidden_size
+        L = ctx.input_ids.shape[1]  # SD3: the CLIP part is the first 77 positions; T5's follow
         real_prompts = any(p.strip() for p in ctx.prompts)
         ids_2 = _ids_2(m, ctx.prompts) if real_prompts else ctx.input_ids
-        first = dataclasses.replace(ctx, prompt_embeds=ctx.prompt_embeds[..., :d1], outputs={})
-        second = dataclasses.replace(ctx, prompt_embeds=ctx.prompt_embeds[..., d1:], input_ids=ids_2,
+        first = dataclasses.replace(ctx, prompt_embeds=ctx.prompt_embeds[:, :L, :d1], outputs={})
+        second = dataclasses.replace(ctx, prompt_embeds=ctx.prompt_embeds[:, :L, d1:d1 + d2], input_ids=ids_2,
                                      attention_mask=real_token_mask(ids_2, m.tokenizer_2) if real_prompts
                                      else ctx.attention_mask, text_encoder=m.text_encoder_2, tokenizer=m.tokenizer_2,
                                      outputs={})
         out_1, trig_1, beta_1 = safree_project(first, space, self.config.alpha, None)
         out_2, trig_2, beta_2 = safree_project(second, space, self.config.alpha, None)
-        return (torch.cat([out_1, out_2], dim=-1), trig_1 | trig_2, [(a + b) / 2 for a, b in zip(beta_1, beta_2)])
+        out = ctx.prompt_embeds.clone()
+        out[:, :L, :d1], out[:, :L, d1:d1 + d2] = out_1, out_2
+        return out, trig_1 | trig_2, [(a + b) / 2 for a, b in zip(beta_1, beta_2)]
 
 
 def svf_stop_step(beta: float, up_t: int = 10, k: float = 2.5, t0: float = 5.333) -> int:
@@ -299,6 +306,9 @@ class SAFREESVF(GuidanceDefense):
         for one generation; disabled on exit, also after an exception."""
         if self.config.lra != "freeu":
             return contextlib.nullcontext()
+        if getattr(model, "is_transformer", False):
+            raise ValueError(f"safree_svf(lra=\"freeu\") re-weights a UNet's skip features; a {model.family} model "
+                             "has none. Use lra=\"code\" (the released code's default).")
         return _freeu(model.unet, self.config.freeu)
 
     def unconditional(self, ctx: GuidanceContext):
