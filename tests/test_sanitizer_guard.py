@@ -57,9 +57,19 @@ def test_explain_scores_the_concept_token_highest(testbed, sanitizer_path):
     assert pairs["striped"] == 1.0 and max(pairs[k] for k in ("red", "circle", "background")) < 0.8
 
 
-def test_sanitizer_for_another_text_encoder_is_refused(tiny_sd1, sanitizer_path):
-    with pytest.raises(ArtifactMismatchError, match="wide"):
+def test_sanitizer_for_another_text_encoder_is_refused(tiny_sd1, sanitizer_path, tmp_path):
+    # another family: the message names both; the same family with another width: names both widths
+    with pytest.raises(ArtifactMismatchError, match="safediff-testbed model's text encoder, but this is a sd1 model"):
         SafePipeline(tiny_sd1, DefenseStack.parse(f'sanitizer(path="{sanitizer_path}")'))
+    from safediff.artifacts import read_artifact, save_artifact
+
+    tensors, record = read_artifact(sanitizer_path)
+    other = save_artifact(tensors, tmp_path / "es.safetensors", kind="embedding-sanitizer", config={}, seed=0,
+                          base_model_hash=record["base_model_hash"], base_model_family="sd1",
+                          extra={"dim": record["dim"], "hidden": record["hidden"],
+                                 "text_encoder_hash": record["text_encoder_hash"]})
+    with pytest.raises(ArtifactMismatchError, match="wide"):
+        SafePipeline(tiny_sd1, DefenseStack.parse(f'sanitizer(path="{other}")'))
 
 
 def test_sanitizer_config_errors():

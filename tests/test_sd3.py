@@ -151,7 +151,7 @@ def test_prompt_guard_on_sd3_reads_the_first_text_encoder(tiny_sd3):
 
 
 def test_defenses_not_carried_over_yet_are_refused_before_any_work(tiny_sd3, tmp_path):
-    for stack in ('esd(path="x.safetensors")', 'sanitizer(path="x.safetensors")'):
+    for stack in ('esd(path="x.safetensors")', 'duo(path="x.safetensors")'):
         with pytest.raises(ValueError, match="not supported on sd3"):
             SafePipeline(tiny_sd3, DefenseStack.parse(stack))
     assert tiny_sd3.edited_hash is None
@@ -242,3 +242,28 @@ def test_safree_on_sd3_projects_the_clip_part_per_encoder_and_leaves_t5(tiny_sd3
     assert np.abs(_ours(tiny_sd3, stack, steps=6) - plain).max() > 0
     with pytest.raises(ValueError, match="has none"):
         _ours(tiny_sd3, 'safree(space=["zebra"])+safree_svf(lra="freeu")', steps=2)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_embedding_sanitizer_on_the_joint_sequence(family, tiny_dir, tmp_path):
+    # one sanitizer on the whole token sequence the transformer reads (SD3: CLIP then T5; FLUX:
+    # T5); strength 0 is no defense bit for bit; it changes the images; its per-token attribution
+    # reads the first segment's tokens; one made on another family is refused naming both
+    from safediff.artifacts import ArtifactMismatchError
+    from safediff.defenses.sanitizer import SanitizerTrainConfig, explain, load_sanitizer, train_sanitizer
+    from safediff.testing import tiny_model
+
+    model = tiny_model(family, cache_dir=tiny_dir)
+    cfg = SanitizerTrainConfig(concepts=("zebra",), anchors=("tiger",), steps=2, batch_size=4, hidden=16)
+    path = train_sanitizer(model, tmp_path / "es.safetensors", cfg, progress=False)
+    net = load_sanitizer(path, model)
+    assert net.dim == 32
+    pairs = explain(model, net, "a zebra")
+    assert [t for t, _ in pairs][:3] == (["a", "zebra", "</s>"] if family == "flux" else ["<|startoftext|>", "a", "zebra"])
+    gs = 4.0 if family == "flux" else None
+    plain = _ours(model, steps=4, gs=gs)
+    assert np.array_equal(_ours(model, f'sanitizer(path="{path}", strength=0)', steps=4, gs=gs), plain)
+    assert np.abs(_ours(model, f'sanitizer(path="{path}")', steps=4, gs=gs) - plain).max() > 0
+    other = tiny_model("flux" if family == "sd3" else "sd3", cache_dir=tiny_dir)
+    with pytest.raises(ArtifactMismatchError, match=f"{family} model's text encoder"):
+        SafePipeline(other, DefenseStack.parse(f'sanitizer(path="{path}")'))

@@ -29,8 +29,8 @@ from .stack import DefenseStack
 FAMILY_DEFENSES = {"sdxl": ("prompt_guard", "negative_prompt", "sld", "output_filter", "uce", "delta", "esd",
                             "safree", "safree_svf", "sanitizer", "rece"),
                    "sd3": ("prompt_guard", "negative_prompt", "sld", "output_filter", "uce", "rece", "safree",
-                           "safree_svf"),
-                   "flux": ("prompt_guard", "negative_prompt", "sld", "output_filter", "uce", "rece")}
+                           "safree_svf", "sanitizer"),
+                   "flux": ("prompt_guard", "negative_prompt", "sld", "output_filter", "uce", "rece", "sanitizer")}
 
 
 @dataclass

@@ -27,7 +27,12 @@ Only the prompt embedding is transformed, never the negative/unconditional one, 
 **SDXL**: one sanitizer on the **joint** token embedding (both encoders' penultimate hidden states
 concatenated, ``D = 768 + 1280`` on SDXL base), trained and applied on what the UNet's
 cross-attention reads; its record hashes both text encoders. The pooled embedding (SDXL's added
-conditioning) is not sanitized [INFERRED: ES is defined on token embeddings]. SD3 / FLUX are refused.
+conditioning) is not sanitized [INFERRED: ES is defined on token embeddings].
+
+**SD3 / FLUX**: likewise one sanitizer on the joint token sequence the transformer reads (SD3: the
+77 CLIP positions, zero-padded to T5's width, then T5's 256; FLUX: T5's 512), its score targets
+set per text segment (from the first token where a prompt and its anchor differ to the end of that
+segment); its record hashes every text encoder.
 """
 
 from __future__ import annotations
@@ -135,10 +140,17 @@ def training_pairs(cfg: SanitizerTrainConfig, rng: random.Random, n: int) -> lis
 
 
 def _encode(model, prompts):
-    if model.family == "sdxl":  # the joint token embedding the UNet reads
-        from ..encoding import encode_prompts
+    """``(embeddings (B, L, D), token ids (B, L))``, the ids aligned with the embedding's positions
+    (SD3: CLIP's then T5's; FLUX: T5's)."""
+    if model.family in ("sdxl", "sd3", "flux"):  # the joint token embedding the denoiser reads
+        from ..encoding import T5_LENGTH, encode_prompts
 
         e, ids, _ = encode_prompts(model, list(prompts), warn_truncation=False)
+        if model.family in ("sd3", "flux"):
+            tok = model.tokenizer_2 if model.family == "flux" else model.tokenizer_3
+            t5 = tok(list(prompts), padding="max_length", max_length=T5_LENGTH[model.family], truncation=True,
+                     return_tensors="pt").input_ids
+            ids = t5 if model.family == "flux" else torch.cat([ids, t5], dim=1)
         return e.float(), ids
     tok = model.tokenizer
     ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
@@ -147,22 +159,29 @@ def _encode(model, prompts):
 
 
 def embedding_width(model) -> int:
-    """The width of the token embeddings the sanitizer acts on (SDXL: both encoders' together)."""
+    """The width of the token embeddings the sanitizer acts on (SDXL: both encoders' together;
+    SD3 / FLUX: the transformer's joint attention width)."""
+    if getattr(model, "is_transformer", False):
+        return model.unet.config.joint_attention_dim
     width = model.text_encoder.config.hidden_size
     return width + model.text_encoder_2.config.hidden_size if model.family == "sdxl" else width
+
+
+def _segments(model, length: int) -> list[tuple[int, int]]:
+    """``(offset, length)`` of each text segment of the sequence (SD3: CLIP, then T5)."""
+    if model.family == "sd3":
+        clip = model.tokenizer.model_max_length
+        return [(0, clip), (clip, length - clip)]
+    return [(0, length)]
 
 
 def text_encoder_hash(model) -> str:
     from ..models import state_dict_hash
 
-    h = state_dict_hash(model.text_encoder)
-    return h if model.family != "sdxl" else state_dict_hash(model.text_encoder) + ":" + state_dict_hash(model.text_encoder_2)
+    encoders = [te for te in (model.text_encoder, getattr(model, "text_encoder_2", None),
+                              getattr(model, "text_encoder_3", None)) if te is not None]
+    return ":".join(state_dict_hash(te) for te in encoders) if len(encoders) > 1 else state_dict_hash(encoders[0])
 
-
-def _check_family(model) -> None:
-    if getattr(model, "is_transformer", False):
-        raise ValueError(f"The Embedding Sanitizer is not supported on {model.family} models yet (their T5 tokens are "
-                         "not what it was designed on).")
 
 
 def train_sanitizer(model, out_path: str | Path, cfg: SanitizerTrainConfig = SanitizerTrainConfig(),
@@ -172,7 +191,6 @@ def train_sanitizer(model, out_path: str | Path, cfg: SanitizerTrainConfig = San
 
     from ..concepts import vocabulary
 
-    _check_family(model)
     registered = all(vocabulary(c) is not None for c in cfg.concepts)
     if not registered and not cfg.anchors:
         raise ValueError("On a real model give `anchors` (one per target word), e.g. concepts=('nude',), anchors=('clothed',).")
@@ -188,9 +206,13 @@ def train_sanitizer(model, out_path: str | Path, cfg: SanitizerTrainConfig = San
         e_anchor, ids_anchor = _encode(model, [t[1] for t in triples])
         target_rows = torch.tensor([t[2] is not None for t in triples])
         # score target: 1 from the first position where the prompt and its anchor differ, else 0
+        # (per text segment: SD3's CLIP and T5 parts each)
         differs = (ids != ids_anchor)
-        first = torch.where(differs.any(1), differs.int().argmax(1), torch.full((len(triples),), ids.shape[1]))
-        score_target = (torch.arange(ids.shape[1])[None] >= first[:, None]).float()
+        score_target = torch.zeros(ids.shape, dtype=torch.float32)
+        for off, length in _segments(model, ids.shape[1]):
+            d = differs[:, off:off + length]
+            first = torch.where(d.any(1), d.int().argmax(1), torch.full((len(triples),), length))
+            score_target[:, off:off + length] = (torch.arange(length)[None] >= first[:, None]).float()
         s, e_hat = net(e)
         e_out = e + s.unsqueeze(-1) * (e_hat - e)
         loss_emb = ((e_out - e_anchor) ** 2).mean(-1)[target_rows].mean() if target_rows.any() else 0.0
@@ -214,7 +236,6 @@ def load_sanitizer(path: str | Path, model) -> SanitizerNet:
     tensors, record = read_artifact(path)
     if record.get("kind") != "embedding-sanitizer":
         raise ValueError(f"{path} is not an embedding-sanitizer file (kind {record.get('kind')!r}).")
-    _check_family(model)
     made = record.get("base_model_family")
     if made and made != model.family:
         raise ArtifactMismatchError(f"{path} was trained on a {made} model's text encoder, but this is a {model.family} "
@@ -289,12 +310,14 @@ def explain(model, net: SanitizerNet, prompt: str) -> list[tuple[str, float]]:
     with torch.no_grad():
         s, e_hat = net(e)
         change = s[0] * (e_hat[0] - e[0]).norm(dim=-1)
-    tok = model.tokenizer
+    # the first text segment's tokens (FLUX: T5's, the others: CLIP's)
+    tok = model.tokenizer_2 if model.family == "flux" else model.tokenizer
+    ids = ids[:, :_segments(model, ids.shape[1])[0][1]]
     n = int((ids[0] != tok.pad_token_id).sum()) + (1 if tok.pad_token_id == tok.eos_token_id else 0)
     top = float(change[:n].max())
     vals = (change[:n] / top).tolist() if top > 1e-6 else [0.0] * n
     toks = tok.convert_ids_to_tokens(ids[0, :n].tolist())
-    return [(t.replace("</w>", ""), float(v)) for t, v in zip(toks, vals)]
+    return [(t.replace("</w>", "").replace("\u2581", ""), float(v)) for t, v in zip(toks, vals)]
 
 
 def explain_terminal(pairs: list[tuple[str, float]]) -> str:
