@@ -40,8 +40,8 @@ def test_unsupported_families_sdxl_refiner_and_transformers(tmp_path):
     with pytest.raises(ModelError, match="SDXL refiner"):
         detect_family(tmp_path)
     (tmp_path / "model_index.json").write_text(json.dumps({
-        "_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}))
-    with pytest.raises(ModelError, match="FluxTransformer2DModel.*does not run yet"):
+        "_class_name": "PixArtAlphaPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"]}))
+    with pytest.raises(ModelError, match="PixArtTransformer2DModel.*does not run"):
         detect_family(tmp_path)
 
 
