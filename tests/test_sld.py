@@ -127,9 +127,9 @@ def _ours(model, stack, steps=4, monkeypatch=None):
     if monkeypatch is not None:
         orig = core.decode
 
-        def spy(m, latents):
+        def spy(m, latents, **kw):
             captured.append(latents.clone())
-            return orig(m, latents)
+            return orig(m, latents, **kw)
 
         monkeypatch.setattr(core, "decode", spy)
     out = SafePipeline(model, DefenseStack.parse(stack or None))(PROMPTS, seeds=[SEED] * len(PROMPTS),
