@@ -5,6 +5,7 @@ distilled guidance embedding, and true classifier-free guidance for the guidance
 import numpy as np
 import pytest
 import torch
+from _families import ours
 
 from safediff import core
 from safediff.models import detect_family
@@ -21,11 +22,8 @@ def tiny_flux(tiny_dir):
     return tiny_model("flux", cache_dir=tiny_dir)
 
 
-def _ours(model, stack="", seed=3, n=2, steps=None, gs=None, batch_size=16):
-    with SafePipeline(model, DefenseStack.parse(stack or None)) as pipe:
-        out = pipe(PROMPTS, seed=seed, num_images_per_prompt=n, num_inference_steps=steps, guidance_scale=gs,
-                   batch_size=batch_size)
-    return np.stack([np.asarray(r.image) for r in out.records]).astype(np.int16)
+def _ours(model, stack="", **kw):
+    return ours(model, PROMPTS, stack, **kw)
 
 
 def _diffusers(model, seed=3, n=2, steps=28, true_cfg=1.0, negative=None):

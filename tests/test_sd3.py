@@ -5,6 +5,7 @@ flow-matching velocity <-> epsilon conversion every guidance rule goes through."
 import numpy as np
 import pytest
 import torch
+from _families import ours
 
 from safediff import core
 from safediff.models import ModelError, detect_family, load_model
@@ -22,11 +23,8 @@ def tiny_sd3(tiny_dir):
     return tiny_model("sd3", cache_dir=tiny_dir)
 
 
-def _ours(model, stack="", seed=3, n=2, steps=None, gs=None, batch_size=16):
-    with SafePipeline(model, DefenseStack.parse(stack or None)) as pipe:
-        out = pipe(PROMPTS, seed=seed, num_images_per_prompt=n, num_inference_steps=steps, guidance_scale=gs,
-                   batch_size=batch_size)
-    return np.stack([np.asarray(r.image) for r in out.records]).astype(np.int16)
+def _ours(model, stack="", **kw):
+    return ours(model, PROMPTS, stack, **kw)
 
 
 def _diffusers(pipe, seed=3, n=2, steps=28, gs=7.0, negative=None):
@@ -181,7 +179,12 @@ def test_eval_runs_end_to_end_on_a_saved_tiny_sd3(tiny_sd3, tiny_dir, tmp_path):
 def test_text_encoder_attacks_run_against_transformer_families(family, tiny_dir, tmp_path):
     # Ring-A-Bell and MMA need only the first text encoder (CLIP, with or without projection);
     # their prompts then go through the family's whole stack
-    from safediff.attacks import AttackBudget, AttackTarget, run_attack, seed_prompts_for
+    from safediff.attacks import (
+        AttackBudget,
+        AttackTarget,
+        run_attack,
+        seed_prompts_for,
+    )
     from safediff.attacks.mma import MMA, MMAConfig
     from safediff.attacks.ring_a_bell import RingABell, RingABellConfig
     from safediff.testing import tiny_model
@@ -200,7 +203,12 @@ def test_uce_and_rece_edit_the_context_embedder_and_revert_exactly(family, tiny_
     # erased word's tokens (CLIP and T5 segments) now map near where the guide's mapped; the edit
     # changes the images and is reverted bit for bit; zero rounds of RECE are the UCE edit
     from safediff.defenses.rece import RECE, RECEConfig
-    from safediff.defenses.uce import UCE, UCEConfig, cross_attention_projections, edit_vectors
+    from safediff.defenses.uce import (
+        UCE,
+        UCEConfig,
+        cross_attention_projections,
+        edit_vectors,
+    )
     from safediff.testing import tiny_model
 
     model = tiny_model(family, cache_dir=tiny_dir)
@@ -250,7 +258,12 @@ def test_embedding_sanitizer_on_the_joint_sequence(family, tiny_dir, tmp_path):
     # T5); strength 0 is no defense bit for bit; it changes the images; its per-token attribution
     # reads the first segment's tokens; one made on another family is refused naming both
     from safediff.artifacts import ArtifactMismatchError
-    from safediff.defenses.sanitizer import SanitizerTrainConfig, explain, load_sanitizer, train_sanitizer
+    from safediff.defenses.sanitizer import (
+        SanitizerTrainConfig,
+        explain,
+        load_sanitizer,
+        train_sanitizer,
+    )
     from safediff.testing import tiny_model
 
     model = tiny_model(family, cache_dir=tiny_dir)

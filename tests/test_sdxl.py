@@ -3,6 +3,7 @@
 
 import numpy as np
 import pytest
+from _families import ours
 
 from safediff import core
 from safediff.artifacts import ArtifactMismatchError
@@ -21,11 +22,8 @@ def tiny_sdxl(tiny_dir):
     return tiny_model("sdxl", cache_dir=tiny_dir)
 
 
-def _ours(model, stack="", seed=3, n=2, steps=None, gs=None, batch_size=16):
-    with SafePipeline(model, DefenseStack.parse(stack or None)) as pipe:
-        out = pipe(PROMPTS, seed=seed, num_images_per_prompt=n, num_inference_steps=steps, guidance_scale=gs,
-                   batch_size=batch_size)
-    return np.stack([np.asarray(r.image) for r in out.records]).astype(np.int16)
+def _ours(model, stack="", **kw):
+    return ours(model, PROMPTS, stack, **kw)
 
 
 def _diffusers(model, seed=3, n=2, steps=50, gs=5.0, negative=None):
@@ -285,7 +283,11 @@ def test_embedding_sanitizer_on_sdxl_acts_on_the_joint_token_embedding(tiny_sdxl
     # one sanitizer over both encoders' concatenated token embeddings; strength 0 is no defense
     # bit for bit; it changes the images; one trained on SD1 is refused naming both families
     from safediff.artifacts import ArtifactMismatchError
-    from safediff.defenses.sanitizer import SanitizerTrainConfig, load_sanitizer, train_sanitizer
+    from safediff.defenses.sanitizer import (
+        SanitizerTrainConfig,
+        load_sanitizer,
+        train_sanitizer,
+    )
 
     cfg = SanitizerTrainConfig(concepts=("zebra",), anchors=("tiger",), steps=3, batch_size=4, hidden=16)
     path = train_sanitizer(tiny_sdxl, tmp_path / "es.safetensors", cfg, progress=False)

@@ -91,6 +91,29 @@ def tiny_components(family: str = "sd1", seed: int = 0, tokenizer=None) -> dict:
     return {"unet": unet.eval(), "vae": vae.eval(), "text_encoder": te.eval(), "tokenizer": tok, "scheduler": sched}
 
 
+def _tiny_vae(seed: int, **overrides):
+    """The tiny VAE every family shares (two blocks: 8x smaller images than SD's 3-block factor of 8
+    would give, a latent side of half the image), with the family's scaling / shift factors."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3,
+                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                         latent_channels=4, norm_num_groups=2, sample_size=16, **overrides).eval()
+
+
+def _tiny_clip(cls, tok, seed: int, hidden: int, intermediate: int, projection: int, act: str = "gelu"):
+    """A tiny CLIP text encoder of ``cls`` (with or without projection) over ``tok``'s vocabulary."""
+    from transformers import CLIPTextConfig
+
+    torch.manual_seed(seed)
+    return cls(CLIPTextConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, layer_norm_eps=1e-5,
+                              num_attention_heads=2, num_hidden_layers=2, vocab_size=len(tok),
+                              max_position_embeddings=tok.model_max_length, hidden_act=act, hidden_size=hidden,
+                              intermediate_size=intermediate, projection_dim=projection,
+                              pad_token_id=tok.pad_token_id)).eval()
+
+
 def _sdxl_tokenizer_2(tok):
     """SDXL's second tokenizer: the same vocabulary, padding with ``!`` (as SDXL's does)."""
     from transformers import CLIPTokenizer
@@ -105,8 +128,8 @@ def _tiny_sdxl_components(seed: int, tokenizer=None) -> dict:
     projection that gives the pooled embedding), the UNet's ``text_time`` added conditioning
     (6 size/crop numbers + the pooled embedding), Euler scheduler, ``tokenizer_2`` padding with
     ``!`` as SDXL's does."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     tok = tokenizer or tiny_tokenizer()
     tok_2 = _sdxl_tokenizer_2(tok)
@@ -119,21 +142,9 @@ def _tiny_sdxl_components(seed: int, tokenizer=None) -> dict:
         addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=6 * 4 + proj,
         transformer_layers_per_block=(1, 2),
     )
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=[4, 8], in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=2, sample_size=16,
-        scaling_factor=0.13025,
-    )
-    common = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, layer_norm_eps=1e-5,
-                  num_attention_heads=2, num_hidden_layers=2, vocab_size=len(tok),
-                  max_position_embeddings=tok.model_max_length, hidden_act="gelu")
-    torch.manual_seed(seed)
-    te = CLIPTextModel(CLIPTextConfig(hidden_size=hidden, intermediate_size=16, projection_dim=hidden,
-                                      pad_token_id=tok.pad_token_id, **common))
-    torch.manual_seed(seed + 1)
-    te_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=hidden_2, intermediate_size=24, projection_dim=proj,
-                                                      pad_token_id=tok_2.pad_token_id, **common))
+    vae = _tiny_vae(seed, scaling_factor=0.13025)
+    te = _tiny_clip(CLIPTextModel, tok, seed, hidden, 16, hidden)
+    te_2 = _tiny_clip(CLIPTextModelWithProjection, tok_2, seed + 1, hidden_2, 24, proj)
     sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                    num_train_timesteps=1000, prediction_type="epsilon", steps_offset=1,
                                    timestep_spacing="leading", interpolation_type="linear", use_karras_sigmas=False)
@@ -147,8 +158,8 @@ def _tiny_sd3_components(seed: int, tokenizer=None) -> dict:
     concatenated), a T5 encoder (its tokenizer built offline, :func:`tiny_t5_tokenizer`), the
     MMDiT ``SD3Transformer2DModel``, a VAE with a shift factor, and the flow-matching Euler
     scheduler with SD3's shift 3.0."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     tok = tokenizer or tiny_tokenizer()
     tok_2 = _sdxl_tokenizer_2(tok)
@@ -159,21 +170,9 @@ def _tiny_sd3_components(seed: int, tokenizer=None) -> dict:
                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=t5_width,
                                         caption_projection_dim=16, pooled_projection_dim=hidden + hidden_2,
                                         pos_embed_max_size=16)
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=[4, 8], in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=2, sample_size=16,
-        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
-    )
-    common = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, layer_norm_eps=1e-5,
-                  num_attention_heads=2, num_hidden_layers=2, vocab_size=len(tok),
-                  max_position_embeddings=tok.model_max_length, hidden_act="gelu")
-    torch.manual_seed(seed)
-    te = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=hidden, intermediate_size=16, projection_dim=hidden,
-                                                    pad_token_id=tok.pad_token_id, **common))
-    torch.manual_seed(seed + 1)
-    te_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=hidden_2, intermediate_size=24, projection_dim=hidden_2,
-                                                      pad_token_id=tok_2.pad_token_id, **common))
+    vae = _tiny_vae(seed, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+    te = _tiny_clip(CLIPTextModelWithProjection, tok, seed, hidden, 16, hidden)
+    te_2 = _tiny_clip(CLIPTextModelWithProjection, tok_2, seed + 1, hidden_2, 24, hidden_2)
     torch.manual_seed(seed + 2)
     te_3 = T5EncoderModel(T5Config(vocab_size=len(tok_3), d_model=t5_width, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
                                    relative_attention_num_buckets=8, pad_token_id=tok_3.pad_token_id,
@@ -189,8 +188,8 @@ def _tiny_flux_components(seed: int, tokenizer=None) -> dict:
     encoder (tokens; tokenizer built offline), ``FluxTransformer2DModel`` with the distilled-guidance
     embedding on packed 2x2 latent patches (``in_channels`` = 4 x latent channels), a VAE with a
     shift factor, flow-matching Euler with dynamic shifting as FLUX's scheduler config."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
     tok = tokenizer or tiny_tokenizer()
     tok_2 = tiny_t5_tokenizer()
@@ -199,18 +198,8 @@ def _tiny_flux_components(seed: int, tokenizer=None) -> dict:
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=4 * latent, num_layers=1, num_single_layers=1,
                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=t5_width,
                                          pooled_projection_dim=hidden, guidance_embeds=True, axes_dims_rope=(4, 4, 8))
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=[4, 8], in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=latent, norm_num_groups=2, sample_size=16,
-        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611,
-    )
-    torch.manual_seed(seed)
-    te = CLIPTextModel(CLIPTextConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, layer_norm_eps=1e-5,
-                                      num_attention_heads=2, num_hidden_layers=2, vocab_size=len(tok),
-                                      max_position_embeddings=tok.model_max_length, hidden_act="quick_gelu",
-                                      hidden_size=hidden, intermediate_size=16, projection_dim=hidden,
-                                      pad_token_id=tok.pad_token_id))
+    vae = _tiny_vae(seed, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611)
+    te = _tiny_clip(CLIPTextModel, tok, seed, hidden, 16, hidden, act="quick_gelu")
     torch.manual_seed(seed + 2)
     te_2 = T5EncoderModel(T5Config(vocab_size=len(tok_2), d_model=t5_width, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
                                    relative_attention_num_buckets=8, pad_token_id=tok_2.pad_token_id,
