@@ -82,10 +82,10 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(session, monkeypatch_module):
+    monkeypatch_module.setenv("GRADIO_ANALYTICS_ENABLED", "False")  # before Gradio is imported: no usage reports
     pytest.importorskip("gradio")
     from safediff.serve import build_app
 
-    monkeypatch_module.setenv("GRADIO_ANALYTICS_ENABLED", "False")
     port = _free_port()
     app = build_app(session)
     app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
