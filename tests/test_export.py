@@ -106,3 +106,26 @@ def test_duo_lora_file_and_the_cli(tiny_sd1, tiny_dir, tmp_path, capsys):
     # an existing --out is refused in one line, before the model is loaded
     assert main(["export", "--model", str(tiny_dir / "sd1-0"), "--defense", UCE, "--out", str(out)]) == 2
     assert "exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_diffusers_folder_export_on_newer_families_loads_in_their_pipeline(family, tiny_dir, tmp_path):
+    # UCE's edit (cross-attention on SDXL, the context embedder on SD3/FLUX) written as a folder
+    # that diffusers' own pipeline class for the family loads; the same images as the stack
+    import diffusers
+
+    from safediff.testing import tiny_model
+
+    model = tiny_model(family, cache_dir=tiny_dir)
+    stack, gs = 'uce(erase=["zebra"])', 4.0 if family == "flux" else None
+    (out,) = export(model, stack, tmp_path / "edited")
+    cls = {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}[family]
+    assert isinstance(getattr(diffusers, cls).from_pretrained(out), getattr(diffusers, cls))
+    exported = load_model(out)
+    assert exported.family == family and exported.content_hash != model.content_hash
+
+    def image(m, s):
+        with SafePipeline(m, DefenseStack.parse(s)) as pipe:
+            return np.asarray(pipe(["a zebra"], num_inference_steps=3, guidance_scale=gs).images[0]).astype(int)
+
+    assert np.abs(image(exported, None) - image(model, stack)).max() == 0  # measured: 0 grey levels
