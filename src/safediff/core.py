@@ -143,9 +143,9 @@ def initial_latents(model, generators: list[torch.Generator], height: int, width
     from diffusers.utils.torch_utils import randn_tensor
 
     if model.family == "flux":  # noise on the latent grid, then packed into 2x2 patches, as FluxPipeline
-        c, h, w = model.unet.config.in_channels // 4, 2 * (height // (model.vae_scale_factor * 2)), 2 * (width // (model.vae_scale_factor * 2))
-        latents = pack_latents(randn_tensor((len(generators), c, h, w), generator=generators, device=model.device,
-                                            dtype=model.dtype))
+        h, w = flux_latent_grid(model, height, width)
+        latents = pack_latents(randn_tensor((len(generators), model.unet.config.in_channels // 4, h, w),
+                                            generator=generators, device=model.device, dtype=model.dtype))
         if num_inference_steps is not None:
             set_timesteps(model, model.scheduler, num_inference_steps, latents.shape)
         return latents
@@ -155,6 +155,13 @@ def initial_latents(model, generators: list[torch.Generator], height: int, width
     latents = randn_tensor(shape, generator=generators, device=model.device, dtype=model.dtype)
     # flow-matching schedulers start from pure noise (no init_noise_sigma)
     return latents * getattr(model.scheduler, "init_noise_sigma", 1.0)
+
+
+def flux_latent_grid(model, height: int, width: int) -> tuple[int, int]:
+    """FLUX's latent grid for a ``height`` x ``width`` image: the VAE's factor, rounded down to an
+    even size so that it packs into 2x2 patches (as FluxPipeline)."""
+    f = 2 * model.vae_scale_factor
+    return 2 * (height // f), 2 * (width // f)
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -244,8 +251,7 @@ def decode(model, latents: torch.Tensor, size: tuple[int, int] | None = None) ->
     for images of ``size`` ``(height, width)`` (default the model's)."""
     if latents.dim() == 3:
         H, W = size or (model.default_size, model.default_size)
-        f = model.vae_scale_factor
-        latents = unpack_latents(latents, 2 * (H // (f * 2)), 2 * (W // (f * 2)))
+        latents = unpack_latents(latents, *flux_latent_grid(model, H, W))
     shift = getattr(model.vae.config, "shift_factor", None) or 0.0
     with torch.no_grad():
         z = latents / model.vae.config.scaling_factor

@@ -157,8 +157,7 @@ class DefendedDenoiser:
         pt = model.prediction_type
         if model.is_transformer:  # SD3's / FLUX's MMDiT: one timestep per sample, the pooled embedding per branch
             Bx = x_t.shape[0]
-            t_vec = t.expand(n * Bx) if torch.is_tensor(t) and t.dim() == 0 else (
-                t_in if torch.is_tensor(t_in) else torch.full((n * Bx,), float(t), device=x_t.device))
+            t_vec = torch.as_tensor(t_in, device=x_t.device).expand(n * Bx)
             pooled_in = torch.cat([_batch(p, Bx) for p in self._pooled])
             if model.family == "flux":  # timesteps in [0, 1], distilled guidance as an embedding, RoPE ids
                 g = model.distilled_guidance

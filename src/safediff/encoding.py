@@ -119,6 +119,47 @@ def _sdxl_forward(model, ids: torch.Tensor, ids_2: torch.Tensor) -> tuple[torch.
 T5_LENGTH = {"sd3": 256, "flux": 512}
 
 
+def t5_parts(model):
+    """``(T5 encoder, its tokenizer, sequence length)`` of an SD3 / FLUX model (SD3: ``text_encoder_3``,
+    FLUX: ``text_encoder_2``, as diffusers names them); ``(None, None, length)`` for SD3 loaded
+    without T5; None for the families without T5."""
+    if model.family == "flux":
+        return model.text_encoder_2, model.tokenizer_2, T5_LENGTH["flux"]
+    if model.family == "sd3":
+        return model.text_encoder_3, model.tokenizer_3, T5_LENGTH["sd3"]
+    return None
+
+
+def t5_tokens(model, prompts: Sequence[str]):
+    """T5's tokenisation of ``prompts`` (``input_ids``, ``attention_mask``), padded to the family's
+    T5 length as diffusers' pipelines pad it; None when the model has no T5 tokenizer."""
+    parts = t5_parts(model)
+    if parts is None or parts[1] is None:
+        return None
+    _, tok, length = parts
+    return tok(list(prompts), padding="max_length", max_length=length, truncation=True, add_special_tokens=True,
+               return_tensors="pt")
+
+
+def token_segments(model) -> list[tuple[str, int, int]]:
+    """The text segments of the token sequence the denoiser reads, ``[(kind, offset, length)]``
+    with kind ``"clip"`` or ``"t5"``: one CLIP segment (SD1/SD2/SDXL/testbed); SD3's CLIP part then
+    its T5 part (zeros when loaded without T5); FLUX's T5 tokens."""
+    clip = model.tokenizer.model_max_length
+    parts = t5_parts(model)
+    if parts is None:
+        return [("clip", 0, clip)]
+    if model.family == "flux":
+        return [("t5", 0, parts[2])]
+    return [("clip", 0, clip), ("t5", clip, parts[2])]
+
+
+def sdxl_time_ids(height: int, width: int) -> torch.Tensor:
+    """SDXL's six size/crop numbers: original size, crop top-left, target size (diffusers'
+    defaults: no crop, the same size)."""
+    return torch.tensor([height, width, 0, 0, height, width])
+
+
 def _sd3_forward(model, ids: torch.Tensor, ids_2: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """SD3's text conditioning as diffusers' ``StableDiffusion3Pipeline.encode_prompt``: both CLIP
     encoders' penultimate hidden states concatenated and zero-padded to T5's width, then T5's
@@ -134,13 +175,10 @@ def _sd3_forward(model, ids: torch.Tensor, ids_2: torch.Tensor, prompts: Sequenc
 
 def _t5_embeds(model, prompts: list[str], batch: int) -> torch.Tensor:
     """T5's last hidden state ``(B, L, D)`` (SD3: ``text_encoder_3``, FLUX: ``text_encoder_2``)."""
-    length = T5_LENGTH[model.family]
-    te_3, tok_3 = ((model.text_encoder_2, model.tokenizer_2) if model.family == "flux"
-                   else (model.text_encoder_3, model.tokenizer_3))
+    te_3, tok_3, length = t5_parts(model)
     if te_3 is None:  # SD3 loaded without T5: diffusers uses zeros for its part
         return torch.zeros(batch, length, model.unet.config.joint_attention_dim, device=model.device)
-    enc = tok_3(prompts, padding="max_length", max_length=length, truncation=True, add_special_tokens=True,
-                return_tensors="pt")
+    enc = t5_tokens(model, prompts)
     full = tok_3(prompts, padding="longest", return_tensors="pt").input_ids
     if full.shape[-1] > length:
         warnings.warn(f"A prompt is longer than T5's {length} tokens; the rest was cut for the T5 encoder.",
@@ -148,10 +186,14 @@ def _t5_embeds(model, prompts: list[str], batch: int) -> torch.Tensor:
     return te_3(enc.input_ids.to(te_3.device))[0]
 
 
+def clip_ids(tok, prompts: Sequence[str]) -> torch.Tensor:
+    """A CLIP tokenizer's ids of ``prompts``, padded to its full length ``(B, 77)`` as diffusers pads them."""
+    return tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids
+
+
 def _ids_2(model, prompts: list[str]) -> torch.Tensor:
-    tok_2 = model.tokenizer_2
-    return tok_2(prompts, padding="max_length", max_length=tok_2.model_max_length, truncation=True,
-                 return_tensors="pt").input_ids
+    return clip_ids(model.tokenizer_2, prompts)
 
 
 def encode_pooled(model, prompts: list[str]) -> torch.Tensor:
@@ -160,21 +202,15 @@ def encode_pooled(model, prompts: list[str]) -> torch.Tensor:
     projections concatenated; FLUX's CLIP pooled output."""
     if not getattr(model, "has_pooled", False):
         raise ValueError(f"A {model.family} model takes no pooled text embedding.")
-    if model.family == "flux":  # CLIP ViT-L's pooled output
-        tok, te = model.tokenizer, model.text_encoder
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
-        with torch.no_grad():
-            return te(ids.to(te.device)).pooler_output.to(model.dtype)
-    te_2 = model.text_encoder_2
+    te = model.text_encoder
     with torch.no_grad():
+        if model.family == "flux":  # CLIP ViT-L's pooled output
+            return te(clip_ids(model.tokenizer, prompts).to(te.device)).pooler_output.to(model.dtype)
+        te_2 = model.text_encoder_2
         pooled_2 = te_2(_ids_2(model, prompts).to(te_2.device))[0]
         if model.family != "sd3":
             return pooled_2.to(model.dtype)
-        tok, te = model.tokenizer, model.text_encoder
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
-        return torch.cat([te(ids.to(te.device))[0], pooled_2], dim=-1).to(model.dtype)
+        return torch.cat([te(clip_ids(model.tokenizer, prompts).to(te.device))[0], pooled_2], dim=-1).to(model.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

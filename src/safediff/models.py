@@ -73,7 +73,7 @@ class ModelError(ValueError):
 class Model:
     """A loaded text-to-image model: diffusers components plus what safediff knows about them."""
 
-    #: the denoising network: a ``UNet2DConditionModel``, or SD3's MMDiT (diffusers' ``transformer``)
+    #: the denoising network: a ``UNet2DConditionModel``, or SD3's / FLUX's MMDiT (diffusers' ``transformer``)
     unet: Any
     text_encoder: Any
     vae: Any
@@ -108,7 +108,7 @@ class Model:
 
     @property
     def has_pooled(self) -> bool:
-        """Whether the denoiser also takes a pooled text embedding (SDXL, with size conditioning; SD3)."""
+        """Whether the denoiser also takes a pooled text embedding (SDXL, with size conditioning; SD3; FLUX)."""
         return self.family in ("sdxl", "sd3", "flux")
 
     @property
@@ -119,7 +119,7 @@ class Model:
     @property
     def prediction_type(self) -> str:
         """``epsilon``, ``v_prediction`` or ``sample`` (the scheduler's), or ``flow`` for a
-        flow-matching model, which predicts the velocity ``noise - x0`` (SD3)."""
+        flow-matching model, which predicts the velocity ``noise - x0`` (SD3, FLUX)."""
         if type(self.scheduler).__name__ in FLOW_SCHEDULERS:
             return "flow"
         return self.scheduler.config.prediction_type

@@ -199,11 +199,9 @@ class SafePipeline:
                      "negative_pooled": (torch.zeros_like(pooled) if self.model.force_zeros_for_empty_prompt
                                          else encoding.encode_pooled(self.model, [""]))}
             if self.model.family == "sdxl":
-                # original size, crop top-left, target size (diffusers' defaults: no crop, same size)
-                added["time_ids"] = torch.tensor([h, w, 0, 0, h, w])
+                added["time_ids"] = encoding.sdxl_time_ids(h, w)
             if self.model.family == "flux":
-                f = self.model.vae_scale_factor
-                added["image_ids"] = core.latent_image_ids(2 * (h // (f * 2)), 2 * (w // (f * 2)), self.model.device,
+                added["image_ids"] = core.latent_image_ids(*core.flux_latent_grid(self.model, h, w), self.model.device,
                                                            self.model.dtype)
         if prompt_embeds is None:
             prompt_embeds, input_ids, _ = self._encode(prompts, warn_truncation=True)

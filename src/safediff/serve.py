@@ -136,22 +136,9 @@ class DemoSession:
         try:
             kw = dict(seed=int(seed), num_images_per_prompt=int(num_images), num_inference_steps=steps,
                       guidance_scale=guidance_scale)
-            total = 2.0
 
-            def bar(offset: float, label: str):
-                if progress is None:
-                    return False
-
-                class _Bar:  # the pipeline advances a tqdm-like bar by images; report it as a fraction
-                    n = 0.0
-
-                    def update(self, k):
-                        self.n += k
-                        progress((offset + min(self.n / int(num_images), 1.0)) / total, label)
-
-                    def refresh(self):
-                        pass
-                return _Bar()
+            def bar(half: int, label: str):  # no defense: the first half of the page's bar; defended: the second
+                return False if progress is None else _HalfBar(progress, half, int(num_images), label)
 
             with SafePipeline(m, DefenseStack()) as plain:
                 base = plain([prompt], progress=bar(0, "no defense"), **kw)
@@ -186,6 +173,22 @@ class DemoSession:
         return res
 
 
+class _HalfBar:
+    """A tqdm-like bar the pipeline advances by images (a step at a time), reported to the page as
+    a fraction: half ``half`` (0 or 1) of the two generations one click makes."""
+
+    def __init__(self, progress: Callable[[float, str], None], half: int, num_images: int, label: str):
+        self.progress, self.half, self.num_images, self.label = progress, half, num_images, label
+        self.n = 0.0
+
+    def update(self, k: float) -> None:
+        self.n += k
+        self.progress((self.half + min(self.n / self.num_images, 1.0)) / 2, self.label)
+
+    def refresh(self) -> None:
+        pass
+
+
 def _sanitizer_scores(pipe, prompt: str) -> list[tuple[str, float]] | None:
     from .defenses.sanitizer import EmbeddingSanitizer, explain
 
@@ -216,9 +219,9 @@ def build_app(session: DemoSession):
         res = session.compare(prompt, stack_text, model_path=model_path, seed=int(seed), num_images=int(num_images),
                               steps=int(steps) if steps else None, guidance_scale=float(guidance) if guidance else None,
                               progress=lambda f, label: progress(f, desc=label))
-        blank = [i for i in res.defended if i is not None]
+        generated = [i for i in res.defended if i is not None]  # refused images have none
         tokens = [(t, float(s)) for t, s in res.token_scores] if res.token_scores else []
-        return (res.undefended, blank, res.summary_markdown(), tokens, res.stack_file)
+        return (res.undefended, generated, res.summary_markdown(), tokens, res.stack_file)
 
     with gr.Blocks(title="safediff") as app:
         gr.Markdown(f"# safediff: see a defense act\nModel: `{session.default_model}` ({m.family}). The same seeds "

@@ -42,7 +42,7 @@ def tiny_tokenizer(out_dir: str | Path | None = None):
 
 
 def tiny_t5_tokenizer(out_dir: str | Path | None = None):
-    """An offline T5 tokenizer (SD3's third text encoder) over the same words as :func:`tiny_tokenizer`."""
+    """An offline T5 tokenizer (SD3's and FLUX's T5) over the same words as :func:`tiny_tokenizer`."""
     from .testbed.world import vocabulary
     from .tokenizer import build_t5_tokenizer
 
@@ -51,7 +51,7 @@ def tiny_t5_tokenizer(out_dir: str | Path | None = None):
 
 
 def tiny_components(family: str = "sd1", seed: int = 0, tokenizer=None) -> dict:
-    """Random components shaped like ``family`` (``sd1``, ``sd2``, ``sd2-v``, ``sdxl`` or ``sd3``)."""
+    """Random components shaped like ``family`` (``sd1``, ``sd2``, ``sd2-v``, ``sdxl``, ``sd3`` or ``flux``)."""
     if family == "sdxl":
         return _tiny_sdxl_components(seed, tokenizer)
     if family == "sd3":
@@ -114,6 +114,16 @@ def _tiny_clip(cls, tok, seed: int, hidden: int, intermediate: int, projection: 
                               pad_token_id=tok.pad_token_id)).eval()
 
 
+def _tiny_t5(tok, seed: int, width: int):
+    """A tiny T5 encoder (SD3's and FLUX's) over ``tok``'s vocabulary."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(vocab_size=len(tok), d_model=width, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                   relative_attention_num_buckets=8, pad_token_id=tok.pad_token_id,
+                                   eos_token_id=tok.eos_token_id, decoder_start_token_id=0)).eval()
+
+
 def _sdxl_tokenizer_2(tok):
     """SDXL's second tokenizer: the same vocabulary, padding with ``!`` (as SDXL's does)."""
     from transformers import CLIPTokenizer
@@ -159,7 +169,7 @@ def _tiny_sd3_components(seed: int, tokenizer=None) -> dict:
     MMDiT ``SD3Transformer2DModel``, a VAE with a shift factor, and the flow-matching Euler
     scheduler with SD3's shift 3.0."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection
 
     tok = tokenizer or tiny_tokenizer()
     tok_2 = _sdxl_tokenizer_2(tok)
@@ -173,13 +183,10 @@ def _tiny_sd3_components(seed: int, tokenizer=None) -> dict:
     vae = _tiny_vae(seed, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
     te = _tiny_clip(CLIPTextModelWithProjection, tok, seed, hidden, 16, hidden)
     te_2 = _tiny_clip(CLIPTextModelWithProjection, tok_2, seed + 1, hidden_2, 24, hidden_2)
-    torch.manual_seed(seed + 2)
-    te_3 = T5EncoderModel(T5Config(vocab_size=len(tok_3), d_model=t5_width, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-                                   relative_attention_num_buckets=8, pad_token_id=tok_3.pad_token_id,
-                                   eos_token_id=tok_3.eos_token_id, decoder_start_token_id=0))
+    te_3 = _tiny_t5(tok_3, seed + 2, t5_width)
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     return {"transformer": transformer.eval(), "vae": vae.eval(), "text_encoder": te.eval(), "text_encoder_2": te_2.eval(),
-            "text_encoder_3": te_3.eval(), "tokenizer": tok, "tokenizer_2": tok_2, "tokenizer_3": tok_3,
+            "text_encoder_3": te_3, "tokenizer": tok, "tokenizer_2": tok_2, "tokenizer_3": tok_3,
             "scheduler": sched}
 
 
@@ -189,7 +196,7 @@ def _tiny_flux_components(seed: int, tokenizer=None) -> dict:
     embedding on packed 2x2 latent patches (``in_channels`` = 4 x latent channels), a VAE with a
     shift factor, flow-matching Euler with dynamic shifting as FLUX's scheduler config."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel
 
     tok = tokenizer or tiny_tokenizer()
     tok_2 = tiny_t5_tokenizer()
@@ -200,10 +207,7 @@ def _tiny_flux_components(seed: int, tokenizer=None) -> dict:
                                          pooled_projection_dim=hidden, guidance_embeds=True, axes_dims_rope=(4, 4, 8))
     vae = _tiny_vae(seed, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611)
     te = _tiny_clip(CLIPTextModel, tok, seed, hidden, 16, hidden, act="quick_gelu")
-    torch.manual_seed(seed + 2)
-    te_2 = T5EncoderModel(T5Config(vocab_size=len(tok_2), d_model=t5_width, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-                                   relative_attention_num_buckets=8, pad_token_id=tok_2.pad_token_id,
-                                   eos_token_id=tok_2.eos_token_id, decoder_start_token_id=0))
+    te_2 = _tiny_t5(tok_2, seed + 2, t5_width)
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
                                             base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                                             max_image_seq_len=4096)
@@ -254,6 +258,13 @@ def tiny_model(family: str = "sd1", seed: int = 0, cache_dir: str | Path | None 
     return load_model(path)
 
 
+#: CLIP ViT-L/14's and OpenCLIP bigG's text encoders (SD1, SDXL, SD3, FLUX), as their published configs
+_CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+               max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")
+_CLIP_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+               max_position_embeddings=77, projection_dim=1280, hidden_act="gelu")
+
+
 def full_size_sdxl_configs() -> dict:
     """SDXL base's architecture as configs (UNet 2.57 B parameters, CLIP ViT-L + OpenCLIP bigG
     text encoders, the SD VAE at scaling factor 0.13025), as in its published config files."""
@@ -268,17 +279,11 @@ def full_size_sdxl_configs() -> dict:
         "vae": dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
                     block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
                     up_block_types=("UpDecoderBlock2D",) * 4, sample_size=1024, norm_num_groups=32, scaling_factor=0.13025),
-        "text_encoder": dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                             num_attention_heads=12, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu"),
-        "text_encoder_2": dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                               num_attention_heads=20, max_position_embeddings=77, projection_dim=1280, hidden_act="gelu"),
+        "text_encoder": _CLIP_L,
+        "text_encoder_2": _CLIP_G,
     }
 
 
-_CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-               max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")
-_CLIP_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-               max_position_embeddings=77, projection_dim=1280, hidden_act="gelu")
 #: T5 v1.1 XXL's encoder (SD3's and FLUX's), as its published config
 _T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", is_gated_act=True,

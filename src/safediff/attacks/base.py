@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
-from ..encoding import clip_pooled
+from ..encoding import clip_ids, clip_pooled
 
 _ATTACKS: dict[str, type["Attack"]] = {}
 
@@ -123,9 +123,7 @@ class TextModel:
         return clip_pooled(self.text_encoder(ids.to(self.text_encoder.device)))
 
     def ids(self, prompts: Sequence[str]) -> torch.Tensor:
-        tok = self.tokenizer
-        return tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
-                   return_tensors="pt").input_ids
+        return clip_ids(self.tokenizer, prompts)
 
 
 class AttackTarget:

@@ -20,13 +20,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..encoding import clip_pooled
+from ..encoding import clip_ids, clip_pooled
 from .base import DefenseConfig, FilterDecision, PromptFilterDefense, register_defense
 
 
 def _pooled_words(model, words) -> torch.Tensor:
-    tok = model.tokenizer
-    ids = tok(list(words), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+    ids = clip_ids(model.tokenizer, words)
     with torch.no_grad():
         p = clip_pooled(model.text_encoder(ids.to(model.text_encoder.device))).float()
     return torch.nn.functional.normalize(p, dim=-1)

@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 
+from ..encoding import clip_ids, real_token_mask
 from .base import (DefenseConfig, EmbeddingContext, EmbeddingDefense, GuidanceContext, GuidanceDefense, StepInfo,
                    register_defense, schedule_fraction)
 
@@ -123,7 +124,7 @@ def safree_project(ctx: EmbeddingContext, space: tuple[str, ...], alpha: float,
     te, tok = ctx.text_encoder, ctx.tokenizer
     rows = []
     if space:
-        c_ids = tok(list(space), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        c_ids = clip_ids(tok, space)
         rows.append(_pooled(te, c_ids))
     if extra_pooled is not None:
         rows.append(extra_pooled.double().to(te.device))
@@ -204,13 +205,11 @@ class SAFREE(EmbeddingDefense):
         """:func:`safree_project`, once per text encoder on its slice of the token embeddings (SDXL)."""
         if self.model.family not in ("sdxl", "sd3"):
             return safree_project(ctx, space, self.config.alpha, extra)
-        from ..encoding import _ids_2, real_token_mask
-
         m = self.model
         d1, d2 = m.text_encoder.config.hidden_size, m.text_encoder_2.config.hidden_size
         L = ctx.input_ids.shape[1]  # SD3: the CLIP part is the first 77 positions; T5's follow
         real_prompts = any(p.strip() for p in ctx.prompts)
-        ids_2 = _ids_2(m, ctx.prompts) if real_prompts else ctx.input_ids
+        ids_2 = clip_ids(m.tokenizer_2, ctx.prompts) if real_prompts else ctx.input_ids
         first = dataclasses.replace(ctx, prompt_embeds=ctx.prompt_embeds[:, :L, :d1], outputs={})
         second = dataclasses.replace(ctx, prompt_embeds=ctx.prompt_embeds[:, :L, d1:d1 + d2], input_ids=ids_2,
                                      attention_mask=real_token_mask(ids_2, m.tokenizer_2) if real_prompts

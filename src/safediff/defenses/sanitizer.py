@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from ..artifacts import ArtifactMismatchError, read_artifact, save_artifact
+from ..encoding import clip_ids, t5_parts, token_segments
 from .base import DefenseConfig, EmbeddingContext, EmbeddingDefense, register_defense
 
 
@@ -143,17 +144,15 @@ def _encode(model, prompts):
     """``(embeddings (B, L, D), token ids (B, L))``, the ids aligned with the embedding's positions
     (SD3: CLIP's then T5's; FLUX: T5's)."""
     if model.family in ("sdxl", "sd3", "flux"):  # the joint token embedding the denoiser reads
-        from ..encoding import T5_LENGTH, encode_prompts
+        from ..encoding import encode_prompts, t5_parts, t5_tokens
 
         e, ids, _ = encode_prompts(model, list(prompts), warn_truncation=False)
-        if model.family in ("sd3", "flux"):
-            tok = model.tokenizer_2 if model.family == "flux" else model.tokenizer_3
-            t5 = tok(list(prompts), padding="max_length", max_length=T5_LENGTH[model.family], truncation=True,
-                     return_tensors="pt").input_ids
+        if t5_parts(model) is not None:
+            t5 = t5_tokens(model, prompts)
+            t5 = t5.input_ids if t5 is not None else torch.zeros(len(ids), t5_parts(model)[2], dtype=ids.dtype)
             ids = t5 if model.family == "flux" else torch.cat([ids, t5], dim=1)
         return e.float(), ids
-    tok = model.tokenizer
-    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+    ids = clip_ids(model.tokenizer, prompts)
     with torch.no_grad():
         return model.text_encoder(ids.to(model.text_encoder.device))[0].float(), ids
 
@@ -167,22 +166,12 @@ def embedding_width(model) -> int:
     return width + model.text_encoder_2.config.hidden_size if model.family == "sdxl" else width
 
 
-def _segments(model, length: int) -> list[tuple[int, int]]:
-    """``(offset, length)`` of each text segment of the sequence (SD3: CLIP, then T5)."""
-    if model.family == "sd3":
-        clip = model.tokenizer.model_max_length
-        return [(0, clip), (clip, length - clip)]
-    return [(0, length)]
-
-
 def text_encoder_hash(model) -> str:
     from ..models import state_dict_hash
 
     encoders = [te for te in (model.text_encoder, getattr(model, "text_encoder_2", None),
                               getattr(model, "text_encoder_3", None)) if te is not None]
-    return ":".join(state_dict_hash(te) for te in encoders) if len(encoders) > 1 else state_dict_hash(encoders[0])
-
-
+    return ":".join(state_dict_hash(te) for te in encoders)
 
 def train_sanitizer(model, out_path: str | Path, cfg: SanitizerTrainConfig = SanitizerTrainConfig(),
                     progress: bool = True) -> Path:
@@ -209,7 +198,7 @@ def train_sanitizer(model, out_path: str | Path, cfg: SanitizerTrainConfig = San
         # (per text segment: SD3's CLIP and T5 parts each)
         differs = (ids != ids_anchor)
         score_target = torch.zeros(ids.shape, dtype=torch.float32)
-        for off, length in _segments(model, ids.shape[1]):
+        for _, off, length in token_segments(model):
             d = differs[:, off:off + length]
             first = torch.where(d.any(1), d.int().argmax(1), torch.full((len(triples),), length))
             score_target[:, off:off + length] = (torch.arange(length)[None] >= first[:, None]).float()
@@ -311,8 +300,9 @@ def explain(model, net: SanitizerNet, prompt: str) -> list[tuple[str, float]]:
         s, e_hat = net(e)
         change = s[0] * (e_hat[0] - e[0]).norm(dim=-1)
     # the first text segment's tokens (FLUX: T5's, the others: CLIP's)
-    tok = model.tokenizer_2 if model.family == "flux" else model.tokenizer
-    ids = ids[:, :_segments(model, ids.shape[1])[0][1]]
+    kind, _, length = token_segments(model)[0]
+    tok = t5_parts(model)[1] if kind == "t5" else model.tokenizer
+    ids = ids[:, :length]
     n = int((ids[0] != tok.pad_token_id).sum()) + (1 if tok.pad_token_id == tok.eos_token_id else 0)
     top = float(change[:n].max())
     vals = (change[:n] / top).tolist() if top > 1e-6 else [0.0] * n

@@ -179,21 +179,20 @@ def edit_vectors(
 
 
 def text_segments(model, texts: Sequence[str], mask: torch.Tensor) -> list[tuple[int, int, list[int]]]:
-    """The token segments of the encoded sequence, ``[(offset, length, real token count per text)]``:
-    one CLIP segment (SD1/SD2/SDXL: the attention mask's counts); SD3's CLIP part and its T5 part;
-    FLUX's T5 tokens. A T5 count is its words plus the end token (no start token)."""
-    clip = (0, mask.shape[1], mask.sum(1).tolist())
-    if model.family not in ("sd3", "flux"):
-        return [clip]
-    from ..encoding import T5_LENGTH
+    """The text segments of the encoded sequence (:func:`safediff.encoding.token_segments`) with
+    the real token count of each text in each, ``[(offset, length, counts)]``: a CLIP count is the
+    attention mask's (start, words, end token); a T5 count its words plus the end token (no start
+    token). SD3 loaded without T5 has zeros in its T5 part: nothing to edit there."""
+    from ..encoding import t5_tokens, token_segments
 
-    tok = model.tokenizer_2 if model.family == "flux" else model.tokenizer_3
-    length = T5_LENGTH[model.family]
-    if tok is None:  # SD3 without T5: its part is zeros, nothing to edit there
-        return [clip]
-    t5_real = tok(list(texts), padding="max_length", max_length=length, truncation=True,
-                  return_tensors="pt").attention_mask.sum(1).tolist()
-    return [(0, length, t5_real)] if model.family == "flux" else [clip, (mask.shape[1], length, t5_real)]
+    t5 = t5_tokens(model, texts)
+    out = []
+    for kind, offset, length in token_segments(model):
+        if kind == "clip":
+            out.append((offset, length, mask.sum(1).tolist()))
+        elif t5 is not None:
+            out.append((offset, length, t5.attention_mask.sum(1).tolist()))
+    return out
 
 
 def cross_attention_projections(unet: torch.nn.Module, targets: str = "kv") -> dict[str, torch.nn.Module]:

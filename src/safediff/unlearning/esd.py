@@ -43,7 +43,7 @@ import torch
 
 from .. import core
 from ..artifacts import save_artifact
-from ..encoding import encode_pooled, encode_prompts
+from ..encoding import encode_pooled, encode_prompts, sdxl_time_ids
 from .param_sets import esd_parameter_names
 
 
@@ -141,8 +141,7 @@ def train_esd(model, out_path: str | Path, cfg: ESDTrainConfig, progress: bool =
         empty_pooled = encode_pooled(model, [""])
         if model.force_zeros_for_empty_prompt:
             empty, empty_pooled = torch.zeros_like(empty), torch.zeros_like(empty_pooled)
-        size = model.default_size
-        time_ids = torch.tensor([size, size, 0, 0, size, size])
+        time_ids = sdxl_time_ids(model.default_size, model.default_size)
 
     def added(*branch_pooled):  # the UNet's added conditioning for a batch of branches (SDXL)
         if not pooled:
