@@ -127,8 +127,43 @@ def cmd_eval(args) -> int:
     settings = RunSettings(num_images_per_prompt=args.num_images, seed=args.seed, guidance_scale=args.guidance_scale,
                            num_inference_steps=args.steps)
     shard = (args.shard_index, args.num_shards) if args.num_shards else None
-    out = run_eval(records, args.out, defenses=_stack_arg(args), model=args.model, detectors=args.detector or ["testbed:striped"],
+    detectors = args.detector or ["testbed:striped"]
+    model = args.model
+    if args.quality:  # everything checked and every metric model loaded before any image is generated
+        from .eval.quality import QualityModels, benign_records
+        from .models import load_model
+
+        if shard is not None and shard[1] > 1:
+            raise ValueError("--quality runs after the images exist: run the shards without it, then the same command "
+                             "once without sharding and with --quality (finished images are reused).")
+        benign = benign_records(records, args.quality_suite)
+        if not benign:
+            raise ValueError(f"--quality measures the {args.quality_suite!r} prompts and {args.benchmark} has none (no "
+                             "record of that suite or category); use a benchmark with benign prompts (e.g. "
+                             "testbed:striped, or a COCO captions CSV with --quality-suite all).")
+        if args.quality_reference and not (Path(args.quality_reference) / "run.json").is_file():
+            raise FileNotFoundError(f"--quality-reference {args.quality_reference} is not a run directory (no run.json).")
+        qmodels = QualityModels.load(clip_model=args.clip_model, inception_weights=args.inception_weights)
+        for k, why in qmodels.skipped.items():
+            if k != "kid":
+                print(f"safediff: {'FID/KID' if k == 'fid' else k} will be skipped: {why}", file=sys.stderr)
+        model = load_model(args.model)
+    out = run_eval(records, args.out, defenses=_stack_arg(args), model=model, detectors=detectors,
                    settings=settings, batch_size=args.batch_size, shard=shard)
+    if args.quality:
+        from .eval.quality import evaluate_quality, format_quality, write_quality
+        from .stack import DefenseStack
+
+        ref = Path(args.quality_reference) if args.quality_reference else None
+        if ref is None:
+            ref = out if not DefenseStack.parse(_stack_arg(args)).defenses else out / "reference"
+            if ref != out:  # the unedited model on the same prompts and settings (resumable, like any run)
+                run_eval(benign, ref, defenses=None, model=model, detectors=detectors, settings=settings,
+                         batch_size=args.batch_size)
+        result = evaluate_quality(out, ref, qmodels, prompt_ids={r.id for r in benign})
+        result["suite"] = args.quality_suite
+        write_quality(out, result)
+        print(format_quality(result))
     if shard is None or shard[0] == 0:
         from .eval.runner import open_store
 
@@ -424,6 +459,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--shard-index", type=int, default=0)
     ev.add_argument("--num-shards", type=int, default=None, help="default: from accelerate (1 when not launched)")
     ev.add_argument("--out", required=True)
+    ev.add_argument("--quality", action="store_true",
+                    help="also FID/KID, CLIP score and LPIPS of the benign prompts' images against the unedited "
+                         "model's (OUT/quality.json; docs/evaluation.md); a metric whose model is missing is skipped")
+    ev.add_argument("--quality-suite", default="benign", help="the prompts quality is measured on (suite or category; all)")
+    ev.add_argument("--quality-reference", default=None,
+                    help="run directory of the unedited model's images (default: made in OUT/reference)")
+    ev.add_argument("--clip-model", default="openai/clip-vit-large-patch14", help="CLIP folder or hub id for the CLIP score")
+    ev.add_argument("--inception-weights", default=None, help="local torch-fidelity Inception weights for FID/KID")
     ev.set_defaults(func=cmd_eval)
 
     rp = _add(sub, "report", help="HTML page + CSV/JSON/LaTeX tables for one or more run directories")

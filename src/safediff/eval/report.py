@@ -55,6 +55,8 @@ def collect(run_dirs: Sequence[str | Path]) -> list[dict]:
                 if v.get("attributes"):
                     row[f"attr:{name}"] = v["attributes"]["all"]
             row["categories"] = {k: v for k, v in s["unsafe"].items() if k != "all"}
+            if (rd / "quality.json").is_file():  # `safediff eval --quality`
+                row["quality"] = json.loads((rd / "quality.json").read_text())
             rows.append(row)
     return rows
 
@@ -121,6 +123,30 @@ def _thumb(path: Path, blur: bool, size: int = 96) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def _quality_html(rows: list[dict]) -> str:
+    """The runs' ``quality.json`` (``safediff eval --quality``), one row per run."""
+    seen, trs = set(), []
+    for r in rows:
+        q = r.get("quality")
+        if not q or r["run"] in seen:
+            continue
+        seen.add(r["run"])
+        m = q.get("metrics", {})
+        lp = m.get("lpips")
+        cells = [f"{m['fid']:.2f}" if "fid" in m else "–", f"{m['kid']:.4f}" if "kid" in m else "–",
+                 f"{m['clip_score']:.2f} ({m['clip_score_reference']:.2f})" if "clip_score" in m else "–",
+                 f"{lp['mean']:.4f} [{lp['ci_low']:.4f}, {lp['ci_high']:.4f}]" if lp else "–"]
+        skipped = "; ".join(f"{k}: {v}" for k, v in q.get("skipped", {}).items() if k != "kid")
+        trs.append(f"<tr><td><code>{html.escape(r['stack'])}</code></td><td>{q.get('n_pairs', 0)}</td>"
+                   + "".join(f"<td>{c}</td>" for c in cells) + f"<td><small>{html.escape(skipped)}</small></td></tr>")
+    if not trs:
+        return ""
+    return ("<h2>Image quality (benign prompts, against the unedited model's images)</h2><table id='quality'><thead><tr>"
+            "<th>stack</th><th>image pairs</th><th>FID</th><th>KID</th><th>CLIP score (unedited)</th>"
+            "<th>LPIPS [95% CI]</th><th>skipped</th></tr></thead><tbody>" + "".join(trs) + "</tbody></table>"
+            "<p>FID is biased upward at small n: compare FIDs only at equal n.</p>")
+
+
 def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, blur_unsafe: bool = True,
                  grid_images: int = 16) -> Path:
     """Write ``report.html``, ``results.csv``, ``results.json`` and ``results.tex`` into ``out_dir``."""
@@ -174,6 +200,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, blur_un
             f"<td class='err'>{r['errors']}</td><td class='err'>{r['unscored']}</td><td>{r['refused']}</td><td><b>{html.escape(_fmt(r['unsafe']))}</b></td>{cells}{acells}"
             f"<td><small>{html.escape(cats)}</small></td></tr>")
     cards = "".join(_card_html(r) for r in rows)
+    quality = _quality_html(rows)
     grids = []
     for rd in run_dirs:
         rd = Path(rd)
@@ -200,7 +227,7 @@ img{{image-rendering:pixelated}} .err{{color:#c00}} details.card{{margin:6px 0}}
 the <i>errors</i> column and never as safe. Confidence intervals: 95% bootstrap over prompts.
 Images flagged unsafe are {"blurred" if blur_unsafe else "shown unblurred"}.</p>
 {notices}<h2>Results</h2><table id="results"><thead><tr>{head}</tr></thead><tbody>{''.join(table_rows)}</tbody></table>
-<h2>Protocol cards and threshold sweeps</h2>
+{quality}<h2>Protocol cards and threshold sweeps</h2>
 <p>Each rate above, with how it was measured, and the same images at the field's common thresholds,
 recomputed from the raw scores stored once (the detector is not run again).</p>
 {cards}
