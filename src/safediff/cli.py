@@ -479,8 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "file; a stack without weight edits as its stack file (docs/defenses.md)")
     model_arg(ex); defense_args(ex)
     ex.add_argument("--format", default="diffusers", choices=list(EXPORT_FORMATS),
-                    help="diffusers: a folder for from_pretrained; single-file: one .safetensors in the original SD "
-                         "layout (A1111, ComfyUI); lora: DUO's LoRA file; stack: the stack file (.json/.yaml)")
+                    help="diffusers: a folder for from_pretrained (every family); single-file: one .safetensors in "
+                         "the original SD layout (A1111, ComfyUI; SD 1.x, SD 2.x and SDXL); lora: DUO's LoRA file; "
+                         "stack: the stack file (.json/.yaml)")
     ex.add_argument("--half", action="store_true", help="single-file: store the weights in float16")
     ex.add_argument("--out", required=True, help="the folder or file to write")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing --out")

@@ -3,18 +3,36 @@
 * ``diffusers`` -- the stack's weight edits (ESD, UCE, RECE, DUO, Dark Miner, any ``delta``)
   applied and saved as a full diffusers folder: ``StableDiffusionPipeline.from_pretrained(dir)``
   then generates what the stack generates (tested to 0 grey levels).
-* ``single-file`` -- the same weights as one ``.safetensors`` checkpoint in the original Stable
-  Diffusion (LDM) key layout that AUTOMATIC1111 and ComfyUI load (``model.diffusion_model.*``,
-  ``first_stage_model.*``, ``cond_stage_model.transformer.*``); SD v1.x layout (and the testbed,
-  which has it). Tested by converting it back with diffusers' own LDM importer and loading it with
-  ``from_single_file``.
+* ``single-file`` -- the same weights as one ``.safetensors`` checkpoint in the original Stability
+  (LDM / SGM) key layout that AUTOMATIC1111 and ComfyUI load, for SD 1.x (and the testbed, which has
+  its layout), SD 2.x and SDXL (:data:`SINGLE_FILE_FAMILIES`); SD3 and FLUX are refused (export them
+  with ``diffusers``). Every family: UNet under ``model.diffusion_model.*`` (SDXL's added
+  size/pooled-text embedding as ``label_emb.0.0`` / ``label_emb.0.2``), VAE under
+  ``first_stage_model.*``. The text encoders:
+
+  - SD 1.x: CLIP ViT-L in the HF layout, ``cond_stage_model.transformer.text_model.*``;
+  - SD 2.x: OpenCLIP ViT-H in the open_clip layout, ``cond_stage_model.model.*``
+    (``token_embedding``, ``positional_embedding``, ``transformer.resblocks.N.*`` with q, k, v
+    stacked in ``attn.in_proj_*``, ``ln_final``). diffusers' SD 2.x text encoder holds only the
+    layers SD 2.x uses (23 of open_clip's 24: its output is the penultimate layer, then
+    ``ln_final``), and exactly those are written: no ``resblocks.23``, no ``text_projection``
+    (SD 2.x's UNet never sees the pooled/projected text). The published SD 2.x checkpoints carry
+    both; diffusers' importer drops them, and AUTOMATIC1111 and ComfyUI load the text encoder
+    non-strictly and take the penultimate layer, so the missing last block is never used;
+  - SDXL: CLIP ViT-L in the HF layout, ``conditioner.embedders.0.transformer.text_model.*``, and
+    OpenCLIP bigG in the open_clip layout, ``conditioner.embedders.1.model.*``, all its layers and
+    its ``text_projection`` (the pooled embedding SDXL's UNet takes), stored as open_clip stores it
+    (``x @ P``, width x projection): the transpose of HF's ``text_projection.weight``.
+
+  Tested per family by converting it back with diffusers' own importers (every tensor equal) and
+  loading it with ``from_single_file`` (the stack's images, 0 grey levels).
 * ``lora`` -- DUO's LoRA adapter file (``pipe.load_lora_weights``), the one edit trained as a LoRA.
 * ``stack`` -- the stack file (YAML) of a stack without weight edits; guidance, embedding and filter
   defenses are not weights and travel as this file. A mixed stack exported as weights writes the
   rest of the stack beside them.
 
-The key mapping is written from the two layouts' block structure (``layers_per_block + 1`` LDM
-blocks per resolution), not copied from a conversion script.
+The key mapping is written from the layouts' block structure (``layers_per_block + 1`` LDM blocks
+per resolution; the open_clip text tower's blocks), not copied from a conversion script.
 """
 
 from __future__ import annotations
@@ -26,6 +44,8 @@ from pathlib import Path
 import torch
 
 FORMATS = ("diffusers", "single-file", "lora", "stack")
+#: the families ``single-file`` writes (SD3 and FLUX: ``diffusers``)
+SINGLE_FILE_FAMILIES = ("sd1", "sd2", "sdxl", "safediff-testbed")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,10 +68,13 @@ def unet_key_to_ldm(key: str, layers_per_block: int, up_has_attention: list[bool
     per = layers_per_block + 1  # LDM: per resolution, layers_per_block blocks + a down/upsampler
     p = key.split(".")
     fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             # SDXL's added conditioning (size/crop numbers + pooled text) -> its label embedding
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
              "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
-    head = ".".join(p[:2]) if p[0] == "time_embedding" else p[0]
+    two = p[0] in ("time_embedding", "add_embedding")
+    head = ".".join(p[:2]) if two else p[0]
     if head in fixed:
-        return fixed[head] + "." + ".".join(p[2:] if p[0] == "time_embedding" else p[1:])
+        return fixed[head] + "." + ".".join(p[2:] if two else p[1:])
     if p[0] == "down_blocks":
         i, kind, j, rest = int(p[1]), p[2], int(p[3]), ".".join(p[4:])
         if kind == "resnets":
@@ -74,7 +97,7 @@ def unet_key_to_ldm(key: str, layers_per_block: int, up_has_attention: list[bool
             return f"output_blocks.{per * i + j}.1.{rest}"
         if kind == "upsamplers":  # after the block's last resnet (and attention, if it has one)
             return f"output_blocks.{per * i + per - 1}.{2 if up_has_attention[i] else 1}.{rest}"
-    raise KeyError(f"No LDM key for UNet parameter {key!r}: not an SD v1.x-layout UNet.")
+    raise KeyError(f"No LDM key for UNet parameter {key!r}: not an SD 1.x / 2.x / SDXL-layout UNet.")
 
 
 def _vae_resnet(rest: str) -> str:
@@ -112,15 +135,52 @@ def vae_key_to_ldm(key: str, num_blocks: int) -> str:
     raise KeyError(f"No LDM key for VAE parameter {key!r}.")
 
 
+def hf_clip_state_dict(text_encoder) -> dict[str, torch.Tensor]:
+    """An HF CLIP text encoder's weights under ``text_model.*``, as SD checkpoints hold them
+    (transformers 5 saves ``CLIPTextModel`` without the ``text_model.`` prefix)."""
+    return {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in text_encoder.state_dict().items()}
+
+
+_OPEN_CLIP_BLOCK = (("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."), ("mlp.fc1.", "mlp.c_fc."),
+                    ("mlp.fc2.", "mlp.c_proj."), ("self_attn.out_proj.", "attn.out_proj."))
+
+
+def open_clip_state_dict(text_encoder) -> dict[str, torch.Tensor]:
+    """An HF CLIP text encoder (``CLIPTextModel`` or ``...WithProjection``) in open_clip's text-tower
+    layout: ``token_embedding.weight``, ``positional_embedding``, ``transformer.resblocks.N.*``
+    (``attn.in_proj_weight`` / ``_bias`` = q, k, v stacked in that order), ``ln_final.*`` and, if
+    the model has one, ``text_projection`` (open_clip computes ``x @ P``: HF's weight transposed)."""
+    sd = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+    out = {"token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
+           "positional_embedding": sd.pop("embeddings.position_embedding.weight"),
+           "ln_final.weight": sd.pop("final_layer_norm.weight"), "ln_final.bias": sd.pop("final_layer_norm.bias")}
+    if "text_projection.weight" in sd:
+        out["text_projection"] = sd.pop("text_projection.weight").T
+    for i in range(text_encoder.config.num_hidden_layers):
+        hf, oc = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for t in ("weight", "bias"):
+            out[f"{oc}attn.in_proj_{t}"] = torch.cat([sd.pop(f"{hf}self_attn.{x}_proj.{t}") for x in "qkv"])
+            for a, b in _OPEN_CLIP_BLOCK:
+                out[oc + b + t] = sd.pop(hf + a + t)
+    if sd:
+        raise KeyError(f"No open_clip key for text-encoder parameters {sorted(sd)}.")
+    return out
+
+
+def _check_single_file_family(family: str) -> None:
+    if family not in SINGLE_FILE_FAMILIES:
+        raise ValueError(f"Single-file export writes the SD 1.x, SD 2.x and SDXL checkpoint layouts; a {family} "
+                         "model is exported as a diffusers folder (`--format diffusers`).")
+
+
 def to_ldm_state_dict(model) -> dict[str, torch.Tensor]:
-    """The model's current weights (edits applied) in the original SD v1.x checkpoint layout."""
-    if model.family not in ("sd1", "safediff-testbed"):
-        raise ValueError(f"Single-file export writes the SD v1.x checkpoint layout; a {model.family} model is exported "
-                         "as a diffusers folder (`--format diffusers`).")
+    """The model's current weights (edits applied) in the original checkpoint layout of its family
+    (SD 1.x, SD 2.x or SDXL; see the module docstring)."""
+    _check_single_file_family(model.family)
     unet = model.unet
     lpb = unet.config.layers_per_block
     if not isinstance(lpb, int):
-        raise ValueError("Single-file export needs one `layers_per_block` for every resolution (SD v1.x layout).")
+        raise ValueError("Single-file export needs one `layers_per_block` for every resolution (the LDM layout).")
     up_attn = [hasattr(b, "attentions") for b in unet.up_blocks]
     out: dict[str, torch.Tensor] = {}
     for k, v in unet.state_dict().items():
@@ -131,9 +191,15 @@ def to_ldm_state_dict(model) -> dict[str, torch.Tensor]:
         if ".mid.attn_1." in ldm and ldm.endswith(".weight") and v.dim() == 2:
             v = v[:, :, None, None]  # LDM's VAE attention uses 1x1 convolutions
         out["first_stage_model." + ldm] = v
-    for k, v in model.text_encoder.state_dict().items():
-        # SD checkpoints hold the HF CLIP keys under `text_model.` (transformers 5 saves them without it)
-        out["cond_stage_model.transformer." + (k if k.startswith("text_model.") else "text_model." + k)] = v
+    if model.family == "sdxl":
+        text = {"conditioner.embedders.0.transformer.": hf_clip_state_dict(model.text_encoder),
+                "conditioner.embedders.1.model.": open_clip_state_dict(model.text_encoder_2)}
+    elif model.family == "sd2":
+        text = {"cond_stage_model.model.": open_clip_state_dict(model.text_encoder)}
+    else:
+        text = {"cond_stage_model.transformer.": hf_clip_state_dict(model.text_encoder)}
+    for prefix, part in text.items():
+        out.update({prefix + k: v for k, v in part.items()})
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
 
@@ -152,6 +218,8 @@ def export(model, stack, out: str | Path, *, fmt: str = "diffusers", overwrite: 
 
     if fmt not in FORMATS:
         raise ValueError(f"Unknown export format {fmt!r}; choose one of {list(FORMATS)}.")
+    if fmt == "single-file":
+        _check_single_file_family(model.family)
     stack = stack if isinstance(stack, DefenseStack) else DefenseStack.parse(stack)
     active = stack.active()
     edits = active.by_stage("weight_edit")
