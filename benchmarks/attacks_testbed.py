@@ -5,7 +5,8 @@
 Targets: the base model; each unlearning method (the composition study's artifacts, reused from
 ``--study``, trained there if missing); negative prompt, SLD and SAFREE with the explicit
 negative and with INE (inverted on the base model); the Embedding Sanitizer; the prompt guard;
-and the composition study's best cell (with ES if the study ran that cell). Attacks and budgets
+the composition study's best cell (with ES if the study ran that cell), and the study's DUO + SAFREE
+cells with the explicit concept and with INE (inverted on DUO): INE's claim under attack. Attacks and budgets
 per seed prompt: concept inversion (``--ci-steps``, one inversion per target), P4D-N hard
 (``--p4d-steps``), UnlearnDiffAtk (``--uda-steps``), and the black-box Ring-A-Bell
 (``--rab-steps`` generations) and MMA (``--mma-steps``), which see only the text encoder: their
@@ -56,6 +57,10 @@ def targets(study_dir: Path, arts: dict) -> dict[str, str | None]:
             cells = r["cells"]
             name = f"{best}+sanitizer" if "suites" in cells.get(f"{best}+sanitizer", {}) else best
             t[f"best ({name.replace('|', ' / ')})"] = cells[name]["stack"]
+        # INE's claim (DUO .442 -> DUO + SAFREE + INE .947 defense success) under attack: the study's own cells
+        for cell, tname in (("duo|safree|explicit", "duo+safree-explicit"), ("duo|safree|ine", "duo+safree-ine")):
+            if "stack" in r["cells"].get(cell, {}):
+                t[tname] = r["cells"][cell]["stack"]
     return t
 
 
