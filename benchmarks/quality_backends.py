@@ -22,10 +22,9 @@ from pathlib import Path
 import lpips
 import torch
 import torch_fidelity.feature_extractor_inceptionv3 as fe
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
 from safediff.cli import main
-from safediff.tokenizer import build_clip_tokenizer
+from safediff.testing import save_tiny_clip
 
 out = Path(sys.argv[1])
 out.mkdir(parents=True, exist_ok=True)
@@ -43,11 +42,7 @@ if not w.exists():  # the network's own random weights (its loader patched in th
 lpips.LPIPS = functools.partial(lpips.LPIPS, pnet_rand=True)  # AlexNet weights would be downloaded
 clip = out / "clip"
 if not clip.exists():
-    tok = build_clip_tokenizer(["a", "photo", "of", "red", "circle", "square"], clip)
-    torch.manual_seed(0)
-    CLIPModel(CLIPConfig(text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
-                         vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8), projection_dim=8)).save_pretrained(clip)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(clip)
+    save_tiny_clip(clip)
 rc = main(["eval", "--benchmark", "testbed:striped/benign", "--n", "8", "--steps", "10", "--defense", 'negative_prompt(text="striped")',
            "--quality", "--clip-model", str(clip), "--inception-weights", str(w), "--out", str(out / "run")])
 print("rc", rc)

@@ -252,18 +252,9 @@ def test_real_model_needs_a_verifier(tiny_sd1, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     """A tiny random full CLIPModel checkpoint (the layout of openai/clip-vit-large-patch14)."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    from safediff.testing import save_tiny_clip
 
-    out = tmp_path_factory.mktemp("clip")
-    torch.manual_seed(0)
-    cfg = CLIPConfig(text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                      vocab_size=100, max_position_embeddings=16),
-                     vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                        image_size=32, patch_size=8),
-                     projection_dim=8)
-    CLIPModel(cfg).save_pretrained(out)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
-    return out
+    return save_tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
 def test_clip_directional_verifier_loads_and_scores(tiny_clip):

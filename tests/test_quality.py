@@ -31,28 +31,12 @@ from safediff.eval.quality import (
 )
 from safediff.eval.runner import RunSettings, load_results, run_eval
 
-WORDS = ["a", "photo", "of", "red", "blue", "circle", "square", "striped", "on", "grey"]
-
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    """A tiny random CLIPModel folder with an offline tokenizer and an image processor."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    from safediff.testing import save_tiny_clip
 
-    from safediff.tokenizer import build_clip_tokenizer
-
-    out = tmp_path_factory.mktemp("clip")
-    tok = build_clip_tokenizer(WORDS, out)
-    torch.manual_seed(0)
-    cfg = CLIPConfig(text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                      vocab_size=len(tok), max_position_embeddings=77,
-                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
-                     vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                        image_size=32, patch_size=8),
-                     projection_dim=8)
-    CLIPModel(cfg).save_pretrained(out)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
-    return out
+    return save_tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
 class PixelFeatures:

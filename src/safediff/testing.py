@@ -258,6 +258,24 @@ def tiny_model(family: str = "sd1", seed: int = 0, cache_dir: str | Path | None 
     return load_model(path)
 
 
+def save_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny random full ``CLIPModel`` folder in the layout of ``openai/clip-vit-large-patch14``
+    (model, offline tokenizer over :func:`tiny_tokenizer`'s words, 32-pixel image processor), for
+    offline tests of CLIP-based code (Dark Miner's verifier, the CLIP score)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    out = Path(out_dir)
+    tok = tiny_tokenizer(out)
+    torch.manual_seed(seed)
+    small = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    cfg = CLIPConfig(text_config={**small, "vocab_size": len(tok), "max_position_embeddings": 77,
+                                  "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id},
+                     vision_config={**small, "image_size": 32, "patch_size": 8}, projection_dim=8)
+    CLIPModel(cfg).save_pretrained(out)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
+    return out
+
+
 #: CLIP ViT-L/14's and OpenCLIP bigG's text encoders (SD1, SDXL, SD3, FLUX), as their published configs
 _CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")
