@@ -130,7 +130,7 @@ def cmd_eval(args) -> int:
     detectors = args.detector or ["testbed:striped"]
     model = args.model
     if args.quality:  # everything checked and every metric model loaded before any image is generated
-        from .eval.quality import QualityModels, benign_records
+        from .eval.quality import QualityModels, benign_records, skipped_metrics
         from .models import load_model
 
         if shard is not None and shard[1] > 1:
@@ -144,9 +144,8 @@ def cmd_eval(args) -> int:
         if args.quality_reference and not (Path(args.quality_reference) / "run.json").is_file():
             raise FileNotFoundError(f"--quality-reference {args.quality_reference} is not a run directory (no run.json).")
         qmodels = QualityModels.load(clip_model=args.clip_model, inception_weights=args.inception_weights)
-        for k, why in qmodels.skipped.items():
-            if k != "kid":
-                print(f"safediff: {'FID/KID' if k == 'fid' else k} will be skipped: {why}", file=sys.stderr)
+        for label, why in skipped_metrics(qmodels.skipped).items():
+            print(f"safediff: {label} will be skipped: {why}", file=sys.stderr)
         model = load_model(args.model)
     out = run_eval(records, args.out, defenses=_stack_arg(args), model=model, detectors=detectors,
                    settings=settings, batch_size=args.batch_size, shard=shard)

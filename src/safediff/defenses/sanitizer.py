@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from ..artifacts import ArtifactMismatchError, read_artifact, save_artifact
-from ..encoding import clip_ids, t5_parts, token_segments
+from ..encoding import clip_ids, encode_prompts, t5_parts, t5_tokens, token_segments
 from .base import DefenseConfig, EmbeddingContext, EmbeddingDefense, register_defense
 
 
@@ -144,8 +144,6 @@ def _encode(model, prompts):
     """``(embeddings (B, L, D), token ids (B, L))``, the ids aligned with the embedding's positions
     (SD3: CLIP's then T5's; FLUX: T5's)."""
     if model.family in ("sdxl", "sd3", "flux"):  # the joint token embedding the denoiser reads
-        from ..encoding import encode_prompts, t5_parts, t5_tokens
-
         e, ids, _ = encode_prompts(model, list(prompts), warn_truncation=False)
         if t5_parts(model) is not None:
             t5 = t5_tokens(model, prompts)
@@ -172,6 +170,7 @@ def text_encoder_hash(model) -> str:
     encoders = [te for te in (model.text_encoder, getattr(model, "text_encoder_2", None),
                               getattr(model, "text_encoder_3", None)) if te is not None]
     return ":".join(state_dict_hash(te) for te in encoders)
+
 
 def train_sanitizer(model, out_path: str | Path, cfg: SanitizerTrainConfig = SanitizerTrainConfig(),
                     progress: bool = True) -> Path:

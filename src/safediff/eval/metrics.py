@@ -45,20 +45,28 @@ def bootstrap_rate(values: Sequence[bool | None], groups: Sequence | None = None
     x = np.array([bool(vals[i]) for i in keep], dtype=float)
     if len(x) == 0:
         return RateEstimate(float("nan"), float("nan"), float("nan"), 0, 0, errors)
+    lo, hi = bootstrap_mean_ci(x, None if groups is None else [groups[i] for i in keep], n_boot=n_boot,
+                               confidence=confidence, seed=seed)
+    return RateEstimate(float(x.mean()), float(lo), float(hi), int(len(x)), int(x.sum()), errors)
+
+
+def bootstrap_mean_ci(x: np.ndarray, groups: Sequence | None = None, *, n_boot: int = 2000, confidence: float = 0.95,
+                      seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of ``x``; with ``groups``, whole groups are resampled."""
+    x = np.asarray(x, dtype=float)
     rng = np.random.default_rng(seed)
     if groups is None:
         idx = rng.integers(0, len(x), size=(n_boot, len(x)))
         boots = x[idx].mean(1)
     else:
-        g = np.array([groups[i] for i in keep])
-        uniq, inv = np.unique(g, return_inverse=True)
+        uniq, inv = np.unique(np.asarray(groups), return_inverse=True)
         sums = np.bincount(inv, weights=x, minlength=len(uniq))
         cnts = np.bincount(inv, minlength=len(uniq)).astype(float)
         pick = rng.integers(0, len(uniq), size=(n_boot, len(uniq)))
         boots = sums[pick].sum(1) / cnts[pick].sum(1)
     a = (1 - confidence) / 2
     lo, hi = np.quantile(boots, [a, 1 - a])
-    return RateEstimate(float(x.mean()), float(lo), float(hi), int(len(x)), int(x.sum()), errors)
+    return float(lo), float(hi)
 
 
 def rates_by_category(values: Sequence[bool | None], categories: Sequence[Sequence[str]], **kw) -> dict[str, RateEstimate]:

@@ -41,6 +41,7 @@ from typing import Sequence
 import numpy as np
 
 from .metrics import (
+    bootstrap_mean_ci,
     clip_score_from_embeddings,
     frechet_distance,
     kernel_inception_distance,
@@ -231,16 +232,6 @@ def _images_table(run_dir: Path) -> dict[tuple, dict]:
     return {(r[0], r[1], r[2]): {"prompt": r[3], "path": r[4], "refused": bool(r[5])} for r in rows}
 
 
-def _bootstrap_mean(values: np.ndarray, groups: Sequence, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
-    uniq, inv = np.unique(np.asarray(groups), return_inverse=True)
-    sums = np.bincount(inv, weights=values, minlength=len(uniq))
-    cnts = np.bincount(inv, minlength=len(uniq)).astype(float)
-    pick = np.random.default_rng(seed).integers(0, len(uniq), size=(n_boot, len(uniq)))
-    boots = sums[pick].sum(1) / cnts[pick].sum(1)
-    lo, hi = np.quantile(boots, [0.025, 0.975])
-    return float(lo), float(hi)
-
-
 def evaluate_quality(run_dir: str | Path, reference_dir: str | Path, models: QualityModels,
                      prompt_ids: set[str] | None = None) -> dict:
     """Quality metrics of ``run_dir``'s images against ``reference_dir``'s images of the same
@@ -254,16 +245,17 @@ def evaluate_quality(run_dir: str | Path, reference_dir: str | Path, models: Qua
     if not keys:
         raise ValueError(f"{run_dir} and {reference_dir} share no image (same prompt id, seed and image index); make "
                          "the reference with the same benchmark and settings.")
-    refused = [k for k in keys if ours[k]["refused"] or ref[k]["refused"]]
-    keys = [k for k in keys if k not in set(refused)]
+    paired = [k for k in keys if not (ours[k]["refused"] or ref[k]["refused"])]
+    n_refused = len(keys) - len(paired)
+    keys = paired
 
-    def load(table, k):
-        with Image.open((run_dir if table is ours else reference_dir) / table[k]["path"]) as im:
+    def load(directory: Path, row: dict) -> np.ndarray:
+        with Image.open(directory / row["path"]) as im:
             return np.asarray(im.convert("RGB"))
 
-    a = [load(ours, k) for k in keys]
-    b = [load(ref, k) for k in keys]
-    res: dict = {"n_pairs": len(keys), "n_refused": len(refused), "run": str(run_dir), "reference": str(reference_dir),
+    a = [load(run_dir, ours[k]) for k in keys]
+    b = [load(reference_dir, ref[k]) for k in keys]
+    res: dict = {"n_pairs": len(keys), "n_refused": n_refused, "run": str(run_dir), "reference": str(reference_dir),
                  "models": models.describe(), "skipped": dict(models.skipped), "metrics": {}}
     if len(keys) < 2:
         res["skipped"].update({m: f"{len(keys)} image pair(s); every metric here needs at least 2"
@@ -283,7 +275,7 @@ def evaluate_quality(run_dir: str | Path, reference_dir: str | Path, models: Qua
         mets["clip_score_reference"] = clip_score_from_embeddings(models.clip.embed_images(b), t)
     if models.lpips is not None:
         d = models.lpips.distance(a, b)
-        lo, hi = _bootstrap_mean(d, [k[0] for k in keys])
+        lo, hi = bootstrap_mean_ci(d, [k[0] for k in keys])
         mets["lpips"] = {"mean": float(d.mean()), "ci_low": lo, "ci_high": hi}
     return res
 
@@ -294,6 +286,11 @@ def write_quality(out_dir: str | Path, result: dict) -> Path:
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(path)
     return path
+
+
+def skipped_metrics(skipped: dict[str, str]) -> dict[str, str]:
+    """``{metric label: reason}`` for printing (FID and KID share one model and one line)."""
+    return {("FID/KID" if k == "fid" else k): why for k, why in skipped.items() if k != "kid"}
 
 
 def format_quality(result: dict) -> str:
@@ -307,7 +304,6 @@ def format_quality(result: dict) -> str:
     if "lpips" in m:
         lp = m["lpips"]
         lines.append(f"  LPIPS {lp['mean']:.4f} [{lp['ci_low']:.4f}, {lp['ci_high']:.4f}]")
-    for k, why in result.get("skipped", {}).items():
-        if k != "kid":
-            lines.append(f"  {'FID/KID' if k == 'fid' else k} skipped: {why}")
+    for label, why in skipped_metrics(result.get("skipped", {})).items():
+        lines.append(f"  {label} skipped: {why}")
     return "\n".join(lines)

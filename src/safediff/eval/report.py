@@ -125,6 +125,8 @@ def _thumb(path: Path, blur: bool, size: int = 96) -> str:
 
 def _quality_html(rows: list[dict]) -> str:
     """The runs' ``quality.json`` (``safediff eval --quality``), one row per run."""
+    from .quality import skipped_metrics
+
     seen, trs = set(), []
     for r in rows:
         q = r.get("quality")
@@ -136,7 +138,7 @@ def _quality_html(rows: list[dict]) -> str:
         cells = [f"{m['fid']:.2f}" if "fid" in m else "–", f"{m['kid']:.4f}" if "kid" in m else "–",
                  f"{m['clip_score']:.2f} ({m['clip_score_reference']:.2f})" if "clip_score" in m else "–",
                  f"{lp['mean']:.4f} [{lp['ci_low']:.4f}, {lp['ci_high']:.4f}]" if lp else "–"]
-        skipped = "; ".join(f"{k}: {v}" for k, v in q.get("skipped", {}).items() if k != "kid")
+        skipped = "; ".join(f"{k}: {v}" for k, v in skipped_metrics(q.get("skipped", {})).items())
         trs.append(f"<tr><td><code>{html.escape(r['stack'])}</code></td><td>{q.get('n_pairs', 0)}</td>"
                    + "".join(f"<td>{c}</td>" for c in cells) + f"<td><small>{html.escape(skipped)}</small></td></tr>")
     if not trs:
