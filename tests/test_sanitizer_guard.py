@@ -87,3 +87,22 @@ def test_guard_refuses_concept_prompts_with_a_message_and_allows_benign(testbed)
     assert not out.records[1].refused and out.records[1].image is not None
     for c, words in guard.concept_words.items():  # calibrated on training-side words only
         assert not set(words) & set(world.CONCEPTS[c].held_out)
+
+
+def test_guard_reads_a_learned_token_by_its_vectors_not_its_name(testbed):
+    """A textual-inversion placeholder is scored as the model encodes it: the concept word's own
+    vectors under a neutral name are refused; a benign word's vectors under a name that spells the
+    concept are allowed (before the fix the name's characters were pooled instead)."""
+    emb = testbed.text_encoder.get_input_embeddings().weight.detach()
+    vec = {w: emb[testbed.tokenizer(w, add_special_tokens=False).input_ids] for w in ("striped", "blue")}
+    assert all(v.shape[0] == 1 for v in vec.values())  # one token each
+    hidden = encoding.InvertedConcept("<tok-a*>", vec["striped"].clone(), {})
+    decoy = encoding.InvertedConcept("<striped-adv*>", vec["blue"].clone(), {})
+    prompts = ["a red circle on white background, <tok-a*>", "a red circle on white background, <striped-adv*>"]
+    with SafePipeline(testbed, DefenseStack.parse("prompt_guard"), token_embeddings=[hidden, decoy]) as pipe:
+        out = pipe(prompts, num_inference_steps=2)
+        guard = pipe.defenses["prompt_filter"][0]
+        plain = guard.score(prompts[1])  # no tokens given: the name's characters are read
+    assert out.records[0].refused and "striped" in out.records[0].refusal_reason
+    assert not out.records[1].refused and out.records[1].image is not None
+    assert plain["striped"] >= guard.thresholds["striped"]

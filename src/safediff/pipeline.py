@@ -275,7 +275,7 @@ class SafePipeline:
         decisions = [None] * len(prompts)
         texts = list(prompts)
         for f in self.defenses["prompt_filter"]:
-            for i, d in enumerate(f.check(texts)):
+            for i, d in enumerate(f.check(texts, tokens=self.token_embeddings)):
                 if decisions[i] is None or decisions[i].allowed:
                     if not d.allowed:
                         decisions[i] = d

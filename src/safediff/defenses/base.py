@@ -18,7 +18,7 @@ import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Literal, TypeVar
+from typing import Any, Callable, ClassVar, Literal, Sequence, TypeVar
 
 import torch
 
@@ -295,7 +295,10 @@ class Defense:
 class PromptFilterDefense(Defense):
     stage = "prompt_filter"
 
-    def check(self, prompts: list[str]) -> list[FilterDecision]:
+    def check(self, prompts: list[str], tokens: Sequence = ()) -> list[FilterDecision]:
+        """One decision per prompt. ``tokens``: the learned tokens (:class:`~safediff.encoding.InvertedConcept`)
+        loaded into the pipeline; a filter that reads the text encoder must see each placeholder as
+        the vectors it stands for, not as the characters of its name."""
         raise NotImplementedError
 
 

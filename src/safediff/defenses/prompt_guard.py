@@ -2,7 +2,9 @@
 
 Flags or refuses a prompt any of whose words lies near a target concept in the model's own text
 embedding space: the score of a prompt is ``max over its words w and concept words c of
-cos(pool(w), pool(c))`` with ``pool`` the text encoder's pooled embedding of the word alone.
+cos(pool(w), pool(c))`` with ``pool`` the text encoder's pooled embedding of the word alone. A
+word holding a learned token's placeholder (textual inversion loaded into the pipeline) is pooled
+with the token's vectors, as the model encodes it, never by the characters of its name.
 
 The threshold is **calibrated on training-side words only** (:func:`calibrate_threshold`): the
 concept's training words are the positives (leave-one-out: each scored against the *other*
@@ -16,11 +18,12 @@ encoder; this guard uses the text encoder's space directly, which needs no train
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from ..encoding import clip_ids, clip_pooled
+from ..encoding import clip_ids, clip_pooled, encode_with_vectors
 from .base import DefenseConfig, FilterDecision, PromptFilterDefense, register_defense
 
 
@@ -100,14 +103,33 @@ class PromptGuard(PromptFilterDefense):
         self.thresholds = {c: config.threshold if config.threshold is not None else
                            calibrate_threshold(model, ws, benign) for c, ws in self.concept_words.items()}
 
-    def score(self, prompt: str) -> dict[str, float]:
-        words = [w for w in prompt.replace(",", " ").lower().split() if w]
-        return {c: float(word_scores(self.model, words, ws).max()) for c, ws in self.concept_words.items()}
+    def score(self, prompt: str, tokens: Sequence = ()) -> dict[str, float]:
+        """The prompt's score per concept. A word that holds a learned token's placeholder (``tokens``:
+        the pipeline's textual-inversion tokens) is pooled with the token's vectors in its place, as
+        the model encodes it; its name's characters are not read."""
+        words = [w for w in prompt.replace(",", " ").split() if w]
+        learned = {}
+        for w in words:
+            for t in tokens:
+                if t.placeholder in w:
+                    with torch.no_grad():
+                        v = encode_with_vectors(self.model, [w], t.placeholder, t.vectors, pooled=True).float()
+                    learned[w] = torch.nn.functional.normalize(v, dim=-1)[0]
+                    break
+        plain = [w.lower() for w in words if w not in learned]
+        out = {}
+        for c, ws in self.concept_words.items():
+            s = [float(word_scores(self.model, plain, ws).max())] if plain else []
+            if learned:
+                cw = _pooled_words(self.model, ws)
+                s += [float((cw @ v).max()) for v in learned.values()]
+            out[c] = max(s) if s else -1.0
+        return out
 
-    def check(self, prompts: list[str]) -> list[FilterDecision]:
+    def check(self, prompts: list[str], tokens: Sequence = ()) -> list[FilterDecision]:
         out = []
         for p in prompts:
-            scores = self.score(p)
+            scores = self.score(p, tokens)
             hits = [c for c, v in scores.items() if v >= self.thresholds[c]]
             if hits and self.config.action == "refuse":
                 out.append(FilterDecision(False, p, reason=f"prompt is close to the concept(s) {hits} "
