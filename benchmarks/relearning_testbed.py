@@ -69,7 +69,8 @@ def write(table: dict, args) -> None:
     out = {"concept": CONCEPT, "n_prompts_per_suite": args.n, "num_images": args.images, "runs": table,
            "machine": "2-core CPU (this project's CI machine kind)",
            "command": f"python benchmarks/relearning_testbed.py --n {args.n} --images {args.images} "
-                      f"--checkpoints {args.checkpoints}"}
+                      f"--checkpoints {args.checkpoints} --out {args.out} --data {' '.join(args.data)}"
+                      + (" --only " + " ".join(f"'{t}'" for t in args.only) if args.only else "")}
     Path("benchmarks/results/relearning_testbed.json").write_text(json.dumps(out, indent=2, default=str))
     steps = sorted({int(s) for r in table.values() for s in r["curve"]})
     lines = ["Concept rate on explicit prompts [95% CI] / on benign prompts, after fine-tuning steps:", "",
