@@ -108,23 +108,21 @@ class PromptGuard(PromptFilterDefense):
         the pipeline's textual-inversion tokens) is pooled with the token's vectors in its place, as
         the model encodes it; its name's characters are not read."""
         words = [w for w in prompt.replace(",", " ").split() if w]
-        learned = {}
+        plain, vecs = [], []
         for w in words:
-            for t in tokens:
-                if t.placeholder in w:
-                    with torch.no_grad():
-                        v = encode_with_vectors(self.model, [w], t.placeholder, t.vectors, pooled=True).float()
-                    learned[w] = torch.nn.functional.normalize(v, dim=-1)[0]
-                    break
-        plain = [w.lower() for w in words if w not in learned]
-        out = {}
-        for c, ws in self.concept_words.items():
-            s = [float(word_scores(self.model, plain, ws).max())] if plain else []
-            if learned:
-                cw = _pooled_words(self.model, ws)
-                s += [float((cw @ v).max()) for v in learned.values()]
-            out[c] = max(s) if s else -1.0
-        return out
+            t = next((t for t in tokens if t.placeholder in w), None)
+            if t is None:
+                plain.append(w.lower())
+                continue
+            with torch.no_grad():
+                v = encode_with_vectors(self.model, [w], t.placeholder, t.vectors, pooled=True).float()
+            vecs.append(torch.nn.functional.normalize(v, dim=-1))
+        if plain:
+            vecs.append(_pooled_words(self.model, plain))
+        if not vecs:
+            return {c: -1.0 for c in self.concept_words}
+        w_all = torch.cat(vecs)
+        return {c: float((w_all @ _pooled_words(self.model, ws).T).max()) for c, ws in self.concept_words.items()}
 
     def check(self, prompts: list[str], tokens: Sequence = ()) -> list[FilterDecision]:
         out = []
