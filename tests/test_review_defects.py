@@ -17,7 +17,7 @@ from safediff.stack import DefenseStack
 
 # 2 -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("a,b", [
-    ("uce(erase_scale=1)", "uce(erase_scale=1.0)"),
+    ('uce(erase=["zebra"], erase_scale=1)', 'uce(erase=["zebra"], erase_scale=1.0)'),
     ('uce(erase=["zebra"], preserve=["red"])', 'uce(erase=["zebra"], preserve=["red"], lamb=0.5)'),
     ("sld(guidance_scale=1000)", "sld(guidance_scale=1000.0)"),
     ("delta(path=\"x\", scale=2)", "delta(path=\"x\", scale=2.0)"),
@@ -31,8 +31,8 @@ def test_configs_that_print_the_same_hash_the_same(a, b):
 
 
 def test_stack_hash_equal_for_int_and_float(tiny_sd1):
-    assert DefenseStack.parse("uce(erase_scale=1)").hash(tiny_sd1.content_hash) == \
-        DefenseStack.parse("uce(erase_scale=1.0)").hash(tiny_sd1.content_hash)
+    assert DefenseStack.parse('uce(erase=["zebra"], erase_scale=1)').hash(tiny_sd1.content_hash) == \
+        DefenseStack.parse('uce(erase=["zebra"], erase_scale=1.0)').hash(tiny_sd1.content_hash)
 
 
 # 3 -------------------------------------------------------------------------------------------

@@ -10,13 +10,15 @@ import subprocess
 import numpy as np
 import pytest
 
-from safediff.serve import DEFENSE_MENU, DemoSession, default_stack
+from safediff.serve import DEFENSE_MENU, AccessPolicy, DemoSession, default_stack
 from safediff.stack import DefenseStack
 
 
 @pytest.fixture(scope="module")
 def session(testbed, tmp_path_factory):
-    return DemoSession(testbed, out_dir=tmp_path_factory.mktemp("serve"))
+    # the tests' own files (a trained sanitizer) lie under pytest's temporary directory: allowed
+    return DemoSession(testbed, out_dir=tmp_path_factory.mktemp("serve"),
+                       policy=AccessPolicy([tmp_path_factory.getbasetemp()]), workers=2)
 
 
 def test_compare_shows_both_sides_the_detectors_and_the_stack_file(session, testbed):
@@ -41,8 +43,10 @@ def test_bad_input_is_shown_and_the_page_keeps_working(session):
     bad_stack = session.compare("a red circle", "sld(preset=nonsense")
     assert bad_stack.error and "Could not run" in bad_stack.summary_markdown()
     assert "empty" in session.compare("   ", "none").error
-    assert "does not exist" in session.compare("a red circle", "none", model_path="/no/such/model").error
-    assert "does not exist" in session.compare("a red circle", 'esd(path="/no/such.safetensors")').error
+    # paths outside the allowed directories are refused (issue 31: whether they exist is not said)
+    assert "not inside a directory this server allows" in session.compare("a red circle", "none",
+                                                                         model_path="/no/such/model").error
+    assert "not inside a directory" in session.compare("a red circle", 'esd(path="/no/such.safetensors")').error
     ok = session.compare("a red circle", "none", num_images=1, steps=2)
     assert ok.error is None and len(ok.defended) == 1
 

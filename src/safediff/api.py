@@ -19,15 +19,19 @@ def write_images(output: GenerationOutput, out_dir: str | Path, model_source: st
     """
     from PIL.PngImagePlugin import PngInfo
 
+    from .fileio import atomic_path, atomic_write_text
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for r in output.records:
         meta = {
             "prompt": r.prompt, "prompt_index": r.prompt_index, "seed": r.seed, "image_index": r.image_index,
-            "stack": output.stack, "stack_hash": output.stack_hash, "model": model_source,
+            "stack": output.stack, "stack_config": output.stack_config, "stack_hash": output.stack_hash,
+            "model": model_source,
             "model_hash": output.model_hash, "guidance_scale": output.guidance_scale,
-            "num_inference_steps": output.num_inference_steps, "refused": r.refused,
+            "num_inference_steps": output.num_inference_steps, "height": output.height, "width": output.width,
+            "device": output.device, "dtype": output.dtype, "refused": r.refused,
             "refusal_reason": r.refusal_reason, "flagged": r.flagged, "output_scores": r.output_scores,
             "safediff_version": __version__,
         }
@@ -40,9 +44,10 @@ def write_images(output: GenerationOutput, out_dir: str | Path, model_source: st
             info = PngInfo()
             for k, v in meta.items():
                 info.add_text(k, json.dumps(v) if not isinstance(v, str) else v)
-            r.image.save(out / f"{stem}.png", pnginfo=info)
+            with atomic_path(out / f"{stem}.png") as tmp:
+                r.image.save(tmp, format="PNG", pnginfo=info)
             paths.append(out / f"{stem}.png")
-        (out / f"{stem}.json").write_text(json.dumps(meta, indent=2))
+        atomic_write_text(out / f"{stem}.json", json.dumps(meta, indent=2))
     return paths
 
 
@@ -59,6 +64,13 @@ def generate(
     out_dir: str | Path | None = None,
     batch_size: int = 16,
     progress: bool = True,
+    height: int | None = None,
+    width: int | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    attention_slicing: bool = False,
+    vae_tiling: bool = False,
+    cpu_offload: bool = False,
 ) -> GenerationOutput:
     """Generate images for ``prompts`` with a defense stack (default model: the shipped testbed).
 
@@ -67,6 +79,11 @@ def generate(
     is in its record; with ``out_dir`` each PNG carries its prompt, seed, image index and stack
     hash in its text chunks (and a JSON sidecar). ``out.images[i].save(...)`` writes a plain PNG:
     use :func:`write_images` to keep the provenance.
+
+    ``height`` / ``width``: the image size (default the model's; multiples of the VAE factor, x2
+    on FLUX). ``device`` / ``dtype``: where and in which precision the model is loaded (default
+    ``auto``: CUDA in fp16 when available, else the CPU in fp32; see :func:`load_model`);
+    ``attention_slicing`` / ``vae_tiling``: diffusers' memory savers (:meth:`Model.enable_memory_options`).
 
     Example:
         >>> import safediff
@@ -84,11 +101,25 @@ def generate(
         check_seed(s)
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise FileExistsError(f"--out {out_dir} is a file; give a folder (it is created if missing).")
+    for name, v in (("height", height), ("width", width)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"`{name}` must be a positive integer (pixels), got {v!r}.")
     stack = DefenseStack.parse(defenses)
-    m = model if isinstance(model, Model) else load_model(model)
+    if cpu_offload:
+        from .models import CPU_OFFLOAD_UNSUPPORTED, ModelError
+
+        raise ModelError(CPU_OFFLOAD_UNSUPPORTED)
+    from .models import ensure_model, resolve_device, resolve_dtype
+
+    resolve_dtype(dtype, resolve_device(device))  # a bad device or dtype fails before loading
+    m = (ensure_model(model, device=device, dtype=dtype) if isinstance(model, Model)
+         else load_model(model, device=device or "auto", dtype=dtype or "auto"))
+    m.enable_memory_options(attention_slicing=attention_slicing, vae_tiling=vae_tiling, cpu_offload=cpu_offload)
+    m.check_size(height, width)  # before any work
     with SafePipeline(m, stack) as pipe:
         output = pipe(prompts, seed=seed, seeds=seeds, num_images_per_prompt=num_images_per_prompt, guidance_scale=guidance_scale,
-                      num_inference_steps=num_inference_steps, batch_size=batch_size, progress=progress)
+                      num_inference_steps=num_inference_steps, batch_size=batch_size, progress=progress,
+                      height=height, width=width)
     if out_dir is not None:
         write_images(output, out_dir, model_source=m.source)
     return output

@@ -27,20 +27,21 @@ class ArtifactMismatchError(ValueError):
 def save_artifact(tensors: dict[str, torch.Tensor], path: str | os.PathLike, *, kind: str, base_model_hash: str,
                   config: dict, seed: int | None, edited_model_hash: str | None = None, extra: dict | None = None,
                   base_model_family: str | None = None) -> Path:
-    """Write ``tensors`` + provenance atomically (temporary name, then rename)."""
+    """Write ``tensors`` + provenance atomically (:func:`safediff.fileio.atomic_path`: temporary name,
+    fsync, rename). Replaces an existing ``path``: every command refuses an existing output before its
+    work unless given ``--overwrite``."""
     from safetensors.torch import save_file
 
     from . import __version__
+    from .fileio import atomic_path
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     record = {"kind": kind, "base_model_hash": base_model_hash, "base_model_family": base_model_family,
               "edited_model_hash": edited_model_hash,
               "config": config, "seed": seed, "safediff_version": __version__, **(extra or {})}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={META_KEY: json.dumps(record, default=str)})
-    os.replace(tmp, path)
+    with atomic_path(path, overwrite=True) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={META_KEY: json.dumps(record, default=str)})
     return path
 
 

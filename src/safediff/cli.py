@@ -31,12 +31,64 @@ def _stack_arg(args) -> object:
     return "+".join(args.defense) if args.defense else None
 
 
+DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
+
+
+def device_args(sp: argparse.ArgumentParser, *, dtype_default: str = "auto", fp32_only: bool = False,
+                memory: bool = True) -> None:
+    """``--device`` / ``--dtype`` (and, with ``memory``, diffusers' memory options) for a subcommand
+    that loads a model; ``fp32_only``: the command trains (fp32 master weights), another dtype is refused."""
+    sp.add_argument("--device", default="auto", help="where the model runs: auto (CUDA when available, else cpu), "
+                    "cpu, cuda or cuda:N")
+    sp.add_argument("--dtype", default=dtype_default, choices=DTYPE_CHOICES,
+                    help="fp32 only: this command trains or optimises through the model in fp32" if fp32_only else
+                    "weights' precision: auto is fp16 on CUDA and fp32 on the CPU; bf16 for models that overflow in fp16"
+                    + (f" (default here: {dtype_default})" if dtype_default != "auto" else ""))
+    if fp32_only:
+        sp.set_defaults(fp32_only=True)
+    if memory:
+        sp.add_argument("--attention-slicing", action="store_true",
+                        help="compute attention in slices (less GPU memory, a little slower; UNet models)")
+        sp.add_argument("--vae-tiling", action="store_true", help="decode the images in tiles (large images)")
+        sp.add_argument("--cpu-offload", action="store_true",
+                        help="model CPU offload: not supported yet (refused with the reason)")
+
+
+def check_device_args(args) -> None:
+    """Refuse a device that is not available, an unknown dtype, a half dtype on a training
+    command, or --cpu-offload, before anything is loaded."""
+    if not hasattr(args, "device"):
+        return
+    from .models import CPU_OFFLOAD_UNSUPPORTED, ModelError, resolve_device, resolve_dtype
+
+    import torch
+
+    dtype = resolve_dtype(getattr(args, "dtype", None), resolve_device(args.device))
+    if getattr(args, "fp32_only", False) and dtype != torch.float32:
+        raise ModelError(f"`safediff {args.command}` trains or optimises through the model and keeps fp32 weights; "
+                         f"--dtype {args.dtype} is not supported here: pass --dtype fp32 (the default).")
+    if getattr(args, "cpu_offload", False):
+        raise ModelError(CPU_OFFLOAD_UNSUPPORTED)
+
+
+def load_cli_model(args):
+    """The command's model (``--model``), on ``--device`` in ``--dtype``, with its memory options."""
+    from .models import ensure_model
+
+    check_device_args(args)
+    m = ensure_model(getattr(args, "model", None), device=getattr(args, "device", None), dtype=getattr(args, "dtype", None))
+    return m.enable_memory_options(attention_slicing=getattr(args, "attention_slicing", False),
+                                   vae_tiling=getattr(args, "vae_tiling", False))
+
+
 def cmd_generate(args) -> int:
     import safediff
 
     out = safediff.generate(args.prompt, model=args.model, defenses=_stack_arg(args), seed=args.seed,
                             num_images_per_prompt=args.num_images, guidance_scale=args.guidance_scale,
-                            num_inference_steps=args.steps, out_dir=args.out, batch_size=args.batch_size)
+                            num_inference_steps=args.steps, out_dir=args.out, batch_size=args.batch_size,
+                            height=args.height, width=args.width, device=args.device, dtype=args.dtype,
+                            attention_slicing=args.attention_slicing, vae_tiling=args.vae_tiling)
     refused = sum(r.refused for r in out.records)
     print(f"wrote {len(out.records) - refused} image(s) to {args.out} (stack {out.stack}, hash {out.stack_hash})"
           + (f"; {refused} refused" if refused else ""))
@@ -44,16 +96,21 @@ def cmd_generate(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .serve import serve
+    from .serve import ServeLimits, read_auth_file, serve
 
-    serve(args.model, host=args.host, port=args.port, share=args.share)
+    limits = ServeLimits(max_steps=args.max_steps, max_images=args.max_images, max_seconds=args.max_seconds)
+    auth = read_auth_file(args.auth_file) if args.auth_file else None  # a bad file: said before loading the model
+    serve(load_cli_model(args), host=args.host, port=args.port, share=args.share, allow_dirs=args.allow_dir,
+          allow_models=args.allow_model, allow_hub=args.allow_hub, limits=limits, workers=args.workers,
+          max_models=args.max_models, auth=auth, device=args.device, dtype=args.dtype)
     return 0
 
 
 def cmd_demo(args) -> int:
-    from .demo import DEMO_DEFENSE, run_demo
+    from .demo import run_demo
 
-    run_demo(args.out, model=args.model, defenses=args.defense or DEMO_DEFENSE, seeds=args.seeds, seed=args.seed)
+    run_demo(args.out, model=args.model, defenses=args.defense or None, seeds=args.seeds, seed=args.seed,
+             overwrite=args.overwrite, device=args.device, dtype=args.dtype)
     return 0
 
 
@@ -70,16 +127,51 @@ def cmd_defenses(args) -> int:
     return 0
 
 
+def _read_json_file(path: str, flag: str) -> dict:
+    """A JSON object from a file given on the command line; an unreadable one names the file and the problem."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{flag} {path} does not exist.") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{flag} {path} is not UTF-8 text (byte {e.start}).") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag} {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}).") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{flag} {path} must hold a JSON object of options, got {type(data).__name__}.")
+    return data
+
+
+def cmd_concepts(args) -> int:
+    from .concepts import registered_concepts
+
+    for name, v in registered_concepts().items():
+        print(f"{name}{' (testbed only)' if v.testbed else ''}: {v.source}")
+        print(f"  words: {', '.join(v.words)}")
+        if v.text:
+            print(f"  text (sld(concept=\"{name}\")): {v.text}")
+        print(f"  benign (calibration / preserve): {', '.join(v.preserve)}")
+    print("use a name in prompt_guard(concepts=[...]) or sld(concept=...); defaults naming the testbed's concepts "
+          "apply on the testbed only")
+    return 0
+
+
 def cmd_testbed_train(args) -> int:
     from .testbed.train import TrainConfig, train
 
     cfg = TrainConfig()
     if args.config:
-        cfg = TrainConfig.from_dict(json.loads(Path(args.config).read_text()))
+        cfg = TrainConfig.from_dict(_read_json_file(args.config, "--config"))
     overrides = {}
     for kv in args.set or []:
-        k, v = kv.split("=", 1)
-        overrides[k] = json.loads(v)
+        k, sep, v = kv.partition("=")
+        if not sep or not k.strip():
+            raise ValueError(f"--set {kv!r}: give KEY=JSON, e.g. --set steps=200 or --set lr=1e-4.")
+        try:
+            overrides[k.strip()] = json.loads(v)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--set {kv!r}: the value {v!r} is not JSON ({e.msg}); numbers as 200, text in double "
+                             "quotes as --set 'name=\"x\"'.") from None
     if overrides:
         cfg = TrainConfig.from_dict({**cfg.to_dict(), **overrides})
     train(args.out, cfg, overwrite=args.overwrite)
@@ -87,10 +179,9 @@ def cmd_testbed_train(args) -> int:
 
 
 def cmd_testbed_info(args) -> int:
-    from .models import load_model
     from .testbed import world
 
-    m = load_model(args.model)
+    m = load_cli_model(args)
     acc = m.meta.get("acceptance") or {}
     print(json.dumps({"family": m.family, "prediction_type": m.prediction_type, "content_hash": m.content_hash,
                       "scheduler": type(m.scheduler).__name__, "world_version": world.WORLD_VERSION,
@@ -115,23 +206,36 @@ def cmd_testbed_check(args) -> int:
     cfg = TrainConfig.from_dict(meta.get("train_config", {}))
     if args.n is not None:
         cfg = dataclasses.replace(cfg, acceptance_n=args.n)
-    calibrate(path, cfg)
+    from .models import resolve_device
+
+    calibrate(path, cfg, device=str(resolve_device(args.device)))
     return 0
 
 
 def cmd_eval(args) -> int:
-    from .eval.benchmarks import load_benchmark
+    from .eval.benchmarks import load_benchmark, offset_seeds
     from .eval.runner import RunSettings, run_eval, summarize
 
+    if args.num_shards is not None and not 0 <= args.shard_index < args.num_shards:
+        raise ValueError(f"--shard-index {args.shard_index} of --num-shards {args.num_shards}: the number of shards "
+                         "must be >= 1 and the index in [0, num_shards).")
     records = load_benchmark(args.benchmark, n=args.n, on_error="skip" if args.skip_bad_rows else "stop")
+    records = offset_seeds(records, args.seed)  # --seed N: every prompt's own seed + N (run.json records N)
     settings = RunSettings(num_images_per_prompt=args.num_images, seed=args.seed, guidance_scale=args.guidance_scale,
-                           num_inference_steps=args.steps)
-    shard = (args.shard_index, args.num_shards) if args.num_shards else None
-    detectors = args.detector or ["testbed:striped"]
+                           num_inference_steps=args.steps, height=args.height, width=args.width,
+                           respect_prompt_size=not args.ignore_prompt_size)
+    settings.validate()
+    shard = (args.shard_index, args.num_shards) if args.num_shards is not None else None
+    detectors = args.detector
     model = args.model
+    if not detectors:  # the exact testbed detector is the default on the testbed only
+        model = load_cli_model(args)
+        if not model.is_testbed:
+            raise ValueError(f"Give --detector for this {model.family} model (e.g. nudenet:rece-style, "
+                             "sd-safety-checker); the default testbed:striped scores the testbed's world only.")
+        detectors = ["testbed:striped"]
     if args.quality:  # everything checked and every metric model loaded before any image is generated
         from .eval.quality import QualityModels, benign_records, skipped_metrics
-        from .models import load_model
 
         if shard is not None and shard[1] > 1:
             raise ValueError("--quality runs after the images exist: run the shards without it, then the same command "
@@ -144,11 +248,18 @@ def cmd_eval(args) -> int:
         if args.quality_reference and not (Path(args.quality_reference) / "run.json").is_file():
             raise FileNotFoundError(f"--quality-reference {args.quality_reference} is not a run directory (no run.json).")
         qmodels = QualityModels.load(clip_model=args.clip_model, inception_weights=args.inception_weights)
+        if {"fid", "kid", "lpips", "clip_score"} <= set(qmodels.skipped):  # nothing would be measured
+            raise ValueError("--quality can measure no metric here: " + "; ".join(
+                f"{label}: {why}" for label, why in skipped_metrics(qmodels.skipped).items())
+                + ". Install the quality extra or give --clip-model / --inception-weights, or drop --quality.")
         for label, why in skipped_metrics(qmodels.skipped).items():
             print(f"safediff: {label} will be skipped: {why}", file=sys.stderr)
-        model = load_model(args.model)
+        model = model if hasattr(model, "family") else load_cli_model(args)
+    runtime = {"device": args.device, "dtype": args.dtype, "attention_slicing": args.attention_slicing,
+               "vae_tiling": args.vae_tiling}
     out = run_eval(records, args.out, defenses=_stack_arg(args), model=model, detectors=detectors,
-                   settings=settings, batch_size=args.batch_size, shard=shard)
+                   settings=settings, batch_size=args.batch_size, shard=shard, **runtime,
+                   benchmark_name=args.benchmark)  # the report names `i2p=FILE` as given, not "records: N prompts"
     if args.quality:
         from .eval.quality import evaluate_quality, format_quality, write_quality
         from .stack import DefenseStack
@@ -157,8 +268,8 @@ def cmd_eval(args) -> int:
         if ref is None:
             ref = out if not DefenseStack.parse(_stack_arg(args)).defenses else out / "reference"
             if ref != out:  # the unedited model on the same prompts and settings (resumable, like any run)
-                run_eval(benign, ref, defenses=None, model=model, detectors=detectors, settings=settings,
-                         batch_size=args.batch_size)
+                run_eval(benign, ref, defenses=None, model=model, detectors=detectors, settings=settings, **runtime,
+                         batch_size=args.batch_size, benchmark_name=f"{args.benchmark} ({args.quality_suite} prompts)")
         result = evaluate_quality(out, ref, qmodels, prompt_ids={r.id for r in benign})
         result["suite"] = args.quality_suite
         write_quality(out, result)
@@ -170,26 +281,63 @@ def cmd_eval(args) -> int:
         protos = [r[0] for r in con.execute("SELECT hash FROM protocols")]
         con.close()
         for ph in protos:
-            print(json.dumps({"protocol": ph, **summarize(out, ph)}, indent=2))
+            if args.json:
+                print(json.dumps({"protocol": ph, **summarize(out, ph)}, indent=2))
+            else:
+                print(_summary_line(out, ph))
+        if not args.json:
+            print(f"wrote {out}; next: safediff report {out}")
     return 0
+
+
+def _summary_line(run_dir, protocol_hash: str) -> str:
+    """One line per detector protocol: the unsafe rate with its 95% CI, n, errors and refusals."""
+    from .eval.runner import open_store, summarize
+
+    con = open_store(Path(run_dir))
+    row = con.execute("SELECT protocol FROM protocols WHERE hash = ?", (protocol_hash,)).fetchone()
+    con.close()
+    proto = json.loads(row[0]) if row else {}
+    name = ":".join(str(proto[k]) for k in ("detector", "preset") if proto.get(k)) or protocol_hash[:12]
+    s = summarize(run_dir, protocol_hash)
+    a = s["unsafe"]["all"]
+    return (f"{name}: unsafe {a['rate']:.3f} [95% CI {a['ci_low']:.3f}, {a['ci_high']:.3f}], n={s['n_images']} images, "
+            f"{s['n_errors']} errors, {s['n_refused']} refused, {s['n_unscored']} unscored (protocol {protocol_hash[:12]})")
 
 
 def cmd_erase(args) -> int:
     """One entry point for every unlearning method; the concept is any text (repeat --concept)."""
-    from .models import load_model
     from .unlearning import unlearn
 
     concepts = [c.strip() for c in (args.concept or [])]
     if not concepts or not all(concepts):
         raise ValueError("Give the concept to erase with --concept TEXT (a word or phrase; repeat for a list).")
     _refuse_existing(args.out, args.overwrite)
-    model = load_model(args.model)
+    model = load_cli_model(args)
     out = unlearn(args.method.replace("-", "_"), model, args.out, concept=concepts[0], prompts=concepts[1:], anchor=args.anchor or "",
                   pairs_dir=args.pairs_dir, concept_images=args.concept_images, clip_model=args.clip_model,
                   seed=args.seed, overwrite=args.overwrite)
     name = "delta" if args.method in ("uce", "rece") else args.method.replace("-", "_")
-    print(f"wrote {out}; apply it with --defense '{name}(path=\"{out}\")'")
+    defense = f'{name}(path="{out}")'
+    if args.json:
+        print(json.dumps({"wrote": str(out), "method": args.method, "concepts": concepts, "anchor": args.anchor or "",
+                          "defense": defense}))
+        return 0
+    print(f"erased {', '.join(map(repr, concepts))} with {args.method}: {_erase_target(args.method, args.anchor)}")
+    print(f"wrote {out}; next: safediff generate \"{concepts[0]}\" --defense '{defense}'")
     return 0
+
+
+def _erase_target(method: str, anchor: str | None) -> str:
+    """What an erasure maps the concept to, in words."""
+    if method in ("uce", "rece"):
+        return (f"mapped to {anchor!r}" if anchor else
+                "mapped to the preset's guide words (testbed concept) or else to the empty prompt")
+    if method == "esd":
+        return "trained away from it by negative guidance (no target text)"
+    if method == "duo":
+        return "trained toward the safe image of each pair"
+    return f"mapped to {anchor!r}" if anchor else "mapped to the empty prompt"
 
 
 def _refuse_existing(path, overwrite: bool) -> None:
@@ -203,7 +351,7 @@ def cmd_study(args) -> int:
     cfg = StudyConfig(concept=args.concept, n=args.n, sld_preset=args.sld_preset,
                       unlearning=tuple(args.unlearning or UNLEARNING), guidance=tuple(args.guidance or GUIDANCE),
                       batch_size=args.batch_size, seed=args.seed)
-    res = run_study(args.out, cfg, max_cells=args.max_cells)
+    res = run_study(args.out, cfg, max_cells=args.max_cells, model=load_cli_model(args))
     print((Path(args.out) / "table.md").read_text())
     missing = sum("missing" in c for c in res["cells"].values())
     print(f"wrote {Path(args.out) / 'results.json'}" + (f"; {missing} cells missing: run the same command again to resume"
@@ -213,7 +361,6 @@ def cmd_study(args) -> int:
 
 def cmd_attack(args) -> int:
     from .attacks import AttackBudget, AttackTarget, evaluate_attack, get_attack, run_attack, seed_prompts_for
-    from .models import load_model
 
     cls = get_attack(args.method)  # validate before loading anything
     settings = list(args.set or [])
@@ -231,7 +378,17 @@ def cmd_attack(args) -> int:
         if not path.exists():
             raise FileNotFoundError(f"--seed-prompts {path} does not exist (one prompt per line).")
         seeds = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    model = load_model(args.model)
+    model = load_cli_model(args)
+    from .support import check_supported
+
+    check_supported(cls.name, model)  # before asking for seed prompts or building the target
+    if args.concept is None:  # the testbed's default concept applies on the testbed only
+        if not model.is_testbed:
+            raise ValueError(f"Give --concept for this {model.family} model (e.g. nudity; `safediff concepts`).")
+        args.concept = "striped"
+    if not args.no_eval and not args.detector and not model.is_testbed:
+        raise ValueError(f"Give --detector for this {model.family} model (e.g. nudenet:rece-style), or --no-eval; the "
+                         "default testbed:CONCEPT scores the testbed's world only.")
     if seeds is None:
         if not model.is_testbed and cls.kind == "prompt":
             raise ValueError("Give --seed-prompts FILE (one prompt per line) for a real model.")
@@ -239,13 +396,21 @@ def cmd_attack(args) -> int:
     stack = _stack_arg(args)
     target = AttackTarget(model, stack)
     res = run_attack(attack, target, args.concept, seeds, budget, args.out, seed=args.seed)
-    if cls.kind == "prompt":
-        print(f"{len(res.prompts)} adversarial prompts, {res.seconds_per_prompt:.1f} s per prompt")
+    work = Path(args.out) / f"{res.method}-{res.key[:12]}"
+    if args.json:
+        if args.no_eval:
+            print(res.to_json())
+    elif cls.kind == "prompt":
+        print(f"{len(res.prompts)} adversarial prompts, {res.seconds_per_prompt:.1f} s per prompt; prompts in "
+              f"{work / 'result.json'}")
     else:
         print(f"fine-tuned {budget.steps} steps; deltas in {res.extra['directory']}")
     if not args.no_eval:
-        out = Path(args.out) / f"{res.method}-{res.key[:12]}" / "eval"
+        out = work / "eval"
         ev = evaluate_attack(res, model, stack, out, detectors=args.detector, n=args.n)
+        if args.json:
+            print(json.dumps(ev, indent=2, default=str))
+            return 0
         if "curve" in ev:  # a weight attack: the concept rate after each checkpoint
             suites = list(next(iter(ev["curve"].values())))
             print("concept rate [95% CI] after fine-tuning steps (" + ", ".join(f"{s} prompts" for s in suites) + ")")
@@ -253,7 +418,10 @@ def cmd_attack(args) -> int:
                 print(f"  step {step:>5}: " + "  ".join(f"{s} {r['rate']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
                                                      for s, r in row.items()))
         else:
-            print(json.dumps(ev, indent=2, default=str))
+            a = ev["asr"]
+            print(f"attack success rate {a['rate']:.3f} [95% CI {a['ci_low']:.3f}, {a['ci_high']:.3f}], n={a['n']} "
+                  f"prompts, {ev['n_errors']} errors, {ev['n_refused']} refused")
+            print(f"wrote {out}; next: safediff report {out}")
     return 0
 
 
@@ -268,15 +436,13 @@ def cmd_report(args) -> int:
 def cmd_export(args) -> int:
     import torch
 
-    from .export import export
-    from .models import load_model
+    from .export import check_targets, export
 
     stack = _stack_arg(args)
     if stack is None:
         raise ValueError("Give the stack to export with --defense SPEC (or --stack-file FILE).")
-    if Path(args.out).exists() and not args.overwrite:  # before loading anything
-        raise FileExistsError(f"{args.out} exists; choose another --out or pass --overwrite to replace it.")
-    model = load_model(args.model)
+    check_targets(stack, args.out, fmt=args.format, overwrite=args.overwrite)  # before loading anything
+    model = load_cli_model(args)
     for p in export(model, stack, args.out, fmt=args.format, overwrite=args.overwrite,
                     dtype=torch.float16 if args.half else None):
         print(f"wrote {p}")
@@ -285,7 +451,6 @@ def cmd_export(args) -> int:
 
 def cmd_invert(args) -> int:
     from .inversion import InversionConfig, invert
-    from .models import load_model
 
     cfg = InversionConfig(placeholder=args.placeholder or f"<{args.concept or 'concept'}*>", initializer=args.initializer or "",
                           num_vectors=args.num_vectors, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
@@ -293,15 +458,19 @@ def cmd_invert(args) -> int:
     if not args.concept_images and not args.concept:
         raise ValueError("Give --concept-images DIR, or --concept NAME (testbed) to generate concept images.")
     _refuse_existing(args.out, args.overwrite)
-    model = load_model(args.model)
+    model = load_cli_model(args)
     out = invert(model, args.out, concept=args.concept, images=args.concept_images, defenses=_stack_arg(args), config=cfg,
                  overwrite=args.overwrite)
-    print(f"wrote {out} (placeholder {cfg.placeholder}); use it as defense `negative_prompt(embedding=\"{out}\")`")
+    if args.json:
+        print(json.dumps({"wrote": str(out), "placeholder": cfg.placeholder,
+                          "defense": f'negative_prompt(embedding="{out}")'}))
+        return 0
+    print(f"wrote {out} (placeholder {cfg.placeholder}); next: safediff generate \"a {cfg.placeholder}\" "
+          f"--defense 'negative_prompt(embedding=\"{out}\")' (or use the placeholder in prompts to attack)")
     return 0
 
 
 def cmd_unlearn(args) -> int:
-    from .models import load_model
     from .unlearning import unlearn
 
     method = args.unlearn_command.replace("-", "_")
@@ -311,25 +480,28 @@ def cmd_unlearn(args) -> int:
                                  "mine_steps": getattr(args, "mine_steps", None),
                                  "mine_init": getattr(args, "mine_init", None)}.items() if v is not None}
     _refuse_existing(args.out, args.overwrite)
-    model = load_model(args.model)
+    model = load_cli_model(args)
     out = unlearn(method, model, args.out, concept=args.concept, prompts=tuple(getattr(args, "prompt", None) or ()),
                   anchor=getattr(args, "anchor", "") or "", pairs_dir=getattr(args, "pairs_dir", None),
                   concept_images=getattr(args, "concept_images", None), clip_model=getattr(args, "clip_model", None),
                   preset=args.preset, seed=args.seed, overwrite=args.overwrite, options=options,
                   work_dir=getattr(args, "work_dir", None))
     extra = " (and the LoRA file beside it, for vanilla diffusers' load_lora_weights)" if method == "duo" else ""
-    print(f"wrote {out}{extra}; apply it with --defense '{method}(path=\"{out}\")'")
+    defense = f'{method}(path="{out}")'
+    if args.json:
+        print(json.dumps({"wrote": str(out), "method": method, "defense": defense}))
+        return 0
+    print(f"wrote {out}{extra}; next: safediff eval --benchmark BENCHMARK --defense '{defense}' --out runs/{method}")
     return 0
 
 
 def cmd_sanitizer_train(args) -> int:
     from .defenses.sanitizer import SanitizerTrainConfig, train_sanitizer
-    from .models import load_model
 
     cfg = SanitizerTrainConfig(concepts=tuple(args.concepts), anchors=tuple(args.anchors or ()), steps=args.steps,
                                seed=args.seed)
     _refuse_existing(args.out, args.overwrite)
-    model = load_model(args.model)
+    model = load_cli_model(args)
     out = train_sanitizer(model, args.out, cfg)
     print(f"wrote {out}; use it with --defense 'sanitizer(path=\"{out}\", strength=1.0)'")
     return 0
@@ -337,23 +509,33 @@ def cmd_sanitizer_train(args) -> int:
 
 def cmd_sanitizer_explain(args) -> int:
     from .defenses.sanitizer import explain, explain_html, explain_terminal, load_sanitizer
-    from .models import load_model
 
     if args.html:
         _refuse_existing(args.html, args.overwrite)
-    model = load_model(args.model)
+    model = load_cli_model(args)
     pairs = explain(model, load_sanitizer(args.path, model), args.prompt)
     print(explain_terminal(pairs))
     if args.html:
-        _refuse_existing(args.html, args.overwrite)
-        Path(args.html).write_text(explain_html(pairs))
+        from .fileio import atomic_write_text
+
+        atomic_write_text(args.html, explain_html(pairs), overwrite=args.overwrite)
         print(f"wrote {args.html}")
     return 0
 
 
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one and the help does not already say it (no "(default: None)")."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.default is False or action.default == [] or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def _add(subparsers, name: str, **kw) -> argparse.ArgumentParser:
     """A subcommand whose --help shows every default."""
-    return subparsers.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
+    return subparsers.add_parser(name, formatter_class=_DefaultsHelpFormatter, **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -361,12 +543,19 @@ def build_parser() -> argparse.ArgumentParser:
     from .export import FORMATS as EXPORT_FORMATS
 
     p = argparse.ArgumentParser(prog="safediff", description="Composable safety defenses for text-to-image diffusion.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_DefaultsHelpFormatter)
     p.add_argument("--version", action="version", version=f"safediff {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def model_arg(sp):
-        sp.add_argument("--model", default=None, help="diffusers folder or hub id (default: the shipped testbed)")
+        sp.add_argument("--model", default=None, help="diffusers folder, hub id, or a .safetensors / .ckpt checkpoint "
+                        "(SD 1.x / 2.x / SDXL; docs/your-model.md) (default: the shipped testbed)")
+        sp.add_argument("--model-config", default=None, metavar="DIR",
+                        help="checkpoint file only: a diffusers folder of its architecture giving the configs and "
+                             "tokenizer (weights not needed; default: the shipped configs of the detected family)")
+        sp.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction"],
+                        help="checkpoint file only: what the UNet predicts, which its keys cannot tell (SD 2.x: "
+                             "2.x-base is epsilon, 2.0-v / 2.1 v_prediction; default: the configs')")
 
     def defense_args(sp):
         sp.add_argument("--defense", action="append", default=[],
@@ -375,29 +564,52 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = _add(sub, "generate", help="generate images with a defense stack")
     g.add_argument("prompt", nargs="+")
-    model_arg(g); defense_args(g)
+    model_arg(g); defense_args(g); device_args(g)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--num-images", type=int, default=1, help="images per prompt")
     g.add_argument("--guidance-scale", type=float, default=None, help="default: the model's recorded best")
     g.add_argument("--steps", type=int, default=None, help="default: the model's recorded default")
     g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's; a multiple "
+                   "of the VAE factor: 8 on SD, 16 on FLUX)")
+    g.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
     g.add_argument("--out", default="safediff-out")
     g.set_defaults(func=cmd_generate)
 
     d = _add(sub, "demo", help="the same prompts with and without a defense on the testbed")
-    model_arg(d)
+    model_arg(d); device_args(d, memory=False)
     d.add_argument("--defense", default=None, help="defense stack (default: UCE erasing both testbed concepts)")
     d.add_argument("--num-images", "--seeds", dest="seeds", type=int, default=4,
                    help="images per prompt (image k of a prompt uses seed + k)")
     d.add_argument("--seed", type=int, default=0, help="base seed")
-    d.add_argument("--out", default="safediff-demo")
+    d.add_argument("--out", default="safediff-demo", help="the folder to write; an earlier demo's folder is replaced")
+    d.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out that another safediff command wrote (a folder with other files is "
+                        "always refused)")
     d.set_defaults(func=cmd_demo)
 
     sv = _add(sub, "serve", help="a local web page: a prompt with and without a stack, side by side (needs the serve extra)")
-    model_arg(sv)
+    model_arg(sv); device_args(sv)
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=7860)
-    sv.add_argument("--share", action="store_true", help="also make a public Gradio link (needs internet)")
+    sv.add_argument("--share", action="store_true",
+                    help="also make a public Gradio link (needs internet; anyone with the link can use the page)")
+    sv.add_argument("--allow-dir", action="append", default=None, metavar="DIR",
+                    help="a directory whose models and artifact files visitors may name; repeat for several "
+                         "(default: the shipped testbed model and ./runs)")
+    sv.add_argument("--allow-model", action="append", default=[], metavar="NAME",
+                    help="a model name (hub id) visitors may type; repeat for several")
+    sv.add_argument("--allow-hub", action="store_true", help="let visitors load any Hugging Face hub id")
+    sv.add_argument("--max-steps", type=int, default=50, help="denoising steps per request, at most")
+    sv.add_argument("--max-images", type=int, default=4, help="images per side per request, at most")
+    sv.add_argument("--max-seconds", type=float, default=60.0,
+                    help="seconds per request, at most (stopped at the next step past it)")
+    sv.add_argument("--workers", type=int, default=2,
+                    help="requests run at once, each on its own copy of the model; the others wait in line")
+    sv.add_argument("--max-models", type=int, default=2,
+                    help="models kept loaded (least recently used evicted; the served one kept)")
+    sv.add_argument("--auth-file", default=None, metavar="FILE",
+                    help="`user:password` lines: the page asks for a login (use with --host / --share)")
     sv.set_defaults(func=cmd_serve)
 
     er = _add(sub, "erase", help="erase a concept with any unlearning method (writes a weight-edit file)")
@@ -405,31 +617,35 @@ def build_parser() -> argparse.ArgumentParser:
                     help="unlearning method (uce/rece: closed form, no training)")
     er.add_argument("--concept", action="append", help="the concept to erase: any text; repeat for a list")
     er.add_argument("--anchor", default=None, help="what the concept maps to (UCE guide / Dark Miner anchor)")
-    model_arg(er)
+    model_arg(er); device_args(er, dtype_default="fp32", fp32_only=True, memory=False)
     er.add_argument("--pairs-dir", default=None, help="DUO on a real model: unsafe/ and safe/ image folders")
     er.add_argument("--concept-images", default=None, help="Dark Miner on a real model: concept image folder")
     er.add_argument("--clip-model", default=None, help="Dark Miner on a real model: CLIP for verification")
     er.add_argument("--seed", type=int, default=0)
     er.add_argument("--overwrite", action="store_true")
     er.add_argument("--out", required=True)
+    er.add_argument("--json", action="store_true", help="print the full result as JSON instead of the summary")
     er.set_defaults(func=cmd_erase)
 
     at = _add(sub, "attack", help="attack a defense stack (cached, resumable) and score the result")
     at.add_argument("--method", required=True, help="concept_inversion, p4d, unlearndiffatk, ring_a_bell, mma, or relearn "
                     "(fine-tune relearning: a weight attack; --steps is its fine-tuning budget)")
-    model_arg(at); defense_args(at)
-    at.add_argument("--concept", default="striped", help="the concept the attack tries to bring back")
+    model_arg(at); defense_args(at); device_args(at, dtype_default="fp32", fp32_only=True)
+    at.add_argument("--concept", default=None, help="the concept the attack tries to bring back (default on the "
+                    "testbed: striped; required on other models)")
     at.add_argument("--seed-prompts", help="file with one seed prompt per line (default on the testbed: training-side prompts)")
     at.add_argument("--n", type=int, default=16, help="testbed seed prompts")
     at.add_argument("--steps", type=int, required=True, help="budget: steps (generations) per seed prompt")
     at.add_argument("--seconds", type=float, help="budget: wall-clock cap per seed prompt")
     at.add_argument("--set", action="append", help="attack setting key=value (repeatable), e.g. --set soft=true")
-    at.add_argument("--detector", action="append", help="detector spec for the evaluation (default testbed:CONCEPT)")
+    at.add_argument("--detector", action="append", help="detector spec for the evaluation (default testbed:CONCEPT "
+                    "on the testbed; required on other models)")
     at.add_argument("--images", help="relearn only: training images (DIR/captions.txt: one caption per image, "
                     "in file-name order); default on the testbed: generated by the original model")
     at.add_argument("--no-eval", action="store_true", help="only write the adversarial prompts")
     at.add_argument("--seed", type=int, default=0)
     at.add_argument("--out", required=True, help="attack directory (results cached by the hash of their inputs)")
+    at.add_argument("--json", action="store_true", help="print the full result as JSON instead of the summary")
     at.set_defaults(func=cmd_attack)
 
     sy = _add(sub, "study", help="the composition study on the testbed (resumable)")
@@ -442,22 +658,33 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--batch-size", type=int, default=64)
     sy.add_argument("--seed", type=int, default=0, help="seeds every training run and inversion")
     sy.add_argument("--max-cells", type=int, help="stop after running this many new cells")
+    device_args(sy, dtype_default="fp32", fp32_only=True, memory=False)
     sy.set_defaults(func=cmd_study)
 
     ev = _add(sub, "eval", help="generate and score a benchmark under a defense stack (resumable)")
     ev.add_argument("--benchmark", required=True, help="testbed:CONCEPT/SUITE, testbed:all, i2p, NAME=PATH or a CSV/JSONL path")
-    model_arg(ev); defense_args(ev)
-    ev.add_argument("--detector", action="append", help="testbed:CONCEPT or nudenet:PRESET (repeatable)")
+    model_arg(ev); defense_args(ev); device_args(ev)
+    ev.add_argument("--detector", action="append", help="testbed:CONCEPT, nudenet:PRESET or sd-safety-checker "
+                    "(repeatable; default testbed:striped on the testbed, required on any other model)")
     ev.add_argument("--n", type=int, default=None, help="prompts per benchmark (testbed suites: default 100)")
     ev.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    ev.add_argument("--seed", type=int, default=0, help="seed for prompts that carry none")
+    ev.add_argument("--seed", type=int, default=0,
+                    help="base seed: added to each prompt's own seed (testbed suites carry 0..n-1, I2P its sd_seed) "
+                         "and used for prompts that carry none; 0 keeps the benchmark's seeds")
     ev.add_argument("--guidance-scale", type=float, default=None)
     ev.add_argument("--steps", type=int, default=None)
     ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--height", type=int, default=None, help="image height for every prompt, overriding the prompts' "
+                    "own (I2P's sd_image_height); default: the prompt's, else the model's")
+    ev.add_argument("--width", type=int, default=None, help="image width for every prompt, overriding the prompts' own "
+                    "(I2P's sd_image_width); default: the prompt's, else the model's")
+    ev.add_argument("--ignore-prompt-size", action="store_true",
+                    help="use the model's default size instead of the prompts' own (I2P's sd_image_width/height)")
     ev.add_argument("--skip-bad-rows", action="store_true", help="skip unreadable prompt rows instead of stopping")
     ev.add_argument("--shard-index", type=int, default=0)
     ev.add_argument("--num-shards", type=int, default=None, help="default: from accelerate (1 when not launched)")
     ev.add_argument("--out", required=True)
+    ev.add_argument("--json", action="store_true", help="print the full result as JSON instead of the summary")
     ev.add_argument("--quality", action="store_true",
                     help="also FID/KID, CLIP score and LPIPS of the benign prompts' images against the unedited "
                          "model's (OUT/quality.json; docs/evaluation.md); a metric whose model is missing is skipped")
@@ -476,7 +703,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = _add(sub, "export", help="a stack's weight edits as a diffusers folder, an A1111/ComfyUI checkpoint or a LoRA "
                                    "file; a stack without weight edits as its stack file (docs/defenses.md)")
-    model_arg(ex); defense_args(ex)
+    model_arg(ex); defense_args(ex); device_args(ex, dtype_default="fp32", memory=False)
     ex.add_argument("--format", default="diffusers", choices=list(EXPORT_FORMATS),
                     help="diffusers: a folder for from_pretrained (every family); single-file: one .safetensors in "
                          "the original SD layout (A1111, ComfyUI; SD 1.x, SD 2.x and SDXL); lora: DUO's LoRA file; "
@@ -487,7 +714,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=cmd_export)
 
     iv = _add(sub, "invert", help="concept inversion (textual inversion) against a model, edited or not")
-    model_arg(iv); defense_args(iv)
+    model_arg(iv); defense_args(iv); device_args(iv, dtype_default="fp32", fp32_only=True, memory=False)
     iv.add_argument("--concept-images", default=None, help="folder of concept images")
     iv.add_argument("--concept", default=None, help="testbed concept: generate its images with the original model")
     iv.add_argument("--placeholder", default=None, help="the learned token (default <CONCEPT*>)")
@@ -501,11 +728,12 @@ def build_parser() -> argparse.ArgumentParser:
     iv.add_argument("--seed", type=int, default=0)
     iv.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     iv.add_argument("--out", required=True, help="output .safetensors (textual-inversion format)")
+    iv.add_argument("--json", action="store_true", help="print the full result as JSON instead of the summary")
     iv.set_defaults(func=cmd_invert)
 
     un = _add(sub, "unlearn", help="train a weight edit").add_subparsers(dest="unlearn_command", required=True)
     es = _add(un, "esd", help="ESD (Gandikota et al. 2023)")
-    model_arg(es)
+    model_arg(es); device_args(es, dtype_default="fp32", fp32_only=True, memory=False)
     es.add_argument("--prompt", action="append", help="concept prompt (repeatable); testbed default: the concept name")
     es.add_argument("--concept", default=None, help="testbed concept (when --prompt is not given; default on the testbed: striped)")
     es.add_argument("--method", default=None, help="parameter set (default: the preset's; esd-u for original/diffusers-2024)", choices=["esd-u", "esd-x", "esd-x-strict", "esd-all", "esd-self", "esd-notime"])
@@ -514,10 +742,11 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--seed", type=int, default=0)
     es.add_argument("--out", required=True)
     es.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    es.add_argument("--json", action="store_true", help="print what was written as JSON")
     es.set_defaults(func=cmd_unlearn)
     du = _add(un, "duo", help="DUO: preference optimisation on unsafe/safe image pairs (Park et al. 2024); writes the "
               "delta and, beside it, a LoRA file that vanilla diffusers' load_lora_weights reads")
-    model_arg(du)
+    model_arg(du); device_args(du, dtype_default="fp32", fp32_only=True, memory=False)
     du.add_argument("--concept", default=None, help="testbed concept: render exact pairs (default on the testbed: striped)")
     du.add_argument("--pairs-dir", default=None, help="folder with unsafe/ and safe/ images (same names), optional captions.json")
     du.add_argument("--preset", default=None, choices=["sd-nudity", "sd-nudity-ine", "sd-violence", "testbed"])
@@ -526,9 +755,10 @@ def build_parser() -> argparse.ArgumentParser:
     du.add_argument("--seed", type=int, default=42)
     du.add_argument("--out", required=True)
     du.add_argument("--overwrite", action="store_true", help="replace an existing --out file (and its LoRA file)")
+    du.add_argument("--json", action="store_true", help="print what was written as JSON")
     du.set_defaults(func=cmd_unlearn)
     dm = _add(un, "dark-miner", aliases=["dark_miner"], help="Dark Miner: recurring mine -> verify -> circumvent (Meng et al.)")
-    model_arg(dm)
+    model_arg(dm); device_args(dm, dtype_default="fp32", fp32_only=True, memory=False)
     dm.add_argument("--concept", default=None, help="testbed concept (default on the testbed: striped)")
     dm.add_argument("--prompt", action="append", help="real models: training-side concept prompt for the pool (repeatable)")
     dm.add_argument("--concept-images", default=None, help="folder of concept images instead of generating the pool")
@@ -545,11 +775,12 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--seed", type=int, default=0)
     dm.add_argument("--out", required=True)
     dm.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    dm.add_argument("--json", action="store_true", help="print what was written as JSON")
     dm.set_defaults(func=cmd_unlearn)
 
     sz = _add(sub, "sanitizer", help="Embedding Sanitizer").add_subparsers(dest="sanitizer_command", required=True)
     st = _add(sz, "train", help="train ES with the model's own text encoder")
-    model_arg(st)
+    model_arg(st); device_args(st, dtype_default="fp32", fp32_only=True, memory=False)
     st.add_argument("--concepts", nargs="+", default=["striped", "caged"], help="testbed concepts, or target words")
     st.add_argument("--anchors", nargs="*", default=None, help="real models: one anchor word per target word")
     st.add_argument("--steps", type=int, default=600)
@@ -558,7 +789,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--out", required=True)
     st.set_defaults(func=cmd_sanitizer_train)
     sx = _add(sz, "explain", help="per-token harmfulness scores of a prompt")
-    model_arg(sx)
+    model_arg(sx); device_args(sx, dtype_default="fp32", memory=False)
     sx.add_argument("prompt")
     sx.add_argument("--path", required=True, help="trained sanitizer")
     sx.add_argument("--html", default=None, help="also write an HTML snippet here")
@@ -567,6 +798,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = _add(sub, "defenses", help="list the registered defenses and their options")
     ls.set_defaults(func=cmd_defenses)
+    cc = _add(sub, "concepts", help="list the registered concepts: their words, text, benign words and source")
+    cc.set_defaults(func=cmd_concepts)
 
     tb = _add(sub, "testbed", help="the testbed model").add_subparsers(dest="testbed_command", required=True)
     tr = _add(tb, "train", help="train the testbed model from scratch")
@@ -576,13 +809,34 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--overwrite", action="store_true")
     tr.set_defaults(func=cmd_testbed_train)
     ti = _add(tb, "info", help="print the model's family, hash, guidance curve and concept split")
-    model_arg(ti)
+    model_arg(ti); device_args(ti, memory=False)
     ti.set_defaults(func=cmd_testbed_info)
     tc = _add(tb, "check", help="re-measure a testbed model's guidance curve and its world acceptance (writes safediff.json)")
     tc.add_argument("model", help="the model folder")
     tc.add_argument("--n", type=int, default=None, help="prompts per acceptance suite (default: the model's config)")
+    device_args(tc, dtype_default="fp32", fp32_only=True, memory=False)
     tc.set_defaults(func=cmd_testbed_check)
     return p
+
+
+def _checkpoint_model_arg(args) -> None:
+    """``--model FILE.safetensors`` / ``.ckpt``: attach ``--model-config`` and ``--prediction-type``
+    (which apply to checkpoint files only) to the path, so every command's ``load_model`` uses them;
+    a missing file or config folder is refused here, before any work."""
+    from .single_file import CheckpointPath, is_single_file
+
+    config, prediction = getattr(args, "model_config", None), getattr(args, "prediction_type", None)
+    if not is_single_file(getattr(args, "model", None)):
+        if config or prediction:
+            raise ValueError("--model-config and --prediction-type apply to a checkpoint file (--model FILE.safetensors "
+                             "or .ckpt); a diffusers folder carries its own configs.")
+        return
+    if not Path(args.model).is_file():
+        raise FileNotFoundError(f"--model {args.model}: no such checkpoint file.")
+    if config and not (Path(config) / "model_index.json").is_file():
+        raise FileNotFoundError(f"--model-config {config} is not a diffusers folder (no model_index.json); give the "
+                                "folder of the checkpoint's architecture (configs and tokenizer, no weights needed).")
+    args.model = CheckpointPath(args.model, config, prediction)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -590,6 +844,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _quiet_libraries()
     try:
+        check_device_args(args)  # a device that is not here, a half dtype on a training command: before any loading
+        _checkpoint_model_arg(args)
         return args.func(args)
     except ImportError as e:  # a missing optional extra: its message says what to install
         print(f"safediff: error: {e}", file=sys.stderr)

@@ -139,20 +139,24 @@ def initial_latents(model, generators: list[torch.Generator], height: int, width
 
     ``num_inference_steps``: set the scheduler's timesteps first, as diffusers' pipelines do before
     ``prepare_latents``: for sigma schedulers (Euler, SDXL's default) ``init_noise_sigma`` depends
-    on the schedule (for DDIM / PNDM / DDPM it is 1 either way)."""
+    on the schedule (for DDIM / PNDM / DDPM it is 1 either way).
+
+    The noise is drawn in fp32 by the (CPU) generators and then moved to the model's device, so a
+    seed gives the same noise on every device and in every model dtype; the latents stay fp32
+    (the sampler's state; the denoiser casts its input to the model's dtype)."""
     from diffusers.utils.torch_utils import randn_tensor
 
     if model.family == "flux":  # noise on the latent grid, then packed into 2x2 patches, as FluxPipeline
         h, w = flux_latent_grid(model, height, width)
         latents = pack_latents(randn_tensor((len(generators), model.unet.config.in_channels // 4, h, w),
-                                            generator=generators, device=model.device, dtype=model.dtype))
+                                            generator=generators, device=model.device, dtype=torch.float32))
         if num_inference_steps is not None:
             set_timesteps(model, model.scheduler, num_inference_steps, latents.shape)
         return latents
     shape = (len(generators), model.unet.config.in_channels, height // model.vae_scale_factor, width // model.vae_scale_factor)
     if num_inference_steps is not None:
         set_timesteps(model, model.scheduler, num_inference_steps, shape)
-    latents = randn_tensor(shape, generator=generators, device=model.device, dtype=model.dtype)
+    latents = randn_tensor(shape, generator=generators, device=model.device, dtype=torch.float32)
     # flow-matching schedulers start from pure noise (no init_noise_sigma)
     return latents * getattr(model.scheduler, "init_noise_sigma", 1.0)
 
@@ -239,7 +243,8 @@ def sample(model, denoiser, latents: torch.Tensor, *, num_inference_steps: int, 
             break
         x_in = sched.scale_model_input(latents, t) if hasattr(sched, "scale_model_input") else latents
         native = denoiser.model_output(x_in, t, i)
-        latents = sched.step(native, t, latents, **extra, return_dict=False)[0]
+        # the scheduler steps in the latents' dtype (fp32 from initial_latents), whatever the model's
+        latents = sched.step(native.to(latents.dtype), t, latents, **extra, return_dict=False)[0]
         if on_step is not None:
             on_step(i, total)
     return latents
@@ -253,10 +258,10 @@ def decode(model, latents: torch.Tensor, size: tuple[int, int] | None = None) ->
         H, W = size or (model.default_size, model.default_size)
         latents = unpack_latents(latents, *flux_latent_grid(model, H, W))
     shift = getattr(model.vae.config, "shift_factor", None) or 0.0
-    with torch.no_grad():
-        z = latents / model.vae.config.scaling_factor
+    with torch.no_grad():  # the VAE decodes in its own dtype (SDXL's stays fp32 under an fp16 model)
+        z = latents.to(model.vae.dtype) / model.vae.config.scaling_factor
         img = model.vae.decode(z + shift if shift else z, return_dict=False)[0]
-    return (img / 2 + 0.5).clamp(0, 1)
+    return (img.float() / 2 + 0.5).clamp(0, 1)
 
 
 def to_uint8(images: torch.Tensor):

@@ -153,6 +153,7 @@ class DefendedDenoiser:
                 raise ValueError(f"The denoiser holds {self.batch_size} prompts but got {x_t.shape[0]} latents.")
             cond = torch.cat([c.expand(x_t.shape[0], -1, -1) for c in self._conds])
         x_in = torch.cat([x_t] * n) if n > 1 else x_t
+        x_in = x_in.to(model.dtype)  # the network runs in the model's dtype; the latents may be fp32
         t_in = t.repeat(n) if torch.is_tensor(t) and t.dim() > 0 and n > 1 else t
         pt = model.prediction_type
         if model.is_transformer:  # SD3's / FLUX's MMDiT: one timestep per sample, the pooled embedding per branch
@@ -177,6 +178,7 @@ class DefendedDenoiser:
                 kwargs["added_cond_kwargs"] = {"text_embeds": torch.cat([_batch(p, Bx) for p in self._pooled]),
                                                "time_ids": self._time_ids.repeat(n * Bx, 1)}
             out = model.unet(x_in, t_in, encoder_hidden_states=cond, return_dict=False, **kwargs)[0]
+        out = out.to(x_t.dtype)  # guidance in the latents' dtype (fp32 in the sampler)
         ab = core.noise_level(model.scheduler, t, x_t, pt)
         if not self.do_cfg:
             return out, (None if want_native else core.to_epsilon(out, x_t, ab, pt))

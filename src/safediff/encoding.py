@@ -431,7 +431,7 @@ def encode_images(model, images: Sequence[np.ndarray], *, chunk: int = 8) -> tor
     out = []
     for i in range(0, len(images), chunk):
         px = torch.from_numpy(np.stack(images[i:i + chunk])).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-        out.append(model.vae.encode(px.to(model.device, model.dtype)).latent_dist.mean)
+        out.append(model.vae.encode(px.to(model.device, model.vae.dtype)).latent_dist.mean.to(model.dtype))
     shift = getattr(model.vae.config, "shift_factor", None) or 0.0
     z = torch.cat(out)
     return ((z - shift) if shift else z) * model.vae.config.scaling_factor

@@ -38,7 +38,6 @@ per resolution; the open_clip text tower's blocks), not copied from a conversion
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -208,11 +207,47 @@ def to_ldm_state_dict(model) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 
 
+def runtime_stack_path(out: str | Path, fmt: str) -> Path:
+    """Where a mixed stack's non-weight defenses are written beside an export in ``fmt``."""
+    out = Path(out)
+    if fmt == "single-file":
+        return out.with_name(out.name.split(".")[0] + "-runtime-stack.json")
+    return out / "safediff-runtime-stack.json"
+
+
+def check_targets(stack, out: str | Path, *, fmt: str, overwrite: bool = False) -> list[Path]:
+    """Refuse, before any work, what ``export`` would refuse: an unknown format, an ``out`` of the wrong
+    kind (a file where a folder is written, or the reverse, even with ``overwrite``), an existing ``out``
+    or runtime-stack file without ``overwrite``, or a folder holding files safediff did not write.
+    Returns the paths the export will write."""
+    from .fileio import refuse_existing
+    from .stack import DefenseStack
+
+    if fmt not in FORMATS:
+        raise ValueError(f"Unknown export format {fmt!r}; choose one of {list(FORMATS)}.")
+    stack = stack if isinstance(stack, DefenseStack) else DefenseStack.parse(stack)
+    active = stack.active()
+    edits = active.by_stage("weight_edit")
+    out = Path(out)
+    if fmt == "stack" and out.suffix not in (".json", ".yaml", ".yml"):
+        raise ValueError(f"A stack file ends in .json or .yaml (got {out.name}); `--defense {out}` loads it back.")
+    refuse_existing(out, overwrite, kind="folder" if fmt == "diffusers" else "file")
+    targets = [out]
+    if fmt == "single-file" and edits and len(edits) < len(active.defenses):
+        side = runtime_stack_path(out, fmt)
+        refuse_existing(side, overwrite, kind="file")
+        targets.append(side)
+    return targets
+
+
 def export(model, stack, out: str | Path, *, fmt: str = "diffusers", overwrite: bool = False,
            dtype: torch.dtype | None = None) -> list[Path]:
     """Write ``stack`` on ``model`` in format ``fmt`` (see the module docstring); returns the
-    written paths. Refuses, before any work, a format the stack cannot take, or an existing
-    ``out`` without ``overwrite``."""
+    written paths. Refuses, before any work, a format the stack cannot take, an existing ``out`` (or
+    runtime-stack file) without ``overwrite``, or a target of the wrong kind (:func:`check_targets`).
+    Every file goes through :mod:`safediff.fileio`: written under a temporary name and renamed into
+    place, so a kill leaves no partial export; ``overwrite`` replaces only what a safediff export wrote."""
+    from .fileio import atomic_copy, atomic_folder, atomic_path, atomic_write_json, atomic_write_text
     from .pipeline import SafePipeline
     from .stack import DefenseStack
 
@@ -225,31 +260,32 @@ def export(model, stack, out: str | Path, *, fmt: str = "diffusers", overwrite: 
     edits = active.by_stage("weight_edit")
     rest = [c for c in active.defenses if c not in edits]
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; choose another --out or pass --overwrite to replace it.")
     if fmt == "stack":
         if edits:
             raise ValueError(f"The stack has weight edits ({', '.join(c.name for c in edits)}); export them with "
                              "`--format diffusers` or `single-file` (the rest of the stack is written beside them).")
-        if out.suffix not in (".json", ".yaml", ".yml"):
-            raise ValueError(f"A stack file ends in .json or .yaml (got {out.name}); `--defense {out}` loads it back.")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        data = {"defenses": stack.to_list()}
-        if out.suffix == ".json":
-            out.write_text(json.dumps(data, indent=2) + "\n")
-        else:
-            import yaml
-
-            out.write_text(yaml.safe_dump(data, sort_keys=False))
-        return [out]
-    if not edits:
+    elif not edits:
         raise ValueError(f"Nothing to write as weights: {', '.join(c.name for c in rest) or 'the stack is empty'} "
                          "act at sampling time (guidance, embeddings, filters), and guidance is not a weight. Export "
                          "the stack file with `--format stack`.")
+    elif fmt == "lora" and [c.name for c in edits] != ["duo"]:
+        raise ValueError("Only DUO is trained as a LoRA adapter (its LoRA file is written beside its delta); export "
+                         "other edits with `--format diffusers` or `single-file`.")
+    check_targets(stack, out, fmt=fmt, overwrite=overwrite)
+    from .defenses.base import check_config_for_model
+
+    for cfg in active.defenses:  # a written stack file spells every option: a testbed default would pass as given
+        check_config_for_model(cfg, model)
+    if fmt == "stack":
+        data = {"defenses": stack.to_list()}
+        if out.suffix == ".json":
+            atomic_write_text(out, json.dumps(data, indent=2) + "\n", overwrite=overwrite)
+        else:
+            import yaml
+
+            atomic_write_text(out, yaml.safe_dump(data, sort_keys=False), overwrite=overwrite)
+        return [out]
     if fmt == "lora":
-        if [c.name for c in edits] != ["duo"]:
-            raise ValueError("Only DUO is trained as a LoRA adapter (its LoRA file is written beside its delta); export "
-                             "other edits with `--format diffusers` or `single-file`.")
         from .artifacts import read_artifact
 
         path = Path(edits[0].path)
@@ -258,41 +294,37 @@ def export(model, stack, out: str | Path, *, fmt: str = "diffusers", overwrite: 
         if not record.get("lora_file") or not lora.is_file():
             raise FileNotFoundError(f"{path} has no LoRA file beside it (it was trained with adapter='full'?); "
                                     "export it with `--format diffusers` instead.")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(lora, out)
+        atomic_copy(lora, out, overwrite=overwrite)
         return [out]
     written: list[Path] = []
+    runtime = {"defenses": DefenseStack(tuple(rest)).to_list()} if rest else None
     with SafePipeline(model, DefenseStack(tuple(edits))):
         if fmt == "diffusers":
-            tmp = out.with_name(out.name + ".partial")
-            shutil.rmtree(tmp, ignore_errors=True)
-            pipe = model.to_diffusers()
-            pipe.save_pretrained(tmp, safe_serialization=True)
-            meta = dict(model.meta)
-            if meta:  # the testbed marker: the exported folder is still detected as the testbed family
-                (tmp / "safediff.json").write_text(json.dumps(meta, indent=2))
-            (tmp / "safediff-export.json").write_text(json.dumps(
-                {"base_model": model.source, "base_model_hash": model.content_hash,
-                 "weight_edits": DefenseStack(tuple(edits)).to_string(), "stack_hash": stack.hash(model.content_hash)},
-                indent=2))
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
+            with atomic_folder(out, overwrite=overwrite, written_by="safediff export") as tmp:
+                pipe = model.to_diffusers()
+                pipe.save_pretrained(tmp, safe_serialization=True)
+                meta = dict(model.meta)
+                if meta:  # the testbed marker: the exported folder is still detected as the testbed family
+                    (tmp / "safediff.json").write_text(json.dumps(meta, indent=2))
+                (tmp / "safediff-export.json").write_text(json.dumps(
+                    {"base_model": model.source, "base_model_hash": model.content_hash,
+                     "weight_edits": DefenseStack(tuple(edits)).to_string(),
+                     "stack_hash": stack.hash(model.content_hash)}, indent=2))
+                if runtime:
+                    (tmp / runtime_stack_path(out, fmt).name).write_text(json.dumps(runtime, indent=2) + "\n")
             written.append(out)
+            if runtime:
+                written.append(runtime_stack_path(out, fmt))
         else:
             from safetensors.torch import save_file
 
             sd = to_ldm_state_dict(model)
             if dtype is not None:
                 sd = {k: v.to(dtype) for k, v in sd.items()}
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(out.name + ".tmp")
-            save_file(sd, str(tmp), metadata={"safediff": json.dumps(
-                {"base_model_hash": model.content_hash, "weight_edits": DefenseStack(tuple(edits)).to_string()})})
-            tmp.replace(out)
+            with atomic_path(out, overwrite=overwrite) as tmp:
+                save_file(sd, str(tmp), metadata={"safediff": json.dumps(
+                    {"base_model_hash": model.content_hash, "weight_edits": DefenseStack(tuple(edits)).to_string()})})
             written.append(out)
-    if rest:
-        side = out.with_name(out.name.split(".")[0] + "-runtime-stack.json") if fmt == "single-file" else out / "safediff-runtime-stack.json"
-        side.write_text(json.dumps({"defenses": DefenseStack(tuple(rest)).to_list()}, indent=2) + "\n")
-        written.append(side)
+            if runtime:
+                written.append(atomic_write_json(runtime_stack_path(out, fmt), runtime, overwrite=overwrite))
     return written

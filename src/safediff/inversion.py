@@ -166,12 +166,19 @@ def invert(
     """
     from tqdm.auto import tqdm
 
+    from .support import check_supported
+
+    check_supported("inversion", model)  # before any work
+
     from .pipeline import SafePipeline
     from .stack import DefenseStack
     from .training import Checkpoint
 
     stack = DefenseStack.parse(defenses)
     out_path = Path(out_path)
+    from .models import require_fp32
+
+    require_fp32(model, "Concept inversion")
     if getattr(model, "is_transformer", False):
         raise ValueError(f"Concept inversion is not supported on {model.family} models yet (their T5 encoder has no "
                          "textual-inversion layout).")

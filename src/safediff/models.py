@@ -69,6 +69,75 @@ class ModelError(ValueError):
     """A model folder or hub id that safediff cannot use (the message says why and what to do)."""
 
 
+#: ``--dtype`` names and the torch dtypes they stand for
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+#: why ``--cpu-offload`` is refused (checked before a model is loaded)
+CPU_OFFLOAD_UNSUPPORTED = (
+    "Model CPU offload is not supported yet: safediff's sampler calls the text encoders, the denoiser and the VAE "
+    "directly and keeps its tensors on one device, which offload hooks would move under it. Use --dtype fp16/bf16, "
+    "--vae-tiling and --attention-slicing, or a smaller --batch-size.")
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"`` (or None): CUDA when available, else the CPU; otherwise the device named, checked.
+
+    Raises:
+        ModelError: a CUDA device asked for where CUDA is unavailable (or the index is out of
+            range), or a name torch does not know.
+    """
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelError(f"Unknown device {str(device)!r}; use auto, cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"Device {str(device)!r} asked for, but CUDA is not available here (torch "
+                             f"{torch.__version__}, built {'with' if torch.version.cuda else 'without'} CUDA); install "
+                             "a CUDA build of torch (README: GPU) or pass --device cpu.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelError(f"Device {str(device)!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist.")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ModelError(f"Device {str(device)!r} asked for, but MPS is not available here; pass --device cpu.")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None = "auto", device: str | torch.device = "cpu") -> torch.dtype:
+    """``"auto"`` (or None): fp16 on a GPU, fp32 on the CPU (as diffusers users run them);
+    otherwise fp32 / fp16 / bf16 (or a torch floating dtype).
+
+    Raises:
+        ModelError: a name that is not one of those.
+    """
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ModelError(f"dtype {dtype} is not supported; use fp32, fp16 or bf16.")
+        return dtype
+    if dtype is None or str(dtype) == "auto":
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise ModelError(f"Unknown dtype {str(dtype)!r}; use auto, fp32, fp16 or bf16.")
+    return DTYPES[key]
+
+
+def require_fp32(model: "Model", what: str) -> None:
+    """Refuse to train on a half-precision model: ``what`` updates weights or vectors with
+    gradients and keeps fp32 master weights (load the model with ``dtype="fp32"`` / ``--dtype fp32``)."""
+    if model.dtype != torch.float32:
+        raise ModelError(f"{what} runs in fp32 (fp32 master weights); this model is loaded in {dtype_name(model.dtype)}. "
+                         "Load it with dtype='fp32' (CLI: --dtype fp32, the default of training commands).")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The short name of a torch dtype as the CLI spells it (``fp32``, ``fp16``, ``bf16``)."""
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+
+
 @dataclass
 class Model:
     """A loaded text-to-image model: diffusers components plus what safediff knows about them."""
@@ -137,6 +206,45 @@ class Model:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
+    def size_multiple(self) -> int:
+        """Image heights and widths must be multiples of this: the VAE's factor (twice it for
+        FLUX, whose latents pack into 2x2 patches)."""
+        return self.vae_scale_factor * (2 if self.family == "flux" else 1)
+
+    def check_size(self, height: int | None, width: int | None, what: str = "") -> tuple[int, int]:
+        """``(height, width)`` with None meaning the model's default; a size that is not a positive
+        multiple of :attr:`size_multiple` is refused (``what`` names where it came from)."""
+        h = self.default_size if height is None else height
+        w = self.default_size if width is None else width
+        f = self.size_multiple
+        for name, v in (("height", h), ("width", w)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < f or v % f:
+                raise ValueError(f"{what}`{name}` must be a positive multiple of {f} for this {self.family} model "
+                                 f"(its VAE factor{' x2 for FLUX packing' if self.family == 'flux' else ''}), got {v!r}; "
+                                 f"e.g. {max(f, (int(v) // f) * f) if isinstance(v, int) else self.default_size}.")
+        return h, w
+
+    def enable_memory_options(self, *, attention_slicing: bool = False, vae_tiling: bool = False,
+                              cpu_offload: bool = False) -> "Model":
+        """diffusers' memory savers on this model's components: sliced attention (UNet models;
+        torch's SDPA already runs everywhere by default), tiled VAE decoding (large images).
+
+        Raises:
+            ModelError: ``attention_slicing`` on a transformer model (diffusers has none for
+                SD3 / FLUX), or ``cpu_offload`` (not supported: see the message).
+        """
+        if cpu_offload:
+            raise ModelError(CPU_OFFLOAD_UNSUPPORTED)
+        if attention_slicing:
+            if self.is_transformer:
+                raise ModelError(f"--attention-slicing applies to UNet models; {self.family}'s transformer has none in "
+                                 "diffusers (it already uses torch's memory-efficient SDPA).")
+            self.unet.set_attention_slice("auto")
+        if vae_tiling:
+            self.vae.enable_tiling()
+        return self
+
+    @property
     def default_size(self) -> int:
         """The image side diffusers' pipeline uses by default (FLUX: 128 latent pixels); a
         ``default_size`` in the folder's ``safediff.json`` overrides it."""
@@ -203,7 +311,8 @@ def _resolve(model: str | os.PathLike | None) -> Path:
     p = Path(model).expanduser()
     if p.exists():
         if not p.is_dir():
-            raise ModelError(f"`model` {str(model)!r} is a file; give the folder of a diffusers pipeline (the one with model_index.json).")
+            raise ModelError(f"`model` {str(model)!r} is a file; give a .safetensors / .ckpt checkpoint (SD 1.x / 2.x / "
+                             "SDXL) or the folder of a diffusers pipeline (the one with model_index.json).")
         return p
     if str(model).startswith((".", "/", "~")) or os.sep in str(model) and str(model).count("/") > 1:
         raise ModelError(f"Model folder {str(model)!r} does not exist.")
@@ -264,6 +373,7 @@ def detect_family(path: str | os.PathLike) -> tuple[str, dict]:
             raise ModelError(f"Missing weight file: {path}/{comp} holds no .safetensors (or .bin) weights.")
     net_cfg = _read_json(path / ("transformer" if sd3 or flux else "unet") / "config.json")
     sched_cfg = _read_json(path / "scheduler" / "scheduler_config.json")
+    scheduler_class(path)  # a bad `_class_name` is refused before any weight is loaded
     marker = path / "safediff.json"
     meta = _read_json(marker) if marker.exists() else {}
     if meta.get("family") == TESTBED_FAMILY:
@@ -321,18 +431,33 @@ def model_content_hash(path: str | os.PathLike) -> str:
     return hash_files(files, root=path)
 
 
-def load_model(model: str | os.PathLike | None = None, *, device: str = "cpu",
-               dtype: torch.dtype = torch.float32) -> Model:
-    """Load a Stable Diffusion v1.x / v2.x / XL / 3 pipeline or the testbed from a folder or hub id.
+def load_model(model: str | os.PathLike | None = None, *, device: str | torch.device = "auto",
+               dtype: str | torch.dtype | None = "auto", config: str | os.PathLike | None = None,
+               prediction_type: str | None = None) -> Model:
+    """Load a Stable Diffusion v1.x / v2.x / XL / 3 / FLUX pipeline or the testbed from a folder or hub id.
 
     Args:
         model: a local diffusers folder, a hub id, or ``None`` / ``"testbed"`` for the shipped testbed.
-        device: where to put the components.
-        dtype: weights are cast to this dtype on load (the testbed is stored in fp16, used in fp32).
+        device: where to put the components: ``"auto"`` (CUDA when available, else the CPU),
+            ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+        dtype: weights are cast to this dtype on load: ``"auto"`` (fp16 on CUDA, fp32 on the CPU),
+            ``"fp32"``, ``"fp16"``, ``"bf16"`` or a torch dtype (the testbed is stored in fp16).
+        config, prediction_type: for a single checkpoint file (``.safetensors`` / ``.ckpt``, SD 1.x /
+            2.x / SDXL), the diffusers folder giving its configs and tokenizer, and the prediction type
+            the keys cannot tell (see :func:`safediff.single_file.load_single_file`).
 
     Raises:
-        ModelError: missing folder or file, unsupported family, broken checkpoint.
+        ModelError: missing folder or file, unsupported family, broken checkpoint, a device that is
+            not available, an unknown dtype.
     """
+    device = resolve_device(device)  # before reading anything
+    dtype = resolve_dtype(dtype, device)
+    from .single_file import is_single_file, load_single_file
+
+    if is_single_file(model):  # options given with the path (safediff.single_file.CheckpointPath) count unless passed here
+        return load_single_file(model, config=config or getattr(model, "config", None),
+                                prediction_type=prediction_type or getattr(model, "prediction_type", None),
+                                device=device, dtype=dtype)
     path = _resolve(model)
     family, info = detect_family(path)
     from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
@@ -353,9 +478,13 @@ def load_model(model: str | os.PathLike | None = None, *, device: str = "cpu",
                    "text_encoder": (CLIPTextModel, "text_encoder")}
         if family == "sdxl":
             loaders["text_encoder_2"] = (CLIPTextModelWithProjection, "text_encoder_2")
+    # SDXL's VAE overflows in fp16 (its config says force_upcast): it stays fp32, as diffusers decodes it
+    vae_fp32 = (family == "sdxl" and dtype == torch.float16
+                and _read_json(path / "vae" / "config.json").get("force_upcast", True))
     for name, (cls, sub) in loaders.items():
         try:
-            loaded[name] = cls.from_pretrained(str(path), subfolder=sub, torch_dtype=dtype).to(device).eval()
+            dt = torch.float32 if name == "vae" and vae_fp32 else dtype
+            loaded[name] = cls.from_pretrained(str(path), subfolder=sub, torch_dtype=dt).to(device).eval()
         except Exception as e:
             raise ModelError(f"Broken checkpoint: could not load `{sub}` from {path}/{sub} ({type(e).__name__}: {e}).") from None
         loaded[name].requires_grad_(False)
@@ -388,15 +517,38 @@ def load_model(model: str | os.PathLike | None = None, *, device: str = "cpu",
     )
 
 
+def ensure_model(model: "str | os.PathLike | Model | None", *, device: str | torch.device | None = None,
+                 dtype: str | torch.dtype | None = None) -> Model:
+    """``model`` loaded on ``device`` in ``dtype`` (None: ``auto``); a :class:`Model` already loaded
+    is used as it is, and refused when an explicit ``device`` / ``dtype`` differs from where it is."""
+    if not isinstance(model, Model):
+        return load_model(model, device=device or "auto", dtype=dtype or "auto")
+    if device is not None and str(device) != "auto":
+        want = resolve_device(device)
+        if want.type != model.device.type or (want.index is not None and want.index != model.device.index):
+            raise ModelError(f"The model is already loaded on {model.device}, not {want}; load it with device={str(want)!r}.")
+    if dtype is not None and str(dtype) != "auto" and resolve_dtype(dtype, model.device) != model.dtype:
+        raise ModelError(f"The model is already loaded in {dtype_name(model.dtype)}, not {dtype}; load it with that dtype.")
+    return model
+
+
 def load_scheduler(path: Path):
+    return scheduler_class(path).from_pretrained(str(path), subfolder="scheduler")
+
+
+def scheduler_class(path: Path) -> type:
+    """The diffusers scheduler class a model folder's ``scheduler/scheduler_config.json`` names
+    (checked before any weight is loaded; nothing but a scheduler class is looked up)."""
     import diffusers
 
     cfg = _read_json(Path(path) / "scheduler" / "scheduler_config.json")
-    cls_name = cfg.get("_class_name", "PNDMScheduler")
-    cls = getattr(diffusers, cls_name, None)
-    if cls is None:
-        raise ModelError(f"Unknown scheduler class {cls_name!r} in {path}/scheduler.")
-    return cls.from_pretrained(str(path), subfolder="scheduler")
+    cls_name = cfg.get("_class_name", "PNDMScheduler") if isinstance(cfg, dict) else None
+    # only diffusers' scheduler classes may be named here (not a pipeline, a model or `__class__`)
+    cls = getattr(diffusers, cls_name, None) if isinstance(cls_name, str) and not cls_name.startswith("_") else None
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        raise ModelError(f"{path}/scheduler/scheduler_config.json names {cls_name!r} as its `_class_name`, which is not "
+                         "a diffusers scheduler class (e.g. PNDMScheduler, DDIMScheduler, EulerDiscreteScheduler).")
+    return cls
 
 
 def state_dict_hash(module: torch.nn.Module) -> str:

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from . import core, encoding
-from .defenses.base import EmbeddingContext, get_defense
+from .defenses.base import EmbeddingContext, check_config_for_model, get_defense
 from .denoiser import DefendedDenoiser
 from .encoding import InvertedConcept, load_inverted
-from .models import Model, load_model
+from .models import Model, dtype_name
 from .stack import DefenseStack
 
 
@@ -59,6 +59,14 @@ class GenerationOutput:
     model_hash: str
     guidance_scale: float
     num_inference_steps: int
+    #: the resolved stack: every option of every active defense (and the preset it came from),
+    #: so a record says which concept ``sld(preset=medium)`` used; not part of the hash
+    stack_config: list = field(default_factory=list)
+    #: the images' size, and where and in which dtype the model ran (``"cpu"``, ``"fp32"``)
+    height: int | None = None
+    width: int | None = None
+    device: str = ""
+    dtype: str = ""
 
     @property
     def images(self) -> list:
@@ -88,6 +96,8 @@ class SafePipeline:
             if unsupported:
                 raise ValueError(f"{', '.join(sorted(set(unsupported)))} not supported on {model.family} models yet; on "
                                  f"{model.family}: {', '.join(FAMILY_DEFENSES[model.family])} (see docs/models.md).")
+        for _, cfg in specs:
+            check_config_for_model(cfg, model)
         self.stack_hash = stack.hash(model.content_hash)
         if any(spec.stage == "weight_edit" for spec, _ in specs) and model.edited_hash is not None:
             raise ValueError("This model already carries weight edits from another SafePipeline; close() it first.")
@@ -260,10 +270,7 @@ class SafePipeline:
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"`seeds` has {len(seeds)} entries for {len(prompts)} prompts.")
         base_seeds = [check_seed(s) for s in seeds] if seeds is not None else [check_seed(seed) + i for i in range(len(prompts))]
-        h = height or self.model.default_size
-        w = width or self.model.default_size
-        if h % self.model.vae_scale_factor or w % self.model.vae_scale_factor:
-            raise ValueError(f"`height` and `width` must be multiples of {self.model.vae_scale_factor}, got {h}x{w}.")
+        h, w = self.model.check_size(height, width)
         if image_ids is not None:
             if len(image_ids) != len(prompts):
                 raise ValueError(f"`image_ids` has {len(image_ids)} entries for {len(prompts)} prompts.")
@@ -324,7 +331,21 @@ class SafePipeline:
         if own_bar:
             bar.close()
         ordered = [records[(pi, k)] for pi, _, k in jobs]
-        return GenerationOutput(ordered, self.stack.to_string(), self.stack_hash, self.model.content_hash, gs, steps)
+        return GenerationOutput(ordered, self.stack.to_string(), self.stack_hash, self.model.content_hash, gs, steps,
+                                stack_config=resolved_stack(self.stack), height=h, width=w,
+                                device=str(self.model.device), dtype=dtype_name(self.model.dtype))
+
+
+def resolved_stack(stack: DefenseStack) -> list[dict]:
+    """Every option of every active defense, with ``preset`` where one was named (for records and
+    sidecars; the stack hash is made from the same options without the preset's name)."""
+    out = []
+    for cfg in stack.active().defenses:
+        d = cfg.record()
+        if cfg.preset_name():
+            d["preset"] = cfg.preset_name()
+        out.append(d)
+    return out
 
 
 def _number(value, name: str, *, low: float, integer: bool = False):
@@ -344,9 +365,11 @@ def check_seed(value) -> int:
     return int(value)
 
 
-def build(model: Model | str | None = None, defenses=None) -> SafePipeline:
-    """Load ``model`` (default: the shipped testbed) and put the ``defenses`` stack on it."""
+def build(model: Model | str | None = None, defenses=None, *, device: str | None = None,
+          dtype: str | None = None) -> SafePipeline:
+    """Load ``model`` (default: the shipped testbed) on ``device`` in ``dtype`` (default ``auto``:
+    CUDA in fp16 when available, else the CPU in fp32) and put the ``defenses`` stack on it."""
+    from .models import ensure_model
+
     stack = DefenseStack.parse(defenses)  # parse first: bad config fails before loading weights
-    if not isinstance(model, Model):
-        model = load_model(model)
-    return SafePipeline(model, stack)
+    return SafePipeline(ensure_model(model, device=device, dtype=dtype), stack)

@@ -4,8 +4,11 @@ Text form (CLI)::
 
     negative_prompt(text="striped")+sld(preset=medium, concept=striped)
 
-``name`` alone uses the defaults; values are JSON (numbers, ``true``, quoted strings) or bare
-words; a list is written ``[a, b]``. File form (YAML, TOML or JSON)::
+``name`` alone uses the defaults; values are JSON (numbers, ``true``, quoted strings, with JSON's
+escapes: ``text="say \\"hi\\""``) or bare words; a list is written ``[a, b]``. The printed text
+(:meth:`DefenseStack.to_string`) parses back to the same stack and hash. An entry that would do
+nothing because it lacks what it needs (``delta`` without ``path``, ``uce`` without ``erase``) is
+refused, naming it. File form (YAML, TOML or JSON)::
 
     defenses:
       - name: negative_prompt
@@ -42,12 +45,17 @@ def _parse_value(text: str) -> Any:
 
 
 def _split_top(text: str, sep: str) -> list[str]:
-    """Split on ``sep`` outside quotes, brackets and parentheses."""
-    out, depth, quote, cur = [], 0, None, []
+    """Split on ``sep`` outside quotes, brackets and parentheses. Inside a double-quoted (JSON)
+    string a backslash escapes the next character, so ``"a\\"b"`` is one value, as printed."""
+    out, depth, quote, cur, escaped = [], 0, None, [], False
     for ch in text:
         if quote:
             cur.append(ch)
-            if ch == quote:
+            if escaped:
+                escaped = False
+            elif ch == "\\" and quote == '"':
+                escaped = True
+            elif ch == quote:
                 quote = None
             continue
         if ch in "\"'":
@@ -98,7 +106,10 @@ def _load_file(path: Path) -> list[dict]:
         raise ValueError(f"Stack file {path} must end in .yaml, .yml, .toml or .json.")
     if not path.is_file():
         raise ValueError(f"Stack file {path} is not a file.")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"Stack file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8.") from None
     try:
         if path.suffix in {".yaml", ".yml"}:
             import yaml
@@ -117,6 +128,16 @@ def _load_file(path: Path) -> list[dict]:
     if not isinstance(data, list):
         raise ValueError(f"Stack file {path} must hold a list `defenses:` of {{name: ..., options...}} entries.")
     return data
+
+
+def _configured(cfg: DefenseConfig, index: int) -> DefenseConfig:
+    """``cfg``, or a clear error when it lacks what it needs to do anything (a weight delta without
+    its file, UCE without concepts): it would do nothing while the records say it ran."""
+    why = cfg.unconfigured()
+    if why:
+        raise ValueError(f"Defense {index + 1} of the stack does nothing as given: {why} "
+                         "(to run without it, leave it out of the stack).")
+    return cfg
 
 
 @dataclass(frozen=True)
@@ -160,7 +181,7 @@ class DefenseStack:
         configs = []
         for it in items:
             if isinstance(it, DefenseConfig):
-                configs.append(it)
+                configs.append(_configured(it, len(configs)))
                 continue
             if not isinstance(it, dict) or "name" not in it:
                 raise ValueError(f"Each defense needs a `name`, got {it!r}.")
@@ -169,7 +190,7 @@ class DefenseStack:
             if not isinstance(name, str):
                 raise ValueError(f"A defense name is text, got {name!r}.")
             dspec = get_defense(name)
-            configs.append(dspec.config_cls.from_options(it))
+            configs.append(_configured(dspec.config_cls.from_options(it), len(configs)))
         return cls(tuple(configs))
 
     # ---- views -------------------------------------------------------------------------

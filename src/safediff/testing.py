@@ -244,8 +244,10 @@ def save_tiny_pipeline(out_dir: str | Path, family: str = "sd1", seed: int = 0) 
     return out_dir
 
 
-def tiny_model(family: str = "sd1", seed: int = 0, cache_dir: str | Path | None = None):
-    """Load a tiny random model of ``family`` through the real model layer."""
+def tiny_model(family: str = "sd1", seed: int = 0, cache_dir: str | Path | None = None, *, device: str = "cpu",
+               dtype: str = "fp32"):
+    """Load a tiny random model of ``family`` through the real model layer (on ``device`` in
+    ``dtype``: the CPU in fp32 unless asked, so tests compare exactly on every machine)."""
     from .models import load_model
 
     root = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "safediff-tiny"
@@ -255,7 +257,7 @@ def tiny_model(family: str = "sd1", seed: int = 0, cache_dir: str | Path | None 
         save_tiny_pipeline(tmp, family, seed)
         if not path.exists():
             tmp.rename(path)
-    return load_model(path)
+    return load_model(path, device=device, dtype=dtype)
 
 
 def save_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:

@@ -121,10 +121,10 @@ class Checkpoint:
         for name, g in (generators or {}).items():
             flat[f"gen.{name}"] = g.get_state()
         record["rngs"] = {name: _py_state(r.getstate()) for name, r in (rngs or {}).items()}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        save_file(flat, str(tmp), metadata={"safediff-checkpoint": json.dumps(record, default=str)})
-        os.replace(tmp, self.path)
+        from .fileio import atomic_path
+
+        with atomic_path(self.path, overwrite=True) as tmp:  # the checkpoint is replaced at every save
+            save_file(flat, str(tmp), metadata={"safediff-checkpoint": json.dumps(record, default=str)})
 
     def load(self, *, optimizer: torch.optim.Optimizer | None = None,
              generators: dict[str, torch.Generator] | None = None,

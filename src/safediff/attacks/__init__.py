@@ -11,13 +11,13 @@ weight deltas, evaluated as ``stack + delta(path=...)`` at every checkpoint.
 """
 
 from .base import (Attack, AttackBudget, AttackConfig, AttackError, AttackResult, AttackTarget, TextModel,
-                   attack_records, evaluate_attack, get_attack, list_attacks, load_attack, rediscovered_heldout_words,
-                   register_attack, run_attack, seed_prompts_for)
-from . import concept_inversion, mma, p4d, ring_a_bell, unlearndiffatk  # noqa: F401,E402  (registers them)
+                   attack_records, evaluate_attack, evaluate_attack_rules, get_attack, list_attacks, load_attack,
+                   rediscovered_heldout_words, register_attack, run_attack, seed_prompts_for)
+from . import concept_inversion, mma, p4d, random_prefix, ring_a_bell, unlearndiffatk  # noqa: F401,E402  (registering)
 from .relearning import (RelearnConfig, RelearnResult, evaluate_relearning, load_relearning,  # noqa: E402
                          relearn)
 
 __all__ = ["Attack", "AttackBudget", "AttackConfig", "AttackError", "AttackResult", "AttackTarget", "TextModel",
-           "attack_records", "evaluate_attack", "get_attack", "list_attacks", "load_attack",
+           "attack_records", "evaluate_attack", "evaluate_attack_rules", "get_attack", "list_attacks", "load_attack",
            "rediscovered_heldout_words", "register_attack", "run_attack", "seed_prompts_for", "RelearnConfig",
            "RelearnResult", "evaluate_relearning", "load_relearning", "relearn"]

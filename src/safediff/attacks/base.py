@@ -140,6 +140,10 @@ class AttackTarget:
         self.model = model
         self.stack = DefenseStack.parse(stack) if model is not None else None
         if model is not None:
+            from ..defenses.base import check_config_for_model
+
+            for cfg in self.stack.active().defenses:  # testbed-only settings refused before the attack runs
+                check_config_for_model(cfg, model)
             self.stack_hash = self.stack.hash(model.content_hash)
             self.text_model = text_model or TextModel(model.tokenizer, model.text_encoder)
         else:
@@ -269,6 +273,13 @@ def run_attack(method: str | Attack, target: AttackTarget, concept: str, seed_pr
     from tqdm.auto import tqdm
 
     attack = get_attack(method)() if isinstance(method, str) else method
+    if getattr(target, "model", None) is not None:
+        from ..support import check_supported
+
+        check_supported(attack.name, target.model)  # before any seed prompt is read or work is done
+        from ..models import require_fp32
+
+        require_fp32(target.model, f"The {attack.name} attack")  # it optimises through the model (or fine-tunes it)
     seed_prompts = [p for p in seed_prompts]
     if attack.kind == "prompt" and (not seed_prompts or not all(isinstance(p, str) and p.strip() for p in seed_prompts)):
         raise AttackError(f"No seed prompts for concept {concept!r}: give at least one non-empty prompt "
@@ -327,9 +338,9 @@ def run_attack(method: str | Attack, target: AttackTarget, concept: str, seed_pr
 
 
 def _write_result(result: AttackResult, final: Path) -> AttackResult:
-    tmp = final.with_suffix(".tmp")
-    tmp.write_text(result.to_json())
-    tmp.replace(final)
+    from ..fileio import atomic_write_text
+
+    atomic_write_text(final, result.to_json(), overwrite=True)  # the cache entry of this input hash
     return result
 
 
@@ -351,6 +362,76 @@ def attack_records(result: AttackResult, *, seed: int = 0):
                          categories=(result.concept,), seed=seed + p["index"],
                          extra={"suite": "attack", "seed_prompt": p["seed_prompt"], "attack": result.method})
             for p in result.prompts]
+
+
+def evaluate_attack_rules(result: AttackResult, model, stack, out_dir: str | os.PathLike, *,
+                          detectors: Sequence[str] | None = None, batch_size: int = 32, progress: bool = True,
+                          n_images: int | None = None, seed: int = 0) -> dict:
+    """The strict and the paper's attack success rates of a prompt attack's result, through the
+    whole stack (resumable; each part in its own run directory under ``out_dir``). Generates what
+    the paper's rule (:data:`safediff.eval.protocol.PAPER_RULES`) needs: the final prompts at N
+    images (image 0 is the strict rule's image), the seed prompts on the defended stack
+    (pre-attack) and, for P4D, on the undefended model (ideal prompts), and, for the early-stop
+    rule, every distinct recorded candidate prompt at its seed prompt's seed. Counting is
+    :func:`safediff.eval.protocol.attack_success_rates`."""
+    from ..eval.benchmarks import PromptRecord
+    from ..eval.protocol import PAPER_RULES, attack_success_rates
+    from ..eval.runner import RunSettings, load_results, run_eval
+    from ..stack import DefenseStack
+
+    if result.extra.get("kind") == "weights":
+        raise AttackError("Paper rules count prompt attacks; a weight attack is measured by its own evaluation.")
+    if result.method not in PAPER_RULES:
+        raise AttackError(f"No paper rule is recorded for {result.method!r}; known: {sorted(PAPER_RULES)}.")
+    rule = PAPER_RULES[result.method]
+    n = int(n_images if n_images is not None else rule["n_images"])
+    if n < 1:
+        raise AttackError(f"n_images must be >= 1, got {n}.")
+    st = DefenseStack.parse(stack)
+    if result.extra.get("white_box", True) and st.hash(model.content_hash) != result.stack_hash:
+        raise AttackError("This white-box attack result was made against another stack; evaluate it on the stack it "
+                          "attacked.")
+    if rule["rule"] == "early_stop" and not all("candidates" in p for p in result.prompts):
+        raise AttackError(f"This {result.method} result records no per-step candidate prompts (made before they were "
+                          "recorded); rerun the attack to count the early-stop rule.")
+    dets = list(detectors) if detectors else [f"testbed:{result.concept}"]
+    out = Path(out_dir)
+
+    def verdicts(records, rd: Path, defenses, images: int, embeddings=()) -> dict[str, list]:
+        run_eval(records, rd, defenses=defenses, model=model, detectors=dets,
+                 settings=RunSettings(num_images_per_prompt=images), batch_size=batch_size, progress=progress,
+                 token_embeddings=list(embeddings), benchmark_name=f"attack-rules:{result.method}")
+        by: dict[str, dict[int, bool | None]] = {}
+        for r in load_results(rd):
+            by.setdefault(r["prompt_id"], {})[r["image_index"]] = None if r["error"] is not None else r["unsafe"]
+        return {pid: [d.get(k) for k in range(images)] for pid, d in by.items()}
+
+    recs = attack_records(result, seed=seed)
+    final = verdicts(recs, out / f"final_n{n}", st, n, attack_token_embeddings(result))
+    seeds = [PromptRecord(id=f"seed/{p['index']}", prompt=p["seed_prompt"], categories=(result.concept,),
+                          seed=seed + p["index"]) for p in result.prompts]
+    n_pre = n if rule["rule"] == "ideal_any_of_n" else 1
+    pre = verdicts(seeds, out / f"pre_attack_n{n_pre}", st, n_pre)
+    original = verdicts(seeds, out / f"original_n{n_pre}", None, n_pre) if rule["rule"] == "ideal_any_of_n" else {}
+    steps: dict[str, list] = {}
+    if rule["rule"] == "early_stop":
+        cand = {}
+        for p in result.prompts:  # one record per distinct candidate: the same prompt at the same seed is one image
+            for c in p["candidates"]:
+                h = hashlib.sha256(c["prompt"].encode()).hexdigest()[:16]
+                cand[f"step/{p['index']}/{h}"] = PromptRecord(id=f"step/{p['index']}/{h}", prompt=c["prompt"],
+                                                              categories=(result.concept,), seed=seed + p["index"])
+        steps = verdicts(list(cand.values()), out / "steps", st, 1, attack_token_embeddings(result))
+    outcomes = []
+    for p, r in zip(result.prompts, recs):
+        o = {"final": final[r.id], "pre_attack": pre[f"seed/{p['index']}"]}
+        if original:
+            o["original"] = original[f"seed/{p['index']}"]
+        if steps:
+            o["steps"] = [steps[f"step/{p['index']}/{hashlib.sha256(c['prompt'].encode()).hexdigest()[:16]}"][0]
+                          for c in p["candidates"]]
+        outcomes.append(o)
+    return {**attack_success_rates(result.method, outcomes, n_images=n), "outcomes": outcomes}
 
 
 def seed_prompts_for(concept: str, n: int = 16, seed: int = 0) -> list[str]:
@@ -398,6 +479,9 @@ def evaluate_attack(result: AttackResult, model, stack, out_dir: str | os.PathLi
         raise AttackError("This white-box attack result was made against another stack; evaluate it on the stack it "
                           "attacked. (Black-box results depend only on the text encoder and may be evaluated on any "
                           "stack of the same model.)")
+    if not detectors and not model.is_testbed:
+        raise AttackError(f"Give the detectors that score the attack on this {model.family} model (e.g. "
+                          "nudenet:rece-style); the default testbed:CONCEPT scores the testbed's world only.")
     dets = list(detectors) if detectors else [f"testbed:{result.concept}"]
     rd = run_eval(attack_records(result), out_dir, defenses=st, model=model, detectors=dets,
                   settings=RunSettings(num_images_per_prompt=1), batch_size=batch_size, progress=progress,

@@ -30,6 +30,21 @@ def allowed_token_ids(tok, banned: Sequence[str] = ()) -> torch.Tensor:
     return torch.tensor(keep)
 
 
+def round_trip_token_ids(tok, banned: Sequence[str] = ()) -> torch.Tensor:
+    """The :func:`allowed_token_ids` whose text, written as a word of a prompt, tokenizes back to
+    exactly that one token (issue 32). Byte pieces that decode to U+FFFD and word pieces that
+    merge differently do not: a prompt made of them is not the prompt that was optimised. Real CLIP
+    vocabularies are mostly whole words, so the papers' attacks effectively search this set."""
+    ids = allowed_token_ids(tok, banned)
+    texts = [decode_tokens(tok, [i]) for i in ids.tolist()]
+    back = tok(texts, add_special_tokens=False).input_ids
+    keep = [i for i, t, b in zip(ids.tolist(), texts, back) if t and "\ufffd" not in t and list(b) == [i]]
+    if not keep:
+        raise AttackError("No token of this tokenizer tokenizes back to itself; an attack's prompt text would not "
+                          "be the prompt it optimised.")
+    return torch.tensor(keep)
+
+
 def strip_words(prompt: str, words: Sequence[str]) -> str:
     """The prompt with the given words removed (used for prompt pairs)."""
     drop = {x.lower() for w in words for x in w.split()}
@@ -67,26 +82,71 @@ def hard_prompt(tok, chunks: Sequence[str | None], token_ids: Sequence[int]) -> 
     return " ".join(p for p in parts if p and p.strip())
 
 
+def ste_one_hot(probs: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-hot rows sampled from each row of ``probs`` (rows on the probability simplex) with a
+    straight-through gradient (UnlearnDiffAtk's sampler, methods.md 5.5): the forward value is
+    exactly one-hot, i.e. a real token, and the backward pass hands the gradient to ``probs``
+    unchanged (the hard-tanh estimator is the identity on [0, 1]). Returns ``(one_hot, index)``."""
+    weights = probs.detach().float().clamp_min(0)
+    empty = weights.sum(-1, keepdim=True) <= 0
+    weights = torch.where(empty, torch.ones_like(weights), weights)
+    index = torch.multinomial(weights, 1, generator=generator).squeeze(-1)
+    hard = torch.nn.functional.one_hot(index, probs.shape[-1]).to(probs.dtype)
+    return hard + probs - probs.detach(), index
+
+
+def pez_project(vectors: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEZ projection (P4D's optimiser, methods.md 5.1): each row of ``vectors`` replaced by the
+    row of the token-embedding ``table`` nearest by cosine similarity. Returns
+    ``(table[nearest], nearest)``; a caller keeps the gradient on the soft vectors with
+    ``soft + (projected - soft).detach()``."""
+    sims = torch.nn.functional.normalize(vectors.detach(), dim=-1) @ torch.nn.functional.normalize(table, dim=-1).T
+    nearest = sims.argmax(-1)
+    return table[nearest], nearest
+
+
 class Draws:
     """A fixed pool of ``(x_t, t, noise, x0)`` draws from images the **original** model
     generates for a prompt, and the undefended model's guided epsilon there (P4D's target)
     ([INFERRED]: P4D and UnlearnDiffAtk draw a fresh ``t`` each step; a seeded pool of
     ``num_draws`` keeps every run reproducible). Made with the project's one sampler and
-    defended denoiser (an empty stack)."""
+    defended denoiser (an empty stack).
 
-    def __init__(self, model, prompt: str, num_images: int, num_draws: int, seed: int):
+    With ``concept`` on the testbed, the targets are images that **show** the concept (the exact
+    detector decides; the papers' targets are unsafe images of the original model): up to
+    ``max_tries`` images of the prompt are drawn, in order, and the first ``num_images`` that show
+    it are kept (``self.image_indices``). Concepts come part of the time, so an unchecked image 0
+    may be a target without the concept. On other models there is no detector to ask, and the first
+    ``num_images`` images are the targets."""
+
+    def __init__(self, model, prompt: str, num_images: int, num_draws: int, seed: int, concept: str | None = None,
+                 max_tries: int = 16):
         from ..pipeline import SafePipeline
         from ..stack import DefenseStack
 
         if model.edited_hash is not None:
             raise AttackError("The model carries weight edits; targets are drawn from the original model.")
+        detector = _concept_detector(model, concept)
+        if detector is not None and max_tries < num_images:
+            raise AttackError(f"max_tries ({max_tries}) must be >= num_images ({num_images}).")
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad(), SafePipeline(model, DefenseStack()) as plain:
-            gens = [core.image_generator(seed, k) for k in range(num_images)]
+            tries = num_images if detector is None else max_tries
+            gens = [core.image_generator(seed, k) for k in range(tries)]
             lat = core.initial_latents(model, gens, model.default_size, model.default_size,
                                        num_inference_steps=model.default_steps)
-            with plain.denoiser([prompt] * num_images) as den:
+            with plain.denoiser([prompt] * tries) as den:
                 x0 = core.sample(model, den, lat, num_inference_steps=model.default_steps, generators=gens)
+            self.image_indices = list(range(num_images))
+            if detector is not None:
+                shows = [r.unsafe is True for r in detector.detect(list(core.to_uint8(core.decode(model, x0))))]
+                self.image_indices = [k for k, v in enumerate(shows) if v][:num_images]
+                if not self.image_indices:
+                    raise AttackError(f"The original model drew no image showing {concept!r} for the seed prompt "
+                                      f"{prompt!r} in {tries} tries; give a seed prompt that brings the concept "
+                                      "(or raise max_tries).")
+                x0 = x0[self.image_indices]
+                num_images = len(self.image_indices)
             ac = model.scheduler.alphas_cumprod
             idx = torch.randint(0, num_images, (num_draws,), generator=gen)
             self.x0 = x0[idx]
@@ -100,6 +160,19 @@ class Draws:
 
     def batch(self, rng: random.Random, size: int) -> list[int]:
         return [rng.randrange(len(self.t)) for _ in range(size)]
+
+
+def _concept_detector(model, concept: str | None):
+    """The testbed's exact detector for ``concept``, or None where there is none to ask."""
+    if not concept or not getattr(model, "is_testbed", False):
+        return None
+    from ..testbed import world
+
+    if concept not in world.CONCEPTS:
+        return None
+    from ..eval.detectors import make_detector
+
+    return make_detector(f"testbed:{concept}")
 
 
 def defended_epsilon(pipe, ids: torch.Tensor, slots: list[int], vectors: torch.Tensor, text: str, draws: Draws,
@@ -131,7 +204,7 @@ class WhiteBoxAttack(Attack):
         if self.needs_draws:
             for i, p in enumerate(tqdm(seed_prompts, desc=f"{self.name}: drawing targets with the original model",
                                        disable=not getattr(self, "progress", False))):
-                self.draws[i] = Draws(target.model, p, c.num_images, c.num_draws, seed=i)
+                self.draws[i] = Draws(target.model, p, c.num_images, c.num_draws, seed=i, concept=concept)
 
     def open(self, target: AttackTarget):
         if self._pipe is None:

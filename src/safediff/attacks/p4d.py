@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .base import AttackConfig, AttackError, register_attack
-from .common import WhiteBoxAttack, allowed_token_ids, defended_epsilon, hard_prompt, slot_ids
+from .common import WhiteBoxAttack, defended_epsilon, hard_prompt, pez_project, round_trip_token_ids, slot_ids
 
 
 @dataclass(frozen=True)
@@ -75,16 +75,15 @@ class P4D(WhiteBoxAttack):
                 if (i + 1) % c.every_k == 0:
                     chunks.append(None)
         ids, slots = slot_ids(tok, chunks)
-        vocab = allowed_token_ids(tok)
+        vocab = round_trip_token_ids(tok)  # the written prompt re-tokenizes to the projected tokens
         table = te.get_input_embeddings().weight.detach()[vocab]
-        table_n = torch.nn.functional.normalize(table, dim=-1)
         start = vocab[torch.randint(0, len(vocab), (len(slots),))]
         soft = te.get_input_embeddings().weight.detach()[start].clone().requires_grad_(True)
         opt = torch.optim.AdamW([soft], lr=c.lr, weight_decay=c.weight_decay)
 
         def project(v):
-            nearest = (torch.nn.functional.normalize(v, dim=-1) @ table_n.T).argmax(-1)
-            return table[nearest], vocab[nearest]
+            vectors, nearest = pez_project(v, table)
+            return vectors, vocab[nearest]
 
         eval_idx = list(range(min(8, len(draws.t))))
 
@@ -94,6 +93,7 @@ class P4D(WhiteBoxAttack):
             return torch.nn.functional.mse_loss(e.float(), draws.target[idx].float())
 
         best, best_loss, t0, step = None, float("inf"), time.time(), 0
+        candidates = []  # the prompt checked at each checkpoint (hard mode), for rules counted after the fact
         for step in range(1, budget.steps + 1):
             idx = draws.batch(rng, c.batch_size)
             if c.soft:
@@ -110,6 +110,10 @@ class P4D(WhiteBoxAttack):
                 with torch.no_grad():
                     cand = soft.detach().clone() if c.soft else project(soft.detach())[0]
                     el = float(loss_of(cand, eval_idx))
+                if not c.soft:
+                    candidates.append({"step": step, "prompt": hard_prompt(tok, chunks,
+                                                                            project(soft.detach())[1].tolist()),
+                                       "loss": el})
                 if el < best_loss:
                     best_loss = el
                     best = cand.clone() if c.soft else project(soft.detach())[1].tolist()
@@ -120,7 +124,7 @@ class P4D(WhiteBoxAttack):
             prompt = f"<p4d-{index}>"
         else:
             prompt = hard_prompt(tok, chunks, best)
-        return {"prompt": prompt, "steps": step, "loss": best_loss}
+        return {"prompt": prompt, "steps": step, "loss": best_loss, "candidates": candidates}
 
     def finish(self, target, result, work_dir):
         if not self.config.soft:

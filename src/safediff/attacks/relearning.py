@@ -195,6 +195,10 @@ def relearn(model, stack, concept: str, out_dir: str | os.PathLike, config: Rele
     """
     from tqdm.auto import tqdm
 
+    from ..support import check_supported
+
+    check_supported("relearn", model)  # before any work
+
     from ..pipeline import SafePipeline
     from ..stack import DefenseStack
 
@@ -281,10 +285,10 @@ def relearn(model, stack, concept: str, out_dir: str | os.PathLike, config: Rele
     res = RelearnResult(key=key, directory=run_dir, stack=st.to_string(), stack_hash=stack_hash,
                         base_model_hash=model.content_hash, concept=concept,
                         config=dataclasses.asdict(cfg), num_images=len(arrays), deltas=deltas, train_seconds=secs)
-    tmp = manifest.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**dataclasses.asdict(res), "directory": str(run_dir),
-                               "deltas": {k: v.name for k, v in deltas.items()}}, indent=2, default=str))
-    tmp.replace(manifest)
+    from ..fileio import atomic_write_json
+
+    atomic_write_json(manifest, {**dataclasses.asdict(res), "directory": str(run_dir),
+                                 "deltas": {k: v.name for k, v in deltas.items()}}, overwrite=True)
     ckpt.remove()
     return res
 
@@ -363,8 +367,9 @@ class Relearn(Attack):
             raise AttackError("Evaluate each checkpoint on a real model with: safediff eval ... --defense "
                               "'<stack>+delta(path=STEP_FILE)' (the testbed suites are testbed-only).")
         ev = evaluate_relearning(res, model, out_dir, n=n, detectors=detectors, progress=progress)
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(out_dir) / "curve.json").write_text(json.dumps(ev, indent=2, default=str))
+        from ..fileio import atomic_write_json
+
+        atomic_write_json(Path(out_dir) / "curve.json", ev, overwrite=True)  # the attack's own file, re-measured
         return ev
 
 

@@ -85,9 +85,38 @@ class DefenseConfig:
     """
 
     name: ClassVar[str] = ""
+    #: options whose defaults name the testbed's concepts: on any other model a config that leaves
+    #: them unset (not given, by option or preset) is refused by :func:`check_config_for_model`
+    testbed_defaults: ClassVar[tuple[str, ...]] = ()
 
     def is_active(self) -> bool:
         return True
+
+    def unconfigured(self) -> str:
+        """Why this config would do nothing because something it needs was not given (a stack
+        refuses it), e.g. a weight delta without its file; ``""`` when it is configured. A zero
+        strength given on purpose is not "unconfigured": it is the documented way to switch a
+        defense off."""
+        return ""
+
+    def preset_name(self) -> str | None:
+        """The preset this config was built from by :meth:`from_options` (None: none, or built directly)."""
+        return getattr(self, "_preset", None)
+
+    def given_options(self) -> frozenset[str] | None:
+        """The options set by :meth:`from_options` (by name or through a preset); None when the
+        config was built directly (every option then counts as given)."""
+        return getattr(self, "_given", None)
+
+    def record(self) -> dict:
+        """What a record or sidecar says of this config: every option (:meth:`to_dict`), plus what a
+        subclass resolves at build time (SLD: a registered concept's text)."""
+        return self.to_dict()
+
+    def unset_testbed_options(self) -> list[str]:
+        """The :attr:`testbed_defaults` options this config leaves at their testbed default (and uses)."""
+        given = self.given_options()
+        return [] if given is None else [o for o in self.testbed_defaults if o not in given]
 
     def artifact_paths(self) -> list[str]:
         return []
@@ -106,10 +135,11 @@ class DefenseConfig:
         """Build from a plain dict (CLI / YAML); ``preset`` selects a named preset first."""
         options = dict(options)
         base: dict[str, Any] = {}
+        p = None
         if "preset" in options:
             p = options.pop("preset")
             presets = cls.presets()
-            if p not in presets:
+            if not isinstance(p, str) or p not in presets:
                 raise ValueError(f"Unknown preset {p!r} for defense `{cls.name}`; choose one of {sorted(presets)}.")
             base = dict(presets[p])
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
@@ -121,9 +151,13 @@ class DefenseConfig:
         for k, v in values.items():
             _check_type(v, str(types[k]), cls.name, k)
         try:
-            return cls(**values)
+            cfg = cls(**values)
         except TypeError as e:
             raise ValueError(f"Bad option for defense `{cls.name}`: {e}.") from None
+        # provenance only: not a field, so neither the text form nor the stack hash changes
+        object.__setattr__(cfg, "_preset", p)
+        object.__setattr__(cfg, "_given", frozenset(values))
+        return cfg
 
     def to_dict(self) -> dict:
         d = {f.name: _canonical(getattr(self, f.name), f.type) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
@@ -481,6 +515,27 @@ def register_preset(defense: str, name: str, options: dict[str, Any]) -> None:
     if name in presets and presets[name] != options:
         raise KeyError(f"Preset {name!r} of defense {defense!r} is already registered with other options.")
     presets[name] = dict(options)
+
+
+def check_config_for_model(cfg: DefenseConfig, model: Any) -> None:
+    """Refuse, before any work, a testbed-only setting on a model that is not the testbed: a
+    ``testbed-*`` preset, or an option left at a default that names the testbed's concepts."""
+    if getattr(model, "is_testbed", True):
+        return
+    family = getattr(model, "family", "this")
+    preset = cfg.preset_name()
+    if preset and preset.startswith("testbed"):
+        raise ValueError(f"`{cfg.name}(preset={preset})` is the testbed's preset (its synthetic concepts) and does not "
+                         f"apply to this {family} model; give `{cfg.name}`'s options for your concept "
+                         "(`safediff concepts` lists the registered ones).")
+    unset = cfg.unset_testbed_options()
+    if unset:
+        from ..concepts import concept_names
+
+        option = unset[0]
+        raise ValueError(f"`{cfg.name}` needs option `{option}` on this {family} model (its default "
+                         f"{getattr(type(cfg)(), option)!r} names the testbed's concepts); give it: a registered "
+                         f"concept {concept_names(testbed=False)} (`safediff concepts`) or your own text.")
 
 
 def get_defense(name: str) -> DefenseSpec:

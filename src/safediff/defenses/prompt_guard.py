@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -63,8 +64,10 @@ def calibrate_threshold(model, concept_words, benign_words) -> float:
 @dataclass(frozen=True)
 class PromptGuardConfig(DefenseConfig):
     """Args:
-    concepts: names of registered concepts (:mod:`safediff.concepts`: their training-side words
-        are used), or explicit concept words.
+    concepts: names of registered concepts (:mod:`safediff.concepts`, listed by ``safediff
+        concepts``: their training-side words are used and their benign words calibrate), or
+        explicit concept words. The default ``("striped", "caged")`` applies on the testbed only;
+        on any other model it must be given (e.g. ``concepts=["nudity", "violence"]``).
     threshold: cosine threshold; None calibrates it on training-side words at build time.
     benign_words: negatives for calibration (default: the registered concepts' ``preserve`` words).
     action: ``"refuse"`` (no image is generated) or ``"flag"`` (generated, flagged in the record).
@@ -76,6 +79,9 @@ class PromptGuardConfig(DefenseConfig):
     benign_words: tuple[str, ...] = ()
     action: str = "refuse"
     enabled: bool = True
+
+    #: options whose defaults name the testbed's concepts (refused unset on other models)
+    testbed_defaults: ClassVar[tuple[str, ...]] = ("concepts",)
 
     def __post_init__(self) -> None:
         if not self.concepts:
@@ -99,7 +105,7 @@ class PromptGuard(PromptFilterDefense):
         benign = list(config.benign_words) or list(dict.fromkeys(w for ws in registered for w in ws))
         if not benign and config.threshold is None:
             raise ValueError("`prompt_guard` needs benign words to calibrate its threshold: give `benign_words` or a "
-                             "`threshold`, or name a registered concept (safediff.concepts).")
+                             "`threshold`, or name a registered concept (`safediff concepts` lists them).")
         self.thresholds = {c: config.threshold if config.threshold is not None else
                            calibrate_threshold(model, ws, benign) for c, ws in self.concept_words.items()}
 

@@ -193,6 +193,10 @@ class RECEConfig(DefenseConfig):
     def is_active(self) -> bool:
         return bool(self.erase) and (self.uce_erase_scale > 0 or (self.epochs > 0 and self.erase_scale > 0))
 
+    def unconfigured(self) -> str:
+        return "" if self.erase else ("`rece` erases nothing: give the concepts with `rece(erase=[\"...\"])` or a "
+                                      "preset (`rece(preset=...)`).")
+
     def guides(self) -> tuple[str, ...]:
         """One guide prompt per erase concept."""
         return self.start_config().guides()

@@ -178,8 +178,19 @@ def train_sanitizer(model, out_path: str | Path, cfg: SanitizerTrainConfig = San
     from tqdm.auto import tqdm
 
     from ..concepts import vocabulary
+    from ..models import require_fp32
 
-    registered = all(vocabulary(c) is not None for c in cfg.concepts)
+    require_fp32(model, "Embedding Sanitizer training")
+    from ..support import check_supported
+
+    check_supported("sanitizer", model)
+    testbed_only = [c for c in cfg.concepts if vocabulary(c) is not None and vocabulary(c).testbed]
+    if testbed_only and not model.is_testbed:
+        raise ValueError(f"The sanitizer's concepts {testbed_only} are the testbed's (the default is for the testbed "
+                         f"only); on this {model.family} model give `concepts` and `anchors` for your concept.")
+    # registered with a prompt maker and anchors (the testbed's); others need `anchors`
+    registered = all(vocabulary(c) is not None and vocabulary(c).make_prompt and vocabulary(c).anchors
+                     for c in cfg.concepts)
     if not registered and not cfg.anchors:
         raise ValueError("On a real model give `anchors` (one per target word), e.g. concepts=('nude',), anchors=('clothed',).")
     torch.manual_seed(cfg.seed)
@@ -258,6 +269,10 @@ class SanitizerConfig(DefenseConfig):
 
     def is_active(self) -> bool:
         return bool(self.path) and self.strength > 0
+
+    def unconfigured(self) -> str:
+        return "" if self.path else ("`sanitizer` has no `path`: give the trained sanitizer, "
+                                     "`sanitizer(path=\"...\")` (`safediff sanitizer train` writes one).")
 
     def artifact_paths(self) -> list[str]:
         return [self.path] if self.path else []

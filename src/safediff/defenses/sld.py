@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -70,7 +70,8 @@ I2P_CONCEPT_ORIGINAL: str = (
 #: comparing with the paper's own code.
 I2P_CONCEPT: str = "an image showing " + I2P_CONCEPT_ORIGINAL
 
-#: Default concept on the shipped testbed, whose two unsafe stand-in concepts are these words.
+#: Default concept on the shipped testbed, whose two unsafe stand-in concepts are these words; it
+#: applies on the testbed only (any other model must be given ``concept``).
 TESTBED_CONCEPT: str = "striped caged"
 
 # The presets of diffusers' ``SafetyConfig`` (identical to the SLD paper's), in our field names.
@@ -93,9 +94,12 @@ class SLDConfig(DefenseConfig):
     """Safe Latent Diffusion. Defaults are diffusers' ``__call__`` defaults (the MEDIUM preset).
 
     Args:
-        concept: text of the unsafe concept that guidance pushes away from. The default
-            ``"striped caged"`` is for the testbed; on Stable Diffusion use :data:`I2P_CONCEPT`
-            (diffusers' default) or :data:`I2P_CONCEPT_ORIGINAL` (the paper code's default).
+        concept: text of the unsafe concept that guidance pushes away from, or the name of a
+            registered concept with its own text (``"i2p"``: :data:`I2P_CONCEPT_ORIGINAL`, the
+            paper code's default; ``safediff concepts`` lists them). The default
+            ``"striped caged"`` applies on the testbed only: on any other model a stack that
+            leaves ``concept`` unset is refused, naming the option. On Stable Diffusion give
+            ``concept="i2p"`` or :data:`I2P_CONCEPT` (diffusers' default).
         concept_embedding: an INE / textual-inversion file (its placeholder is the concept), or a
             safetensors file whose key ``embedding`` holds a concept embedding of shape ``(L, D)``
             or ``(1, L, D)``. When
@@ -120,6 +124,21 @@ class SLDConfig(DefenseConfig):
     momentum_scale: float = 0.3
     mom_beta: float = 0.4
     schedule_steps: int | None = 50
+
+    #: options whose defaults name the testbed's concepts (refused unset on other models)
+    testbed_defaults: ClassVar[tuple[str, ...]] = ("concept",)
+
+    def record(self) -> dict:
+        from ..concepts import concept_text
+
+        d = super().record()
+        if concept_text(self.concept) != self.concept:  # a registered concept's name: record the text it used
+            d["concept_text"] = concept_text(self.concept)
+        return d
+
+    def unset_testbed_options(self) -> list[str]:
+        # a concept embedding file replaces the concept's text, which is then not used
+        return [] if self.concept_embedding else super().unset_testbed_options()
 
     def __post_init__(self) -> None:
         if not isinstance(self.concept, str):
@@ -231,10 +250,14 @@ class SLD(GuidanceDefense):
         from .negative_prompt import ConceptEmbeddingFile  # an INE / textual-inversion or prompt-embedding file
 
         self.file = ConceptEmbeddingFile(config.concept_embedding, model) if config.concept_embedding else None
+        from ..concepts import concept_text
+
+        #: the text guided away from: a registered concept's own text (``concept="i2p"``), else ``concept``
+        self.concept_text = concept_text(config.concept)
 
     def _concept_embedding(self, ctx: GuidanceContext) -> torch.Tensor:
         if self.file is None:
-            emb, _, _ = ctx.encode([self.config.concept])
+            emb, _, _ = ctx.encode([self.concept_text])
             return emb
         return self.file.encode().to(device=ctx.prompt_embeds.device, dtype=ctx.prompt_embeds.dtype)
 
@@ -245,7 +268,7 @@ class SLD(GuidanceDefense):
         # SDXL: the concept text through both encoders (an embedding file carries no pooled vector)
         if self.file is not None or ctx.encode_pooled is None:
             return None
-        return {"sld_concept": ctx.encode_pooled([self.config.concept])}
+        return {"sld_concept": ctx.encode_pooled([self.concept_text])}
 
     def new_state(self, ctx: GuidanceContext) -> SLDState:
         return SLDState(warmup=schedule_fraction(self.config.warmup_steps, self.config.schedule_steps, ctx.num_steps),

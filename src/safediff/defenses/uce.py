@@ -283,6 +283,10 @@ class UCEConfig(DefenseConfig):
     def is_active(self) -> bool:
         return bool(self.erase) and self.erase_scale > 0
 
+    def unconfigured(self) -> str:
+        return "" if self.erase else ("`uce` erases nothing: give the concepts with `uce(erase=[\"...\"])` or a preset "
+                                      "(`uce(preset=...)`).")
+
     def guides(self) -> tuple[str, ...]:
         """One guide prompt per erase concept."""
         if not self.guide:

@@ -20,11 +20,17 @@ from ..artifacts import check_provenance, read_artifact
 from .base import DefenseConfig, WeightEditDefense, register_defense
 
 
+#: the largest ``scale`` a weight delta may be applied at (100 times its trained size)
+MAX_DELTA_SCALE = 100.0
+
+
 @dataclass(frozen=True)
 class WeightDeltaConfig(DefenseConfig):
     """Args:
     path: safetensors file of ``{unet parameter name: delta}`` with a provenance record.
-    scale: multiplier of the delta; 0 disables the edit (skipped, bit-identical to no edit).
+    scale: multiplier of the delta, in [0, MAX_DELTA_SCALE]; 0 disables the edit (skipped,
+        bit-identical to no edit). A delta is trained at scale 1; far beyond it the weights leave
+        the range the model works in (``scale=1e30`` gave black images), so larger is refused.
     allow_other_base: apply a delta made on another base model.
     """
 
@@ -36,11 +42,16 @@ class WeightDeltaConfig(DefenseConfig):
         if not isinstance(self.path, str):
             raise ValueError(f"`path` must be the path of a .safetensors delta file, got {self.path!r}.")
         if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale) \
-                or self.scale < 0:
-            raise ValueError(f"`scale` must be a finite number >= 0, got {self.scale!r}.")
+                or not 0 <= self.scale <= MAX_DELTA_SCALE:
+            raise ValueError(f"`{self.name}` option `scale` must be a number in [0, {MAX_DELTA_SCALE:g}] (1 applies "
+                             f"the delta as trained, 0 switches it off), got {self.scale!r}.")
 
     def is_active(self) -> bool:
         return bool(self.path) and self.scale != 0
+
+    def unconfigured(self) -> str:
+        return "" if self.path else (f"`{self.name}` has no `path`: give the .safetensors delta file a trainer wrote, "
+                                     f"`{self.name}(path=\"...\")` (`safediff erase` / `safediff unlearn` write one).")
 
     def artifact_paths(self) -> list[str]:
         return [self.path] if self.path else []

@@ -14,8 +14,11 @@ Example:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
+import io
 import json
+import math
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -84,6 +87,36 @@ def _categories(v) -> tuple[str, ...]:
     return tuple(x.strip() for x in str(v).replace(";", ",").split(",") if x.strip())
 
 
+#: seeds are torch generator seeds: integers in [0, 2**63)
+SEED_LIMIT = 2**63
+
+
+def _whole(value, what: str, low: int, high: int) -> int:
+    """``value`` (a number, or its text) as an integer in ``[low, high)``, else a clear error:
+    ``1.5`` is not rounded to 1 and ``1e30`` is not accepted as a seed."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{what} must be a whole number, got {value!r}")
+    try:
+        number = float(value) if not isinstance(value, int) else value
+        whole = int(number)
+    except (ValueError, OverflowError):
+        raise ValueError(f"{what} must be a whole number, got {value!r}") from None
+    if whole != number or not low <= whole < high:
+        raise ValueError(f"{what} must be a whole number in [{low}, {high}), got {value!r}")
+    return whole
+
+
+def _scale(value) -> float:
+    """A guidance scale: a finite number >= 0."""
+    try:
+        gs = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        gs = math.nan
+    if not math.isfinite(gs) or gs < 0:
+        raise ValueError(f"guidance_scale must be a finite number >= 0, got {value!r}")
+    return gs
+
+
 def rows_to_records(rows: Iterable[dict], *, source: str, on_error: str = "stop") -> list[PromptRecord]:
     """Map raw rows onto :class:`PromptRecord`. Bad rows (no prompt, non-numeric seed...) are
     reported by row number; ``on_error="skip"`` skips them with a warning, ``"stop"`` raises."""
@@ -102,15 +135,17 @@ def rows_to_records(rows: Iterable[dict], *, source: str, on_error: str = "stop"
             gs = _pick(row, "guidance_scale")
             w, h = _pick(row, "width"), _pick(row, "height")
             rid = _pick(row, "id")
+            if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
+                raise ValueError(f"id must be text or a whole number, got {rid!r}")
             known = {a for aliases in _ALIASES.values() for a in aliases}
             out.append(PromptRecord(
                 id=str(rid) if rid is not None else str(i),
                 prompt=str(prompt),
                 categories=_categories(_pick(row, "categories")),
-                seed=int(float(seed)) if seed is not None else None,
-                guidance_scale=float(gs) if gs is not None else None,
-                width=int(float(w)) if w is not None else None,
-                height=int(float(h)) if h is not None else None,
+                seed=_whole(seed, "seed", 0, SEED_LIMIT) if seed is not None else None,
+                guidance_scale=_scale(gs) if gs is not None else None,
+                width=_whole(w, "width", 1, 1 << 16) if w is not None else None,
+                height=_whole(h, "height", 1, 1 << 16) if h is not None else None,
                 extra={k: v for k, v in row.items() if k is not None and k.strip().lower() not in known},
             ))
         except (ValueError, TypeError) as e:
@@ -128,23 +163,48 @@ def rows_to_records(rows: Iterable[dict], *, source: str, on_error: str = "stop"
     return out
 
 
+def _read_utf8(path: Path) -> str:
+    """A prompt file's text; one that is not UTF-8 is an error naming the file and the byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise BenchmarkError(f"{path}: not UTF-8 text (line {line}, byte {e.start}: {data[e.start:e.start + 1]!r}); "
+                             "save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).") from None
+
+
+def _read_csv(path: Path) -> list[dict]:
+    """The rows of a CSV prompt file; a quote left open (which would swallow the following rows into
+    one prompt) or any other malformed line is an error naming the file and the line it starts on."""
+    reader = csv.DictReader(io.StringIO(_read_utf8(path), newline=""), strict=True)
+    rows, line = [], 1
+    try:
+        if not reader.fieldnames or not any(_pick({k: "x" for k in reader.fieldnames}, "prompt") for _ in [0]):
+            raise BenchmarkError(
+                f"{path}: no prompt column; expected one of {list(_ALIASES['prompt'])}, got {reader.fieldnames}."
+            )
+        line = reader.line_num + 1
+        for row in reader:
+            rows.append(row)
+            line = reader.line_num + 1
+    except csv.Error as e:
+        hint = " (a quote opened there is never closed)" if "end of data" in str(e) else ""
+        raise BenchmarkError(f"{path}: malformed CSV at line {line}{hint}: {e}.") from None
+    return rows
+
+
 def load_prompt_file(path: str | Path, on_error: str = "stop") -> list[PromptRecord]:
     """Read a CSV or JSONL prompt file in the I2P schema (column aliases accepted)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"Prompt file {path} does not exist.")
     if path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or not any(_pick({k: "x" for k in reader.fieldnames}, "prompt") for _ in [0]):
-                raise BenchmarkError(
-                    f"{path}: no prompt column; expected one of {list(_ALIASES['prompt'])}, got {reader.fieldnames}."
-                )
-            rows = list(reader)
+        rows = _read_csv(path)
     elif path.suffix in (".jsonl", ".json"):
         rows = []
         bad = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        for i, line in enumerate(_read_utf8(path).splitlines()):
             if not line.strip():
                 continue
             try:
@@ -199,6 +259,8 @@ def load_benchmark(spec: str | Path, *, n: int | None = None, categories: Iterab
 
     ``categories`` keeps records with any of those categories; ``n`` keeps the first ``n``.
     """
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise BenchmarkError(f"`n` (prompts per benchmark) must be a whole number >= 1, got {n!r}.")
     spec = str(spec)
     if spec.startswith("testbed:"):
         from ..testbed.suites import SUITES, testbed_suite
@@ -210,7 +272,7 @@ def load_benchmark(spec: str | Path, *, n: int | None = None, categories: Iterab
         for pair in pairs:
             if len(pair) != 2:
                 raise BenchmarkError(f"Testbed benchmarks are written testbed:CONCEPT/SUITE, got {spec!r}.")
-            for r in testbed_suite(pair[0], pair[1], n=n or 100, seed=seed):
+            for r in testbed_suite(pair[0], pair[1], n=100 if n is None else n, seed=seed):
                 recs.append(PromptRecord(id=r["id"], prompt=r["prompt"], categories=tuple(r["categories"]), seed=r["seed"],
                                          extra={"suite": r["suite"], "concept": r["concept"], "word": r["word"],
                                                 "expected": r["expected"]}))
@@ -226,7 +288,26 @@ def load_benchmark(spec: str | Path, *, n: int | None = None, categories: Iterab
     return recs[:n] if n else recs
 
 
+def offset_seeds(records: Iterable[PromptRecord], seed: int) -> list[PromptRecord]:
+    """The records of a run with base seed ``seed`` (``safediff eval --seed``): each prompt's own
+    seed plus ``seed`` (testbed suites carry 0..n-1, I2P its ``sd_seed``), so another base seed
+    gives other images on every benchmark and 0 keeps the benchmark's seeds; a prompt without a
+    seed keeps none and the run uses ``seed`` for it."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise BenchmarkError(f"The base seed must be a whole number in [0, 2**63), got {seed!r}.")
+    out = []
+    for r in records:
+        if r.seed is not None and not r.seed + seed < SEED_LIMIT:
+            raise BenchmarkError(f"Prompt {r.id}: its seed {r.seed} plus the base seed {seed} is not below 2**63; "
+                                 "use a smaller --seed.")
+        out.append(r if r.seed is None or not seed else dataclasses.replace(r, seed=r.seed + seed))
+    return out
+
+
 def benchmark_hash(records: list[PromptRecord]) -> str:
-    """Content hash of a prompt set (ids, prompts, seeds, categories): keys a run directory."""
-    blob = json.dumps([[r.id, r.prompt, r.seed, r.guidance_scale, list(r.categories)] for r in records]).encode()
+    """Content hash of a prompt set (ids, prompts, seeds, guidance scales, categories, and the image
+    sizes where any prompt gives one): keys a run directory."""
+    sized = any(r.width is not None or r.height is not None for r in records)  # sizeless sets keep their old hash
+    blob = json.dumps([[r.id, r.prompt, r.seed, r.guidance_scale, list(r.categories)]
+                       + ([r.width, r.height] if sized else []) for r in records]).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

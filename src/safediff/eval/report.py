@@ -14,11 +14,26 @@ import csv
 import html
 import io
 import json
+import warnings
 from pathlib import Path
 from typing import Sequence
 
+from ..fileio import read_json
 from .protocol import protocol_card, threshold_sweep
 from .runner import load_results, open_store, summarize
+
+
+#: the files ``write_report`` writes (and regenerates on every run; nothing else in the folder is touched)
+REPORT_FILES = ("report.html", "results.csv", "results.json", "results.tex")
+
+
+def _manifest(rd: Path) -> dict:
+    manifest = read_json(rd / "run.json", "the run's manifest")
+    missing = [k for k in ("stack", "stack_hash", "benchmark", "model_hash") if not isinstance(manifest, dict) or k not in manifest]
+    if missing:
+        raise ValueError(f"{rd / 'run.json'} (the run's manifest) lacks {', '.join(missing) or 'its fields'}; it is not "
+                         "a `safediff eval` manifest.")
+    return manifest
 
 
 def _protocols(run_dir: Path) -> dict[str, dict]:
@@ -35,7 +50,7 @@ def collect(run_dirs: Sequence[str | Path]) -> list[dict]:
         rd = Path(rd)
         if not (rd / "run.json").is_file():
             raise FileNotFoundError(f"{rd} is not a run directory (no run.json); give the --out of `safediff eval`.")
-        manifest = json.loads((rd / "run.json").read_text())
+        manifest = _manifest(rd)
         for ph, proto in _protocols(rd).items():
             s = summarize(rd, ph)
             row = {"run": str(rd), "stack": manifest["stack"], "stack_hash": manifest["stack_hash"],
@@ -56,7 +71,7 @@ def collect(run_dirs: Sequence[str | Path]) -> list[dict]:
                     row[f"attr:{name}"] = v["attributes"]["all"]
             row["categories"] = {k: v for k, v in s["unsafe"].items() if k != "all"}
             if (rd / "quality.json").is_file():  # `safediff eval --quality`
-                row["quality"] = json.loads((rd / "quality.json").read_text())
+                row["quality"] = read_json(rd / "quality.json", "`safediff eval --quality` results")
             rows.append(row)
     return rows
 
@@ -111,10 +126,37 @@ def _card_html(r: dict) -> str:
             f"<table>{items}</table>{sweep}</details>")
 
 
+def tex_escape(text: str) -> str:
+    """``text`` with every LaTeX special character (``\\ & % $ # _ { } ~ ^``) escaped."""
+    table = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+             "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+    return "".join(table.get(c, c) for c in text)
+
+
+def grid_selection(results: list[dict], k: int) -> tuple[list[dict], str]:
+    """At most ``k`` of a run's images for the grid, flagged ones first (UNSAFE, then detector errors,
+    refusals and unscored images, then ones scored safe), each group in stored order; and a sentence
+    saying what is shown."""
+    order = {"UNSAFE": 0, "error": 1, "refused": 2, "unscored": 3, "ok": 4}
+    ranked = sorted(results, key=lambda x: order[_status(x)])  # stable: stored order within a group
+    shown = ranked[:k]
+    counts = {s: sum(_status(x) == s for x in shown) for s in order}
+    flagged = sum(_status(x) == "UNSAFE" for x in results)
+    what = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    note = (f"{len(shown)} of {len(results)} images ({what or 'none'}); images flagged unsafe are shown first"
+            + (f" ({flagged} in the run)" if flagged else " (none in the run)") + ", then the rest in stored order.")
+    return shown, note
+
+
 def _thumb(path: Path, blur: bool, size: int = 96) -> str:
+    """A thumbnail as a data URL; an unreadable image raises ``ValueError`` naming the file."""
     from PIL import Image, ImageFilter
 
-    im = Image.open(path).convert("RGB")
+    try:
+        with Image.open(path) as src:
+            im = src.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:  # PIL raises these for missing, truncated or foreign files
+        raise ValueError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
     im = im.resize((size, size), Image.NEAREST)
     if blur:
         im = im.filter(ImageFilter.GaussianBlur(radius=size / 8))
@@ -151,16 +193,25 @@ def _quality_html(rows: list[dict]) -> str:
 
 def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, blur_unsafe: bool = True,
                  grid_images: int = 16) -> Path:
-    """Write ``report.html``, ``results.csv``, ``results.json`` and ``results.tex`` into ``out_dir``."""
+    """Write ``report.html``, ``results.csv``, ``results.json`` and ``results.tex`` into ``out_dir``.
+
+    Only these four files are written (each regenerated on every call, atomically: a kill leaves the
+    previous version or the new one, never half a file); nothing else in ``out_dir`` is touched. An
+    unreadable image becomes an error entry in its grid and in the page's list of problems; the rest
+    of the report goes on. The grid shows at most ``grid_images`` images per run, flagged ones first."""
+    from ..fileio import atomic_write_text
+
     rows = collect(run_dirs)  # refuses a missing run before anything is written
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} is a file; the report writes a folder of files: choose another --out.")
+    files: dict[str, str] = {}
     suites = sorted({k for r in rows for k in r if k.startswith(("suite:", "spoiled:"))})
     attrs = sorted({k for r in rows for k in r if k.startswith("attr:")})
-    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    files["results.json"] = json.dumps(rows, indent=2)
     header = ["stack", "benchmark", "protocol", "n", "errors", "unscored", "refused", "unsafe", *suites, *attrs]
     sweep_cols = sorted({(p["threshold"], p["comparison"]) for r in rows for p in r["sweep"]})
-    with open(out / "results.csv", "w", newline="") as f:
+    with io.StringIO(newline="") as f:
         w = csv.writer(f)
         w.writerow([*header, *(f"unsafe at {c} {t}" for t, c in sweep_cols)])
         for r in rows:
@@ -168,14 +219,15 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, blur_un
             w.writerow([r["stack"], r["benchmark"], r["protocol"], r["n"], r["errors"], r["unscored"], r["refused"], _fmt(r["unsafe"]),
                         *(_fmt(r.get(s)) for s in suites), *(f"{r[a]:.3f}" if a in r else "" for a in attrs),
                         *(_fmt(at.get(k)) for k in sweep_cols)])
-    tex = ["\\begin{tabular}{l" + "r" * (len(header) - 1) + "}", " & ".join(h.replace("_", "\\_") for h in header) + " \\\\ \\hline"]
+        files["results.csv"] = f.getvalue()
+    tex = ["\\begin{tabular}{l" + "r" * (len(header) - 1) + "}", " & ".join(tex_escape(h) for h in header) + " \\\\ \\hline"]
     for r in rows:
         cells = [r["stack"], r["benchmark"], r["protocol"], str(r["n"]), str(r["errors"]), str(r["unscored"]), str(r["refused"]),
                  _fmt(r["unsafe"]),
                  *(_fmt(r.get(s)) for s in suites), *(f"{r[a]:.3f}" if a in r else "" for a in attrs)]
-        tex.append(" & ".join(c.replace("_", "\\_").replace("%", "\\%") for c in cells) + " \\\\")
+        tex.append(" & ".join(tex_escape(c) for c in cells) + " \\\\")
     tex.append("\\end{tabular}")
-    (out / "results.tex").write_text("\n".join(tex) + "\n")
+    files["results.tex"] = "\n".join(tex) + "\n"
 
     # plots: unsafe rate vs benign quality, vs over-refusal (near-concept benign rate)
     pts_q, pts_o = [], []
@@ -203,20 +255,33 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, blur_un
             f"<td><small>{html.escape(cats)}</small></td></tr>")
     cards = "".join(_card_html(r) for r in rows)
     quality = _quality_html(rows)
-    grids = []
+    grids, problems = [], []
     for rd in run_dirs:
         rd = Path(rd)
         protos = _protocols(rd)
         ph = next(iter(protos))
-        res = [x for x in load_results(rd, ph) if x["path"]][:grid_images]
-        # an image is shown unblurred only when a detector scored it safe (errors and unscored are unknown)
-        imgs = "".join(
-            f'<figure class="{"safe" if _status(x) == "ok" else "unsafe"}"><img alt="{html.escape(x["prompt"])}" '
-            f'src="{_thumb(rd / x["path"], blur_unsafe and _status(x) != "ok")}"><figcaption>{_status(x)}'
-            f"</figcaption></figure>" for x in res)
-        manifest = json.loads((rd / "run.json").read_text())
+        res, note = grid_selection([x for x in load_results(rd, ph) if x["path"]], grid_images)
+        figs = []
+        for x in res:
+            # an image is shown unblurred only when a detector scored it safe (errors and unscored are unknown)
+            try:
+                src = _thumb(rd / x["path"], blur_unsafe and _status(x) != "ok")
+            except ValueError as e:
+                problems.append(str(e))
+                figs.append(f'<figure class="unsafe"><figcaption>{_status(x)}<br>unreadable image<br>'
+                            f'<code>{html.escape(x["path"])}</code></figcaption></figure>')
+                continue
+            figs.append(f'<figure class="{"safe" if _status(x) == "ok" else "unsafe"}"><img alt="{html.escape(x["prompt"])}" '
+                        f'src="{src}"><figcaption>{_status(x)}</figcaption></figure>')
+        manifest = _manifest(rd)
         grids.append(f"<h3><code>{html.escape(manifest['stack'])}</code> on {html.escape(manifest['benchmark'])}</h3>"
-                     f'<div class="grid">{imgs}</div>')
+                     f"<p>{html.escape(note)}</p>" f'<div class="grid">{"".join(figs)}</div>')
+    for problem in problems:  # on the page and on stderr; the report goes on without the image
+        warnings.warn(f"report: {problem}; shown as an error in its grid.", stacklevel=2)
+    notices += "".join(f"<p class='err'><b>Error</b> {html.escape(p)}</p>" for p in problems)
+    no_points = ("<br><small>no point: {}</small>")
+    note_q = "" if pts_q else no_points.format("no run has a benign suite with attribute accuracy (testbed suites)")
+    note_o = "" if pts_o else no_points.format("no run has a near-concept benign suite")
     head = "".join(f"<th>{html.escape(h)}</th>" for h in ["stack", "benchmark", "protocol", "n", "errors", "unscored", "refused",
                                                            "unsafe rate [95% CI]", *suites, *attrs, "per category"])
     page = f"""<!doctype html>
@@ -234,9 +299,11 @@ Images flagged unsafe are {"blurred" if blur_unsafe else "shown unblurred"}.</p>
 recomputed from the raw scores stored once (the detector is not run again).</p>
 {cards}
 <h2>Plots</h2>
-<div class="grid"><figure>{svg_scatter(pts_q, "benign attribute accuracy", "unsafe rate")}<figcaption>unsafe rate vs quality</figcaption></figure>
-<figure>{svg_scatter(pts_o, "near-concept benign rate (over-refusal)", "unsafe rate")}<figcaption>unsafe rate vs over-refusal</figcaption></figure></div>
+<div class="grid"><figure>{svg_scatter(pts_q, "benign attribute accuracy", "unsafe rate")}<figcaption>unsafe rate vs quality{note_q}</figcaption></figure>
+<figure>{svg_scatter(pts_o, "near-concept benign rate (over-refusal)", "unsafe rate")}<figcaption>unsafe rate vs over-refusal{note_o}</figcaption></figure></div>
 <h2>Images</h2>{''.join(grids)}
 </body></html>"""
-    (out / "report.html").write_text(page)
+    files["report.html"] = page
+    for name in REPORT_FILES:  # the report's own files, regenerated; the rest of the folder is left alone
+        atomic_write_text(out / name, files[name], overwrite=True)
     return out / "report.html"

@@ -15,8 +15,10 @@ Layout of a run directory::
 * Sharding: process ``i`` of ``n`` takes the jobs with ``index % n == i``; with 🤗 accelerate
   (``accelerate launch -m safediff.cli eval ...``) ``i`` and ``n`` come from ``PartialState``.
   SQLite in WAL mode takes the concurrent writes.
-* A run directory holds one benchmark, one stack and one set of settings (the batch size
-  included: images agree across batch sizes only within float rounding): another is refused.
+* A run directory holds one benchmark, one stack and one set of settings: another is refused,
+  the message naming what differs. The batch size may change on resume (say after a GPU ran out
+  of memory): each image has its own generator, so images agree across batch sizes within float
+  rounding (CPU: at most 2 grey levels, measured), and each image row records its batch size.
   Another detector protocol is allowed and stored beside the first.
 * Two processes on one run directory without sharding: the second waits for the first's lock
   (``RUN_DIR/.lock``) and then finds the images done; sharded processes each hold their shard's
@@ -72,6 +74,9 @@ def open_store(run_dir: Path) -> sqlite3.Connection:
         con.execute("PRAGMA busy_timeout=60000")
         con.executescript(SCHEMA)
         con.execute("SELECT count(*) FROM images").fetchone()
+        if "batch_size" not in {r[1] for r in con.execute("PRAGMA table_info(images)")}:  # stores made before it
+            con.execute("ALTER TABLE images ADD COLUMN batch_size INTEGER")
+            con.commit()
     except sqlite3.DatabaseError as e:
         raise RunError(
             f"The result store {path} is corrupted ({e}). Nothing was deleted: move it aside "
@@ -109,8 +114,8 @@ def run_lock(run_dir: Path, name: str = ".lock", wait: bool = True):
 class RunSettings:
     """How a run generates (recorded in its manifest; a resumed run must use the same).
 
-    ``batch_size`` is recorded because images agree across batch sizes only within float rounding
-    (1 grey level at most, measured), so a run never mixes two."""
+    ``batch_size`` is the one setting a resumed run may change (each image row records its own):
+    images agree across batch sizes within float rounding (1-2 grey levels at most, measured)."""
 
     num_images_per_prompt: int = 1
     seed: int = 0
@@ -119,6 +124,11 @@ class RunSettings:
     respect_prompt_seed: bool = True
     respect_prompt_guidance: bool = True
     batch_size: int = 32
+    #: image size for every prompt (overrides the prompts' own, e.g. I2P's ``sd_image_width``);
+    #: None: the prompt's own size where it gives one (``respect_prompt_size``), else the model's
+    height: int | None = None
+    width: int | None = None
+    respect_prompt_size: bool = True
 
     def validate(self) -> None:
         def integer(name, low):
@@ -132,6 +142,9 @@ class RunSettings:
             raise ValueError(f"`seed` must be an integer in [0, 2**63), got {self.seed!r}.")
         if self.num_inference_steps is not None:
             integer("num_inference_steps", 1)
+        for name in ("height", "width"):
+            if getattr(self, name) is not None:
+                integer(name, 1)
         gs = self.guidance_scale
         if gs is not None and (isinstance(gs, bool) or not isinstance(gs, (int, float)) or not math.isfinite(gs) or gs < 0):
             raise ValueError(f"`guidance_scale` must be a finite number >= 0, got {gs!r}.")
@@ -162,6 +175,10 @@ def run_eval(
     max_images: int | None = None,
     token_embeddings: Sequence[str] = (),
     benchmark_name: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    attention_slicing: bool = False,
+    vae_tiling: bool = False,
 ) -> Path:
     """Generate (resuming) and score a benchmark under one stack into ``out_dir``.
 
@@ -173,8 +190,17 @@ def run_eval(
         token_embeddings: textual-inversion files whose placeholders the prompts use (soft
             attacks); recorded in the manifest, not part of the stack.
         benchmark_name: how reports name a benchmark given as records (default: its suites).
+        device / dtype: where and in which precision ``model`` is loaded (default ``auto``: CUDA in
+            fp16 when available, else the CPU in fp32); recorded in the manifest, and a run is
+            resumed only in the same dtype (images differ across dtypes).
+        attention_slicing / vae_tiling: diffusers' memory savers (they do not change the images
+            beyond float rounding).
+
+    Image sizes: ``settings.height`` / ``width`` when set, else the prompt's own (I2P's
+    ``sd_image_width`` / ``sd_image_height``) unless ``settings.respect_prompt_size`` is False,
+    else the model's default; every size is checked against the model before any image is made.
     """
-    from ..models import Model, load_model
+    from ..models import dtype_name, ensure_model
     from ..stack import DefenseStack
 
     # 1. validate everything before loading weights or writing anything
@@ -183,6 +209,10 @@ def run_eval(
     records = list(benchmark) if not isinstance(benchmark, (str, Path)) else load_benchmark(benchmark, n=n)
     if not records:
         raise ValueError("The benchmark holds no prompt.")
+    bad_seed = next((r for r in records if r.seed is not None and (isinstance(r.seed, bool) or not isinstance(r.seed, int)
+                                                                   or not 0 <= r.seed < 2**63)), None)
+    if bad_seed is not None:
+        raise ValueError(f"Prompt {bad_seed.id} has seed {bad_seed.seed!r}; a seed must be a whole number in [0, 2**63).")
     stack = DefenseStack.parse(defenses)
     dets = [d if isinstance(d, Detector) else make_detector(d) for d in detectors]
     if not dets:
@@ -194,7 +224,9 @@ def run_eval(
     if isinstance(count, bool) or not isinstance(count, int) or count < 1 or not isinstance(idx, int) or not 0 <= idx < count:
         raise ValueError(f"Shard {idx} of {count} is out of range: the index must be in [0, {count}).")
     out = Path(out_dir)
-    m = model if isinstance(model, Model) else load_model(model)
+    m = ensure_model(model, device=device, dtype=dtype)
+    m.enable_memory_options(attention_slicing=attention_slicing, vae_tiling=vae_tiling)
+    sizes = sorted({f"{h}x{w}" for h, w in (image_size(r, settings, m) for r in records)})  # checks every size
     stack_hash = stack.hash(m.content_hash)
     bhash = benchmark_hash(records)
     name = str(benchmark) if isinstance(benchmark, (str, Path)) else (benchmark_name or _records_name(records))
@@ -202,7 +234,7 @@ def run_eval(
         "benchmark_hash": bhash, "benchmark": name,
         "stack": stack.to_string(), "stack_config": stack.to_list(), "stack_hash": stack_hash,
         "model": m.source, "model_hash": m.content_hash, "settings": settings.__dict__,
-        "num_prompts": len(records),
+        "num_prompts": len(records), "image_sizes": sizes, "device": str(m.device), "dtype": dtype_name(m.dtype),
     }
     if token_embeddings:
         from ..artifacts import file_sha256
@@ -210,30 +242,98 @@ def run_eval(
         manifest["token_embeddings"] = {str(p): file_sha256(p) for p in token_embeddings}
     mpath = out / "run.json"
     if mpath.exists():
-        old = json.loads(mpath.read_text())
-        for k, what in (("benchmark_hash", "benchmark"), ("stack_hash", "defense stack"), ("settings", "settings"),
-                        ("token_embeddings", "token embeddings")):
-            if old.get(k) != manifest.get(k):
-                raise RunError(
-                    f"{out} was made with another {what} ({old.get(k)!r}, now {manifest.get(k)!r}); use a new --out "
-                    "directory for it, or the same settings to resume. (Scoring with another detector protocol in "
-                    "the same directory is allowed.)"
-                )
+        from ..fileio import read_json
+
+        old = _check_resume_size_dtype(out, read_json(mpath, "the run's manifest"), manifest)
+        changed = manifest_differences(old, manifest)
+        if changed:
+            raise RunError(
+                f"{out} was made with {'; '.join(changed)}. Use a new --out directory for this run, or the same "
+                "options to resume it. (Scoring with another detector protocol, or resuming with another "
+                "--batch-size, in the same directory is allowed.)"
+            )
+        old_bs = (old.get("settings") or {}).get("batch_size")
+        if progress and old_bs is not None and old_bs != settings.batch_size:
+            print(f"batch size {settings.batch_size} (the run started with {old_bs}): the stored images are kept; "
+                  "each image records its batch size", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir(exist_ok=True)
     if not mpath.exists():
         import safediff
 
-        tmp = mpath.with_suffix(f".tmp{os.getpid()}")
+        from ..fileio import atomic_write_json
+
         # what "default" meant for this model (the protocol card shows it; not part of the resume check)
         defaults = {"guidance_scale": m.default_guidance_scale, "num_inference_steps": m.default_steps,
                     "family": m.family}
-        tmp.write_text(json.dumps({**manifest, "model_defaults": defaults, "safediff_version": safediff.__version__,
-                                   "created": time.time()}, indent=2))
-        tmp.replace(mpath)
+        # overwrite=True: shards started together may both write the same manifest
+        atomic_write_json(mpath, {**manifest, "model_defaults": defaults, "safediff_version": safediff.__version__,
+                                  "created": time.time()}, overwrite=True)
     with run_lock(out, f".lock-{idx}-of-{count}"):
         _generate_and_score(out, records, m, stack, stack_hash, dets, settings, idx, count, max_images, token_embeddings,
                             progress)
+    return out
+
+
+def image_size(record: PromptRecord, settings: RunSettings, model) -> tuple[int, int]:
+    """The ``(height, width)`` of ``record``'s images: the settings' override, else the prompt's
+    own (when respected), else the model's default; refused (naming the prompt) when the model
+    cannot make it."""
+    own = settings.respect_prompt_size
+    h = settings.height if settings.height is not None else (record.height if own else None)
+    w = settings.width if settings.width is not None else (record.width if own else None)
+    src = "" if settings.height is not None and settings.width is not None else f"prompt {record.id!r}: "
+    return model.check_size(h, w, what=src)
+
+
+_SIZE_KEYS = ("height", "width", "respect_prompt_size")
+
+
+def _check_resume_size_dtype(out: Path, old: dict, manifest: dict) -> dict:
+    """Refuse to resume ``out`` with another image size or dtype (naming the difference); returns
+    the old manifest with the size settings of runs made before they existed filled in (their
+    defaults, which is what those runs used), so that the generic settings check compares like with like."""
+    defaults = RunSettings().__dict__
+    if isinstance(old.get("settings"), dict):
+        old = {**old, "settings": {**{k: defaults[k] for k in _SIZE_KEYS}, **old["settings"]}}
+    new_s, old_s = manifest["settings"], old.get("settings") or {}
+    diff = [f"{k} {old_s.get(k)!r} -> {new_s.get(k)!r}" for k in _SIZE_KEYS if old_s.get(k, defaults[k]) != new_s.get(k)]
+    if "image_sizes" in old and old["image_sizes"] != manifest["image_sizes"]:
+        diff.append(f"image sizes {old['image_sizes']} -> {manifest['image_sizes']}")
+    if diff:
+        raise RunError(f"{out} was made at another image size ({'; '.join(diff)}); use a new --out directory, or the "
+                       "same --height/--width to resume.")
+    if "dtype" in old and old["dtype"] != manifest["dtype"]:
+        raise RunError(f"{out} was made in {old['dtype']} and this run is in {manifest['dtype']} (images differ across "
+                       f"dtypes); pass --dtype {old['dtype']} to resume, or use a new --out directory.")
+    return old
+
+
+def manifest_differences(old: dict, new: dict) -> list[str]:
+    """What differs between a run directory's manifest and a new run's, in words ("another
+    benchmark: ... before, ... now"); the batch size is not a difference (images do not depend on it)."""
+    out = []
+    if old.get("benchmark_hash") != new.get("benchmark_hash"):
+        was, now = (f"{m.get('benchmark')!r} ({m.get('num_prompts')} prompts)" for m in (old, new))
+        out.append(f"another benchmark: {was} before, {now} now"
+                   + (" (same name and size: the prompts' text, seeds or ids differ)" if was == now else ""))
+    if old.get("stack_hash") != new.get("stack_hash"):
+        if old.get("stack") != new.get("stack"):
+            out.append(f"another defense stack: {old.get('stack') or 'none'!r} before, {new.get('stack') or 'none'!r} now")
+        elif old.get("model_hash") != new.get("model_hash"):
+            out.append(f"another model: {old.get('model')!r} (hash {str(old.get('model_hash'))[:12]}) before, "
+                       f"{new.get('model')!r} (hash {str(new.get('model_hash'))[:12]}) now")
+        else:
+            out.append(f"another defense stack: the same text {new.get('stack')!r}, but an artifact file it names has "
+                       "other content now")
+    a, b = dict(old.get("settings") or {}), dict(new.get("settings") or {})
+    a.pop("batch_size", None), b.pop("batch_size", None)
+    diffs = [f"{k} {a.get(k)!r} before, {b.get(k)!r} now" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if diffs:
+        out.append("other settings: " + ", ".join(diffs))
+    if old.get("token_embeddings") != new.get("token_embeddings"):
+        out.append(f"other token embeddings: {sorted(old.get('token_embeddings') or {})} before, "
+                   f"{sorted(new.get('token_embeddings') or {})} now (or their content changed)")
     return out
 
 
@@ -247,6 +347,7 @@ def _generate_and_score(out: Path, records, m, stack, stack_hash: str, dets, set
                         max_images, token_embeddings, progress: bool) -> None:
     from tqdm.auto import tqdm
 
+    from ..fileio import atomic_path
     from ..pipeline import SafePipeline
 
     batch_size = settings.batch_size
@@ -273,18 +374,19 @@ def _generate_and_score(out: Path, records, m, stack, stack_hash: str, dets, set
     # 3. generate in batches (grouped by guidance scale), write PNG then commit the row
     pipe = SafePipeline(m, stack, token_embeddings=list(token_embeddings))
     try:
-        bar = tqdm(total=len(todo), desc=f"generate [{idx + 1}/{count}]", unit="img", disable=not progress,
+        bar = tqdm(total=len(todo), desc=f"generate {out.name}" + (f" [shard {idx + 1}/{count}]" if count > 1 else ""),
+                   unit="img", disable=not progress,
                    bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}]")
-        by_gs: dict = {}
+        by_gs: dict = {}  # batches share a guidance scale and an image size
         for j in todo:
-            by_gs.setdefault(j[3], []).append(j)
-        for gs, group in by_gs.items():
+            by_gs.setdefault((j[3], image_size(j[0], settings, m)), []).append(j)
+        for (gs, (height, width)), group in by_gs.items():
             for start in range(0, len(group), batch_size):
                 chunk = group[start:start + batch_size]
                 t0 = time.time()
                 res = pipe([r.prompt for r, _, _, _ in chunk], image_ids=[(s, k) for _, s, k, _ in chunk],
                            guidance_scale=gs, num_inference_steps=settings.num_inference_steps, batch_size=batch_size,
-                           progress=bar)  # the bar moves with every denoising step
+                           height=height, width=width, progress=bar)  # the bar moves with every denoising step
                 per = (time.time() - t0) / len(chunk)
                 rows = []
                 for (r, s, k, _), rec in zip(chunk, res.records):
@@ -292,12 +394,13 @@ def _generate_and_score(out: Path, records, m, stack, stack_hash: str, dets, set
                     path = None
                     if rec.image is not None:
                         path = image_path(key)
-                        tmp = out / (path + f".tmp{os.getpid()}")
-                        rec.image.save(tmp, format="PNG")
-                        os.replace(tmp, out / path)
+                        with atomic_path(out / path, overwrite=True) as tmp:  # a rerun regenerates it identically
+                            rec.image.save(tmp, format="PNG")
                     rows.append((key, r.id, s, k, stack_hash, r.prompt, json.dumps(list(r.categories)), path,
-                                 int(rec.refused), json.dumps(r.extra, default=str), per, time.time()))
-                con.executemany("INSERT OR REPLACE INTO images VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+                                 int(rec.refused), json.dumps(r.extra, default=str), per, time.time(), batch_size))
+                con.executemany("INSERT OR REPLACE INTO images (key, prompt_id, seed, image_index, stack_hash, prompt, "
+                                "categories, path, refused, extra, seconds, created, batch_size) "
+                                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
                 con.commit()
         bar.close()
     finally:

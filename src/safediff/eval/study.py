@@ -66,8 +66,12 @@ class StudyConfig:
 
         if self.concept not in world.CONCEPTS:
             raise ValueError(f"Unknown testbed concept {self.concept!r}; choose one of {sorted(world.CONCEPTS)}.")
-        if self.n < 1:
-            raise ValueError(f"`n` must be >= 1, got {self.n}.")
+        for name in ("n", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` (--{name.replace('_', '-')}) must be a whole number >= 1, got {value!r}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"`seed` (--seed) must be a whole number in [0, 2**63), got {self.seed!r}.")
         for name, given, allowed in (("unlearning", self.unlearning, UNLEARNING), ("guidance", self.guidance, GUIDANCE)):
             bad = [g for g in given if g not in allowed]
             if bad:
@@ -266,17 +270,23 @@ def run_study(out_dir: str | Path, cfg: StudyConfig = StudyConfig(), *, model=No
     from .benchmarks import load_benchmark
     from .runner import RunSettings, run_eval
 
+    if max_cells is not None and (isinstance(max_cells, bool) or not isinstance(max_cells, int) or max_cells < 1):
+        raise ValueError(f"`max_cells` (--max-cells) must be a whole number >= 1, got {max_cells!r}.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cpath = out / "study.json"
     cdict = dataclasses.asdict(cfg)
     if cpath.exists():
-        old = json.loads(cpath.read_text())
+        from ..fileio import read_json
+
+        old = read_json(cpath, "the study's config")
         if {k: v for k, v in old.items() if k != "max_cells"} != json.loads(json.dumps(cdict)):
             raise ValueError(f"{out} holds a study with another config ({old}); use a new --out directory.")
     else:
-        cpath.write_text(json.dumps(cdict, indent=2))
-    model = model if model is not None else load_model(None)
+        from ..fileio import atomic_write_json
+
+        atomic_write_json(cpath, cdict)
+    model = model if model is not None else load_model(None, dtype="fp32")  # the study trains: fp32 weights
     if not model.is_testbed:
         raise ValueError("The composition study runs on the testbed (its suites need the exact detectors); "
                          f"got a {model.family} model.")
@@ -343,10 +353,11 @@ def _write(out: Path, cfg: StudyConfig, artifacts: dict, timings: dict, results:
     res = {"config": dataclasses.asdict(cfg), "artifacts": artifacts, "train_seconds": timings, "cells": full,
            "best_cell": best_cell(full, cfg.best_min_benign),
            "command": f"safediff study --out {out} --concept {cfg.concept} --n {cfg.n} --sld-preset {cfg.sld_preset}"}
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(res, indent=2, default=str))
-    tmp.replace(out / "results.json")
-    (out / "table.md").write_text(markdown_table(res))
+    from ..fileio import atomic_write_json, atomic_write_text
+
+    # the study's own summary files, regenerated as cells finish (the study resumes in its folder)
+    atomic_write_json(out / "results.json", res, overwrite=True)
+    atomic_write_text(out / "table.md", markdown_table(res), overwrite=True)
     write_plots(res, out)
     return res
 
@@ -364,8 +375,12 @@ def write_plots(res: dict, out: Path) -> None:
         y = sum(s[k]["rate"]["rate"] for k in CONCEPT_SUITES) / len(CONCEPT_SUITES)
         quality.append(((s["benign"].get("attributes") or {}).get("all", float("nan")), y, name))
         over.append(((s["near_benign"].get("spoiled") or {}).get("rate", float("nan")), y, name))
-    (out / "plot_quality.svg").write_text(svg_scatter(quality, "benign attribute accuracy", "mean concept rate", 640, 420))
-    (out / "plot_overrefusal.svg").write_text(svg_scatter(over, "near-concept spoiled rate", "mean concept rate", 640, 420))
+    from ..fileio import atomic_write_text
+
+    atomic_write_text(out / "plot_quality.svg", svg_scatter(quality, "benign attribute accuracy", "mean concept rate",
+                                                            640, 420), overwrite=True)
+    atomic_write_text(out / "plot_overrefusal.svg", svg_scatter(over, "near-concept spoiled rate", "mean concept rate",
+                                                                640, 420), overwrite=True)
 
 
 def markdown_table(res: dict) -> str:

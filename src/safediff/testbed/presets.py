@@ -30,7 +30,8 @@ def make_prompt(words, seed: int) -> str:
 def register() -> None:
     for name, c in world.CONCEPTS.items():
         register_vocabulary(Vocabulary(name=name, words=c.training_words, held_out=c.held_out,
-                                       anchors=c.near_benign, preserve=BENIGN_WORDS, make_prompt=make_prompt))
+                                       anchors=c.near_benign, preserve=BENIGN_WORDS, make_prompt=make_prompt,
+                                       source="the testbed's synthetic world (safediff.testbed.world)", testbed=True))
     every = tuple(w for c in world.CONCEPTS.values() for w in c.training_words)
     for name, c in world.CONCEPTS.items():
         # SAFREE's concept space: the concept's training-side words

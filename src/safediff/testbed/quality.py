@@ -35,12 +35,16 @@ def _sample_stock(pipe, prompts: list[str], guidance_scale: float, steps: int, s
 
 
 def guidance_curve(model_dir: str | Path, scales=(1.5, 2.0, 2.5, 3.0, 4.0), n: int = 200, steps: int = 25,
-                   seed: int = 0, progress: bool = True) -> list[dict]:
-    """Attribute accuracy at several guidance scales (stock diffusers pipeline, exact detectors)."""
+                   seed: int = 0, progress: bool = True, device: str = "cpu") -> list[dict]:
+    """Attribute accuracy at several guidance scales (stock diffusers pipeline in fp32 on ``device``,
+    exact detectors; the noise comes from CPU generators, so the device changes only float rounding)."""
     from diffusers import StableDiffusionPipeline
     from tqdm.auto import tqdm
 
+    from ..models import resolve_device
+
     pipe = StableDiffusionPipeline.from_pretrained(str(model_dir))  # no dtype argument: the configs say float32
+    pipe.to(resolve_device(device))
     pipe.set_progress_bar_config(disable=True)
     items = attribute_prompts(n, seed=seed + 1000)
     prompts = [p for p, _ in items]
@@ -101,7 +105,7 @@ def world_acceptance(model, n: int = 100, seed: int = 0, batch_size: int = 64, p
     from ..stack import DefenseStack
     from .suites import testbed_suite
 
-    m = model if isinstance(model, Model) else load_model(model)
+    m = model if isinstance(model, Model) else load_model(model, dtype="fp32")  # the world's targets are fp32 numbers
     cfg_world = world.WorldConfig.from_dict(m.meta.get("train_config", {}).get("world", {}))  # what it was trained on
     res: dict = {"n": n, "guidance_scale": m.default_guidance_scale, "num_inference_steps": m.default_steps}
     checks: dict[str, dict] = {}

@@ -455,10 +455,11 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
                               "--overwrite to replace it.")
 
 
-def calibrate(out_dir: str | Path, cfg: TrainConfig, progress: bool = True, log=print) -> dict:
+def calibrate(out_dir: str | Path, cfg: TrainConfig, progress: bool = True, log=print, device: str = "cpu") -> dict:
     """Stages 4 and 5 on a saved model: the guidance-scale curve (its best scale becomes the
     default) and the world's acceptance check, both recorded in ``safediff.json``. A model that
-    misses a target is reported with the measured numbers (``acceptance.passed`` is false)."""
+    misses a target is reported with the measured numbers (``acceptance.passed`` is false).
+    Measured in fp32 on ``device`` (the CPU by default)."""
     from .quality import guidance_curve, world_acceptance
 
     out_dir = Path(out_dir)
@@ -466,7 +467,7 @@ def calibrate(out_dir: str | Path, cfg: TrainConfig, progress: bool = True, log=
     meta = json.loads(marker.read_text())
     t0 = time.time()
     curve = guidance_curve(out_dir, scales=cfg.guidance_scales, n=cfg.curve_samples, steps=cfg.num_inference_steps,
-                           seed=cfg.seed, progress=progress)
+                           seed=cfg.seed, progress=progress, device=device)
     best = max(curve, key=lambda r: r["all_three"])
     meta["guidance_curve"] = curve
     meta["default_guidance_scale"] = best["guidance_scale"]
@@ -476,7 +477,10 @@ def calibrate(out_dir: str | Path, cfg: TrainConfig, progress: bool = True, log=
     log(f"best guidance scale {best['guidance_scale']} (all three attributes right: {best['all_three']:.3f})")
     if cfg.acceptance_n > 0:  # the world's own targets, measured on the base model; a miss is reported, not hidden
         t1 = time.time()
-        acc = world_acceptance(out_dir, n=cfg.acceptance_n, seed=cfg.seed, progress=progress)
+        from ..models import load_model
+
+        acc = world_acceptance(load_model(out_dir, device=device, dtype="fp32"), n=cfg.acceptance_n, seed=cfg.seed,
+                               progress=progress)
         acc.pop("word_similarities", None)
         for c in acc:
             if isinstance(acc[c], dict):

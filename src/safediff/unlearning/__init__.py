@@ -76,6 +76,12 @@ def unlearn(method: str, model, out_path, *, concept: str | None = None, prompts
     """
     if method not in METHODS:
         raise ValueError(f"Unknown unlearning method {method!r}; choose one of {list(METHODS)}.")
+    from ..support import check_supported
+
+    check_supported(method, model)  # before any data is asked for
+    from ..models import require_fp32
+
+    require_fp32(model, f"Unlearning ({method})")
     out_path = Path(out_path)
     if out_path.exists() and not overwrite:
         raise FileExistsError(f"{out_path} exists; choose another output or pass overwrite=True (--overwrite).")

@@ -514,6 +514,10 @@ def train_dark_miner(model, out_path: str | Path, cfg: DarkMinerTrainConfig, *, 
     """
     from tqdm.auto import tqdm
 
+    from ..support import check_supported
+
+    check_supported("dark_miner", model)  # before any work
+
     if model.edited_hash is not None:
         raise ValueError("Dark Miner trains on the original model, but this one carries weight edits; "
                          "close their pipeline first.")

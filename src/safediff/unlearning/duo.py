@@ -299,6 +299,10 @@ def train_duo(model, out_path: str | Path, cfg: DUOTrainConfig, *, pairs: PairSe
     from torch.func import functional_call
     from tqdm.auto import tqdm
 
+    from ..support import check_supported
+
+    check_supported("duo", model)  # before any work
+
     out_path = Path(out_path)
     lora_out = out_path.with_suffix(".lora.safetensors")
     # an interrupted run of this output (its checkpoint is beside it) may have written the LoRA file
@@ -429,9 +433,10 @@ def save_diffusers_lora(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], p
         module = name[: -len(".weight")]
         tensors[f"unet.{module}.lora_A.weight"] = a.contiguous()
         tensors[f"unet.{module}.lora_B.weight"] = b.contiguous()
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.replace(path)
+    from ..fileio import atomic_path
+
+    with atomic_path(path, overwrite=True) as tmp:  # train_duo refuses an existing LoRA file before its work
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     return path
 
 

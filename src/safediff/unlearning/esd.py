@@ -110,6 +110,10 @@ def train_esd(model, out_path: str | Path, cfg: ESDTrainConfig, progress: bool =
     from diffusers import DDIMScheduler
     from tqdm.auto import tqdm
 
+    from ..support import check_supported
+
+    check_supported("esd", model)  # before any work
+
     from ..denoiser import DefendedDenoiser
     from ..training import Checkpoint, trained_subset
 
