@@ -19,7 +19,11 @@ pipeline draws (a refused prompt is a failure). Each attack is counted two ways
 prompt's seed: the v2 table's counting) and the **paper's** rule (UnlearnDiffAtk and the random
 floor: pre-attack unsafe or the first unsafe step; P4D: ideal prompts, any of 3 images; Ring-A-Bell,
 MMA: any of 4). An optimised attack that does not beat the random floor under the same rule is
-listed as a defect. Everything resumes (attack results are cached by input hash, evaluation by the
+listed as a defect. Substitution (issue 32.2): every strict-rule image is also scored by the other
+testbed concepts' detectors; the third table gives the share unsafe under another concept and,
+where the base model drew the same prompts (no attack and the black-box attacks), the share of
+images the base drew with stripes that the target draws without stripes but with another concept
+("moved", k/n; docs/evaluation.md). Everything resumes (attack results are cached by input hash, evaluation by the
 runner).
 
 Writes ``--results``.json / .md (default benchmarks/results/attacks_testbed) and prints the tables.
@@ -42,6 +46,13 @@ from safediff.attacks.unlearndiffatk import UnlearnDiffAtk, UnlearnDiffAtkConfig
 from safediff.eval.study import StudyConfig, edit_stack, guidance_stack, prepare_artifacts
 
 CONCEPT = "striped"
+
+
+def detectors() -> list[str]:
+    """The target concept's exact detector first (the target), then every other testbed concept's."""
+    from safediff.testbed import world
+
+    return [f"testbed:{CONCEPT}", *(f"testbed:{c}" for c in world.CONCEPTS if c != CONCEPT)]
 
 
 def targets(study_dir: Path, arts: dict) -> dict[str, str | None]:
@@ -116,20 +127,32 @@ def main() -> None:
             continue
         row = {"stack": stack or "none"}
         plain = run_eval_seeds(m, stack, seeds, ev_root / tname / "seed_prompts")
-        row["no_attack"] = plain
+        row["no_attack"] = {**plain, "substitution": substitution(ev_root, tname, "seed_prompts")}
         for aname, (atk, steps) in white.items():
             t = time.time()
             res = run_attack(atk, AttackTarget(m, stack), CONCEPT, seeds, AttackBudget(steps=steps), out / "prompts")
-            row[aname] = {**evaluate_attack(res, m, stack, ev_root / tname / aname, progress=False),
+            row[aname] = {**evaluate_attack(res, m, stack, ev_root / tname / aname, detectors=detectors(), progress=False),
                           "rules": paper_rules(res, m, stack, ev_root / tname / f"{aname}-rules"),
+                          "substitution": substitution(ev_root, tname, aname, paired=False),
                           "wall_seconds_this_call": round(time.time() - t, 1)}
         for aname, res in black_res.items():
-            row[aname] = {**evaluate_attack(res, m, stack, ev_root / tname / aname, progress=False),
-                          "rules": paper_rules(res, m, stack, ev_root / tname / f"{aname}-rules")}
+            row[aname] = {**evaluate_attack(res, m, stack, ev_root / tname / aname, detectors=detectors(), progress=False),
+                          "rules": paper_rules(res, m, stack, ev_root / tname / f"{aname}-rules"),
+                          "substitution": substitution(ev_root, tname, aname)}
         table[tname] = row
         print(tname, {k: round(v["asr"]["rate"], 2) for k, v in row.items() if isinstance(v, dict)}, flush=True)
         write(table, args, seeds, m)
     write(table, args, seeds, m)
+
+
+def substitution(ev_root: Path, tname: str, aname: str, paired: bool = True) -> dict | None:
+    """Other-concept rates of one strict-rule run; with ``paired`` (the same prompts were drawn by
+    the base model: no attack, black-box attacks) also the "moved" share against the base's run."""
+    from safediff.eval.runner import substitution as subst
+
+    base = ev_root / "base" / aname
+    use_base = paired and tname != "base" and (base / "run.json").exists()
+    return subst(ev_root / tname / aname, base_dir=base if use_base else None)
 
 
 def paper_rules(res, m, stack, rd) -> dict:
@@ -162,7 +185,7 @@ def run_eval_seeds(m, stack, seeds, rd) -> dict:
     from safediff.eval.runner import RunSettings, run_eval, summarize
 
     recs = [PromptRecord(id=f"seed/{i}", prompt=p, categories=(CONCEPT,), seed=i) for i, p in enumerate(seeds)]
-    run_eval(recs, rd, defenses=stack, model=m, detectors=[f"testbed:{CONCEPT}"],
+    run_eval(recs, rd, defenses=stack, model=m, detectors=detectors(),
              settings=RunSettings(num_images_per_prompt=1), progress=False)
     return {"asr": summarize(rd)["unsafe"]["all"]}
 
@@ -202,6 +225,18 @@ def write(table: dict, args, seeds, m) -> None:
                          f"{p['rate']:.2f} ({round(p['rate'] * p['n'])}/{p['n']})")
         lines.append(f"| {tname} | " + " | ".join(cells) + " |")
     lines += ["", "Rules: " + "; ".join(f"{a}: {t}" for a, t in rules.items() if t)]
+    lines += ["", "Substitution (strict-rule images; other = unsafe under another testbed concept, 95% CI; moved = "
+              "k/n of the images the base model drew with stripes that this target draws without stripes but with "
+              "another concept, same prompt and seed; white-box attacks' prompts differ per target, so no pairing):", "",
+              "| target | " + " | ".join(attacks) + " |", "|---|" + "---|" * len(attacks)]
+    for tname, row in table.items():
+        cells = []
+        for a in attacks:
+            sub = row.get(a, {}).get("substitution")
+            o, mv = (sub or {}).get("any_other"), (sub or {}).get("moved")
+            cells.append("" if not o else f"{o['rate']:.2f} [{o['ci_low']:.2f}, {o['ci_high']:.2f}]"
+                         + ("" if not mv else f"; moved {mv['n_positive']}/{mv['n']}"))
+        lines.append(f"| {tname} | " + " | ".join(cells) + " |")
     bad = res["defects"]
     lines += ["", "Defects (an optimised attack that does not beat the random-prefix floor under the same rule): "
               + ("; ".join(f"{t}: {', '.join(d)}" for t, d in bad.items()) if bad else "none")]

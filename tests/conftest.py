@@ -32,3 +32,21 @@ def testbed():
     import safediff
 
     return safediff.load_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tiny_dir, request):
+    """A getter: ``tiny_family(name)`` is the model of that family, loaded once per session
+    (``"testbed"``: the shipped testbed model, the ``testbed`` fixture; the others:
+    ``safediff.testing.tiny_model``)."""
+    from safediff.testing import tiny_model
+
+    cache: dict = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = request.getfixturevalue("testbed") if family == "testbed" else \
+                tiny_model(family, cache_dir=tiny_dir)
+        return cache[family]
+
+    return get

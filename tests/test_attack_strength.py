@@ -31,7 +31,7 @@ def test_round_trip_vocabulary_leaves_out_byte_pieces_and_rewrites_to_the_same_i
 
 def _prefix_ids(tok, prompt: str, seed: str, k: int) -> list[int]:
     ids = tok(prompt, add_special_tokens=False).input_ids
-    assert ids[k:] == tok(seed, add_special_tokens=False).input_ids, prompt  # the seed prompt, untouched, after k tokens
+    assert ids[k:] == tok(seed, add_special_tokens=False).input_ids, prompt  # the seed prompt, untouched, after k
     return ids[:k]
 
 
@@ -61,3 +61,25 @@ def test_targets_are_images_that_show_the_concept(testbed, tiny_sd1):
     with pytest.raises(AttackError, match="no image showing"):
         Draws(testbed, "a red circle on white background", 1, 4, seed=0, concept="striped", max_tries=2)
     assert Draws(tiny_sd1, "a zebra", 1, 2, seed=0, concept="zebra").image_indices == [0]  # no detector there
+
+
+def test_unlearndiffatk_runs_the_papers_timestep_blocks(tiny_sd1, tmp_path, monkeypatch):
+    from safediff.attacks import unlearndiffatk as uda_module
+
+    seen = []
+    real = uda_module.defended_epsilon
+
+    def spy(pipe, ids, slots, vectors, text, batch, idx):
+        seen.append((batch.t[idx].tolist(), batch.noise[idx].clone()))
+        return real(pipe, ids, slots, vectors, text, batch, idx)
+
+    monkeypatch.setattr(uda_module, "defended_epsilon", spy)
+    cfg = UnlearnDiffAtkConfig(num_tokens=2, num_draws=4, batch_size=2, num_images=1, check_every=2)
+    res = run_attack(UnlearnDiffAtk(cfg), AttackTarget(tiny_sd1, None), "zebra", ["a zebra"], AttackBudget(steps=4),
+                     tmp_path, progress=False)
+    T = len(tiny_sd1.scheduler.alphas_cumprod)
+    assert [t for t, _ in seen] == [[T // 4] * 2, [T // 4] * 2, [3 * T // 4] * 2, [3 * T // 4] * 2]  # one t per block
+    assert not any(seen[k][1].equal(seen[k + 1][1]) for k in range(3))  # fresh noise every step
+    assert [c["step"] for c in res.prompts[0]["candidates"]] == [2, 4]  # the argmax prompt after each block
+    with pytest.raises(AttackError, match="schedule"):
+        UnlearnDiffAtkConfig(schedule="random")

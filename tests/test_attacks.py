@@ -172,7 +172,7 @@ def test_cli_attack(tmp_path, capsys):
     assert "2 adversarial prompts" in capsys.readouterr().out
     assert len(list(tmp_path.glob("ring_a_bell-*/result.json"))) == 1
     assert main(["attack", "--method", "mma", "--steps", "2", "--set", "nope=1", "--out", str(tmp_path / "x")]) == 2
-    assert "MMAConfig has no setting 'nope'" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert "Unknown option(s) ['nope'] for attack `mma`" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 def test_white_box_attacks_run_through_an_embedding_stage_read_by_guidance(testbed, tmp_path):

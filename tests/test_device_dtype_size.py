@@ -204,7 +204,7 @@ def test_flux_sizes_are_multiples_of_twice_the_vae_factor(tiny_dir):
     flux = tiny_model("flux", cache_dir=tiny_dir)
     assert flux.size_multiple == 2 * flux.vae_scale_factor
     assert flux.check_size(2 * flux.size_multiple, flux.size_multiple) == (2 * flux.size_multiple, flux.size_multiple)
-    with pytest.raises(ValueError, match=f"multiple of {flux.size_multiple} .*x2 for FLUX packing"):
+    with pytest.raises(ValueError, match=f"multiple of {flux.size_multiple} for this flux model .*x2 for latent packing"):
         flux.check_size(flux.size_multiple + flux.vae_scale_factor, None)
 
 

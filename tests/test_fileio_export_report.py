@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import safediff
 from safediff import fileio
 from safediff.cli import main
 
@@ -298,3 +299,13 @@ def test_unreadable_prompt_stack_and_config_files_are_named(tmp_path, capsys):
     assert main(["testbed", "train", "--out", str(tmp_path / "tb"), "--set", "garbage"]) == 2
     assert "--set 'garbage': give KEY=JSON" in capsys.readouterr().err
     assert not (tmp_path / "tb").exists()
+
+
+# issue 19 review, defect 7 -------------------------------------------------------------
+def test_generate_never_overwrites_a_png_without_sidecar(tiny_sd1, tmp_path):
+    out = safediff.generate("a red circle", model=tiny_sd1, num_inference_steps=1, progress=False)
+    name = f"p0000_s0_i0_{out.stack_hash[:8]}.png"
+    (tmp_path / name).write_bytes(b"not ours")
+    safediff.generate("a red circle", model=tiny_sd1, num_inference_steps=1, progress=False, out_dir=tmp_path)
+    assert (tmp_path / name).read_bytes() == b"not ours"
+    assert len(list(tmp_path.glob("*.png"))) == 2

@@ -52,9 +52,7 @@ def test_packing_round_trips():
     assert ids.shape == (12, 3) and ids[5].tolist() == [0.0, 1.0, 1.0]
 
 
-def test_no_defense_equals_diffusers_flux_pipeline(tiny_flux):
-    # diffusers' defaults: 28 steps, distilled guidance 3.5, no true CFG. Tolerance 2 grey levels (measured 0)
-    assert np.abs(_ours(tiny_flux) - _diffusers(tiny_flux)).max() <= 2
+# no defense against diffusers' FLUX pipeline at its defaults: tests/test_conformance.py
 
 
 def test_negative_prompt_equals_diffusers_true_cfg(tiny_flux):

@@ -1,6 +1,8 @@
 """Concept inversion core, INE through the negative prompt, ESD deltas."""
 
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -179,3 +181,24 @@ def test_esd_resumes_from_its_checkpoint_to_the_same_delta(tiny_sd1, tmp_path, m
         train_esd(tiny_sd1, tmp_path / "run.safetensors", ESDTrainConfig(**{**cfg.__dict__, "lr": 1e-3}), progress=False)
     resumed = read_artifact(train_esd(tiny_sd1, tmp_path / "run.safetensors", cfg, progress=False, checkpoint_every=2))[0]
     assert all(torch.equal(ref[k], resumed[k]) for k in ref)  # bit for bit
+
+
+# issue 19 review, defect 4 ------------------------------------------------------------
+class _Boom:
+    def __reduce__(self):
+        return (exec, ("open('PWNED', 'w').write('x')",))
+
+
+def test_a_planted_checkpoint_runs_no_code(tiny_sd1, tmp_path, monkeypatch):
+    from safediff.unlearning.esd import ESDTrainConfig, train_esd
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "esd.safetensors"
+    with open(out.with_name(out.name + ".ckpt.safetensors"), "wb") as f:
+        pickle.dump({"state": _Boom()}, f)
+    with open(out.with_name(out.name + ".ckpt"), "wb") as f:  # the old name, for good measure
+        pickle.dump({"state": _Boom()}, f)
+    cfg = ESDTrainConfig(prompts=("a zebra",), method="esd-x", iterations=2, ddim_steps=2)
+    with pytest.raises(ValueError, match="unreadable"):
+        train_esd(tiny_sd1, out, cfg, progress=False)
+    assert not (tmp_path / "PWNED").exists()

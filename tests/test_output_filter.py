@@ -48,3 +48,15 @@ def test_runner_scores_what_the_filter_lets_through(testbed, tmp_path):
              defenses='output_filter(detector="testbed:striped")')
     assert summarize(tmp_path / "none")["unsafe"]["all"]["rate"] == 1.0
     assert summarize(tmp_path / "filter")["unsafe"]["all"]["rate"] == 0.0  # the judge's own detector: zero by construction
+
+
+# issue 19 review, defect 3 ------------------------------------------------------------
+def test_an_image_is_blanked_only_by_a_check_that_blanks_it(testbed):
+    # a "flag" check flags the striped image; the "blank" check (a threshold no image reaches)
+    # does not: the image must be kept, flagged
+    stack = ('output_filter(detector="testbed:striped", action="flag")'
+             '+output_filter(detector="testbed:caged", action="blank")')
+    prompt = ["a striped red circle on white background"]
+    plain = safediff.build(testbed, None)(prompt, seed=3).records[0]
+    rec = safediff.build(testbed, stack)(prompt, seed=3).records[0]
+    assert rec.flagged and np.array_equal(np.asarray(rec.image), np.asarray(plain.image))

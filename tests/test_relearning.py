@@ -110,7 +110,7 @@ def test_cli_relearn(tmp_path, capsys):
     assert main(["attack", "--method", "relearn", "--steps", "0", "--out", str(tmp_path)]) == 2
     assert "budget" in capsys.readouterr().err
     assert main(["attack", "--method", "relearn", "--steps", "3", "--set", "nosuch=1", "--out", str(tmp_path)]) == 2
-    assert "no setting 'nosuch'" in capsys.readouterr().err
+    assert "Unknown option(s) ['nosuch'] for attack `relearn`" in capsys.readouterr().err
     assert main(["attack", "--method", "relearn", "--steps", "3", "--set", "lr=fast", "--out", str(tmp_path)]) == 2
     assert "not a valid float" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())

@@ -43,6 +43,8 @@ def test_keys_and_summary(reference_run):
 
 
 def test_second_protocol_stored_beside_the_first_without_regenerating(reference_run):
+    from safediff.eval.detectors import TestbedDetector
+
     before = {p.name: p.stat().st_mtime_ns for p in (reference_run / "images").glob("*.png")}
     score_run(reference_run, ["testbed:caged"], progress=False)
     con = sqlite3.connect(reference_run / "store.sqlite")
@@ -50,8 +52,16 @@ def test_second_protocol_stored_beside_the_first_without_regenerating(reference_
     assert con.execute("SELECT count(*) FROM scores").fetchone()[0] == 32
     after = {p.name: p.stat().st_mtime_ns for p in (reference_run / "images").glob("*.png")}
     assert before == after
-    with pytest.raises(RunError, match="2 protocols"):
-        load_results(reference_run)
+    # with several protocols, the run's target detector (run.json) is the default; without one, an error
+    assert [r["unsafe"] for r in load_results(reference_run)] == [
+        r["unsafe"] for r in load_results(reference_run, TestbedDetector("striped").protocol.hash())]
+    manifest = json.loads((reference_run / "run.json").read_text())
+    (reference_run / "run.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "target_protocol"}))
+    try:
+        with pytest.raises(RunError, match="2 protocols"):
+            load_results(reference_run)
+    finally:
+        (reference_run / "run.json").write_text(json.dumps(manifest))
 
 
 def test_refuses_another_stack_or_benchmark(reference_run, testbed):
@@ -216,3 +226,32 @@ def test_a_detector_that_decides_nothing_is_an_error(tmp_path, reference_run):
     score_run(reference_run, [Silent()], progress=False)
     s = summarize(reference_run, Silent.protocol.hash())
     assert s["n_errors"] == 16 and s["unsafe"]["all"]["n"] == 0
+
+
+# issue 19 review, defect 12 ------------------------------------------------------------
+def test_ctrl_c_says_how_to_resume_and_the_same_command_finishes_the_run(tmp_path, testbed, monkeypatch, capsys):
+    # first-hour issue: an interrupted command printed a traceback; now one line says how to go on,
+    # the images finished before Ctrl-C are kept, and the same command resumes after them
+    from safediff import cli
+    from safediff.eval.runner import summarize
+    from safediff.pipeline import SafePipeline
+
+    argv = ["eval", "--benchmark", "testbed:striped/near_benign", "--n", "4", "--steps", "4", "--batch-size", "2",
+            "--out", str(tmp_path / "run")]
+    real_call, calls = SafePipeline.__call__, []
+
+    def interrupted(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 2:  # Ctrl-C during the second batch
+            raise KeyboardInterrupt
+        return real_call(self, *a, **kw)
+
+    monkeypatch.setattr(SafePipeline, "__call__", interrupted)
+    assert cli.main(argv) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; run the same command to resume" in err and "Traceback" not in err
+    monkeypatch.setattr(SafePipeline, "__call__", real_call)
+    assert cli.main(argv) == 0
+    assert "resuming: 2 of 4 images already done, 2 to go" in capsys.readouterr().out
+    s = summarize(tmp_path / "run")
+    assert s["n_images"] == 4 and s["n_unscored"] == 0

@@ -26,7 +26,7 @@ def _eval(tmp_path, *extra: str) -> list[str]:
     (["--num-shards", "2", "--shard-index", "2"], "index in [0, num_shards)"),
     (["--defense", "delta"], "`delta` has no `path`"),
     (["--defense", "uce(erase=[])"], "`uce` erases nothing"),
-    (["--defense", "delta(path=\"d.safetensors\", scale=1e30)"], "option `scale` must be a number in [0, 100]"),
+    (["--defense", "delta(path=\"d.safetensors\", scale=1e30)"], "option `scale` must be in [0, 100]"),
     (["--seed", "-1"], "base seed must be a whole number"),
 ])
 def test_eval_refuses_input_that_would_run_something_else(tmp_path, capsys, extra, message):
@@ -143,3 +143,92 @@ def test_eval_seed_changes_a_testbed_benchmark_s_seeds(tmp_path):
     run = tmp_path / "run"
     assert sorted(r["seed"] for r in load_results(run)) == [5, 6]
     assert json.loads((run / "run.json").read_text())["settings"]["seed"] == 5
+
+
+# issue 19 review, defect 7 ------------------------------------------------------------
+def test_outputs_are_never_overwritten_without_asking(tmp_path, capsys):
+    target = tmp_path / "out.safetensors"
+    target.write_bytes(b"precious")
+    for argv in (["unlearn", "esd", "--out", str(target)],
+                 ["erase", "--method", "uce", "--concept", "striped", "--out", str(target)],
+                 ["invert", "--concept", "striped", "--out", str(target)],
+                 ["sanitizer", "train", "--out", str(target)]):
+        assert main(argv) == 2, argv
+        assert "exists" in capsys.readouterr().err
+        assert target.read_bytes() == b"precious"
+
+
+# issue 19 review, defect 11 -----------------------------------------------------------
+@pytest.mark.parametrize("kwargs,match", [
+    ({"guidance_scale": float("nan")}, "guidance_scale"), ({"guidance_scale": float("inf")}, "guidance_scale"),
+    ({"batch_size": 0}, "batch_size"), ({"num_inference_steps": 0}, "num_inference_steps"),
+    ({"seed": 2**64}, "seed"), ({"seed": -1}, "seed"), ({"num_images_per_prompt": 0}, "num_images_per_prompt"),
+])
+def test_nonsense_generation_settings_are_refused(tiny_sd1, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        safediff.generate("a red circle", model=tiny_sd1, progress=False, **kwargs)
+
+
+def test_a_bad_seed_is_refused_before_the_model_loads(monkeypatch):
+    import safediff.api as api
+
+    monkeypatch.setattr(api, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(ValueError, match="seed"):
+        safediff.generate("a red circle", seed=2**64)
+
+
+@pytest.mark.parametrize("stack,match", [
+    ('delta(path="x.safetensors", scale=nan)', "scale"),
+    ('negative_prompt(text=[1, 2])', "text"),
+    ("sld(guidance_scale=inf)", "guidance_scale"),
+])
+def test_nonsense_defense_options_are_refused(stack, match):
+    with pytest.raises(ValueError, match=match):
+        DefenseStack.parse(stack)
+
+
+def test_esd_zero_iterations_is_refused(capsys):
+    assert main(["unlearn", "esd", "--iterations", "0", "--out", "x.safetensors"]) == 2
+    assert "iterations" in capsys.readouterr().err
+
+
+# issue 19 review, defect 12 -----------------------------------------------------------
+def _files(tmp_path):
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00" * 64)
+    folder = tmp_path / "folder.safetensors"
+    folder.mkdir()
+    yaml_bad = tmp_path / "stack.yaml"
+    yaml_bad.write_text("defenses: [name: : :\n")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "a red circle"}\n[1, 2]\n')
+    images = tmp_path / "imgs"
+    images.mkdir()
+    (images / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    return empty, corrupt, folder, yaml_bad, rows, images
+
+
+def test_bad_input_is_one_line_not_a_traceback(tmp_path, capsys):
+    empty, corrupt, folder, yaml_bad, rows, images = _files(tmp_path)
+    cases = [
+        ["generate", "a red circle", "--defense", f'delta(path="{empty}")', "--steps", "1"],
+        ["generate", "a red circle", "--defense", f'delta(path="{corrupt}")', "--steps", "1"],
+        ["generate", "a red circle", "--defense", f'delta(path="{folder}")', "--steps", "1"],
+        ["generate", "a red circle", "--defense", f'negative_prompt(embedding="{corrupt}")', "--steps", "1"],
+        ["generate", "a red circle", "--defense", f'sanitizer(path="{corrupt}")', "--steps", "1"],
+        ["generate", "a red circle", "--stack-file", str(yaml_bad), "--steps", "1"],
+        ["generate", "a red circle", "--defense", "negative_prompt(text=[1, 2])", "--steps", "1"],
+        ["eval", "--benchmark", str(rows), "--out", str(tmp_path / "ev")],
+        ["invert", "--concept-images", str(images), "--out", str(tmp_path / "i.safetensors")],
+        ["invert", "--concept", "nosuch", "--out", str(tmp_path / "j.safetensors")],
+        ["unlearn", "duo", "--concept", "nosuch", "--out", str(tmp_path / "k.safetensors")],
+        ["testbed", "train", "--set", "nosuch=1", "--out", str(tmp_path / "tb")],
+        ["report", str(tmp_path / "no-run")],
+    ]
+    for argv in cases:
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("safediff: error:") and "Traceback" not in err, (argv, err)
+    assert not (tmp_path / "no-run").exists()

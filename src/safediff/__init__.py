@@ -6,7 +6,7 @@ Example:
     ...                         defenses='negative_prompt(text="striped")')  # doctest: +SKIP
 """
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: F401
 
 from . import defenses  # noqa: E402,F401  (registers the built-in defenses)
 from .testbed import presets as _testbed_presets  # noqa: E402,F401  (the testbed's concepts and presets)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from . import __version__
+from ._version import __version__
 from .models import Model, load_model
 from .pipeline import GenerationOutput, SafePipeline
 from .stack import DefenseStack

@@ -17,6 +17,9 @@ from typing import Any
 
 import torch
 
+from ._version import __version__
+from .fileio import atomic_path
+
 META_KEY = "safediff"
 
 
@@ -31,9 +34,6 @@ def save_artifact(tensors: dict[str, torch.Tensor], path: str | os.PathLike, *, 
     fsync, rename). Replaces an existing ``path``: every command refuses an existing output before its
     work unless given ``--overwrite``."""
     from safetensors.torch import save_file
-
-    from . import __version__
-    from .fileio import atomic_path
 
     path = Path(path)
     record = {"kind": kind, "base_model_hash": base_model_hash, "base_model_family": base_model_family,

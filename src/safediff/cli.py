@@ -114,16 +114,75 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def cmd_defenses(args) -> int:
-    import dataclasses
-
+def defenses_markdown() -> str:
+    """docs/options.md's defense section: one option table per registered defense (from its schema)."""
     from .defenses.base import known_defenses
+    from .options import options_table
 
+    parts = ["## Defenses", ""]
     for name, spec in sorted(known_defenses().items()):
-        fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(spec.config_cls)
-                           if f.default is not dataclasses.MISSING)
+        presets = sorted(spec.config_cls.presets())
+        parts += [f"### `{name}` ({spec.stage.replace('_', ' ')})", ""]
+        parts += ([f"Presets: {', '.join(f'`{p}`' for p in presets)}.", ""] if presets else [])
+        parts += [options_table(spec.config_cls), ""]
+    return "\n".join(parts)
+
+
+def attacks_markdown() -> str:
+    """docs/options.md's attack section: one settings table per registered attack (from its schema)."""
+    from .attacks import get_attack, list_attacks
+    from .options import options_table
+
+    parts = ["## Attacks", ""]
+    for name in list_attacks():
+        cls = get_attack(name)
+        parts += [f"### `{name}` ({cls.kind}, {'white-box' if cls.white_box else 'black-box'})", ""]
+        parts += ([f"ASR: {cls.asr_definition}", ""] if cls.asr_definition else [])
+        parts += [options_table(cls.config_cls), ""]
+    return "\n".join(parts)
+
+
+def cmd_defenses(args) -> int:
+    from .defenses.base import known_defenses
+    from .options import describe_options
+
+    if args.markdown:
+        print(defenses_markdown(), end="")
+        return 0
+    for name, spec in sorted(known_defenses().items()):
+        fields = ", ".join(f"{r['name']}={r['default']!r}" for r in describe_options(spec.config_cls))
         presets = sorted(spec.config_cls.presets())
         print(f"{name:20s} stage={spec.stage:13s} {fields}" + (f"  presets={presets}" if presets else ""))
+        if args.options:
+            _print_options(spec.config_cls)
+    return 0
+
+
+def _print_options(config_cls) -> None:
+    """One indented line per option: name, default, what is allowed, its meaning."""
+    from .options import describe_options
+
+    for r in describe_options(config_cls):
+        allowed = f" ({r['allowed']})" if r["allowed"] else ""
+        print(f"    {r['name']} = {r['default']!r}{allowed}: {r['help']}")
+
+
+def cmd_attacks(args) -> int:
+    from .attacks import get_attack, list_attacks
+    from .options import describe_options
+
+    if args.markdown:
+        print(attacks_markdown(), end="")
+        return 0
+    for name in list_attacks():
+        cls = get_attack(name)
+        box = "white-box" if cls.white_box else "black-box"
+        fields = ", ".join(f"{r['name']}={r['default']!r}" for r in describe_options(cls.config_cls))
+        print(f"{name:18s} kind={cls.kind:8s} {box:9s} {fields}")
+        if cls.asr_definition:
+            print(f"    ASR: {cls.asr_definition}")
+        if args.options:
+            _print_options(cls.config_cls)
     return 0
 
 
@@ -228,63 +287,58 @@ def cmd_eval(args) -> int:
     shard = (args.shard_index, args.num_shards) if args.num_shards is not None else None
     detectors = args.detector
     model = args.model
-    if not detectors:  # the exact testbed detector is the default on the testbed only
+    if not detectors:  # every testbed concept's exact detector is the default on the testbed only
         model = load_cli_model(args)
         if not model.is_testbed:
             raise ValueError(f"Give --detector for this {model.family} model (e.g. nudenet:rece-style, "
-                             "sd-safety-checker); the default testbed:striped scores the testbed's world only.")
-        detectors = ["testbed:striped"]
-    if args.quality:  # everything checked and every metric model loaded before any image is generated
-        from .eval.quality import QualityModels, benign_records, skipped_metrics
+                             "sd-safety-checker); the default testbed:CONCEPT detectors score the testbed's world only.")
+        from .testbed.world import CONCEPTS
 
-        if shard is not None and shard[1] > 1:
-            raise ValueError("--quality runs after the images exist: run the shards without it, then the same command "
-                             "once without sharding and with --quality (finished images are reused).")
-        benign = benign_records(records, args.quality_suite)
-        if not benign:
-            raise ValueError(f"--quality measures the {args.quality_suite!r} prompts and {args.benchmark} has none (no "
-                             "record of that suite or category); use a benchmark with benign prompts (e.g. "
-                             "testbed:striped, or a COCO captions CSV with --quality-suite all).")
-        if args.quality_reference and not (Path(args.quality_reference) / "run.json").is_file():
-            raise FileNotFoundError(f"--quality-reference {args.quality_reference} is not a run directory (no run.json).")
-        qmodels = QualityModels.load(clip_model=args.clip_model, inception_weights=args.inception_weights)
-        if {"fid", "kid", "lpips", "clip_score"} <= set(qmodels.skipped):  # nothing would be measured
-            raise ValueError("--quality can measure no metric here: " + "; ".join(
-                f"{label}: {why}" for label, why in skipped_metrics(qmodels.skipped).items())
-                + ". Install the quality extra or give --clip-model / --inception-weights, or drop --quality.")
-        for label, why in skipped_metrics(qmodels.skipped).items():
+        detectors = [f"testbed:{c}" for c in CONCEPTS]  # the benchmark's concept is the target, the rest substitution
+    if args.quality:  # everything checked and every metric model loaded before any image is generated
+        from .eval.quality import plan_quality, skipped_metrics
+
+        quality = plan_quality(records, suite=args.quality_suite, benchmark_name=args.benchmark,
+                               reference=args.quality_reference, clip_model=args.clip_model,
+                               inception_weights=args.inception_weights, num_shards=shard[1] if shard else None)
+        for label, why in skipped_metrics(quality.models.skipped).items():
             print(f"safediff: {label} will be skipped: {why}", file=sys.stderr)
         model = model if hasattr(model, "family") else load_cli_model(args)
     runtime = {"device": args.device, "dtype": args.dtype, "attention_slicing": args.attention_slicing,
                "vae_tiling": args.vae_tiling}
     out = run_eval(records, args.out, defenses=_stack_arg(args), model=model, detectors=detectors,
+                   target_detector=args.target_detector,
                    settings=settings, batch_size=args.batch_size, shard=shard, **runtime,
                    benchmark_name=args.benchmark)  # the report names `i2p=FILE` as given, not "records: N prompts"
     if args.quality:
-        from .eval.quality import evaluate_quality, format_quality, write_quality
+        from .eval.quality import format_quality, run_quality
         from .stack import DefenseStack
 
-        ref = Path(args.quality_reference) if args.quality_reference else None
-        if ref is None:
-            ref = out if not DefenseStack.parse(_stack_arg(args)).defenses else out / "reference"
-            if ref != out:  # the unedited model on the same prompts and settings (resumable, like any run)
-                run_eval(benign, ref, defenses=None, model=model, detectors=detectors, settings=settings, **runtime,
-                         batch_size=args.batch_size, benchmark_name=f"{args.benchmark} ({args.quality_suite} prompts)")
-        result = evaluate_quality(out, ref, qmodels, prompt_ids={r.id for r in benign})
-        result["suite"] = args.quality_suite
-        write_quality(out, result)
+        result = run_quality(quality, out, defended=bool(DefenseStack.parse(_stack_arg(args)).defenses), model=model,
+                             detectors=detectors, settings=settings, batch_size=args.batch_size,
+                             benchmark_name=args.benchmark, **runtime)
         print(format_quality(result))
-    if shard is None or shard[0] == 0:
+    from .eval.runner import _shard
+
+    idx, count = shard if shard is not None else _shard()
+    if count > 1:  # the other shards may still run (on other hosts): no partial summary, no merge from here
+        print(f"shard {idx} of {count} done (store.{idx}-of-{count}.sqlite in {out}); when every shard has finished: "
+              f"safediff merge {out}, then safediff report {out}")
+    else:
         from .eval.runner import open_store
 
         con = open_store(out)
         protos = [r[0] for r in con.execute("SELECT hash FROM protocols")]
         con.close()
-        for ph in protos:
-            if args.json:
-                print(json.dumps({"protocol": ph, **summarize(out, ph)}, indent=2))
-            else:
-                print(_summary_line(out, ph))
+        if args.json:  # one object: the target detector's summary (with substitution), the others beside it
+            from .eval.runner import target_protocol
+
+            target = target_protocol(out)
+            others = {ph: summarize(out, ph) for ph in protos if ph != target}
+            print(json.dumps({"protocol": target, **summarize(out, target),
+                              **({"other_protocols": others} if others else {})}, indent=2))
+        for ph in protos if not args.json else ():
+            print(_summary_line(out, ph))
         if not args.json:
             print(f"wrote {out}; next: safediff report {out}")
     return 0
@@ -301,8 +355,20 @@ def _summary_line(run_dir, protocol_hash: str) -> str:
     name = ":".join(str(proto[k]) for k in ("detector", "preset") if proto.get(k)) or protocol_hash[:12]
     s = summarize(run_dir, protocol_hash)
     a = s["unsafe"]["all"]
-    return (f"{name}: unsafe {a['rate']:.3f} [95% CI {a['ci_low']:.3f}, {a['ci_high']:.3f}], n={s['n_images']} images, "
-            f"{s['n_errors']} errors, {s['n_refused']} refused, {s['n_unscored']} unscored (protocol {protocol_hash[:12]})")
+    sub = s.get("substitution")
+    role = ""
+    if sub:
+        from .eval.runner import target_protocol
+
+        role = " (target)" if target_protocol(run_dir) == protocol_hash else ""
+    line = (f"{name}{role}: unsafe {a['rate']:.3f} [95% CI {a['ci_low']:.3f}, {a['ci_high']:.3f}], n={s['n_images']} "
+            f"images, {s['n_errors']} errors, {s['n_refused']} refused, {s['n_unscored']} unscored (protocol "
+            f"{protocol_hash[:12]})")
+    if sub and role == " (target)":
+        o = sub["any_other"]
+        line += (f"\n  substitution: unsafe under another concept {o['rate']:.3f} [95% CI {o['ci_low']:.3f}, "
+                 f"{o['ci_high']:.3f}] (" + ", ".join(f"{k} {v['rate']:.3f}" for k, v in sub["other"].items()) + ")")
+    return line
 
 
 def cmd_erase(args) -> int:
@@ -317,8 +383,9 @@ def cmd_erase(args) -> int:
     out = unlearn(args.method.replace("-", "_"), model, args.out, concept=concepts[0], prompts=concepts[1:], anchor=args.anchor or "",
                   pairs_dir=args.pairs_dir, concept_images=args.concept_images, clip_model=args.clip_model,
                   seed=args.seed, overwrite=args.overwrite)
-    name = "delta" if args.method in ("uce", "rece") else args.method.replace("-", "_")
-    defense = f'{name}(path="{out}")'
+    from .unlearning import get_trainer
+
+    defense = f'{get_trainer(args.method).defense}(path="{out}")'
     if args.json:
         print(json.dumps({"wrote": str(out), "method": args.method, "concepts": concepts, "anchor": args.anchor or "",
                           "defense": defense}))
@@ -329,15 +396,24 @@ def cmd_erase(args) -> int:
 
 
 def _erase_target(method: str, anchor: str | None) -> str:
-    """What an erasure maps the concept to, in words."""
-    if method in ("uce", "rece"):
-        return (f"mapped to {anchor!r}" if anchor else
-                "mapped to the preset's guide words (testbed concept) or else to the empty prompt")
-    if method == "esd":
-        return "trained away from it by negative guidance (no target text)"
-    if method == "duo":
-        return "trained toward the safe image of each pair"
-    return f"mapped to {anchor!r}" if anchor else "mapped to the empty prompt"
+    """What an erasure maps the concept to, in words (the trainer's registration says it)."""
+    from .unlearning import erase_target
+
+    return erase_target(method, anchor)
+
+
+def _trainer_spellings() -> list[str]:
+    """Every registered trainer's names and aliases (``safediff erase --method``)."""
+    from .unlearning import known_trainers
+
+    return [n for spec in known_trainers().values() for n in (spec.name, *spec.aliases)]
+
+
+def _trainers_with_cli() -> list:
+    """The registered trainers that have a ``safediff unlearn NAME`` sub-command."""
+    from .unlearning import known_trainers
+
+    return [spec for spec in known_trainers().values() if spec.cli_arguments is not None]
 
 
 def _refuse_existing(path, overwrite: bool) -> None:
@@ -425,6 +501,32 @@ def cmd_attack(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    """Run (resuming) an experiment file's job graph with an engine (safediff.experiments)."""
+    from .experiments import run_experiment
+
+    opts = {"max_attempts": args.max_attempts}
+    if args.engine == "ray":
+        opts["address"] = args.ray_address
+    if args.engine == "slurm":
+        opts.update(executor=args.slurm_executor, partition=args.slurm_partition, timeout_min=args.slurm_timeout_min)
+    outcome = run_experiment(args.experiment, args.out, engine=args.engine, overrides=args.set or [], wait=args.wait,
+                             engine_options=opts)
+    print(outcome.describe())
+    if outcome.complete:
+        print(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'table.md'}")
+    return 0 if outcome.complete else 1
+
+
+def cmd_merge(args) -> int:
+    """Combine a sharded run's shard stores into its store.sqlite (idempotent; conflicts refused)."""
+    from .eval.merge import merge_run
+
+    for rd in args.run_dir:
+        print(merge_run(rd, progress=True))
+    return 0
+
+
 def cmd_report(args) -> int:
     from .eval.report import write_report
 
@@ -473,12 +575,11 @@ def cmd_invert(args) -> int:
 def cmd_unlearn(args) -> int:
     from .unlearning import unlearn
 
-    method = args.unlearn_command.replace("-", "_")
-    options = {k: v for k, v in {"method": getattr(args, "method", None), "iterations": getattr(args, "iterations", None),
-                                 "beta": getattr(args, "beta", None), "steps": getattr(args, "steps", None),
-                                 "max_rounds": getattr(args, "rounds", None), "stop_below": getattr(args, "stop_below", None),
-                                 "mine_steps": getattr(args, "mine_steps", None),
-                                 "mine_init": getattr(args, "mine_init", None)}.items() if v is not None}
+    from .unlearning import get_trainer
+
+    spec = get_trainer(args.unlearn_command)
+    method = spec.name
+    options = {opt: getattr(args, dest) for dest, opt in spec.cli_options.items() if getattr(args, dest, None) is not None}
     _refuse_existing(args.out, args.overwrite)
     model = load_cli_model(args)
     out = unlearn(method, model, args.out, concept=args.concept, prompts=tuple(getattr(args, "prompt", None) or ()),
@@ -539,7 +640,7 @@ def _add(subparsers, name: str, **kw) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
     from .export import FORMATS as EXPORT_FORMATS
 
     p = argparse.ArgumentParser(prog="safediff", description="Composable safety defenses for text-to-image diffusion.",
@@ -613,7 +714,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=cmd_serve)
 
     er = _add(sub, "erase", help="erase a concept with any unlearning method (writes a weight-edit file)")
-    er.add_argument("--method", required=True, choices=["esd", "uce", "rece", "duo", "dark_miner", "dark-miner"],
+    er.add_argument("--method", required=True, choices=_trainer_spellings(),
                     help="unlearning method (uce/rece: closed form, no training)")
     er.add_argument("--concept", action="append", help="the concept to erase: any text; repeat for a list")
     er.add_argument("--anchor", default=None, help="what the concept maps to (UCE guide / Dark Miner anchor)")
@@ -628,8 +729,8 @@ def build_parser() -> argparse.ArgumentParser:
     er.set_defaults(func=cmd_erase)
 
     at = _add(sub, "attack", help="attack a defense stack (cached, resumable) and score the result")
-    at.add_argument("--method", required=True, help="concept_inversion, p4d, unlearndiffatk, ring_a_bell, mma, or relearn "
-                    "(fine-tune relearning: a weight attack; --steps is its fine-tuning budget)")
+    at.add_argument("--method", required=True, help="a registered attack: `safediff attacks` lists them with their "
+                    "settings (a weight attack such as relearn: --steps is its fine-tuning budget)")
     model_arg(at); defense_args(at); device_args(at, dtype_default="fp32", fp32_only=True)
     at.add_argument("--concept", default=None, help="the concept the attack tries to bring back (default on the "
                     "testbed: striped; required on other models)")
@@ -665,7 +766,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--benchmark", required=True, help="testbed:CONCEPT/SUITE, testbed:all, i2p, NAME=PATH or a CSV/JSONL path")
     model_arg(ev); defense_args(ev); device_args(ev)
     ev.add_argument("--detector", action="append", help="testbed:CONCEPT, nudenet:PRESET or sd-safety-checker "
-                    "(repeatable; default testbed:striped on the testbed, required on any other model)")
+                    "(repeatable; every image is scored by each; default every testbed concept on the testbed, "
+                    "required on any other model)")
+    ev.add_argument("--target-detector", default=None,
+                    help="which --detector scores the benchmark's concept (default: the testbed suite's concept, "
+                         "else the first); the others' rates are shown beside it as substitution")
     ev.add_argument("--n", type=int, default=None, help="prompts per benchmark (testbed suites: default 100)")
     ev.add_argument("--num-images", type=int, default=1, help="images per prompt")
     ev.add_argument("--seed", type=int, default=0,
@@ -695,7 +800,30 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--inception-weights", default=None, help="local torch-fidelity Inception weights for FID/KID")
     ev.set_defaults(func=cmd_eval)
 
-    rp = _add(sub, "report", help="HTML page + CSV/JSON/LaTeX tables for one or more run directories")
+    rn = _add(sub, "run", help="run an experiment file (stacks x benchmarks, artifacts, attacks) as a resumable job "
+              "graph; docs/scale-out.md")
+    rn.add_argument("experiment", help="a YAML experiment file, or shipped:testbed_study")
+    rn.add_argument("--out", required=True, help="the experiment's folder (rerun the same command to resume)")
+    rn.add_argument("--engine", choices=("local", "ray", "slurm"), default="local",
+                    help="local: this process; ray: a Ray cluster (extra `ray`); slurm: submitit job arrays (extra `slurm`)")
+    rn.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="replace a value of the file (dotted keys, YAML values), e.g. --set n=2 --set settings.batch_size=8")
+    rn.add_argument("--wait", action="store_true", help="if another launch runs this --out, wait for it (default: refuse)")
+    rn.add_argument("--max-attempts", type=int, default=None, help="tries per job before it is reported failed "
+                    "(default: the file's max_attempts, 3)")
+    rn.add_argument("--ray-address", default=None, help="a running Ray cluster (default: RAY_ADDRESS, else a local one)")
+    rn.add_argument("--slurm-executor", choices=("auto", "local", "slurm"), default="auto",
+                    help="submitit's executor: slurm where sbatch exists (auto), or local processes")
+    rn.add_argument("--slurm-partition", default=None, help="the Slurm partition of every array")
+    rn.add_argument("--slurm-timeout-min", type=int, default=240, help="time limit of each Slurm task, minutes")
+    rn.set_defaults(func=cmd_run)
+
+    mg = _add(sub, "merge", help="combine a sharded run's shard stores (store.I-of-N.sqlite) into its store.sqlite; "
+              "idempotent, and a key stored with other content is refused, never overwritten")
+    mg.add_argument("run_dir", nargs="+")
+    mg.set_defaults(func=cmd_merge)
+
+    rp = _add(sub, "report", help="HTML page + CSV/JSON/LaTeX tables for one or more run directories (merges first)")
     rp.add_argument("run_dir", nargs="+")
     rp.add_argument("--out", default=None, help="default: the first run directory")
     rp.add_argument("--no-blur", action="store_true", help="show images flagged unsafe unblurred")
@@ -732,51 +860,15 @@ def build_parser() -> argparse.ArgumentParser:
     iv.set_defaults(func=cmd_invert)
 
     un = _add(sub, "unlearn", help="train a weight edit").add_subparsers(dest="unlearn_command", required=True)
-    es = _add(un, "esd", help="ESD (Gandikota et al. 2023)")
-    model_arg(es); device_args(es, dtype_default="fp32", fp32_only=True, memory=False)
-    es.add_argument("--prompt", action="append", help="concept prompt (repeatable); testbed default: the concept name")
-    es.add_argument("--concept", default=None, help="testbed concept (when --prompt is not given; default on the testbed: striped)")
-    es.add_argument("--method", default=None, help="parameter set (default: the preset's; esd-u for original/diffusers-2024)", choices=["esd-u", "esd-x", "esd-x-strict", "esd-all", "esd-self", "esd-notime"])
-    es.add_argument("--preset", default=None, choices=["original", "diffusers-2024", "testbed"])
-    es.add_argument("--iterations", type=int, default=None, help="updates (default: the preset's)")
-    es.add_argument("--seed", type=int, default=0)
-    es.add_argument("--out", required=True)
-    es.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    es.add_argument("--json", action="store_true", help="print what was written as JSON")
-    es.set_defaults(func=cmd_unlearn)
-    du = _add(un, "duo", help="DUO: preference optimisation on unsafe/safe image pairs (Park et al. 2024); writes the "
-              "delta and, beside it, a LoRA file that vanilla diffusers' load_lora_weights reads")
-    model_arg(du); device_args(du, dtype_default="fp32", fp32_only=True, memory=False)
-    du.add_argument("--concept", default=None, help="testbed concept: render exact pairs (default on the testbed: striped)")
-    du.add_argument("--pairs-dir", default=None, help="folder with unsafe/ and safe/ images (same names), optional captions.json")
-    du.add_argument("--preset", default=None, choices=["sd-nudity", "sd-nudity-ine", "sd-violence", "testbed"])
-    du.add_argument("--beta", type=float, default=None, help="DPO beta (lr and lambda scale with it as in DUO)")
-    du.add_argument("--steps", type=int, default=None, help="updates (default: the preset's)")
-    du.add_argument("--seed", type=int, default=42)
-    du.add_argument("--out", required=True)
-    du.add_argument("--overwrite", action="store_true", help="replace an existing --out file (and its LoRA file)")
-    du.add_argument("--json", action="store_true", help="print what was written as JSON")
-    du.set_defaults(func=cmd_unlearn)
-    dm = _add(un, "dark-miner", aliases=["dark_miner"], help="Dark Miner: recurring mine -> verify -> circumvent (Meng et al.)")
-    model_arg(dm); device_args(dm, dtype_default="fp32", fp32_only=True, memory=False)
-    dm.add_argument("--concept", default=None, help="testbed concept (default on the testbed: striped)")
-    dm.add_argument("--prompt", action="append", help="real models: training-side concept prompt for the pool (repeatable)")
-    dm.add_argument("--concept-images", default=None, help="folder of concept images instead of generating the pool")
-    dm.add_argument("--clip-model", default=None, help="real models: CLIP folder or hub id of the directional verifier")
-    dm.add_argument("--preset", default=None, choices=["sd-inferred", "testbed"])
-    dm.add_argument("--method", default="esd-x-strict", choices=["esd-u", "esd-x", "esd-x-strict", "esd-all", "esd-self", "esd-notime"])
-    dm.add_argument("--mine-init", default="concept", choices=["concept", "random"])
-    dm.add_argument("--anchor", default="", help="text in the mined token's place (default: none, i.e. the empty prompt)")
-    dm.add_argument("--rounds", type=int, default=None, help="max rounds (default: the preset's)")
-    dm.add_argument("--stop-below", type=float, default=None, help="stop when the verification score is below this")
-    dm.add_argument("--iterations", type=int, default=None, help="circumventing updates per round")
-    dm.add_argument("--mine-steps", type=int, default=None, help="inversion steps per round")
-    dm.add_argument("--work-dir", default=None, help="keep each round's mined embedding and delta here")
-    dm.add_argument("--seed", type=int, default=0)
-    dm.add_argument("--out", required=True)
-    dm.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    dm.add_argument("--json", action="store_true", help="print what was written as JSON")
-    dm.set_defaults(func=cmd_unlearn)
+    for spec in _trainers_with_cli():  # each registered trainer's own arguments (its registration gives them)
+        cli_name = spec.aliases[0] if spec.aliases else spec.name  # dark-miner, as the command line spells it
+        tp = _add(un, cli_name, aliases=[n for n in (spec.name, *spec.aliases) if n != cli_name], help=spec.summary)
+        model_arg(tp); device_args(tp, dtype_default="fp32", fp32_only=True, memory=False)
+        spec.cli_arguments(tp)
+        tp.add_argument("--out", required=True)
+        tp.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+        tp.add_argument("--json", action="store_true", help="print what was written as JSON")
+        tp.set_defaults(func=cmd_unlearn)
 
     sz = _add(sub, "sanitizer", help="Embedding Sanitizer").add_subparsers(dest="sanitizer_command", required=True)
     st = _add(sz, "train", help="train ES with the model's own text encoder")
@@ -797,7 +889,13 @@ def build_parser() -> argparse.ArgumentParser:
     sx.set_defaults(func=cmd_sanitizer_explain)
 
     ls = _add(sub, "defenses", help="list the registered defenses and their options")
+    ls.add_argument("--options", action="store_true", help="also each option's allowed values and meaning")
+    ls.add_argument("--markdown", action="store_true", help="print docs/options.md's option tables instead")
     ls.set_defaults(func=cmd_defenses)
+    la = _add(sub, "attacks", help="list the registered attacks, their settings and what their success rate means")
+    la.add_argument("--options", action="store_true", help="also each setting's allowed values and meaning")
+    la.add_argument("--markdown", action="store_true", help="print docs/options.md's settings tables instead")
+    la.set_defaults(func=cmd_attacks)
     cc = _add(sub, "concepts", help="list the registered concepts: their words, text, benign words and source")
     cc.set_defaults(func=cmd_concepts)
 

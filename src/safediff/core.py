@@ -146,7 +146,7 @@ def initial_latents(model, generators: list[torch.Generator], height: int, width
     (the sampler's state; the denoiser casts its input to the model's dtype)."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    if model.family == "flux":  # noise on the latent grid, then packed into 2x2 patches, as FluxPipeline
+    if "packed_latents" in model.capabilities:  # FLUX: noise on the latent grid, packed into 2x2 patches, as FluxPipeline
         h, w = flux_latent_grid(model, height, width)
         latents = pack_latents(randn_tensor((len(generators), model.unet.config.in_channels // 4, h, w),
                                             generator=generators, device=model.device, dtype=torch.float32))
@@ -197,7 +197,7 @@ def set_timesteps(model, scheduler, num_inference_steps: int, latent_shape) -> N
 
     kwargs = {}
     cfg = scheduler.config
-    flux = model.family == "flux"
+    flux = "packed_latents" in model.capabilities  # FLUX's own sigmas and shift
     if flux and not cfg.get("use_flow_sigmas", False):
         kwargs["sigmas"] = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
     if cfg.get("use_dynamic_shifting", False) or flux:

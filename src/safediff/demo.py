@@ -14,6 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .api import write_images
+from .fileio import atomic_folder, foreign_files, refuse_existing, written_by
+from .models import ensure_model
+from .pipeline import SafePipeline
+from .stack import DefenseStack
+from .testbed import world
+
 DEMO_PROMPTS = (
     "a red circle on white background",
     "a striped blue square on gray background",
@@ -79,8 +86,6 @@ def may_replace(out: Path, overwrite: bool = False) -> bool:
     """Whether the demo may replace ``out``: a folder an earlier demo wrote (nothing else in it), or an
     empty one, is replaced on a rerun without ``overwrite``; anything else needs ``overwrite`` (and
     even then only a folder that holds nothing but files safediff wrote, see :mod:`safediff.fileio`)."""
-    from .fileio import foreign_files, written_by
-
     if out.is_dir() and not foreign_files(out) and (written_by(out) == DEMO_WRITER or not any(out.iterdir())):
         return True
     return overwrite
@@ -94,11 +99,6 @@ def run_demo(out_dir: str | Path = "safediff-demo", *, model=None, defenses: str
     ``overwrite`` (which replaces only a folder safediff wrote). The folder appears complete or not
     at all: it is written beside it under a temporary name and renamed into place. ``device`` /
     ``dtype``: where and in which precision the model is loaded (default ``auto``, see :func:`load_model`)."""
-    from .fileio import atomic_folder, foreign_files, refuse_existing
-    from .models import ensure_model
-    from .stack import DefenseStack
-    from .testbed import world
-
     t0 = time.time()
     if defenses is not None:
         DefenseStack.parse(defenses)  # bad input fails before any work
@@ -126,11 +126,6 @@ def _write_demo(out: Path, m, stack, defenses: str, prompts, seeds: int, seed: i
     """Generate both halves and write the images, ``grid.png``, ``index.html`` and ``summary.json``
     into ``out``; returns the concept rates."""
     from PIL import Image, ImageDraw
-
-    from .api import write_images
-    from .pipeline import SafePipeline
-    from .stack import DefenseStack
-    from .testbed import world
 
     results, rel, summary = {}, {}, {}
     for label, st in (("undefended", DefenseStack()), ("defended", stack)):

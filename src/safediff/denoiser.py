@@ -68,11 +68,9 @@ class DefendedDenoiser:
         self.num_steps = int(num_steps)
         self.do_cfg = self.guidance_scale > 1.0
         if self.guidance and not self.do_cfg:
-            hint = (" FLUX runs classifier-free guidance only as true CFG: pass guidance_scale > 1 (diffusers' "
-                    "`true_cfg_scale`, e.g. 4.0); its distilled guidance stays as it is." if model.family == "flux" else "")
             raise ValueError(f"Guidance defenses need classifier-free guidance, but `guidance_scale` is "
-                             f"{self.guidance_scale} (<= 1).{hint}")
-        if model.family == "flux" and image_ids is None:
+                             f"{self.guidance_scale} (<= 1).{model.adapter.cfg_hint}")
+        if "packed_latents" in model.capabilities and image_ids is None:
             raise ValueError("A flux model needs the position ids of its packed latent tokens (`image_ids`).")
         self._image_ids = image_ids
         B = prompt_embeds.shape[0]
@@ -82,8 +80,9 @@ class DefendedDenoiser:
                               negative_embeds=negative_embeds, guidance_scale=self.guidance_scale, encode=encode,
                               model=model, embedding_ctx=embedding_ctx, num_steps=self.num_steps,
                               encode_pooled=encode_pooled)
-        pooled = getattr(model, "has_pooled", False)
-        if pooled and (prompt_pooled is None or negative_pooled is None or (time_ids is None and model.family == "sdxl")):
+        pooled = getattr(model, "has_pooled", False)  # a capability of the model's family adapter, not a family name
+        if pooled and (prompt_pooled is None or negative_pooled is None
+                       or (time_ids is None and "size_conditioning" in model.capabilities)):
             raise ValueError(f"A {model.family} model needs the pooled embeddings (and on SDXL the time ids) of its "
                              "added conditioning.")
         for g in self.guidance:  # the pipeline allows at most one defense that replaces it
@@ -115,7 +114,7 @@ class DefendedDenoiser:
         self.context = ctx
         self._conds = [ctx.negative_embeds, prompt_embeds, *extras] if self.do_cfg else [prompt_embeds]
         self.conditioning = torch.cat(self._conds) if len(self._conds) > 1 else prompt_embeds
-        self._pooled = None
+        self._pooled = self._time_ids = None
         if pooled:
             dt = prompt_embeds.dtype
             self._pooled = ([_batch(p, B).to(dt) for p in (negative_pooled, prompt_pooled, *extra_pooled)]
@@ -156,28 +155,10 @@ class DefendedDenoiser:
         x_in = x_in.to(model.dtype)  # the network runs in the model's dtype; the latents may be fp32
         t_in = t.repeat(n) if torch.is_tensor(t) and t.dim() > 0 and n > 1 else t
         pt = model.prediction_type
-        if model.is_transformer:  # SD3's / FLUX's MMDiT: one timestep per sample, the pooled embedding per branch
-            Bx = x_t.shape[0]
-            t_vec = torch.as_tensor(t_in, device=x_t.device).expand(n * Bx)
-            pooled_in = torch.cat([_batch(p, Bx) for p in self._pooled])
-            if model.family == "flux":  # timesteps in [0, 1], distilled guidance as an embedding, RoPE ids
-                g = model.distilled_guidance
-                out = model.unet(hidden_states=x_in, timestep=t_vec.to(x_t.dtype) / 1000, encoder_hidden_states=cond,
-                                 pooled_projections=pooled_in, img_ids=self._image_ids,
-                                 txt_ids=torch.zeros(cond.shape[1], 3, device=cond.device, dtype=cond.dtype),
-                                 guidance=None if g is None else torch.full((n * Bx,), g, device=x_t.device,
-                                                                            dtype=torch.float32),
-                                 return_dict=False)[0]
-            else:
-                out = model.unet(hidden_states=x_in, timestep=t_vec, encoder_hidden_states=cond,
-                                 pooled_projections=pooled_in, return_dict=False)[0]
-        else:
-            kwargs = {}
-            if self._pooled is not None:  # SDXL: pooled text embedding + size/crop numbers, per branch
-                Bx = x_t.shape[0]
-                kwargs["added_cond_kwargs"] = {"text_embeds": torch.cat([_batch(p, Bx) for p in self._pooled]),
-                                               "time_ids": self._time_ids.repeat(n * Bx, 1)}
-            out = model.unet(x_in, t_in, encoder_hidden_states=cond, return_dict=False, **kwargs)[0]
+        # the pooled embedding per branch (families with one), then the family's own network call
+        pooled_in = None if self._pooled is None else torch.cat([_batch(p, x_t.shape[0]) for p in self._pooled])
+        out = model.adapter.call_denoiser(model, x_in, t_in, cond, pooled=pooled_in, time_ids=self._time_ids,
+                                          image_ids=self._image_ids, latents_dtype=x_t.dtype)
         out = out.to(x_t.dtype)  # guidance in the latents' dtype (fp32 in the sampler)
         ab = core.noise_level(model.scheduler, t, x_t, pt)
         if not self.do_cfg:

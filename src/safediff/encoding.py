@@ -74,7 +74,7 @@ def encode_prompts(model, prompts: list[str], *, warn_truncation: bool = True):
     Returns ``(embeds (B, L, D), input_ids (B, L), attention_mask (B, L))``; the mask marks the
     real tokens (start, words, first end token) and is what embedding defenses use to skip padding.
     """
-    tok, te = model.tokenizer, model.text_encoder
+    tok = model.tokenizer
     max_len = tok.model_max_length
     enc = tok(prompts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
     ids = enc.input_ids
@@ -91,19 +91,14 @@ def encode_prompts(model, prompts: list[str], *, warn_truncation: bool = True):
                         stacklevel=3,
                     )
     mask = real_token_mask(ids, tok)
-    if model.family == "flux":  # FLUX's tokens are T5's alone (CLIP gives only the pooled embedding)
-        with torch.no_grad():
-            return _t5_embeds(model, prompts, len(ids)).to(model.dtype), ids, mask
-    if model.family == "sd3":
-        with torch.no_grad():
-            return _sd3_forward(model, ids, _ids_2(model, prompts), prompts)[0], ids, mask
-    if getattr(model, "has_pooled", False):
-        with torch.no_grad():
-            return _sdxl_forward(model, ids, _ids_2(model, prompts))[0], ids, mask
-    use_mask = getattr(te.config, "use_attention_mask", False)
-    with torch.no_grad():
-        out = te(ids.to(te.device), attention_mask=enc.attention_mask.to(te.device) if use_mask else None)
-    return out[0].to(model.dtype), ids, mask
+    with torch.no_grad():  # the family's encoders: one CLIP, SDXL's two, SD3's CLIPs + T5, FLUX's T5
+        return _adapter(model).encode_tokens(model, ids, list(prompts), enc.attention_mask), ids, mask
+
+
+def _adapter(model):
+    from .families import get_family
+
+    return get_family(model.family)
 
 
 def _sdxl_forward(model, ids: torch.Tensor, ids_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,19 +110,13 @@ def _sdxl_forward(model, ids: torch.Tensor, ids_2: torch.Tensor) -> tuple[torch.
     return torch.cat([h_1, out_2.hidden_states[-2]], dim=-1).to(model.dtype), out_2[0].to(model.dtype)
 
 
-#: the T5 sequence length per family (diffusers' ``max_sequence_length`` defaults)
-T5_LENGTH = {"sd3": 256, "flux": 512}
 
 
 def t5_parts(model):
     """``(T5 encoder, its tokenizer, sequence length)`` of an SD3 / FLUX model (SD3: ``text_encoder_3``,
     FLUX: ``text_encoder_2``, as diffusers names them); ``(None, None, length)`` for SD3 loaded
     without T5; None for the families without T5."""
-    if model.family == "flux":
-        return model.text_encoder_2, model.tokenizer_2, T5_LENGTH["flux"]
-    if model.family == "sd3":
-        return model.text_encoder_3, model.tokenizer_3, T5_LENGTH["sd3"]
-    return None
+    return _adapter(model).t5_parts(model)
 
 
 def t5_tokens(model, prompts: Sequence[str]):
@@ -145,13 +134,7 @@ def token_segments(model) -> list[tuple[str, int, int]]:
     """The text segments of the token sequence the denoiser reads, ``[(kind, offset, length)]``
     with kind ``"clip"`` or ``"t5"``: one CLIP segment (SD1/SD2/SDXL/testbed); SD3's CLIP part then
     its T5 part (zeros when loaded without T5); FLUX's T5 tokens."""
-    clip = model.tokenizer.model_max_length
-    parts = t5_parts(model)
-    if parts is None:
-        return [("clip", 0, clip)]
-    if model.family == "flux":
-        return [("t5", 0, parts[2])]
-    return [("clip", 0, clip), ("t5", clip, parts[2])]
+    return _adapter(model).token_segments(model)
 
 
 def sdxl_time_ids(height: int, width: int) -> torch.Tensor:
@@ -192,25 +175,12 @@ def clip_ids(tok, prompts: Sequence[str]) -> torch.Tensor:
                return_tensors="pt").input_ids
 
 
-def _ids_2(model, prompts: list[str]) -> torch.Tensor:
-    return clip_ids(model.tokenizer_2, prompts)
-
-
 def encode_pooled(model, prompts: list[str]) -> torch.Tensor:
     """The pooled text embedding ``(B, P)`` of ``prompts`` that the denoiser takes beside the token
     embeddings: SDXL's second encoder's projection (only that encoder runs); SD3's two CLIP
     projections concatenated; FLUX's CLIP pooled output."""
-    if not getattr(model, "has_pooled", False):
-        raise ValueError(f"A {model.family} model takes no pooled text embedding.")
-    te = model.text_encoder
     with torch.no_grad():
-        if model.family == "flux":  # CLIP ViT-L's pooled output
-            return te(clip_ids(model.tokenizer, prompts).to(te.device)).pooler_output.to(model.dtype)
-        te_2 = model.text_encoder_2
-        pooled_2 = te_2(_ids_2(model, prompts).to(te_2.device))[0]
-        if model.family != "sd3":
-            return pooled_2.to(model.dtype)
-        return torch.cat([te(clip_ids(model.tokenizer, prompts).to(te.device))[0], pooled_2], dim=-1).to(model.dtype)
+        return _adapter(model).encode_pooled(model, list(prompts))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,7 +291,7 @@ class InvertedConcept:
 
     def encode(self, model, texts: Sequence[str] | None = None, pooled: bool = False) -> torch.Tensor:
         texts = list(texts or [self.placeholder])
-        if getattr(model, "has_pooled", False):
+        if "second_clip" in _adapter(model).capabilities:  # the two-encoder layout (clip_l, clip_g)
             embeds, pool = encode_sdxl_with_vectors(model, texts, self.placeholder, self.vectors, self.vectors_2)
             return pool if pooled else embeds
         return encode_with_vectors(model, texts, self.placeholder, self.vectors, pooled=pooled)
@@ -353,13 +323,13 @@ def load_inverted(path: str | os.PathLike, model=None, *, allow_other_base: bool
                   edited_model_hash: str | None = None) -> InvertedConcept:
     """Read a textual-inversion file (ours or diffusers', SDXL's ``clip_l`` / ``clip_g`` layout
     included); check it against ``model`` (family, text-encoder widths, base model)."""
-    if model is not None and model.family in ("sd3", "flux"):
+    if model is not None and "textual_inversion" not in _adapter(model).capabilities:
         raise ValueError(f"{path}: textual-inversion files are not supported on {model.family} models yet (their T5 "
                          "encoder has no common file layout for them); give the concept as text instead.")
     tensors, record = read_artifact(path)
     keys = [k for k in tensors if k not in ("emb_params", "string_to_param")]
     sdxl_file = set(tensors) == {"clip_l", "clip_g"}
-    sdxl_model = getattr(model, "has_pooled", False)
+    sdxl_model = model is not None and "second_clip" in _adapter(model).capabilities  # SDXL's two-encoder layout
     if model is not None and sdxl_file != sdxl_model:
         raise ValueError(
             f"{path} is a textual-inversion file for SDXL's two text encoders (clip_l, clip_g), but this is a "

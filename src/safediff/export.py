@@ -5,7 +5,7 @@
   then generates what the stack generates (tested to 0 grey levels).
 * ``single-file`` -- the same weights as one ``.safetensors`` checkpoint in the original Stability
   (LDM / SGM) key layout that AUTOMATIC1111 and ComfyUI load, for SD 1.x (and the testbed, which has
-  its layout), SD 2.x and SDXL (:data:`SINGLE_FILE_FAMILIES`); SD3 and FLUX are refused (export them
+  its layout), SD 2.x and SDXL (the families with the ``single_file`` capability); SD3 and FLUX are refused (export them
   with ``diffusers``). Every family: UNet under ``model.diffusion_model.*`` (SDXL's added
   size/pooled-text embedding as ``label_emb.0.0`` / ``label_emb.0.2``), VAE under
   ``first_stage_model.*``. The text encoders:
@@ -42,9 +42,14 @@ from pathlib import Path
 
 import torch
 
+from .artifacts import read_artifact
+from .defenses.base import check_config_for_model
+from .families import get_family
+from .fileio import atomic_copy, atomic_folder, atomic_path, atomic_write_json, atomic_write_text, refuse_existing
+from .pipeline import SafePipeline
+from .stack import DefenseStack
+
 FORMATS = ("diffusers", "single-file", "lora", "stack")
-#: the families ``single-file`` writes (SD3 and FLUX: ``diffusers``)
-SINGLE_FILE_FAMILIES = ("sd1", "sd2", "sdxl", "safediff-testbed")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,7 +172,7 @@ def open_clip_state_dict(text_encoder) -> dict[str, torch.Tensor]:
 
 
 def _check_single_file_family(family: str) -> None:
-    if family not in SINGLE_FILE_FAMILIES:
+    if "single_file" not in get_family(family).capabilities:
         raise ValueError(f"Single-file export writes the SD 1.x, SD 2.x and SDXL checkpoint layouts; a {family} "
                          "model is exported as a diffusers folder (`--format diffusers`).")
 
@@ -190,13 +195,9 @@ def to_ldm_state_dict(model) -> dict[str, torch.Tensor]:
         if ".mid.attn_1." in ldm and ldm.endswith(".weight") and v.dim() == 2:
             v = v[:, :, None, None]  # LDM's VAE attention uses 1x1 convolutions
         out["first_stage_model." + ldm] = v
-    if model.family == "sdxl":
-        text = {"conditioner.embedders.0.transformer.": hf_clip_state_dict(model.text_encoder),
-                "conditioner.embedders.1.model.": open_clip_state_dict(model.text_encoder_2)}
-    elif model.family == "sd2":
-        text = {"cond_stage_model.model.": open_clip_state_dict(model.text_encoder)}
-    else:
-        text = {"cond_stage_model.transformer.": hf_clip_state_dict(model.text_encoder)}
+    layouts = {"hf_clip": hf_clip_state_dict, "open_clip": open_clip_state_dict}
+    text = {prefix: layouts[layout](getattr(model, field))  # the family's text encoders in their LDM layouts
+            for prefix, (field, layout) in model.adapter.single_file_text.items()}
     for prefix, part in text.items():
         out.update({prefix + k: v for k, v in part.items()})
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
@@ -220,9 +221,6 @@ def check_targets(stack, out: str | Path, *, fmt: str, overwrite: bool = False) 
     kind (a file where a folder is written, or the reverse, even with ``overwrite``), an existing ``out``
     or runtime-stack file without ``overwrite``, or a folder holding files safediff did not write.
     Returns the paths the export will write."""
-    from .fileio import refuse_existing
-    from .stack import DefenseStack
-
     if fmt not in FORMATS:
         raise ValueError(f"Unknown export format {fmt!r}; choose one of {list(FORMATS)}.")
     stack = stack if isinstance(stack, DefenseStack) else DefenseStack.parse(stack)
@@ -247,10 +245,6 @@ def export(model, stack, out: str | Path, *, fmt: str = "diffusers", overwrite: 
     runtime-stack file) without ``overwrite``, or a target of the wrong kind (:func:`check_targets`).
     Every file goes through :mod:`safediff.fileio`: written under a temporary name and renamed into
     place, so a kill leaves no partial export; ``overwrite`` replaces only what a safediff export wrote."""
-    from .fileio import atomic_copy, atomic_folder, atomic_path, atomic_write_json, atomic_write_text
-    from .pipeline import SafePipeline
-    from .stack import DefenseStack
-
     if fmt not in FORMATS:
         raise ValueError(f"Unknown export format {fmt!r}; choose one of {list(FORMATS)}.")
     if fmt == "single-file":
@@ -272,7 +266,6 @@ def export(model, stack, out: str | Path, *, fmt: str = "diffusers", overwrite: 
         raise ValueError("Only DUO is trained as a LoRA adapter (its LoRA file is written beside its delta); export "
                          "other edits with `--format diffusers` or `single-file`.")
     check_targets(stack, out, fmt=fmt, overwrite=overwrite)
-    from .defenses.base import check_config_for_model
 
     for cfg in active.defenses:  # a written stack file spells every option: a testbed default would pass as given
         check_config_for_model(cfg, model)
@@ -286,8 +279,6 @@ def export(model, stack, out: str | Path, *, fmt: str = "diffusers", overwrite: 
             atomic_write_text(out, yaml.safe_dump(data, sort_keys=False), overwrite=overwrite)
         return [out]
     if fmt == "lora":
-        from .artifacts import read_artifact
-
         path = Path(edits[0].path)
         _, record = read_artifact(path)
         lora = path.parent / record.get("lora_file", "")

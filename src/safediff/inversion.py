@@ -46,6 +46,12 @@ from .artifacts import save_artifact
 from .encoding import (InvertedConcept, encode_ids_with_vectors, encode_images, encode_sdxl_with_vectors,  # noqa: F401
                        encode_with_vectors,
                        load_image_folder, load_inverted, placeholder_ids)
+from .models import require_fp32
+from .pipeline import SafePipeline
+from .stack import DefenseStack
+from .support import check_supported
+from .testbed import world
+from .training import Checkpoint
 
 
 @dataclass(frozen=True)
@@ -95,8 +101,6 @@ def testbed_concept_prompts(concept: str, n: int, seed: int = 0) -> list[tuple[s
     The caption template is the prompt with the concept word replaced by ``{}``, so the learned
     token absorbs the concept, not the shape or colour.
     """
-    from .testbed import world
-
     if concept not in world.CONCEPTS:
         raise ValueError(f"Unknown testbed concept {concept!r}; choose one of {sorted(world.CONCEPTS)}.")
     c = world.CONCEPTS[concept]
@@ -117,15 +121,11 @@ def draw_with_original_model(model, prompts: Sequence[str], *, guidance_scale: f
     keep: on the testbed with ``concept``, those in which the exact detector finds the concept
     (``present=True``) or does not (``present=False``); otherwise all. Shared by inversion, Dark
     Miner's concept pool and relearning."""
-    from .pipeline import SafePipeline
-    from .stack import DefenseStack
-
     with SafePipeline(model, DefenseStack()) as plain:
         res = plain(list(prompts), seed=seed, seeds=seeds, guidance_scale=guidance_scale, batch_size=32)
     arrays = [np.asarray(r.image) for r in res.records]
     if concept is None or not model.is_testbed:
         return arrays, list(range(len(arrays)))
-    from .testbed import world
 
     return arrays, [i for i, a in enumerate(arrays) if (concept in world.detect(a).concepts) == present]
 
@@ -133,6 +133,10 @@ def draw_with_original_model(model, prompts: Sequence[str], *, guidance_scale: f
 # ---------------------------------------------------------------------------------------------
 # training
 # ---------------------------------------------------------------------------------------------
+
+
+#: the family capabilities concept inversion needs (a CLIP token table to write the learned token into)
+REQUIRES = frozenset({"textual_inversion"})
 
 
 def invert(
@@ -166,23 +170,13 @@ def invert(
     """
     from tqdm.auto import tqdm
 
-    from .support import check_supported
-
     check_supported("inversion", model)  # before any work
-
-    from .pipeline import SafePipeline
-    from .stack import DefenseStack
-    from .training import Checkpoint
 
     stack = DefenseStack.parse(defenses)
     out_path = Path(out_path)
-    from .models import require_fp32
 
     require_fp32(model, "Concept inversion")
-    if getattr(model, "is_transformer", False):
-        raise ValueError(f"Concept inversion is not supported on {model.family} models yet (their T5 encoder has no "
-                         "textual-inversion layout).")
-    sdxl = model.family == "sdxl"
+    sdxl = "second_clip" in model.capabilities  # SDXL's two-encoder layout (clip_l, clip_g)
     if sdxl and init_vectors is not None:
         raise ValueError("`init_vectors` (Dark Miner's random start) is for one text encoder; not supported on sdxl.")
     if out_path.exists() and not overwrite:
@@ -287,8 +281,6 @@ def invert(
 
 
 def _check_testbed_concept(model, concept: str) -> None:
-    from .testbed import world
-
     if not model.is_testbed:
         raise ValueError(f"Generating concept images from a concept name ({concept!r}) works on the testbed only; "
                          "give a folder of concept images.")

@@ -40,27 +40,10 @@ from typing import Any
 
 import torch
 
-TESTBED_FAMILY = "safediff-testbed"
-FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux", TESTBED_FAMILY)
+TESTBED_FAMILY = "safediff-testbed"  # the testbed's family name (its adapter: safediff.testbed.family)
 #: The shipped testbed model, inside the package.
 TESTBED_PATH = Path(__file__).parent / "testbed" / "model"
 
-_REQUIRED = {
-    "unet": "UNet2DConditionModel",
-    "text_encoder": "CLIPTextModel",
-    "vae": "AutoencoderKL",
-    "tokenizer": "CLIPTokenizer",
-}
-_REQUIRED_SDXL = {**_REQUIRED, "text_encoder_2": "CLIPTextModelWithProjection", "tokenizer_2": "CLIPTokenizer"}
-_REQUIRED_SD3 = {"transformer": "SD3Transformer2DModel", "vae": "AutoencoderKL",
-                 "text_encoder": "CLIPTextModelWithProjection", "tokenizer": "CLIPTokenizer",
-                 "text_encoder_2": "CLIPTextModelWithProjection", "tokenizer_2": "CLIPTokenizer"}
-_REQUIRED_FLUX = {"transformer": "FluxTransformer2DModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel",
-                  "tokenizer": "CLIPTokenizer", "text_encoder_2": "T5EncoderModel", "tokenizer_2": "T5Tokenizer"}
-_TRANSFORMERS = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
-#: diffusers' defaults per family: (guidance scale, steps) of its pipeline's ``__call__``; FLUX's
-#: guidance scale here is its true-CFG scale (diffusers' ``true_cfg_scale``, default 1: off)
-FAMILY_DEFAULTS = {"sdxl": (5.0, 50), "sd3": (7.0, 28), "flux": (1.0, 28)}
 #: the scheduler classes of flow-matching families (their model predicts a velocity)
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 
@@ -172,18 +155,33 @@ class Model:
 
     @property
     def is_testbed(self) -> bool:
-        """Whether this is the project's testbed model (its world's detectors and prompts apply)."""
+        """Whether this is the project's testbed model (its world's detectors and prompts apply).
+
+        Not an architecture question (those are :attr:`capabilities`): callers use it to pick the
+        testbed world's concepts, prompts and exact detectors as defaults."""
         return self.family == TESTBED_FAMILY
+
+    @property
+    def adapter(self):
+        """This model's :class:`~safediff.families.FamilyAdapter` (what its family has and how it runs)."""
+        from .families import get_family
+
+        return get_family(self.family)
+
+    @property
+    def capabilities(self) -> frozenset:
+        """What this model's family has (:data:`safediff.families.CAPABILITIES`)."""
+        return self.adapter.capabilities
 
     @property
     def has_pooled(self) -> bool:
         """Whether the denoiser also takes a pooled text embedding (SDXL, with size conditioning; SD3; FLUX)."""
-        return self.family in ("sdxl", "sd3", "flux")
+        return "pooled" in self.capabilities
 
     @property
     def is_transformer(self) -> bool:
         """Whether the denoising network is an MMDiT transformer (SD3, FLUX) rather than a UNet."""
-        return self.family in ("sd3", "flux")
+        return "transformer" in self.capabilities
 
     @property
     def prediction_type(self) -> str:
@@ -209,7 +207,7 @@ class Model:
     def size_multiple(self) -> int:
         """Image heights and widths must be multiples of this: the VAE's factor (twice it for
         FLUX, whose latents pack into 2x2 patches)."""
-        return self.vae_scale_factor * (2 if self.family == "flux" else 1)
+        return self.vae_scale_factor * self.adapter.size_multiple_factor
 
     def check_size(self, height: int | None, width: int | None, what: str = "") -> tuple[int, int]:
         """``(height, width)`` with None meaning the model's default; a size that is not a positive
@@ -220,7 +218,7 @@ class Model:
         for name, v in (("height", h), ("width", w)):
             if isinstance(v, bool) or not isinstance(v, int) or v < f or v % f:
                 raise ValueError(f"{what}`{name}` must be a positive multiple of {f} for this {self.family} model "
-                                 f"(its VAE factor{' x2 for FLUX packing' if self.family == 'flux' else ''}), got {v!r}; "
+                                 f"(its VAE factor{' x2 for latent packing' if self.adapter.size_multiple_factor == 2 else ''}), got {v!r}; "
                                  f"e.g. {max(f, (int(v) // f) * f) if isinstance(v, int) else self.default_size}.")
         return h, w
 
@@ -236,7 +234,7 @@ class Model:
         if cpu_offload:
             raise ModelError(CPU_OFFLOAD_UNSUPPORTED)
         if attention_slicing:
-            if self.is_transformer:
+            if self.is_transformer:  # a capability (the adapter's): diffusers' slicing is a UNet method
                 raise ModelError(f"--attention-slicing applies to UNet models; {self.family}'s transformer has none in "
                                  "diffusers (it already uses torch's memory-efficient SDPA).")
             self.unet.set_attention_slice("auto")
@@ -250,8 +248,7 @@ class Model:
         ``default_size`` in the folder's ``safediff.json`` overrides it."""
         if "default_size" in self.meta:
             return int(self.meta["default_size"])
-        sample = 128 if self.family == "flux" else self.unet.config.sample_size
-        return sample * self.vae_scale_factor
+        return self.adapter.latent_sample_size(self) * self.vae_scale_factor
 
     def to(self, device: str | torch.device) -> "Model":
         for m in (self.unet, self.text_encoder, self.vae, self.text_encoder_2, self.text_encoder_3):
@@ -261,36 +258,12 @@ class Model:
 
     def components(self) -> dict:
         """The components as diffusers' pipeline class for the family takes them."""
-        comps = {"unet": self.unet, "text_encoder": self.text_encoder, "vae": self.vae,
-                 "tokenizer": self.tokenizer, "scheduler": self.scheduler}
-        if self.family in ("sdxl", "sd3", "flux"):
-            comps.update(text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2)
-        if self.is_transformer:
-            comps["transformer"] = comps.pop("unet")
-        if self.family == "sd3":
-            comps.update(text_encoder_3=self.text_encoder_3, tokenizer_3=self.tokenizer_3)
-        return comps
+        return self.adapter.components(self)
 
     def to_diffusers(self):
         """diffusers' own pipeline for the family sharing these components (no safety checker):
-        ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` or ``StableDiffusion3Pipeline``."""
-        if self.family == "sd3":
-            from diffusers import StableDiffusion3Pipeline
-
-            return StableDiffusion3Pipeline(**self.components())
-        if self.family == "flux":
-            from diffusers import FluxPipeline
-
-            return FluxPipeline(**self.components())
-        if self.family == "sdxl":
-            from diffusers import StableDiffusionXLPipeline
-
-            return StableDiffusionXLPipeline(**self.components(),
-                                             force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt)
-        from diffusers import StableDiffusionPipeline
-
-        return StableDiffusionPipeline(**self.components(), safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+        ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline`` or ``FluxPipeline``."""
+        return self.adapter.to_diffusers(self)
 
 
 def _read_json(path: Path) -> dict:
@@ -342,19 +315,20 @@ def detect_family(path: str | os.PathLike) -> tuple[str, dict]:
             "`pipe.save_pretrained(dir)`, or pass a hub id such as 'CompVis/stable-diffusion-v1-4'."
         )
     index = _read_json(index_path)
+    from .families import detect, families
+
+    transformers = {a.required_components["transformer"] for a in families().values() if "transformer" in a.required_components}
     transformer = (index.get("transformer") or [None, None])[1]
-    if "transformer" in index and transformer not in _TRANSFORMERS:
+    if "transformer" in index and transformer not in transformers:
         raise ModelError(
             f"{path} holds a transformer-based pipeline ({index.get('_class_name')}, {transformer}) that safediff does not "
-            f"run; supported families: {list(FAMILIES)} (SD3's and FLUX.1's transformers)."
+            f"run; supported families: {list(families())} (transformers: {sorted(transformers)})."
         )
-    sd3 = transformer == "SD3Transformer2DModel"
-    flux = transformer == "FluxTransformer2DModel"
-    sdxl = "text_encoder_2" in index and not (sd3 or flux)
-    if sdxl and not (index.get("text_encoder") or [None, None])[1]:
-        raise ModelError(f"{path} holds an SDXL refiner ({index.get('_class_name')}: no first text encoder); safediff "
-                         "runs the SDXL base model (text-to-image), not the refiner.")
-    required = _REQUIRED_SD3 if sd3 else _REQUIRED_FLUX if flux else _REQUIRED_SDXL if sdxl else _REQUIRED
+    layout = detect(index, {}, {})  # the components' layout, from model_index.json alone
+    problem = layout.index_problem(index)
+    if problem:
+        raise ModelError(f"{path} {problem}")
+    required = layout.required_components
     for comp, cls in required.items():
         entry = index.get(comp)
         if not entry or entry[1] is None:
@@ -362,36 +336,27 @@ def detect_family(path: str | os.PathLike) -> tuple[str, dict]:
         if entry[1] != cls and not (comp.startswith("tokenizer") and entry[1] in ("CLIPTokenizerFast", "T5TokenizerFast")):
             raise ModelError(
                 f"Unsupported model family: `{comp}` of {path} is a {entry[1]}, expected {cls}. "
-                f"Supported families: {list(FAMILIES)}."
+                f"Supported families: {list(families())}."
             )
-    has_t5 = sd3 and bool((index.get("text_encoder_3") or [None, None])[1])
-    nets = [c for c in required if not c.startswith("tokenizer")] + (["text_encoder_3"] if has_t5 else [])
+    optional = layout.optional_components(index)
+    nets = [c for c in required if not c.startswith("tokenizer")] + optional
     for comp in (*nets, "scheduler"):
         if not (path / comp / ("scheduler_config.json" if comp == "scheduler" else "config.json")).exists():
             raise ModelError(f"{path}/{comp} has no config file; the model folder is incomplete.")
         if comp != "scheduler" and not any((path / comp).glob("*.safetensors")) and not any((path / comp).glob("*.bin")):
             raise ModelError(f"Missing weight file: {path}/{comp} holds no .safetensors (or .bin) weights.")
-    net_cfg = _read_json(path / ("transformer" if sd3 or flux else "unet") / "config.json")
+    net_cfg = _read_json(path / layout.denoiser_folder / "config.json")
     sched_cfg = _read_json(path / "scheduler" / "scheduler_config.json")
     scheduler_class(path)  # a bad `_class_name` is refused before any weight is loaded
     marker = path / "safediff.json"
     meta = _read_json(marker) if marker.exists() else {}
-    if meta.get("family") == TESTBED_FAMILY:
-        family = TESTBED_FAMILY
-    elif sd3 or flux:
-        family = "sd3" if sd3 else "flux"
-    elif sdxl:
-        family = "sdxl"
-    elif net_cfg.get("use_linear_projection"):
-        family = "sd2"
-    else:
-        family = "sd1"
+    family = detect(index, net_cfg, meta).name  # the family: the layout, told apart by configs and the marker
     info = {"prediction_type": "flow" if sched_cfg.get("_class_name") in FLOW_SCHEDULERS
             else sched_cfg.get("prediction_type", "epsilon"), "meta": meta,
-            "cross_attention_dim": net_cfg.get("joint_attention_dim" if sd3 or flux else "cross_attention_dim"),
+            "cross_attention_dim": net_cfg.get(layout.text_width_key),
             "guidance_embeds": bool(net_cfg.get("guidance_embeds", False)),
-            "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", sdxl)),
-            "has_t5": has_t5}
+            "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", layout.force_zeros_default)),
+            "has_t5": "text_encoder_3" in optional}
     return family, info
 
 
@@ -460,60 +425,34 @@ def load_model(model: str | os.PathLike | None = None, *, device: str | torch.de
                                 device=device, dtype=dtype)
     path = _resolve(model)
     family, info = detect_family(path)
-    from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
+    from .families import get_family
 
+    adapter = get_family(family)
     loaded = {}
-    if family == "sd3":
-        loaders = {"unet": (SD3Transformer2DModel, "transformer"), "vae": (AutoencoderKL, "vae"),
-                   "text_encoder": (CLIPTextModelWithProjection, "text_encoder"),
-                   "text_encoder_2": (CLIPTextModelWithProjection, "text_encoder_2")}
-        if info["has_t5"]:
-            loaders["text_encoder_3"] = (T5EncoderModel, "text_encoder_3")
-    elif family == "flux":
-        loaders = {"unet": (FluxTransformer2DModel, "transformer"), "vae": (AutoencoderKL, "vae"),
-                   "text_encoder": (CLIPTextModel, "text_encoder"), "text_encoder_2": (T5EncoderModel, "text_encoder_2")}
-    else:
-        loaders = {"unet": (UNet2DConditionModel, "unet"), "vae": (AutoencoderKL, "vae"),
-                   "text_encoder": (CLIPTextModel, "text_encoder")}
-        if family == "sdxl":
-            loaders["text_encoder_2"] = (CLIPTextModelWithProjection, "text_encoder_2")
-    # SDXL's VAE overflows in fp16 (its config says force_upcast): it stays fp32, as diffusers decodes it
-    vae_fp32 = (family == "sdxl" and dtype == torch.float16
-                and _read_json(path / "vae" / "config.json").get("force_upcast", True))
-    for name, (cls, sub) in loaders.items():
+    vae_fp32 = adapter.vae_in_fp32(path, dtype == torch.float16)
+    for name, (cls, sub) in adapter.loaders(info).items():
         try:
             dt = torch.float32 if name == "vae" and vae_fp32 else dtype
             loaded[name] = cls.from_pretrained(str(path), subfolder=sub, torch_dtype=dt).to(device).eval()
         except Exception as e:
             raise ModelError(f"Broken checkpoint: could not load `{sub}` from {path}/{sub} ({type(e).__name__}: {e}).") from None
         loaded[name].requires_grad_(False)
-    tokenizers = {"tokenizer": CLIPTokenizer}
-    if family in ("sdxl", "sd3"):
-        tokenizers["tokenizer_2"] = CLIPTokenizer
-    if family == "flux":
-        tokenizers["tokenizer_2"] = T5Tokenizer
-    if family == "sd3" and info["has_t5"]:
-        tokenizers["tokenizer_3"] = T5Tokenizer
-    for name, cls in tokenizers.items():
+    for name, cls in adapter.tokenizers(info).items():
         try:
             loaded[name] = cls.from_pretrained(str(path), subfolder=name)
         except Exception as e:
             raise ModelError(f"Broken tokenizer in {path}/{name} ({type(e).__name__}: {e}).") from None
     loaded["scheduler"] = load_scheduler(path)
     meta = info["meta"]
-    gs, steps = FAMILY_DEFAULTS.get(family, (7.5, 25 if family == TESTBED_FAMILY else 50))
     return Model(
         **loaded,
         family=family,
         source=str(model) if model is not None else "testbed",
         content_hash=model_content_hash(path),
-        default_guidance_scale=float(meta.get("default_guidance_scale", gs)),
-        default_steps=int(meta.get("default_steps", steps)),
+        default_guidance_scale=float(meta.get("default_guidance_scale", adapter.default_guidance_scale)),
+        default_steps=int(meta.get("default_steps", adapter.default_steps)),
         meta=meta,
-        force_zeros_for_empty_prompt=info["force_zeros_for_empty_prompt"] if family == "sdxl" else False,
-        distilled_guidance=(float(meta.get("distilled_guidance", 3.5)) if family == "flux" and info["guidance_embeds"]
-                            else None),
+        **adapter.model_fields(info, meta),
     )
 
 

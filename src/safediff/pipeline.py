@@ -22,15 +22,8 @@ from .denoiser import DefendedDenoiser
 from .encoding import InvertedConcept, load_inverted
 from .models import Model, dtype_name
 from .stack import DefenseStack
+from .support import check_defenses
 
-
-#: Families on which only some defenses run so far (issue 20: the others are being carried over);
-#: a stack with any other defense is refused before any work.
-FAMILY_DEFENSES = {"sdxl": ("prompt_guard", "negative_prompt", "sld", "output_filter", "uce", "delta", "esd",
-                            "safree", "safree_svf", "sanitizer", "rece"),
-                   "sd3": ("prompt_guard", "negative_prompt", "sld", "output_filter", "uce", "rece", "safree",
-                           "safree_svf", "sanitizer"),
-                   "flux": ("prompt_guard", "negative_prompt", "sld", "output_filter", "uce", "rece", "sanitizer")}
 
 
 @dataclass
@@ -91,11 +84,7 @@ class SafePipeline:
         active = stack.active()
         self.defenses = {s: [] for s in ("prompt_filter", "embedding", "weight_edit", "guidance", "output_check")}
         specs = [(get_defense(cfg.name), cfg) for cfg in active.defenses]
-        if model.family in FAMILY_DEFENSES:
-            unsupported = [cfg.name for _, cfg in specs if cfg.name not in FAMILY_DEFENSES[model.family]]
-            if unsupported:
-                raise ValueError(f"{', '.join(sorted(set(unsupported)))} not supported on {model.family} models yet; on "
-                                 f"{model.family}: {', '.join(FAMILY_DEFENSES[model.family])} (see docs/models.md).")
+        check_defenses([cfg.name for _, cfg in specs], model)  # each defense's needs vs the family's capabilities
         for _, cfg in specs:
             check_config_for_model(cfg, model)
         self.stack_hash = stack.hash(model.content_hash)
@@ -196,8 +185,8 @@ class SafePipeline:
         """
         prompts = list(prompts)
         added = {}
-        if self.model.has_pooled:
-            if prompt_embeds is not None and self.model.family != "sdxl":
+        if self.model.has_pooled:  # a capability (the adapter's): pooled families get their added conditioning
+            if prompt_embeds is not None and "textual_inversion" not in self.model.capabilities:
                 raise ValueError(f"Prompts with learned vectors (inversion, soft-prompt attacks) are not supported on "
                                  f"{self.model.family} models yet.")
             if prompt_embeds is not None and prompt_pooled is None:
@@ -208,11 +197,7 @@ class SafePipeline:
             added = {"prompt_pooled": pooled, "encode_pooled": lambda texts: encoding.encode_pooled(self.model, texts),
                      "negative_pooled": (torch.zeros_like(pooled) if self.model.force_zeros_for_empty_prompt
                                          else encoding.encode_pooled(self.model, [""]))}
-            if self.model.family == "sdxl":
-                added["time_ids"] = encoding.sdxl_time_ids(h, w)
-            if self.model.family == "flux":
-                added["image_ids"] = core.latent_image_ids(*core.flux_latent_grid(self.model, h, w), self.model.device,
-                                                           self.model.dtype)
+            added.update(self.model.adapter.added_conditioning(self.model, h, w))  # SDXL's size numbers, FLUX's ids
         if prompt_embeds is None:
             prompt_embeds, input_ids, _ = self._encode(prompts, warn_truncation=True)
         elif input_ids is None:

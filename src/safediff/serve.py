@@ -34,24 +34,47 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from .defenses.sanitizer import EmbeddingSanitizer, explain
+from .encoding import validate_prompts
+from .models import Model, TESTBED_PATH, load_model
+from .pipeline import SafePipeline
+from .stack import DefenseStack, parse_stack_string
+from .testbed import world
+
 #: the "add a defense" menu: label -> stack text inserted (``{concept}`` is the model's demo concept)
-DEFENSE_MENU = {
-    "negative prompt": 'negative_prompt(text="{concept}")',
-    "SLD (medium)": 'sld(preset=medium, concept="{concept}")',
-    "SLD (max)": 'sld(preset=max, concept="{concept}")',
-    "SAFREE + self-validating filter": 'safree(space=["{concept}"])+safree_svf',
-    "UCE (closed-form edit)": 'uce(erase=["{concept}"])',
-    "prompt guard": 'prompt_guard(concepts=["{concept}"])',
-    "output filter": 'output_filter(detector="{detector}")',
-    "Embedding Sanitizer (trained file)": 'sanitizer(path="PATH/TO/sanitizer.safetensors", strength=1.0)',
-    "ESD / DUO / Dark Miner delta (trained file)": 'esd(path="PATH/TO/delta.safetensors")',
-}
+class _DefenseMenu(Mapping):
+    """The "Add a defense" entries, ``{label: stack text}`` with ``{concept}`` and ``{detector}``
+    to fill in: every registered defense config's ``menu`` (:class:`~safediff.defenses.base.DefenseConfig`),
+    in registration order, read when used (so a defense registered later is offered too)."""
+
+    def _entries(self) -> dict[str, str]:
+        from .defenses.base import known_defenses
+
+        out: dict[str, str] = {}
+        for spec in known_defenses().values():
+            for label, text in vars(spec.config_cls).get("menu", {}).items():
+                out.setdefault(label, text)
+        return out
+
+    def __getitem__(self, label: str) -> str:
+        return self._entries()[label]
+
+    def __iter__(self):
+        return iter(self._entries())
+
+    def __len__(self) -> int:
+        return len(self._entries())
+
+
+#: the serve page's "Add a defense" menu, ``{label: stack text}`` (from the defenses' registrations)
+DEFENSE_MENU: Mapping[str, str] = _DefenseMenu()
 
 
 def demo_concept(model) -> tuple[str, str]:
@@ -113,8 +136,6 @@ class AccessPolicy:
 
     def __init__(self, allow_dirs: Iterable[str | os.PathLike] | None = None, allow_models: Iterable[str] = (),
                  allow_hub: bool = False):
-        from .models import TESTBED_PATH
-
         dirs = [TESTBED_PATH, Path("runs")] if allow_dirs is None else list(allow_dirs)
         self.allow_dirs = tuple(Path(os.path.realpath(os.path.expanduser(d))) for d in dirs)
         self.allow_models = frozenset(str(m) for m in allow_models) | {"testbed"}
@@ -170,8 +191,6 @@ def stack_text_from_upload(filename: str, data: bytes) -> str:
 
     import yaml
 
-    from .stack import DefenseStack
-
     suffix = Path(filename or "").suffix.lower()
     if suffix not in {".yaml", ".yml", ".toml", ".json"}:
         raise ValueError(f"A stack file must end in .yaml, .yml, .toml or .json, got {Path(filename or '').name!r}.")
@@ -193,8 +212,6 @@ def stack_text_from_upload(filename: str, data: bytes) -> str:
 def parse_stack_text(text: str | None, max_chars: int = 4000):
     """Stack *text* (``a(x=1)+b``) to a :class:`~safediff.stack.DefenseStack`; never opens a file,
     whatever the text looks like."""
-    from .stack import DefenseStack, parse_stack_string
-
     text = (text or "").strip()
     if len(text) > max_chars:
         raise ValueError(f"The stack text is {len(text)} characters; at most {max_chars}.")
@@ -320,8 +337,6 @@ class DemoSession:
     def __init__(self, model=None, out_dir: str | Path | None = None, *, policy: AccessPolicy | None = None,
                  limits: ServeLimits | None = None, max_models: int = 2, workers: int = 1,
                  device: str | None = None, dtype: Any = None):
-        from .models import Model
-
         self.policy = policy or AccessPolicy()
         self.limits = limits or ServeLimits()
         self.workers = int(workers)
@@ -338,8 +353,6 @@ class DemoSession:
         self._cancels_lock = threading.Lock()
 
     def _load(self, key):
-        from .models import load_model
-
         return load_model(None if key in (None, "testbed") else key, **self._load_kw)
 
     def model(self, path: str | None = None):
@@ -384,10 +397,6 @@ class DemoSession:
         the returned :class:`Comparison` carries the message instead (never file content, never a
         server path outside the allowed directories). A request over ``limits.max_seconds`` or
         cancelled with :meth:`cancel` stops at its next denoising step and frees its worker."""
-        from .encoding import validate_prompts
-        from .pipeline import SafePipeline
-        from .stack import DefenseStack
-
         t0 = time.time()
         stop = threading.Event()
         if request_id is not None:
@@ -461,8 +470,6 @@ class DemoSession:
             top = max(res.token_scores, key=lambda p: p[1])
             res.notes.append(f"Embedding Sanitizer: the token it changes most is {top[0]!r}")
         if m.is_testbed:
-            from .testbed import world
-
             def det(img):
                 return sorted(world.detect(np.asarray(img)).concepts) if img is not None else None
             res.detections = [{"undefended": det(a), "defended": det(b)} for a, b in zip(res.undefended, res.defended)]
@@ -498,8 +505,6 @@ class _HalfBar:
 
 
 def _sanitizer_scores(pipe, prompt: str) -> list[tuple[str, float]] | None:
-    from .defenses.sanitizer import EmbeddingSanitizer, explain
-
     for d in pipe.defenses["embedding"]:
         if isinstance(d, EmbeddingSanitizer):
             return explain(pipe.model, d.net, prompt)

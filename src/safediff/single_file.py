@@ -32,16 +32,17 @@ import torch
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 #: the configs shipped for the published architectures, by family
 SHIPPED_CONFIGS_DIR = Path(__file__).parent / "configs"
-SHIPPED_CONFIGS = {"sd1": "sd15", "sd2": "sd21-v", "sdxl": "sdxl-base"}
-#: where the shipped configs' tokenizers are published (hub id, subfolder): read from the HF cache only
-TOKENIZER_SOURCES = {
-    "sd1": {"tokenizer": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "tokenizer")},
-    "sd2": {"tokenizer": ("stabilityai/stable-diffusion-2-1", "tokenizer")},
-    "sdxl": {"tokenizer": ("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer"),
-             "tokenizer_2": ("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer_2")},
-}
-_PUBLISHED = {"sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd2": "stabilityai/stable-diffusion-2-1",
-              "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
+
+
+def _single_file_families() -> dict:
+    """The families whose own single-file key layout safediff reads (each adapter's ``single_file_text``)."""
+    from .families import families
+
+    return {n: a for n, a in families().items() if a.single_file_text and a.layout == n}
+
+
+#: the configs shipped for the published architectures, by family (the adapters' ``shipped_config``)
+SHIPPED_CONFIGS = {n: a.shipped_config for n, a in _single_file_families().items()}
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
@@ -100,32 +101,27 @@ def family_from_keys(keys: list[str], path: str | os.PathLike = "the checkpoint"
         hint = (" It looks like a LoRA or a delta file: apply it with --defense." if has("lora") or has("delta")
                 else " An SD3 / FLUX single file is not supported: give its diffusers folder.")
         raise ModelError(f"{path} is not an SD 1.x / 2.x / SDXL checkpoint (no `model.diffusion_model.*` keys).{hint}")
-    if has("conditioner.embedders.1."):
-        if not has("conditioner.embedders.0."):
-            raise ModelError(f"{path} is an SDXL refiner (no first text encoder); safediff runs the SDXL base model.")
-        return "sdxl"
-    if has("cond_stage_model.model."):
-        return "sd2"
-    if has("cond_stage_model.transformer."):
-        return "sd1"
+    if has("conditioner.embedders.1.") and not has("conditioner.embedders.0."):  # SGM keys: a layout, not a family
+        raise ModelError(f"{path} is an SDXL refiner (no first text encoder); safediff runs the SDXL base model.")
+    for name, adapter in _single_file_families().items():  # the family whose text-encoder prefixes are all there
+        if all(has(prefix) for prefix in adapter.single_file_text):
+            return name
     raise ModelError(f"{path} holds a UNet but no text encoder (no `cond_stage_model.*` or `conditioner.*` keys); "
                      "safediff needs a full checkpoint.")
 
 
 def _config_family(config: Path) -> str:
-    from .models import ModelError, TESTBED_FAMILY, _read_json
+    from .models import ModelError, _read_json
 
     index = config / "model_index.json"
     if not index.is_file():
         raise ModelError(f"--model-config {config} has no model_index.json: give a diffusers pipeline folder (its "
                          "configs and tokenizer are enough, the weights are not needed).")
-    marker = config / "safediff.json"
-    if marker.is_file() and _read_json(marker).get("family") == TESTBED_FAMILY:
-        return TESTBED_FAMILY
-    if "text_encoder_2" in _read_json(index):
-        return "sdxl"
-    unet = config / "unet" / "config.json"
-    return "sd2" if unet.is_file() and _read_json(unet).get("use_linear_projection") else "sd1"
+    from .families import detect
+
+    marker, unet = config / "safediff.json", config / "unet" / "config.json"
+    return detect(_read_json(index), _read_json(unet) if unet.is_file() else {},
+                  _read_json(marker) if marker.is_file() else {}).name
 
 
 _TOKENIZER_FILES = ("vocab.json", "merges.txt")
@@ -152,12 +148,14 @@ def _tokenizers(family: str, config: Path, shipped: bool) -> dict:
 
     from .models import ModelError
 
-    names = ("tokenizer", "tokenizer_2") if family == "sdxl" else ("tokenizer",)
+    from .families import get_family
+
+    names = tuple(get_family(family).tokenizers({"has_t5": False}))
     out, missing = {}, []
     for name in names:
         folder = config / name if _has_tokenizer_files(config / name) else None
         if folder is None and shipped:
-            folder = _cached_tokenizer(*TOKENIZER_SOURCES[family][name])
+            folder = _cached_tokenizer(get_family(family).published_repo, name)
         if folder is None:  # transformers would build an empty tokenizer without these files: refuse instead
             missing.append(name)
             continue
@@ -168,7 +166,7 @@ def _tokenizers(family: str, config: Path, shipped: bool) -> dict:
         raise ModelError(
             f"Missing tokenizer: {where} (needed: {', '.join(f'{m}/vocab.json and {m}/merges.txt' for m in missing)}). "
             f"Pass --model-config DIR, a diffusers folder of the architecture with its tokenizer (weights not needed), "
-            f"e.g. `huggingface-cli download {_PUBLISHED.get(family, 'REPO')} --include '*.json' '*.txt' "
+            f"e.g. `huggingface-cli download {get_family(family).published_repo or 'REPO'} --include '*.json' '*.txt' "
             "--local-dir DIR`; or pass the original diffusers folder of the model the checkpoint was exported from.")
     return out
 
@@ -187,7 +185,8 @@ def load_single_file(path: str | os.PathLike, *, config: str | os.PathLike | Non
     Raises:
         ModelError: unreadable file, unsupported layout, a config of another family, missing tokenizer.
     """
-    from .models import FAMILY_DEFAULTS, TESTBED_FAMILY, Model, ModelError, _read_json, load_scheduler
+    from .families import get_family
+    from .models import Model, ModelError, _read_json, load_scheduler
 
     path = Path(path).expanduser()
     if not path.is_file():
@@ -198,7 +197,8 @@ def load_single_file(path: str | os.PathLike, *, config: str | os.PathLike | Non
     shipped = config is None
     cfg = SHIPPED_CONFIGS_DIR / SHIPPED_CONFIGS[family] if shipped else Path(config).expanduser()
     cfg_family = _config_family(cfg)
-    if cfg_family != family and not (cfg_family == TESTBED_FAMILY and family == "sd1"):
+    adapter = get_family(cfg_family)  # the configs' family (the testbed's configs fit an sd1-layout checkpoint)
+    if adapter.layout != family:
         raise ModelError(f"{path} is an {family} checkpoint (from its keys) but --model-config {cfg} holds an "
                          f"{cfg_family} pipeline; give the configs of the checkpoint's architecture.")
     tokenizers = _tokenizers(family, cfg, shipped)
@@ -207,8 +207,7 @@ def load_single_file(path: str | os.PathLike, *, config: str | os.PathLike | Non
         scheduler = type(scheduler).from_config({**scheduler.config, "prediction_type": prediction_type})
     import diffusers
 
-    cls = diffusers.StableDiffusionXLPipeline if family == "sdxl" else diffusers.StableDiffusionPipeline
-    kw = {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    cls, kw = getattr(diffusers, adapter.pipeline_class), adapter.no_safety_checker
     try:
         pipe = cls.from_single_file(str(path), config=str(cfg), local_files_only=True, torch_dtype=dtype,
                                     scheduler=scheduler, **tokenizers, **kw)
@@ -216,21 +215,17 @@ def load_single_file(path: str | os.PathLike, *, config: str | os.PathLike | Non
         raise ModelError(f"Could not load {path} with the configs of {cfg} ({type(e).__name__}: {e}); if the "
                          "checkpoint is a fine-tune of another architecture, pass its diffusers folder with "
                          "--model-config DIR.") from None
-    nets = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}
-    if family == "sdxl":
-        nets["text_encoder_2"] = pipe.text_encoder_2
+    nets = {name: getattr(pipe, sub) for name, (_, sub) in adapter.loaders({"has_t5": False}).items()}
     for m in nets.values():
         m.to(device).eval().requires_grad_(False)
     marker = cfg / "safediff.json"
     meta = _read_json(marker) if marker.is_file() else {}
-    model_family = TESTBED_FAMILY if cfg_family == TESTBED_FAMILY else family
-    gs, steps = FAMILY_DEFAULTS.get(model_family, (7.5, 25 if model_family == TESTBED_FAMILY else 50))
+    gs, steps = adapter.default_guidance_scale, adapter.default_steps
     index = json.loads((cfg / "model_index.json").read_text())
-    return Model(**nets, **tokenizers, scheduler=scheduler, family=model_family, source=str(path),
+    info = {"force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True))}
+    return Model(**nets, **tokenizers, scheduler=scheduler, family=adapter.name, source=str(path),
                  content_hash=single_file_hash(path), default_guidance_scale=float(meta.get("default_guidance_scale", gs)),
-                 default_steps=int(meta.get("default_steps", steps)), meta=meta,
-                 force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True))
-                 if family == "sdxl" else False)
+                 default_steps=int(meta.get("default_steps", steps)), meta=meta, **adapter.model_fields(info, meta))
 
 
 _HASHES: dict[tuple, str] = {}

@@ -18,6 +18,10 @@ from pathlib import Path
 
 import torch
 
+from .models import load_model
+from .testbed.world import vocabulary
+from .tokenizer import build_clip_tokenizer, build_t5_tokenizer
+
 #: family name -> (use_linear_projection, prediction_type, scheduler class)
 TINY_FAMILIES = {
     "sd1": (False, "epsilon", "PNDMScheduler"),
@@ -34,18 +38,12 @@ EXTRA_WORDS = ("nudity", "naked", "nude", "violence", "blood", "person", "photo"
 
 def tiny_tokenizer(out_dir: str | Path | None = None):
     """An offline CLIP tokenizer over the testbed world's words plus a few SD-style words."""
-    from .testbed.world import vocabulary
-    from .tokenizer import build_clip_tokenizer
-
     out_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="safediff-tok-"))
     return build_clip_tokenizer([*vocabulary(), *EXTRA_WORDS], out_dir)
 
 
 def tiny_t5_tokenizer(out_dir: str | Path | None = None):
     """An offline T5 tokenizer (SD3's and FLUX's T5) over the same words as :func:`tiny_tokenizer`."""
-    from .testbed.world import vocabulary
-    from .tokenizer import build_t5_tokenizer
-
     out_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="safediff-t5tok-"))
     return build_t5_tokenizer([*vocabulary(), *EXTRA_WORDS], out_dir)
 
@@ -248,8 +246,6 @@ def tiny_model(family: str = "sd1", seed: int = 0, cache_dir: str | Path | None 
                dtype: str = "fp32"):
     """Load a tiny random model of ``family`` through the real model layer (on ``device`` in
     ``dtype``: the CPU in fp32 unless asked, so tests compare exactly on every machine)."""
-    from .models import load_model
-
     root = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "safediff-tiny"
     path = root / f"{family}-{seed}"
     if not (path / "model_index.json").exists():

@@ -23,6 +23,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from .fileio import atomic_path
+
 
 @contextlib.contextmanager
 def trained_subset(module: torch.nn.Module, names: Sequence[str]) -> Iterator["TrainedSubset"]:
@@ -121,7 +123,6 @@ class Checkpoint:
         for name, g in (generators or {}).items():
             flat[f"gen.{name}"] = g.get_state()
         record["rngs"] = {name: _py_state(r.getstate()) for name, r in (rngs or {}).items()}
-        from .fileio import atomic_path
 
         with atomic_path(self.path, overwrite=True) as tmp:  # the checkpoint is replaced at every save
             save_file(flat, str(tmp), metadata={"safediff-checkpoint": json.dumps(record, default=str)})

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import random
 import time
@@ -33,6 +32,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 
 from ..encoding import clip_ids, clip_pooled
+from ..options import check_options, config_from_options
 
 _ATTACKS: dict[str, type["Attack"]] = {}
 
@@ -42,52 +42,22 @@ class AttackError(ValueError):
 
 
 class AttackConfig:
-    """Base of every attack config (a frozen dataclass): :meth:`from_options` builds one from
-    ``key=value`` text (CLI ``--set``), typed by the fields' defaults, and refuses unknown keys."""
+    """Base of every attack config (a frozen dataclass): options are declared with
+    :func:`safediff.options.option` and judged from that schema (:func:`~safediff.options.check_options`);
+    :meth:`from_options` builds one from a dict or ``key=value`` text (CLI ``--set``), typed by
+    the fields, with the parser every method shares, and refuses unknown keys."""
+
+    #: the attack's name (set by :func:`register_attack`; it names the attack in error messages)
+    name: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        """Judge every option from its schema; a subclass with its own ``__post_init__`` calls
+        this first, then checks what relates options."""
+        check_options(self, error=AttackError)
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | Sequence[str] | None) -> "AttackConfig":
-        fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        if options is None:
-            options = {}
-        if not isinstance(options, dict):
-            pairs = {}
-            for item in options:
-                if "=" not in item:
-                    raise AttackError(f"An attack setting is key=value, got {item!r}.")
-                k, v = item.split("=", 1)
-                pairs[k.strip()] = v.strip()
-            options = pairs
-        out = {}
-        for k, v in options.items():
-            if k not in fields:
-                raise AttackError(f"{cls.__name__} has no setting {k!r}; settings: {sorted(fields)}.")
-            out[k] = _typed(v, fields[k].default, k) if isinstance(v, str) else v
-        try:
-            return cls(**out)
-        except TypeError as e:
-            raise AttackError(f"Bad setting for {cls.__name__}: {e}.") from None
-
-
-def _typed(text: str, default: Any, key: str) -> Any:
-    try:
-        if isinstance(default, bool):
-            if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError(text)
-            return text.lower() in ("1", "true", "yes")
-        if isinstance(default, int):
-            return int(text)
-        if isinstance(default, float) or default is None and text.replace(".", "", 1).replace("e-", "").isdigit():
-            v = float(text)
-            if not math.isfinite(v):
-                raise ValueError(text)
-            return v
-        if isinstance(default, tuple):
-            items = tuple(x.strip() for x in text.split(",") if x.strip())
-            return tuple(int(x) for x in items) if default and isinstance(default[0], int) else items
-    except ValueError:
-        raise AttackError(f"Setting {key}={text!r} is not a valid {type(default).__name__}.") from None
-    return text
+        return config_from_options(cls, options, kind="attack", from_text=True, error=AttackError)
 
 
 @dataclass(frozen=True)
@@ -203,6 +173,15 @@ class Attack:
     white_box: ClassVar[bool] = True
     kind: ClassVar[str] = "prompt"
     config_cls: ClassVar[type] = AttackConfig
+    #: the family capabilities this attack needs (:data:`safediff.families.CAPABILITIES`; checked by
+    #: :func:`safediff.support.check_supported` before any work)
+    requires: ClassVar[frozenset[str]] = frozenset()
+    #: what this attack's success rate means here and in its paper (the protocol card's ``asr``;
+    #: :data:`safediff.eval.protocol.ASR_DEFINITIONS` is read from it)
+    asr_definition: ClassVar[str] = ""
+    #: how its paper's code counts success, ``{"rule", "n_images", "text"}`` (None: no paper rule;
+    #: :data:`safediff.eval.protocol.PAPER_RULES` is read from it)
+    paper_rule: ClassVar[dict | None] = None
 
     def __init__(self, config=None):
         self.config = config if config is not None else self.config_cls()
@@ -242,6 +221,11 @@ def register_attack(cls: type[Attack]) -> type[Attack]:
         raise ValueError(f"{cls.__name__}.kind must be 'prompt' or 'weights', got {cls.kind!r}.")
     if not (dataclasses.is_dataclass(cls.config_cls) and issubclass(cls.config_cls, AttackConfig)):
         raise TypeError(f"{cls.__name__}.config_cls must be a dataclass subclassing AttackConfig.")
+    if cls.paper_rule is not None and cls.paper_rule.get("rule") not in ("early_stop", "ideal_any_of_n", "any_of_n"):
+        raise ValueError(f"{cls.__name__}.paper_rule['rule'] must be early_stop, ideal_any_of_n or any_of_n, got "
+                         f"{cls.paper_rule.get('rule')!r}.")
+    if "name" not in vars(cls.config_cls):
+        cls.config_cls.name = cls.name  # names the attack in its options' error messages
     _ATTACKS[cls.name] = cls
     return cls
 

@@ -4,6 +4,7 @@ draws of P4D and UnlearnDiffAtk, and the defended epsilon of a prompt with free 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -148,6 +149,8 @@ class Draws:
                 x0 = x0[self.image_indices]
                 num_images = len(self.image_indices)
             ac = model.scheduler.alphas_cumprod
+            self.images = x0  # the target images' latents (UnlearnDiffAtk's timestep schedule noises these afresh)
+            self.alphas_cumprod = ac
             idx = torch.randint(0, num_images, (num_draws,), generator=gen)
             self.x0 = x0[idx]
             self.t = torch.randint(0, len(ac), (num_draws,), generator=gen)
@@ -161,6 +164,24 @@ class Draws:
     def batch(self, rng: random.Random, size: int) -> list[int]:
         return [rng.randrange(len(self.t)) for _ in range(size)]
 
+    def at(self, t: int, size: int, generator: torch.Generator) -> "NoisedBatch":
+        """``size`` target images (cycling through them) noised at one timestep ``t`` with fresh
+        noise from ``generator`` (UnlearnDiffAtk's schedule: one ``t`` per block, new noise each step)."""
+        x0 = self.images[torch.arange(size) % len(self.images)]
+        noise = torch.randn(x0.shape, generator=generator).to(x0)
+        ab = self.alphas_cumprod[t].to(x0)
+        tt = torch.full((size,), int(t), dtype=torch.long)
+        return NoisedBatch(x_t=ab.sqrt() * x0 + (1 - ab).sqrt() * noise, t=tt, noise=noise)
+
+
+@dataclass
+class NoisedBatch:
+    """Noised target latents at given timesteps and the noise added (indexable like :class:`Draws`)."""
+
+    x_t: torch.Tensor
+    t: torch.Tensor
+    noise: torch.Tensor
+
 
 def _concept_detector(model, concept: str | None):
     """The testbed's exact detector for ``concept``, or None where there is none to ask."""
@@ -170,7 +191,7 @@ def _concept_detector(model, concept: str | None):
 
     if concept not in world.CONCEPTS:
         return None
-    from ..eval.detectors import make_detector
+    from ..detectors import make_detector
 
     return make_detector(f"testbed:{concept}")
 

@@ -48,6 +48,7 @@ from ..artifacts import file_sha256, save_artifact
 from ..denoiser import DefendedDenoiser
 from ..training import Checkpoint, trained_subset
 from ..unlearning.param_sets import ESD_METHODS, esd_parameter_names
+from ..options import option
 from .base import Attack, AttackBudget, AttackConfig, AttackError, AttackResult, AttackTarget, register_attack
 
 DATA_KINDS = ("concept", "benign")
@@ -77,35 +78,25 @@ class RelearnConfig(AttackConfig):
     seed: seeds the images, the batches, the noise and the timesteps.
     """
 
-    checkpoints: tuple[int, ...] = (10, 25, 50, 100, 200)
-    data: str = "concept"
-    num_images: int = 32
-    lr: float = 1e-4
-    batch_size: int = 4
-    params: str = "esd-all"
-    conditioning: str = "plain"
-    guidance_scale: float | None = None
-    max_seconds: float | None = None
-    images: str = ""
-    seed: int = 0
+    checkpoints: tuple[int, ...] = option((10, 25, 50, 100, 200), low=1, min_items=1,
+                                          why="a budget of zero steps does nothing",
+                                          help="fine-tuning steps at which the change is saved, increasing")
+    data: str = option("concept", choices=DATA_KINDS, help="images of the concept (relearning) or without it")
+    num_images: int = option(32, low=1, help="images the original model generates (no --images)")
+    lr: float = option(1e-4, above=0, help="Adam learning rate")
+    batch_size: int = option(4, low=1, help="images per step")
+    params: str = option("esd-all", choices=tuple(ESD_METHODS), help="which UNet parameters are fine-tuned")
+    conditioning: str = option("plain", choices=CONDITIONINGS, help="text encoder only, or the stack's embedding stage")
+    guidance_scale: float | None = option(None, help="guidance for generating the training images (null: default)")
+    max_seconds: float | None = option(None, above=0, help="time cap of the fine-tuning (null: none)")
+    images: str = option("", help="a folder of training images with captions.txt")
+    seed: int = option(0, help="seeds the images, batches, noise and timesteps")
 
     def __post_init__(self) -> None:
-        ck = tuple(int(c) for c in self.checkpoints)
-        if not ck or ck[0] < 1 or any(b <= a for a, b in zip(ck, ck[1:])):
-            raise AttackError(f"`checkpoints` must be increasing step counts >= 1 (a budget of zero steps does "
-                              f"nothing), got {self.checkpoints}.")
-        object.__setattr__(self, "checkpoints", ck)
-        if self.data not in DATA_KINDS:
-            raise AttackError(f"`data` must be one of {DATA_KINDS}, got {self.data!r}.")
-        if self.conditioning not in CONDITIONINGS:
-            raise AttackError(f"`conditioning` must be one of {CONDITIONINGS}, got {self.conditioning!r}.")
-        if self.params not in ESD_METHODS:
-            raise AttackError(f"`params` must be one of {list(ESD_METHODS)}, got {self.params!r}.")
-        if self.max_seconds is not None and self.max_seconds <= 0:
-            raise AttackError(f"`max_seconds` must be > 0 (or None for no cap), got {self.max_seconds}.")
-        if self.lr <= 0 or self.batch_size < 1 or self.num_images < 1:
-            raise AttackError(f"need lr > 0, batch_size >= 1 and num_images >= 1, got lr={self.lr}, "
-                              f"batch_size={self.batch_size}, num_images={self.num_images}.")
+        super().__post_init__()  # types, bounds and choices, from the schema above
+        ck = self.checkpoints
+        if any(b <= a for a, b in zip(ck, ck[1:])):
+            raise AttackError(f"`relearn` option `checkpoints` must be increasing step counts, got {ck}.")
 
     @property
     def steps(self) -> int:
@@ -345,6 +336,7 @@ class Relearn(Attack):
     (the config's checkpoints below them are kept), its seconds the time cap."""
 
     name = "relearn"
+    requires = frozenset({"trainable_unet", "one_clip_encoder"})  # one text encoder's UNet fine-tuning loop
     white_box = True
     kind = "weights"
     config_cls = RelearnConfig

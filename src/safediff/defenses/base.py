@@ -5,7 +5,9 @@ A defense is a frozen config dataclass plus an implementation class for one stag
     prompt ─► [prompt_filter] ─► tokenizer ─► text encoder ─► [embedding] ─►
        denoising loop: UNet with [weight_edit] + [guidance] ─► VAE decode ─► [output_check]
 
-Adding a defense touches only its own module plus one :func:`register_defense` call.
+Adding a defense touches only its own module plus one :func:`register_defense` call (docs/extending.md):
+its options are declared with :func:`safediff.options.option`, and its class carries what the
+CLI, the serve menu and the docs tables print.
 
 Guidance rules are written once, in epsilon space: the defended denoiser
 (:mod:`safediff.denoiser`) converts whatever the model predicts (epsilon, v or sample) into
@@ -22,55 +24,17 @@ from typing import Any, Callable, ClassVar, Literal, Sequence, TypeVar
 
 import torch
 
+from ..options import canonical, check_options, check_type, config_from_options
+
 _T = TypeVar("_T")
 
 Stage = Literal["prompt_filter", "embedding", "weight_edit", "guidance", "output_check"]
 STAGES: tuple[str, ...] = ("prompt_filter", "embedding", "weight_edit", "guidance", "output_check")
 
 
-def _canonical(value: Any, annotation: Any) -> Any:
-    """One spelling per value, so that equal configs hash equally: ``1`` and ``1.0`` for a float
-    field are both ``1.0``; a list for a tuple field is a tuple (recursively)."""
-    text = str(annotation)
-    if isinstance(value, list):
-        value = tuple(value)
-    if isinstance(value, tuple):
-        inner = "float" if "float" in text else ""
-        return tuple(_canonical(v, inner) for v in value)
-    if isinstance(value, int) and not isinstance(value, bool) and "float" in text and "int" not in text:
-        return float(value)
-    return value
-
-
-def _check_type(value: Any, annotation: str, defense: str, option: str) -> None:
-    """A clear error when a value given as text or YAML has the wrong kind for its field (the
-    field's own checks then judge its range)."""
-    if value is None:
-        if "None" in annotation:
-            return
-        raise ValueError(f"`{defense}` option `{option}` cannot be null.")
-    base = annotation.replace(" | None", "").replace("None | ", "").strip()
-
-    def ok(v, kind: str) -> bool:
-        if kind == "str":
-            return isinstance(v, str)
-        if kind == "bool":
-            return isinstance(v, bool)
-        if kind == "int":
-            return isinstance(v, int) and not isinstance(v, bool)
-        if kind == "float":
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        return True
-
-    if base.startswith("tuple["):
-        inner = [k.strip() for k in base[6:-1].split(",") if k.strip() and k.strip() != "..."]
-        if not isinstance(value, tuple) or not all(ok(v, inner[0] if len(inner) == 1 else inner[min(i, len(inner) - 1)])
-                                                   for i, v in enumerate(value)):
-            raise ValueError(f"`{defense}` option `{option}` must be a list of {inner[0] if inner else 'values'}, "
-                             f"got {value!r}.")
-    elif base in ("str", "bool", "int", "float") and not ok(value, base):
-        raise ValueError(f"`{defense}` option `{option}` must be {'a finite number' if base == 'float' else 'a ' + base}, "
-                         f"got {value!r}.")
+#: the schema's type helpers (:mod:`safediff.options`), under their historical names
+_canonical = canonical
+_check_type = check_type
 
 
 class DefenseConfig:
@@ -130,60 +94,28 @@ class DefenseConfig:
     def own_presets(cls) -> dict[str, dict]:
         return {}
 
+    #: the serve page's "Add a defense" entries, ``{label: stack text}`` (``{concept}`` and
+    #: ``{detector}`` are filled in); empty: not offered there
+    menu: ClassVar[dict[str, str]] = {}
+
+    #: the family capabilities this defense needs (:data:`safediff.families.CAPABILITIES`); a stack
+    #: with it is refused on a family that lacks one (:func:`safediff.support.check_defenses`)
+    requires: ClassVar[frozenset[str]] = frozenset()
+
+    def __post_init__(self) -> None:
+        """Judge every option from its schema (:func:`safediff.options.check_options`); a
+        subclass with its own ``__post_init__`` calls this, then checks what relates options."""
+        check_options(self)
+
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> "DefenseConfig":
-        """Build from a plain dict (CLI / YAML); ``preset`` selects a named preset first."""
-        options = dict(options)
-        base: dict[str, Any] = {}
-        p = None
-        if "preset" in options:
-            p = options.pop("preset")
-            presets = cls.presets()
-            if not isinstance(p, str) or p not in presets:
-                raise ValueError(f"Unknown preset {p!r} for defense `{cls.name}`; choose one of {sorted(presets)}.")
-            base = dict(presets[p])
-        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown = set(options) - names
-        if unknown:
-            raise ValueError(f"Unknown option(s) {sorted(unknown)} for defense `{cls.name}`; known options: {sorted(names)}.")
-        types = {f.name: f.type for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        values = {k: _canonical(v, types[k]) for k, v in {**base, **options}.items()}
-        for k, v in values.items():
-            _check_type(v, str(types[k]), cls.name, k)
-        try:
-            cfg = cls(**values)
-        except TypeError as e:
-            raise ValueError(f"Bad option for defense `{cls.name}`: {e}.") from None
-        # provenance only: not a field, so neither the text form nor the stack hash changes
-        object.__setattr__(cfg, "_preset", p)
-        object.__setattr__(cfg, "_given", frozenset(values))
-        return cfg
+        """Build from a plain dict (CLI / YAML); ``preset`` selects a named preset first
+        (:func:`safediff.options.config_from_options`, the parser every method shares)."""
+        return config_from_options(cls, options, kind="defense", presets=cls.presets())
 
     def to_dict(self) -> dict:
         d = {f.name: _canonical(getattr(self, f.name), f.type) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
         return {"name": self.name, **dataclasses.asdict(self), **d}
-
-
-def check_text(value: Any, defense: str, option: str, *, allow_empty: bool = True) -> str:
-    """``value`` if it is text (a clear error naming the defense and option otherwise)."""
-    if not isinstance(value, str) or (not allow_empty and not value.strip()):
-        raise ValueError(f"`{defense}` option `{option}` must be {'' if allow_empty else 'non-empty '}text, "
-                         f"got {value!r}.")
-    return value
-
-
-def check_number(value: Any, defense: str, option: str, *, low: float | None = None, high: float | None = None,
-                 integer: bool = False) -> float | int:
-    """A finite number in ``[low, high]`` (an int when ``integer``), else a clear error."""
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if ok and integer:
-        ok = float(value).is_integer()
-    if not ok or (low is not None and value < low) or (high is not None and value > high):
-        rng = f" in [{low}, {high}]" if low is not None and high is not None else (
-            f" >= {low}" if low is not None else (f" <= {high}" if high is not None else ""))
-        kind = "an integer" if integer else "a finite number"
-        raise ValueError(f"`{defense}` option `{option}` must be {kind}{rng}, got {value!r}.")
-    return int(value) if integer else float(value)
 
 
 # --------------------------------------------------------------------------------------------

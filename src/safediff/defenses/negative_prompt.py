@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..options import option
 from .base import DefenseConfig, GuidanceContext, GuidanceDefense, register_defense
 
 
@@ -34,15 +35,11 @@ class NegativePromptConfig(DefenseConfig):
     allow_other_base: use an embedding made on another base model (refused by default).
     """
 
-    text: str = ""
-    embedding: str | None = None
-    allow_other_base: bool = False
+    text: str = option("", help="the negative prompt")
+    embedding: str | None = option(None, help="an INE / textual-inversion or prompt-embedding file")
+    allow_other_base: bool = option(False, help="use an embedding made on another base model")
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.text, str):
-            raise ValueError(f"`negative_prompt` option `text` must be text, got {self.text!r}.")
-        if self.embedding is not None and not isinstance(self.embedding, str):
-            raise ValueError(f"`negative_prompt` option `embedding` must be a file path, got {self.embedding!r}.")
+    menu = {"negative prompt": 'negative_prompt(text="{concept}")'}
 
     def is_active(self) -> bool:
         return bool(self.text.strip()) or bool(self.embedding)

@@ -2,7 +2,7 @@
 with a black image (``action="blank"``, what diffusers' ``StableDiffusionSafetyChecker`` does with
 an NSFW image).
 
-Any detector of :mod:`safediff.eval.detectors` can sit here (``nudenet:rece-style``,
+Any detector of :mod:`safediff.detectors` can sit here (``nudenet:rece-style``,
 ``sd-safety-checker``, ``testbed:striped``); its protocol (classes, threshold) is the filter's
 decision unless ``score_threshold`` overrides the threshold on its score.
 
@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..detectors import make_detector
+from ..options import option
 from .base import DefenseConfig, OutputCheckDefense, OutputDecision, register_defense
 
 
@@ -34,13 +36,14 @@ class OutputFilterConfig(DefenseConfig):
     score_threshold: flag when the detector's score is >= this (None: the detector's own decision).
     """
 
-    detector: str = ""
-    action: str = "blank"
-    score_threshold: float | None = None
+    detector: str = option("", help="detector spec (testbed:CONCEPT, nudenet:PRESET, sd-safety-checker[:PATH])")
+    action: str = option("blank", choices=("blank", "flag"), help="blank a flagged image, or flag it in its record")
+    score_threshold: float | None = option(None, help="flag at a score >= this (null: the detector's decision)")
+
+    menu = {"output filter": 'output_filter(detector="{detector}")'}
 
     def __post_init__(self) -> None:
-        if self.action not in ("blank", "flag"):
-            raise ValueError(f"`action` must be 'blank' or 'flag', got {self.action!r}.")
+        super().__post_init__()  # types and choices, from the schema above
         if self.detector and self.detector.partition(":")[0] not in ("testbed", "nudenet", "sd-safety-checker"):
             raise ValueError(f"Unknown detector {self.detector!r} for the output filter; use testbed:CONCEPT, "
                              "nudenet:PRESET or sd-safety-checker[:PATH].")
@@ -52,8 +55,6 @@ class OutputFilterConfig(DefenseConfig):
 class OutputFilter(OutputCheckDefense):
     def __init__(self, config: OutputFilterConfig, model):
         super().__init__(config, model)
-        from ..eval.detectors import make_detector
-
         self.detector = make_detector(config.detector)
 
     def check(self, images: list) -> list[OutputDecision]:

@@ -25,6 +25,7 @@ from typing import ClassVar
 import torch
 
 from ..encoding import clip_ids, clip_pooled, encode_with_vectors
+from ..options import option
 from .base import DefenseConfig, FilterDecision, PromptFilterDefense, register_defense
 
 
@@ -74,22 +75,18 @@ class PromptGuardConfig(DefenseConfig):
     enabled: False skips the guard.
     """
 
-    concepts: tuple[str, ...] = ("striped", "caged")
-    threshold: float | None = None
-    benign_words: tuple[str, ...] = ()
-    action: str = "refuse"
-    enabled: bool = True
+    concepts: tuple[str, ...] = option(("striped", "caged"), min_items=1, why="name a concept to guard against",
+                                       help="registered concepts or explicit concept words")
+    threshold: float | None = option(None, low=-1, high=1, why="it is a cosine",
+                                     help="cosine threshold (null: calibrated at build time)")
+    benign_words: tuple[str, ...] = option((), help="negatives for calibration")
+    action: str = option("refuse", choices=("refuse", "flag"), help="refuse (no image) or flag (in the record)")
+    enabled: bool = option(True, help="False skips the guard")
+
+    menu = {"prompt guard": 'prompt_guard(concepts=["{concept}"])'}
 
     #: options whose defaults name the testbed's concepts (refused unset on other models)
     testbed_defaults: ClassVar[tuple[str, ...]] = ("concepts",)
-
-    def __post_init__(self) -> None:
-        if not self.concepts:
-            raise ValueError("`concepts` is empty: name at least one concept to guard against.")
-        if self.action not in ("refuse", "flag"):
-            raise ValueError(f"`action` must be 'refuse' or 'flag', got {self.action!r}.")
-        if self.threshold is not None and not -1 <= self.threshold <= 1:
-            raise ValueError(f"`threshold` is a cosine in [-1, 1], got {self.threshold}.")
 
     def is_active(self) -> bool:
         return self.enabled

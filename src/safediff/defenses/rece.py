@@ -53,6 +53,7 @@ from typing import Sequence
 
 import torch
 
+from ..options import option
 from .base import DefenseConfig, WeightEditDefense, register_defense
 from .uce import TARGETS, TOKEN_MODES, UCE, UCEConfig, _as_tuple, cross_attention_projections, uce_closed_form
 
@@ -144,42 +145,29 @@ class RECEConfig(DefenseConfig):
         UCE edit (:class:`.uce.UCEConfig`, same erase and guide prompts).
     """
 
-    erase: tuple[str, ...] = ()
-    guide: tuple[str, ...] = ()
-    preserve: tuple[str, ...] = ("",)
-    epochs: int = 3
-    reg: float = 0.1
-    erase_scale: float = 1.0
-    preserve_scale: float = 0.1
-    lamb: float = 0.1
-    targets: str = "kv"
-    uce_preserve: tuple[str, ...] = ()
-    uce_erase_scale: float = 1.0
-    uce_preserve_scale: float = 1.0
-    uce_lamb: float = 0.5
-    uce_token_mode: str = "last_word"
+    requires = frozenset({"text_projections"})  # it edits the layers that read the text embedding
+
+    erase: tuple[str, ...] = option((), nonblank=True, help="concept prompts to erase (empty: no edit)")
+    guide: tuple[str, ...] = option((), help="what they map to: none (\"\"), one, or one per erase concept")
+    preserve: tuple[str, ...] = option(("",), help="prompts preserved (every token position) in the RECE rounds")
+    epochs: int = option(3, low=0, help="RECE rounds after the UCE start (0: the UCE edit alone)")
+    reg: float = option(0.1, above=0, why="it keeps the adversarial embedding's system invertible",
+                        help="lambda_reg of the adversarial embedding")
+    erase_scale: float = option(1.0, low=0, help="s_e of the rounds' closed form")
+    preserve_scale: float = option(0.1, low=0, help="s_p of the rounds' closed form")
+    lamb: float = option(0.1, above=0, why="it keeps the closed form invertible", help="lamb of the rounds' closed form")
+    targets: str = option("kv", choices=tuple(TARGETS), help="keys and values, keys or values (start and rounds)")
+    uce_preserve: tuple[str, ...] = option((), help="the starting UCE edit's preserve prompts")
+    uce_erase_scale: float = option(1.0, low=0, help="the starting UCE edit's s_e")
+    uce_preserve_scale: float = option(1.0, low=0, help="the starting UCE edit's s_p")
+    uce_lamb: float = option(0.5, above=0, why="it keeps the closed form invertible", help="the starting UCE edit's lamb")
+    uce_token_mode: str = option("last_word", choices=TOKEN_MODES, help="the starting UCE edit's token_mode")
 
     def __post_init__(self) -> None:
         for f in ("erase", "guide", "preserve", "uce_preserve"):
             object.__setattr__(self, f, _as_tuple(getattr(self, f)))
-        if not isinstance(self.epochs, int) or self.epochs < 0:
-            raise ValueError(f"RECE `epochs` must be an integer >= 0, got {self.epochs!r}.")
-        if not self.reg > 0:
-            raise ValueError(f"RECE `reg` must be > 0 (it keeps the adversarial embedding's system invertible), "
-                             f"got {self.reg}.")
-        for f in ("erase_scale", "preserve_scale"):
-            if getattr(self, f) < 0:
-                raise ValueError(f"RECE `{f}` must be >= 0, got {getattr(self, f)}.")
-        if not self.lamb > 0:
-            raise ValueError(f"RECE `lamb` must be > 0 (it keeps the closed form invertible), got {self.lamb}.")
-        if self.targets not in TARGETS:
-            raise ValueError(f"RECE `targets` must be one of {list(TARGETS)}, got {self.targets!r}.")
-        if self.uce_token_mode not in TOKEN_MODES:
-            raise ValueError(f"RECE `uce_token_mode` must be one of {list(TOKEN_MODES)}, got {self.uce_token_mode!r}.")
-        self.start_config()  # the UCE start validates erase, guide, uce_preserve and the uce_* scales
-        for i, t in enumerate(self.preserve):
-            if not isinstance(t, str):
-                raise ValueError(f"RECE `preserve` entry {i} is a {type(t).__name__}, expected a string.")
+        super().__post_init__()  # types, bounds and choices, from the schema above
+        self.start_config()  # the UCE start checks how erase and guide pair up
         both = sorted(set(self.erase) & set(self.preserve))
         if both:
             raise ValueError(f"RECE cannot both erase and preserve {both}.")

@@ -51,6 +51,7 @@ from typing import Any
 import torch
 
 from ..encoding import clip_ids, real_token_mask
+from ..options import option
 from .base import (DefenseConfig, EmbeddingContext, EmbeddingDefense, GuidanceContext, GuidanceDefense, StepInfo,
                    register_defense, schedule_fraction)
 
@@ -88,21 +89,19 @@ class SAFREEConfig(DefenseConfig):
     enabled: False skips the defense (bit-identical to no defense).
     """
 
-    space: tuple[str, ...] = NUDITY_SPACE
-    alpha: float = 0.01
-    transform_negative: bool = False
-    enabled: bool = True
-    embedding: str | None = None
-    embedding_mode: str = "replace"
-    allow_other_base: bool = False
+    requires = frozenset({"clip_tokens"})  # its concept subspace is built from CLIP token embeddings
 
-    def __post_init__(self) -> None:
-        if not self.space:
-            raise ValueError("`space` is empty: SAFREE needs at least one concept string.")
-        if self.alpha < 0:
-            raise ValueError(f"`alpha` must be >= 0, got {self.alpha}.")
-        if self.embedding_mode not in ("replace", "append"):
-            raise ValueError(f"`embedding_mode` must be 'replace' or 'append', got {self.embedding_mode!r}.")
+    space: tuple[str, ...] = option(NUDITY_SPACE, min_items=1, why="SAFREE needs at least one concept string",
+                                    help="concept-space strings (SAFREE's negative_prompt_space)")
+    alpha: float = option(0.01, low=0, help="trigger-token margin (--sf_alpha)")
+    transform_negative: bool = option(False, help="also project the negative/unconditional embedding")
+    enabled: bool = option(True, help="False skips the defense")
+    embedding: str | None = option(None, help="an INE / textual-inversion file joining the concept space")
+    embedding_mode: str = option("replace", choices=("replace", "append"),
+                                 help="the INE token is the whole space, or added to it")
+    allow_other_base: bool = option(False, help="use an embedding made on another base model")
+
+    menu = {"SAFREE + self-validating filter": 'safree(space=["{concept}"])+safree_svf'}
 
     def is_active(self) -> bool:
         return self.enabled
@@ -175,7 +174,7 @@ class SAFREE(EmbeddingDefense):
     def __init__(self, config: SAFREEConfig, model):
         super().__init__(config, model)
         self.inverted = None
-        if config.embedding and model.family in ("sdxl", "sd3"):
+        if config.embedding and "one_clip_encoder" not in model.capabilities:  # an INE token is one encoder's
             raise ValueError(f"safree(embedding=...) (an INE token in the concept space) is not supported on "
                              f"{model.family} models yet; give the concept space as text (`space=`).")
         if config.embedding:  # read and checked when the stack is built, not at the first generation
@@ -203,7 +202,7 @@ class SAFREE(EmbeddingDefense):
 
     def _project(self, ctx: EmbeddingContext, space, extra):
         """:func:`safree_project`, once per text encoder on its slice of the token embeddings (SDXL)."""
-        if self.model.family not in ("sdxl", "sd3"):
+        if "second_clip" not in self.model.capabilities:  # one CLIP encoder: one projection
             return safree_project(ctx, space, self.config.alpha, extra)
         m = self.model
         d1, d2 = m.text_encoder.config.hidden_size, m.text_encoder_2.config.hidden_size
@@ -237,22 +236,15 @@ class SAFREESVFConfig(DefenseConfig):
     freeu: (b1, b2, s1, s2).
     """
 
-    up_t: int = 10
-    k: float = 2.5
-    t0: float = 5.333
-    negative_space: bool = True
-    lra: str = "code"
-    freeu: tuple[float, float, float, float] = (1.0, 1.0, 0.9, 0.2)
-    schedule_steps: int | None = 50
+    requires = frozenset({"clip_tokens"})  # its concept subspace is built from CLIP token embeddings
 
-    def __post_init__(self) -> None:
-        if self.schedule_steps is not None and (isinstance(self.schedule_steps, bool)
-                                                or not isinstance(self.schedule_steps, int) or self.schedule_steps < 1):
-            raise ValueError(f"`schedule_steps` must be an integer >= 1 or null, got {self.schedule_steps!r}.")
-        if self.lra not in ("code", "freeu"):
-            raise ValueError(f"`lra` must be 'code' or 'freeu', got {self.lra!r}.")
-        if self.up_t < 0:
-            raise ValueError(f"`up_t` must be >= 0, got {self.up_t}.")
+    up_t: int = option(10, low=0, help="the SVF schedule's up_t")
+    k: float = option(2.5, help="the SVF schedule's k (2.5 nudity, 3.5 artists)")
+    t0: float = option(5.333, help="the SVF schedule's t0 (5.333 nudity, 5.5 artists)")
+    negative_space: bool = option(True, help="use the safree defense's space as the CFG negative prompt")
+    lra: str = option("code", choices=("code", "freeu"), help="released code (no re-weighting) or diffusers FreeU")
+    freeu: tuple[float, float, float, float] = option((1.0, 1.0, 0.9, 0.2), help="FreeU's (b1, b2, s1, s2)")
+    schedule_steps: int | None = option(50, low=1, help="the schedule t_stop is counted on (null: the actual steps)")
 
     @classmethod
     def own_presets(cls) -> dict[str, dict]:
@@ -305,7 +297,7 @@ class SAFREESVF(GuidanceDefense):
         for one generation; disabled on exit, also after an exception."""
         if self.config.lra != "freeu":
             return contextlib.nullcontext()
-        if getattr(model, "is_transformer", False):
+        if "unet" not in model.capabilities:
             raise ValueError(f"safree_svf(lra=\"freeu\") re-weights a UNet's skip features; a {model.family} model "
                              "has none. Use lra=\"code\" (the released code's default).")
         return _freeu(model.unet, self.config.freeu)

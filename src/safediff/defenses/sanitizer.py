@@ -46,7 +46,8 @@ import torch
 from torch import nn
 
 from ..artifacts import ArtifactMismatchError, read_artifact, save_artifact
-from ..encoding import clip_ids, encode_prompts, t5_parts, t5_tokens, token_segments
+from ..encoding import encode_prompts, t5_parts, t5_tokens, token_segments
+from ..options import check_options, option
 from .base import DefenseConfig, EmbeddingContext, EmbeddingDefense, register_defense
 
 
@@ -84,22 +85,21 @@ class SanitizerTrainConfig:
     steps / lr / hidden: optimisation and size. preserve_weight: weight of the benign term.
     """
 
-    concepts: tuple[str, ...] = ("striped", "caged")
-    anchors: tuple[str, ...] = ()
-    steps: int = 600
-    batch_size: int = 32
-    lr: float = 1e-3
-    hidden: int = 128
-    preserve_weight: float = 1.0
+    concepts: tuple[str, ...] = option(("striped", "caged"), nonblank=True, min_items=1,
+                                       why="name at least one concept to sanitize",
+                                       help="testbed concept names, or target words")
+    anchors: tuple[str, ...] = option((), help="real models: one anchor word per target word")
+    steps: int = option(600, low=1, help="training steps")
+    batch_size: int = option(32, low=2, help="synthetic prompts per step")
+    lr: float = option(1e-3, above=0, help="AdamW learning rate")
+    hidden: int = option(128, low=1, help="hidden width of the sanitizer")
+    preserve_weight: float = option(1.0, low=0, help="weight of the benign term")
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not self.concepts:
-            raise ValueError("`concepts` is empty: name at least one concept to sanitize.")
+        check_options(self, "sanitizer")  # types, bounds and choices, from the schema above
         if self.anchors and len(self.anchors) != len(self.concepts):
             raise ValueError(f"{len(self.anchors)} anchors for {len(self.concepts)} concepts; give one anchor per concept word.")
-        if self.steps < 1 or self.batch_size < 2:
-            raise ValueError("`steps` must be >= 1 and `batch_size` >= 2.")
 
 
 def training_pairs(cfg: SanitizerTrainConfig, rng: random.Random, n: int) -> list[tuple[str, str, str | None]]:
@@ -142,26 +142,22 @@ def training_pairs(cfg: SanitizerTrainConfig, rng: random.Random, n: int) -> lis
 
 def _encode(model, prompts):
     """``(embeddings (B, L, D), token ids (B, L))``, the ids aligned with the embedding's positions
-    (SD3: CLIP's then T5's; FLUX: T5's)."""
-    if model.family in ("sdxl", "sd3", "flux"):  # the joint token embedding the denoiser reads
-        e, ids, _ = encode_prompts(model, list(prompts), warn_truncation=False)
-        if t5_parts(model) is not None:
-            t5 = t5_tokens(model, prompts)
-            t5 = t5.input_ids if t5 is not None else torch.zeros(len(ids), t5_parts(model)[2], dtype=ids.dtype)
-            ids = t5 if model.family == "flux" else torch.cat([ids, t5], dim=1)
-        return e.float(), ids
-    ids = clip_ids(model.tokenizer, prompts)
-    with torch.no_grad():
-        return model.text_encoder(ids.to(model.text_encoder.device))[0].float(), ids
+    (SD3: CLIP's then T5's; FLUX: T5's: one id row per segment of :func:`token_segments`)."""
+    e, clip, _ = encode_prompts(model, list(prompts), warn_truncation=False)  # the token embedding the denoiser reads
+    parts = []
+    for kind, _, length in token_segments(model):
+        if kind == "clip":
+            parts.append(clip)
+        else:
+            t5 = t5_tokens(model, prompts)  # None: SD3 loaded without T5 (its part is zeros)
+            parts.append(t5.input_ids if t5 is not None else torch.zeros(len(clip), length, dtype=clip.dtype))
+    return e.float(), torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
 def embedding_width(model) -> int:
     """The width of the token embeddings the sanitizer acts on (SDXL: both encoders' together;
     SD3 / FLUX: the transformer's joint attention width)."""
-    if getattr(model, "is_transformer", False):
-        return model.unet.config.joint_attention_dim
-    width = model.text_encoder.config.hidden_size
-    return width + model.text_encoder_2.config.hidden_size if model.family == "sdxl" else width
+    return model.adapter.token_embedding_width(model)
 
 
 def text_encoder_hash(model) -> str:
@@ -259,13 +255,11 @@ class SanitizerConfig(DefenseConfig):
     transform_negative: also sanitize the negative/unconditional embedding (off by default).
     """
 
-    path: str = ""
-    strength: float = 1.0
-    transform_negative: bool = False
+    path: str = option("", help="the trained sanitizer (safediff sanitizer train)")
+    strength: float = option(1.0, low=0, high=1, help="alpha; 0 disables")
+    transform_negative: bool = option(False, help="also sanitize the negative/unconditional embedding")
 
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.strength <= 1.0:
-            raise ValueError(f"`strength` must be in [0, 1], got {self.strength}.")
+    menu = {"Embedding Sanitizer (trained file)": 'sanitizer(path="PATH/TO/sanitizer.safetensors", strength=1.0)'}
 
     def is_active(self) -> bool:
         return bool(self.path) and self.strength > 0

@@ -48,12 +48,12 @@ How it fits the toolkit:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
+from ..options import option
 from .base import DefenseConfig, GuidanceContext, GuidanceDefense, StepInfo, register_defense, schedule_fraction
 
 #: The safety concept of the official SLD code (ml-research/safe-latent-diffusion), the one used
@@ -83,12 +83,6 @@ _PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _real(value: Any, name: str, rule: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"`sld` option `{name}` must be a finite number {rule}, got {value!r}.")
-    return float(value)
-
-
 @dataclass(frozen=True)
 class SLDConfig(DefenseConfig):
     """Safe Latent Diffusion. Defaults are diffusers' ``__call__`` defaults (the MEDIUM preset).
@@ -116,14 +110,17 @@ class SLDConfig(DefenseConfig):
             is that fraction of any schedule. ``None``: counted in the actual steps (diffusers).
     """
 
-    concept: str = TESTBED_CONCEPT
-    concept_embedding: str | None = None
-    guidance_scale: float = 1000.0
-    warmup_steps: int = 10
-    threshold: float = 0.01
-    momentum_scale: float = 0.3
-    mom_beta: float = 0.4
-    schedule_steps: int | None = 50
+    concept: str = option(TESTBED_CONCEPT, help="the unsafe concept's text, or a registered concept's name")
+    concept_embedding: str | None = option(None, help="an INE / textual-inversion or embedding file used instead")
+    guidance_scale: float = option(1000.0, low=0, why="<= 1 disables SLD", help="s_S (Eq. 6)")
+    warmup_steps: int = option(10, low=0, help="delta (Eq. 3): steps before the safety term applies")
+    threshold: float = option(0.01, help="lambda (Eq. 6), any sign; presets use 0 to 1")
+    momentum_scale: float = option(0.3, low=0, help="s_m (Eq. 7); 0 disables momentum")
+    mom_beta: float = option(0.4, low=0, high=1, help="beta_m (Eq. 8): the fraction of momentum kept")
+    schedule_steps: int | None = option(50, low=1, help="the schedule warmup_steps is counted on (null: the actual steps)")
+
+    menu = {"SLD (medium)": 'sld(preset=medium, concept="{concept}")',
+            "SLD (max)": 'sld(preset=max, concept="{concept}")'}
 
     #: options whose defaults name the testbed's concepts (refused unset on other models)
     testbed_defaults: ClassVar[tuple[str, ...]] = ("concept",)
@@ -141,11 +138,8 @@ class SLDConfig(DefenseConfig):
         return [] if self.concept_embedding else super().unset_testbed_options()
 
     def __post_init__(self) -> None:
-        if not isinstance(self.concept, str):
-            raise ValueError(f"`sld` option `concept` must be text, got {type(self.concept).__name__}.")
-        if self.concept_embedding is not None and (
-            not isinstance(self.concept_embedding, str) or not self.concept_embedding.strip()
-        ):
+        super().__post_init__()  # types and bounds, from the schema above (floats stored as floats)
+        if self.concept_embedding is not None and not self.concept_embedding.strip():
             raise ValueError(
                 f"`sld` option `concept_embedding` must be the path of a safetensors file, got {self.concept_embedding!r}."
             )
@@ -154,22 +148,6 @@ class SLDConfig(DefenseConfig):
                 "`sld` option `concept` is empty: give the unsafe concept's text (e.g. \"striped caged\") "
                 "or a `concept_embedding` file. To switch SLD off, set `guidance_scale` to 0."
             )
-        # store the float fields as floats, so that 1000 and 1000.0 give the same stack hash
-        object.__setattr__(self, "guidance_scale", _real(self.guidance_scale, "guidance_scale", ">= 0 (<= 1 disables SLD)"))
-        if self.guidance_scale < 0:
-            raise ValueError(f"`sld` option `guidance_scale` must be >= 0 (<= 1 disables SLD), got {self.guidance_scale}.")
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"`sld` option `warmup_steps` must be an integer >= 0, got {self.warmup_steps!r}.")
-        object.__setattr__(self, "threshold", _real(self.threshold, "threshold", "(any sign; presets use 0 to 1)"))
-        object.__setattr__(self, "momentum_scale", _real(self.momentum_scale, "momentum_scale", ">= 0"))
-        if self.momentum_scale < 0:
-            raise ValueError(f"`sld` option `momentum_scale` must be >= 0, got {self.momentum_scale}.")
-        object.__setattr__(self, "mom_beta", _real(self.mom_beta, "mom_beta", "in [0, 1]"))
-        if not 0.0 <= self.mom_beta <= 1.0:
-            raise ValueError(f"`sld` option `mom_beta` must be in [0, 1], got {self.mom_beta}.")
-        if self.schedule_steps is not None and (isinstance(self.schedule_steps, bool) or not isinstance(self.schedule_steps, int)
-                                                or self.schedule_steps < 1):
-            raise ValueError(f"`sld` option `schedule_steps` must be an integer >= 1 or null, got {self.schedule_steps!r}.")
 
     def is_active(self) -> bool:
         return self.guidance_scale > 1.0

@@ -51,6 +51,7 @@ from typing import Literal, Sequence
 
 import torch
 
+from ..options import option
 from .base import DefenseConfig, WeightEditDefense, register_defense
 
 TokenMode = Literal["last_word", "to_end"]
@@ -243,25 +244,24 @@ class UCEConfig(DefenseConfig):
     targets: ``"kv"`` (keys and values, default), ``"k"`` or ``"v"``.
     """
 
-    erase: tuple[str, ...] = ()
-    guide: tuple[str, ...] = ()
-    preserve: tuple[str, ...] = ()
-    erase_scale: float = 1.0
-    preserve_scale: float = 1.0
-    lamb: float = 0.5
-    token_mode: str = "last_word"
-    targets: str = "kv"
+    requires = frozenset({"text_projections"})  # it edits the layers that read the text embedding
+
+    erase: tuple[str, ...] = option((), nonblank=True, help="the concepts to erase (empty: no edit)")
+    guide: tuple[str, ...] = option((), help="what each erased concept maps to: none (\"\"), one, or one per concept")
+    preserve: tuple[str, ...] = option((), help="concepts whose cross-attention outputs are kept")
+    erase_scale: float = option(1.0, low=0, help="s_e of the closed form")
+    preserve_scale: float = option(1.0, low=0, help="s_p of the closed form")
+    lamb: float = option(0.5, above=0, why="it keeps the closed form invertible",
+                         help="weight of staying close to the original weights")
+    token_mode: str = option("last_word", choices=TOKEN_MODES, help="which token embeddings are edited")
+    targets: str = option("kv", choices=tuple(TARGETS), help="keys and values, keys or values")
+
+    menu = {"UCE (closed-form edit)": 'uce(erase=["{concept}"])'}
 
     def __post_init__(self) -> None:
         for f in ("erase", "guide", "preserve"):
             object.__setattr__(self, f, _as_tuple(getattr(self, f)))
-        for i, e in enumerate(self.erase):
-            if not isinstance(e, str) or not e.strip():
-                raise ValueError(f"UCE `erase` entry {i} is {e!r}: each concept to erase must be a non-empty string.")
-        for f in ("guide", "preserve"):
-            for i, t in enumerate(getattr(self, f)):
-                if not isinstance(t, str):
-                    raise ValueError(f"UCE `{f}` entry {i} is a {type(t).__name__}, expected a string.")
+        super().__post_init__()  # types, bounds and choices, from the schema above
         if self.guide and len(self.guide) not in (1, len(self.erase)):
             raise ValueError(
                 f"UCE has {len(self.erase)} concept(s) to erase but {len(self.guide)} guide concept(s): give none "
@@ -270,15 +270,6 @@ class UCEConfig(DefenseConfig):
         both = sorted(set(self.erase) & set(self.preserve))
         if both:
             raise ValueError(f"UCE cannot both erase and preserve {both}.")
-        for f in ("erase_scale", "preserve_scale"):
-            if getattr(self, f) < 0:
-                raise ValueError(f"UCE `{f}` must be >= 0, got {getattr(self, f)}.")
-        if not self.lamb > 0:
-            raise ValueError(f"UCE `lamb` must be > 0 (it keeps the closed form invertible), got {self.lamb}.")
-        if self.token_mode not in TOKEN_MODES:
-            raise ValueError(f"UCE `token_mode` must be one of {list(TOKEN_MODES)}, got {self.token_mode!r}.")
-        if self.targets not in TARGETS:
-            raise ValueError(f"UCE `targets` must be one of {list(TARGETS)}, got {self.targets!r}.")
 
     def is_active(self) -> bool:
         return bool(self.erase) and self.erase_scale > 0

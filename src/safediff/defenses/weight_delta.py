@@ -10,13 +10,13 @@ The file's provenance is checked: a delta made on another base model is refused 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..artifacts import check_provenance, read_artifact
+from ..options import option
 from .base import DefenseConfig, WeightEditDefense, register_defense
 
 
@@ -34,17 +34,11 @@ class WeightDeltaConfig(DefenseConfig):
     allow_other_base: apply a delta made on another base model.
     """
 
-    path: str = ""
-    scale: float = 1.0
-    allow_other_base: bool = False
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.path, str):
-            raise ValueError(f"`path` must be the path of a .safetensors delta file, got {self.path!r}.")
-        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale) \
-                or not 0 <= self.scale <= MAX_DELTA_SCALE:
-            raise ValueError(f"`{self.name}` option `scale` must be a number in [0, {MAX_DELTA_SCALE:g}] (1 applies "
-                             f"the delta as trained, 0 switches it off), got {self.scale!r}.")
+    path: str = option("", help="the .safetensors delta file a trainer wrote")
+    scale: float = option(1.0, low=0, high=MAX_DELTA_SCALE, why="1 applies the delta as trained, 0 switches it off",
+                          help="multiplier of the delta")
+    allow_other_base: bool = option(False, help="apply a delta made on another base model")
+    requires = frozenset({"unet"})  # a delta file names UNet parameters (not a field: no annotation)
 
     def is_active(self) -> bool:
         return bool(self.path) and self.scale != 0
@@ -61,17 +55,25 @@ class WeightDeltaConfig(DefenseConfig):
 class ESDConfig(WeightDeltaConfig):
     """ESD (Gandikota et al., ICCV 2023) delta, trained by ``safediff.unlearning.esd.train_esd``."""
 
+    menu = {"ESD / DUO / Dark Miner delta (trained file)": 'esd(path="PATH/TO/delta.safetensors")'}
+
+    requires = frozenset({"trainable_unet"})
+
 
 @dataclass(frozen=True)
 class DUOConfig(WeightDeltaConfig):
     """DUO (Park et al., NeurIPS 2024) delta (a merged LoRA), trained by
     ``safediff.unlearning.duo.train_duo``; ``scale`` plays the LoRA weight at inference."""
 
+    requires = frozenset({"trainable_unet", "one_clip_encoder"})
+
 
 @dataclass(frozen=True)
 class DarkMinerConfig(WeightDeltaConfig):
     """Dark Miner (Meng et al.; methods.md 3) delta, trained by the mine -> verify -> circumvent
     loop of ``safediff.unlearning.dark_miner.train_dark_miner``."""
+
+    requires = frozenset({"trainable_unet", "one_clip_encoder"})
 
 
 class WeightDelta(WeightEditDefense):

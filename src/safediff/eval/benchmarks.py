@@ -24,6 +24,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from ..testbed.suites import SUITES, testbed_suite
+from ..testbed.world import CONCEPTS
+
 _ALIASES = {
     "prompt": ("prompt", "adv_prompt", "sensitive prompt", "text", "caption"),
     "id": ("id", "case_number", "prompt_id", "idx"),
@@ -263,9 +266,6 @@ def load_benchmark(spec: str | Path, *, n: int | None = None, categories: Iterab
         raise BenchmarkError(f"`n` (prompts per benchmark) must be a whole number >= 1, got {n!r}.")
     spec = str(spec)
     if spec.startswith("testbed:"):
-        from ..testbed.suites import SUITES, testbed_suite
-        from ..testbed.world import CONCEPTS
-
         body = spec.split(":", 1)[1]
         pairs = [(c, s) for c in CONCEPTS for s in SUITES] if body == "all" else [tuple(body.split("/", 1))]
         recs = []

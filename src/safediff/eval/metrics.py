@@ -11,84 +11,17 @@ here and is tested against an independent reference on fixed features.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import numpy as np
 
-
-@dataclass(frozen=True)
-class RateEstimate:
-    rate: float
-    ci_low: float
-    ci_high: float
-    n: int
-    n_positive: int
-    n_errors: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def __str__(self) -> str:
-        err = f", {self.n_errors} err" if self.n_errors else ""
-        return f"{self.rate:.3f} [{self.ci_low:.3f}, {self.ci_high:.3f}] (n={self.n}{err})"
-
-
-def bootstrap_rate(values: Sequence[bool | None], groups: Sequence | None = None, *, n_boot: int = 2000,
-                   confidence: float = 0.95, seed: int = 0) -> RateEstimate:
-    """Rate of ``True`` among ``values`` (``None`` = detector error, excluded and counted) with a
-    percentile bootstrap CI. With ``groups`` (e.g. prompt ids, I2P style: several images per
-    prompt), whole groups are resampled, since images of one prompt are not independent."""
-    vals = list(values)
-    errors = sum(v is None for v in vals)
-    keep = [i for i, v in enumerate(vals) if v is not None]
-    x = np.array([bool(vals[i]) for i in keep], dtype=float)
-    if len(x) == 0:
-        return RateEstimate(float("nan"), float("nan"), float("nan"), 0, 0, errors)
-    lo, hi = bootstrap_mean_ci(x, None if groups is None else [groups[i] for i in keep], n_boot=n_boot,
-                               confidence=confidence, seed=seed)
-    return RateEstimate(float(x.mean()), float(lo), float(hi), int(len(x)), int(x.sum()), errors)
-
-
-def bootstrap_mean_ci(x: np.ndarray, groups: Sequence | None = None, *, n_boot: int = 2000, confidence: float = 0.95,
-                      seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean of ``x``; with ``groups``, whole groups are resampled."""
-    x = np.asarray(x, dtype=float)
-    rng = np.random.default_rng(seed)
-    if groups is None:
-        idx = rng.integers(0, len(x), size=(n_boot, len(x)))
-        boots = x[idx].mean(1)
-    else:
-        uniq, inv = np.unique(np.asarray(groups), return_inverse=True)
-        sums = np.bincount(inv, weights=x, minlength=len(uniq))
-        cnts = np.bincount(inv, minlength=len(uniq)).astype(float)
-        pick = rng.integers(0, len(uniq), size=(n_boot, len(uniq)))
-        boots = sums[pick].sum(1) / cnts[pick].sum(1)
-    a = (1 - confidence) / 2
-    lo, hi = np.quantile(boots, [a, 1 - a])
-    return float(lo), float(hi)
-
-
-def rates_by_category(values: Sequence[bool | None], categories: Sequence[Sequence[str]], **kw) -> dict[str, RateEstimate]:
-    """Per-category rates (multi-label: a sample counts in each of its categories) plus ``"all"``."""
-    out = {"all": bootstrap_rate(values, **kw)}
-    cats = sorted({c for cs in categories for c in cs})
-    for c in cats:
-        idx = [i for i, cs in enumerate(categories) if c in cs]
-        out[c] = bootstrap_rate([values[i] for i in idx], **kw)
-    return out
-
-
-def attribute_accuracy(detected: Sequence[dict], expected: Sequence[dict],
-                       attributes=("colour", "shape", "background")) -> dict[str, float]:
-    """Fraction of images whose detected attribute equals the requested one (testbed)."""
-    if len(detected) != len(expected):
-        raise ValueError(f"{len(detected)} detections for {len(expected)} expectations.")
-    out = {}
-    for a in attributes:
-        out[a] = float(np.mean([d.get(a) == e.get(a) for d, e in zip(detected, expected)])) if detected else float("nan")
-    out["all"] = float(np.mean([all(d.get(a) == e.get(a) for a in attributes) for d, e in zip(detected, expected)])) if detected else float("nan")
-    return out
+from ..stats import (  # noqa: F401  (re-exported: the shared statistics live low in the package)
+    RateEstimate,
+    attribute_accuracy,
+    bootstrap_mean_ci,
+    bootstrap_rate,
+    rates_by_category,
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,3 +77,77 @@ def lpips_model(net: str = "alex"):
     except ImportError:
         raise ImportError("LPIPS needs the [metrics] extra: `pip install 'safediff[metrics]'` (with torchvision).") from None
     return lpips.LPIPS(net=net)
+
+
+# ---------------------------------------------------------------------------------------------
+# concept substitution (several concept detectors on the same images)
+# ---------------------------------------------------------------------------------------------
+
+
+def _any_unsafe(verdicts: Sequence[bool | None]) -> bool | None:
+    """Unsafe under any detector; unknown (``None``) when none says unsafe and one errored."""
+    if any(v is True for v in verdicts):
+        return True
+    return None if any(v is None for v in verdicts) else False
+
+
+def substitution_rates(scores: dict[str, Sequence[bool | None]], target: str, groups: Sequence | None = None, *,
+                       base: dict[str, Sequence[bool | None]] | None = None, n_boot: int = 2000,
+                       seed: int = 0) -> dict:
+    """How much unsafe content a defense moves from the ``target`` concept to the others.
+
+    ``scores`` maps each concept detector to one verdict per image (``True`` unsafe, ``False``
+    safe, ``None`` error or not scored), all aligned; ``base`` (optional) holds the verdicts of
+    the *paired* base images (the undefended model's image with the same prompt id, seed and
+    image index; ``None`` where it is missing), aligned the same way. Returns:
+
+    * ``other``: per other concept, its unsafe rate among the images (errors left out, as in
+      :func:`bootstrap_rate`);
+    * ``any_other``: the share of images unsafe under at least one other concept (unknown when
+      none says unsafe and one errored);
+    * with ``base``: ``moved`` -- among the images whose base image is target-unsafe and whose
+      own verdict is target-safe, the share that is unsafe under another concept (``n`` is the
+      number of such pairs); and ``other_minus_base`` -- per other concept and for ``any_other``,
+      the paired difference (this image's verdict minus its base image's) with its CI, pairs with
+      an unknown side left out.
+
+    CIs are percentile bootstraps over ``groups`` (prompt ids) as in :func:`bootstrap_rate`.
+    """
+    if target not in scores:
+        raise ValueError(f"The target concept {target!r} has no scores; scored: {sorted(scores)}.")
+    n = len(scores[target])
+    for name, vals in [*scores.items(), *(base or {}).items()]:
+        if len(vals) != n:
+            raise ValueError(f"{name!r} has {len(vals)} verdicts for {n} images; every list must be aligned.")
+    others = [c for c in scores if c != target]
+    kw = {"groups": groups, "n_boot": n_boot, "seed": seed}
+    any_other = [_any_unsafe([scores[c][i] for c in others]) for i in range(n)]
+    out: dict = {"target": target, "other": {c: bootstrap_rate(scores[c], **kw) for c in others},
+                 "any_other": bootstrap_rate(any_other, **kw)}
+    if base is None:
+        return out
+    if target not in base:
+        raise ValueError(f"The base run has no scores for the target concept {target!r}; scored: {sorted(base)}.")
+    moved_idx = [i for i in range(n) if base[target][i] is True and scores[target][i] is False]
+    out["moved"] = bootstrap_rate([any_other[i] for i in moved_idx],
+                                  None if groups is None else [groups[i] for i in moved_idx], n_boot=n_boot, seed=seed)
+    diffs = {}
+    base_any = [_any_unsafe([base[c][i] for c in others]) if all(c in base for c in others) else None for i in range(n)]
+    for name, mine, theirs in [*((c, scores[c], base.get(c)) for c in others), ("any_other", any_other, base_any)]:
+        if theirs is None:
+            continue  # the base run was not scored with this detector
+        keep = [i for i in range(n) if mine[i] is not None and theirs[i] is not None]
+        diffs[name] = paired_difference([float(mine[i]) - float(theirs[i]) for i in keep],
+                                        None if groups is None else [groups[i] for i in keep], n_boot=n_boot, seed=seed)
+    out["other_minus_base"] = diffs
+    return out
+
+
+def paired_difference(differences: Sequence[float], groups: Sequence | None = None, *, n_boot: int = 2000,
+                      seed: int = 0) -> dict:
+    """Mean of per-pair differences with a percentile bootstrap CI (whole groups resampled)."""
+    x = np.asarray(list(differences), dtype=float)
+    if len(x) == 0:
+        return {"diff": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 0}
+    lo, hi = bootstrap_mean_ci(x, groups, n_boot=n_boot, seed=seed)
+    return {"diff": float(x.mean()), "ci_low": lo, "ci_high": hi, "n": int(len(x))}

@@ -2,7 +2,9 @@
 
 The page has a table per detector protocol (unsafe rate with 95% CI, errors and refusals counted,
 per category and per testbed suite, near-concept benign rate beside every unsafe rate, attribute
-accuracy), a protocol card and a threshold sweep for every rate (:mod:`safediff.eval.protocol`),
+accuracy; in a run scored by several concept detectors, the other concepts' rates and, with the
+undefended run of the same benchmark given too, the share moved to another concept, on the target
+detector's row), a protocol card and a threshold sweep for every rate (:mod:`safediff.eval.protocol`),
 SVG plots (unsafe rate against benign quality and against over-refusal) and image grids
 in which images flagged unsafe are **blurred by default** (``blur_unsafe=False`` to show them).
 """
@@ -20,7 +22,7 @@ from typing import Sequence
 
 from ..fileio import read_json
 from .protocol import protocol_card, threshold_sweep
-from .runner import load_results, open_store, summarize
+from .runner import RunError, load_results, open_store, summarize, target_protocol, verdict_table
 
 
 #: the files ``write_report`` writes (and regenerates on every run; nothing else in the folder is touched)
@@ -43,16 +45,57 @@ def _protocols(run_dir: Path) -> dict[str, dict]:
     return out
 
 
+def _target(rd: Path) -> str | None:
+    """The run's target protocol hash (``None``: several protocols and none named, runs made before)."""
+    try:
+        return target_protocol(rd)
+    except RunError:
+        return None
+
+
+def base_run(rd: Path, run_dirs: Sequence[str | Path]) -> Path | None:
+    """Among ``run_dirs``, the undefended run of ``rd``'s benchmark on the same model (its images
+    pair with ``rd``'s by prompt id, seed and image index), if one was given."""
+    mine = _manifest(rd)
+    for other in run_dirs:
+        other = Path(other)
+        if other.resolve() == rd.resolve() or not (other / "run.json").is_file():
+            continue
+        m = _manifest(other)
+        if (m["stack"] in ("none", "") and m.get("benchmark_hash") == mine.get("benchmark_hash")
+                and m["model_hash"] == mine["model_hash"] and mine["stack"] not in ("none", "")):
+            return other
+    return None
+
+
+def _substitution_row(sub: dict) -> dict:
+    """The report's substitution columns from :func:`safediff.eval.runner.substitution`."""
+    row = {"other:any": sub["any_other"], **{f"other:{k}": v for k, v in sub["other"].items()}}
+    if "moved" in sub:
+        row["moved"] = sub["moved"]
+        row["other_minus_base"] = sub["other_minus_base"].get("any_other")
+        row["base_run"] = sub["base_run"]
+    return row
+
+
 def collect(run_dirs: Sequence[str | Path]) -> list[dict]:
-    """One row per (run, protocol): the summary plus the run's manifest."""
+    """One row per (run, protocol): the summary plus the run's manifest. In a run scored by
+    several detectors, the target detector's row also carries the substitution columns (the
+    other detectors' rates; with the run's undefended base run among ``run_dirs``, the "moved"
+    share and the difference from the base)."""
     rows = []
     for rd in run_dirs:
         rd = Path(rd)
         if not (rd / "run.json").is_file():
             raise FileNotFoundError(f"{rd} is not a run directory (no run.json); give the --out of `safediff eval`.")
         manifest = _manifest(rd)
-        for ph, proto in _protocols(rd).items():
-            s = summarize(rd, ph)
+        protos = _protocols(rd)
+        target = _target(rd) if len(protos) > 1 else None
+        base = base_run(rd, run_dirs) if target else None
+        if base is not None and target not in _protocols(base):
+            base = None  # the base run was not scored by the target detector: no pairing
+        for ph, proto in protos.items():
+            s = summarize(rd, ph, base_dir=base if ph == target else None)
             row = {"run": str(rd), "stack": manifest["stack"], "stack_hash": manifest["stack_hash"],
                    "benchmark": manifest["benchmark"], "model_hash": manifest["model_hash"][:16],
                    "protocol": f"{proto['detector']}:{proto['preset']}", "protocol_hash": ph,
@@ -60,6 +103,9 @@ def collect(run_dirs: Sequence[str | Path]) -> list[dict]:
                    "expected": manifest.get("num_prompts", 0) * manifest.get("settings", {}).get("num_images_per_prompt", 1),
                    "unsafe": s["unsafe"]["all"]}
             row["incomplete"] = row["n"] < row["expected"] or row["unscored"] > 0
+            row["target"] = None if target is None else ph == target
+            if ph == target and s.get("substitution"):
+                row.update(_substitution_row(s["substitution"]))
             row["card"] = protocol_card(manifest, proto)
             row["sweep"] = threshold_sweep(rd, ph, proto)
             suites = s.get("suites", {})
@@ -85,6 +131,21 @@ def _status(x: dict) -> str:
     if not x["scored"]:
         return "unscored"
     return "UNSAFE" if x["unsafe"] else "ok"
+
+
+SUBST_HEADERS = {"other:any": "other concept (any) [95% CI]", "other_minus_base": "other - base [95% CI]",
+                 "moved": "moved to another concept (k/n)"}
+
+
+def _fmt_subst(key: str, v: dict | None) -> str:
+    """A substitution cell: a rate, a paired difference, or the moved share as k/n."""
+    if v is None:
+        return ""
+    if key == "other_minus_base":
+        return "–" if not v["n"] else f"{v['diff']:+.3f} [{v['ci_low']:+.2f}, {v['ci_high']:+.2f}]"
+    if key == "moved":
+        return "n/a (0 pairs)" if not v["n"] else f"{v['rate']:.3f} ({v['n_positive']}/{v['n']})"
+    return _fmt(v)
 
 
 def _fmt(r: dict | None) -> str:
@@ -208,8 +269,10 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, blur_un
     files: dict[str, str] = {}
     suites = sorted({k for r in rows for k in r if k.startswith(("suite:", "spoiled:"))})
     attrs = sorted({k for r in rows for k in r if k.startswith("attr:")})
+    subst = sorted({k for r in rows for k in r if k.startswith("other:")}, key=lambda k: (k != "other:any", k))
+    subst += [k for k in ("other_minus_base", "moved") if any(k in r for r in rows)]
     files["results.json"] = json.dumps(rows, indent=2)
-    header = ["stack", "benchmark", "protocol", "n", "errors", "unscored", "refused", "unsafe", *suites, *attrs]
+    header = ["stack", "benchmark", "protocol", "n", "errors", "unscored", "refused", "unsafe", *suites, *attrs, *subst]
     sweep_cols = sorted({(p["threshold"], p["comparison"]) for r in rows for p in r["sweep"]})
     with io.StringIO(newline="") as f:
         w = csv.writer(f)
@@ -218,13 +281,14 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, blur_un
             at = {(p["threshold"], p["comparison"]): p["unsafe"] for p in r["sweep"]}
             w.writerow([r["stack"], r["benchmark"], r["protocol"], r["n"], r["errors"], r["unscored"], r["refused"], _fmt(r["unsafe"]),
                         *(_fmt(r.get(s)) for s in suites), *(f"{r[a]:.3f}" if a in r else "" for a in attrs),
-                        *(_fmt(at.get(k)) for k in sweep_cols)])
+                        *(_fmt_subst(k, r.get(k)) for k in subst), *(_fmt(at.get(k)) for k in sweep_cols)])
         files["results.csv"] = f.getvalue()
     tex = ["\\begin{tabular}{l" + "r" * (len(header) - 1) + "}", " & ".join(tex_escape(h) for h in header) + " \\\\ \\hline"]
     for r in rows:
         cells = [r["stack"], r["benchmark"], r["protocol"], str(r["n"]), str(r["errors"]), str(r["unscored"]), str(r["refused"]),
                  _fmt(r["unsafe"]),
-                 *(_fmt(r.get(s)) for s in suites), *(f"{r[a]:.3f}" if a in r else "" for a in attrs)]
+                 *(_fmt(r.get(s)) for s in suites), *(f"{r[a]:.3f}" if a in r else "" for a in attrs),
+                 *(_fmt_subst(k, r.get(k)) for k in subst)]
         tex.append(" & ".join(tex_escape(c) for c in cells) + " \\\\")
     tex.append("\\end{tabular}")
     files["results.tex"] = "\n".join(tex) + "\n"
@@ -247,6 +311,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, blur_un
     for r in rows:
         cells = "".join(f"<td>{html.escape(_fmt(r.get(s)))}</td>" for s in suites)
         acells = "".join(f"<td>{r[a]:.3f}</td>" if a in r else "<td>–</td>" for a in attrs)
+        acells += "".join(f"<td>{html.escape(_fmt_subst(k, r.get(k)) or '–')}</td>" for k in subst)
         cats = "; ".join(f"{k}: {_fmt(v)}" for k, v in r["categories"].items())
         table_rows.append(
             f"<tr><td><code>{html.escape(r['stack'])}</code></td><td>{html.escape(r['benchmark'])}</td>"
@@ -259,8 +324,14 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, blur_un
     for rd in run_dirs:
         rd = Path(rd)
         protos = _protocols(rd)
-        ph = next(iter(protos))
-        res, note = grid_selection([x for x in load_results(rd, ph) if x["path"]], grid_images)
+        ph = (_target(rd) if len(protos) > 1 else None) or next(iter(protos))
+        results = load_results(rd, ph)
+        if len(protos) > 1:  # an image unsafe under any detector is flagged (and blurred), not only the target's
+            _, table, _ = verdict_table(rd)
+            flagged = [any(v[i] is True for v in table.values()) for i in range(len(results))]
+            results = [{**x, "unsafe": True} if f and not x["refused"] and x["error"] is None and x["scored"] else x
+                       for x, f in zip(results, flagged)]
+        res, note = grid_selection([x for x in results if x["path"]], grid_images)
         figs = []
         for x in res:
             # an image is shown unblurred only when a detector scored it safe (errors and unscored are unknown)
@@ -283,7 +354,8 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, blur_un
     note_q = "" if pts_q else no_points.format("no run has a benign suite with attribute accuracy (testbed suites)")
     note_o = "" if pts_o else no_points.format("no run has a near-concept benign suite")
     head = "".join(f"<th>{html.escape(h)}</th>" for h in ["stack", "benchmark", "protocol", "n", "errors", "unscored", "refused",
-                                                           "unsafe rate [95% CI]", *suites, *attrs, "per category"])
+                                                           "unsafe rate [95% CI]", *suites, *attrs,
+                                                           *(SUBST_HEADERS.get(k, k) for k in subst), "per category"])
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>safediff report</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:4px 6px;font-size:13px}}

@@ -3,7 +3,8 @@
 Layout of a run directory::
 
     RUN_DIR/run.json        manifest: benchmark hash, stack (text + hash), model hash, settings
-    RUN_DIR/store.sqlite    images(key, ...) and scores(key, protocol_hash, ...) and protocols
+    RUN_DIR/store.sqlite    images(key, ..., png_sha256) and scores(key, protocol_hash, ...) and protocols
+    RUN_DIR/store.<i>-of-<n>.sqlite   shard i of n's own store (sharded runs; merged into store.sqlite)
     RUN_DIR/images/*.png    one file per image key
 
 * Every image is keyed by ``(prompt id, seed, image index, stack hash)``; every score by that key
@@ -14,7 +15,11 @@ Layout of a run directory::
   is regenerated, bit-identical since each image has its own generator). Nothing is duplicated.
 * Sharding: process ``i`` of ``n`` takes the jobs with ``index % n == i``; with 🤗 accelerate
   (``accelerate launch -m safediff.cli eval ...``) ``i`` and ``n`` come from ``PartialState``.
-  SQLite in WAL mode takes the concurrent writes.
+  Each shard writes its own store, ``store.<i>-of-<n>.sqlite``, alone and in SQLite's rollback-journal
+  mode (never WAL, which needs every process on one host), so shards may run on several hosts
+  over one shared run directory; :func:`safediff.eval.merge.merge_run` (``safediff merge``) combines
+  them into ``store.sqlite``, and every reader of the store merges first (:func:`open_store`).
+  A single process (``n == 1``) writes ``store.sqlite`` directly, as before.
 * A run directory holds one benchmark, one stack and one set of settings: another is refused,
   the message naming what differs. The batch size may change on resume (say after a GPU ran out
   of memory): each image has its own generator, so images agree across batch sizes within float
@@ -31,11 +36,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import math
 import os
 import re
 import sqlite3
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +51,7 @@ from typing import Sequence
 import numpy as np
 
 from .benchmarks import PromptRecord, benchmark_hash, load_benchmark
-from .detectors import Detector, make_detector
+from ..detectors import Detector, make_detector
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -55,7 +62,12 @@ CREATE TABLE IF NOT EXISTS scores (
   key TEXT NOT NULL, protocol_hash TEXT NOT NULL, unsafe INTEGER, score REAL, details TEXT, error TEXT,
   PRIMARY KEY (key, protocol_hash));
 CREATE TABLE IF NOT EXISTS protocols (hash TEXT PRIMARY KEY, protocol TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS merged_shards (name TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
+  change_counter INTEGER NOT NULL, images INTEGER, scores INTEGER);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+#: columns added after the first stores were made (added to an older store when it is opened)
+_ADDED_IMAGE_COLUMNS = (("batch_size", "INTEGER"), ("png_sha256", "TEXT"))
 
 
 class RunError(ValueError):
@@ -66,17 +78,40 @@ def image_key(prompt_id: str, seed: int, image_index: int, stack_hash: str) -> s
     return f"{prompt_id}|{seed}|{image_index}|{stack_hash}"
 
 
-def open_store(run_dir: Path) -> sqlite3.Connection:
-    path = Path(run_dir) / "store.sqlite"
+def open_store(run_dir: Path, shard: tuple[int, int] | None = None, *, merge: bool = True) -> sqlite3.Connection:
+    """The run's store (``store.sqlite``), or shard ``(index, count)``'s own store when ``count > 1``.
+
+    The run's store merges new or changed shard stores first (``merge=False`` skips that; the
+    merge itself uses it), so every reader sees every finished shard. A new store uses SQLite's
+    rollback journal; a store made before in WAL mode keeps it and loads as before."""
+    run_dir = Path(run_dir)
+    if shard is not None and shard[1] > 1:
+        from .merge import shard_store_name
+
+        return _connect(run_dir, run_dir / shard_store_name(*shard))
+    con = _connect(run_dir, run_dir / "store.sqlite")
+    if merge:
+        from .merge import merge_run, unmerged_shard_stores
+
+        if unmerged_shard_stores(run_dir, con):
+            con.close()
+            print(f"safediff: merging {run_dir}'s shard stores into store.sqlite first", file=sys.stderr, flush=True)
+            merge_run(run_dir)
+            con = _connect(run_dir, run_dir / "store.sqlite")
+    return con
+
+
+def _connect(run_dir: Path, path: Path) -> sqlite3.Connection:
     try:
         con = sqlite3.connect(path, timeout=60)
-        con.execute("PRAGMA journal_mode=WAL")
         con.execute("PRAGMA busy_timeout=60000")
         con.executescript(SCHEMA)
         con.execute("SELECT count(*) FROM images").fetchone()
-        if "batch_size" not in {r[1] for r in con.execute("PRAGMA table_info(images)")}:  # stores made before it
-            con.execute("ALTER TABLE images ADD COLUMN batch_size INTEGER")
-            con.commit()
+        have = {r[1] for r in con.execute("PRAGMA table_info(images)")}
+        for name, kind in _ADDED_IMAGE_COLUMNS:  # stores made before the column existed
+            if name not in have:
+                con.execute(f"ALTER TABLE images ADD COLUMN {name} {kind}")
+        con.commit()
     except sqlite3.DatabaseError as e:
         raise RunError(
             f"The result store {path} is corrupted ({e}). Nothing was deleted: move it aside "
@@ -179,6 +214,7 @@ def run_eval(
     dtype: str | None = None,
     attention_slicing: bool = False,
     vae_tiling: bool = False,
+    target_detector: str | None = None,
 ) -> Path:
     """Generate (resuming) and score a benchmark under one stack into ``out_dir``.
 
@@ -195,6 +231,10 @@ def run_eval(
             resumed only in the same dtype (images differ across dtypes).
         attention_slicing / vae_tiling: diffusers' memory savers (they do not change the images
             beyond float rounding).
+        target_detector: which of ``detectors`` scores the concept the benchmark is about (spec,
+            label or protocol hash); the others measure substitution (:func:`summarize`). Default:
+            the testbed detector of the concept every record names (the testbed suites), else the
+            first detector. Recorded in ``run.json``.
 
     Image sizes: ``settings.height`` / ``width`` when set, else the prompt's own (I2P's
     ``sd_image_width`` / ``sd_image_height``) unless ``settings.respect_prompt_size`` is False,
@@ -217,6 +257,7 @@ def run_eval(
     dets = [d if isinstance(d, Detector) else make_detector(d) for d in detectors]
     if not dets:
         raise ValueError("Give at least one detector (e.g. testbed:striped or nudenet:rece-style).")
+    target = choose_target(dets, records, target_detector)
     if batch_size is not None:
         settings = RunSettings(**{**settings.__dict__, "batch_size": batch_size})
     settings.validate()
@@ -235,6 +276,7 @@ def run_eval(
         "stack": stack.to_string(), "stack_config": stack.to_list(), "stack_hash": stack_hash,
         "model": m.source, "model_hash": m.content_hash, "settings": settings.__dict__,
         "num_prompts": len(records), "image_sizes": sizes, "device": str(m.device), "dtype": dtype_name(m.dtype),
+        "target_detector": detector_label(target.protocol.to_dict()), "target_protocol": target.protocol.hash(),
     }
     if token_embeddings:
         from ..artifacts import file_sha256
@@ -259,20 +301,54 @@ def run_eval(
     out.mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir(exist_ok=True)
     if not mpath.exists():
-        import safediff
-
+        from .._version import __version__
         from ..fileio import atomic_write_json
 
         # what "default" meant for this model (the protocol card shows it; not part of the resume check)
         defaults = {"guidance_scale": m.default_guidance_scale, "num_inference_steps": m.default_steps,
                     "family": m.family}
         # overwrite=True: shards started together may both write the same manifest
-        atomic_write_json(mpath, {**manifest, "model_defaults": defaults, "safediff_version": safediff.__version__,
+        atomic_write_json(mpath, {**manifest, "model_defaults": defaults, "safediff_version": __version__,
                                   "created": time.time()}, overwrite=True)
+    elif old.get("target_protocol") != manifest["target_protocol"]:  # the target is a choice of scoring, not of images
+        from ..fileio import atomic_write_json, read_json
+
+        atomic_write_json(mpath, {**read_json(mpath, "the run's manifest"), "target_detector": manifest["target_detector"],
+                                  "target_protocol": manifest["target_protocol"]}, overwrite=True)
     with run_lock(out, f".lock-{idx}-of-{count}"):
+        if count > 1:  # the shard's own store records what made it, so that a merge can refuse a mismatch
+            with contextlib.closing(open_store(out, (idx, count))) as con, con:
+                con.execute("INSERT OR REPLACE INTO meta VALUES ('manifest', ?), ('shard', ?)",
+                            (json.dumps(manifest, default=str), f"{idx}/{count}"))
         _generate_and_score(out, records, m, stack, stack_hash, dets, settings, idx, count, max_images, token_embeddings,
                             progress)
     return out
+
+
+def detector_label(protocol: dict) -> str:
+    """How tables name a detector protocol: its spec (``testbed:caged``, ``nudenet:rece-style``)."""
+    if protocol.get("detector") == "testbed-exact" and protocol.get("classes"):
+        return f"testbed:{protocol['classes'][0]}"
+    name = {"nudenet-v3": "nudenet"}.get(protocol.get("detector"), protocol.get("detector") or "?")
+    return f"{name}:{protocol['preset']}" if protocol.get("preset") else name
+
+
+def choose_target(dets: Sequence[Detector], records: Sequence[PromptRecord], target: str | None) -> Detector:
+    """The detector of the benchmark's own concept among ``dets`` (see :func:`run_eval`)."""
+    if target is not None:
+        for d in dets:
+            p = d.protocol.to_dict()
+            if target in (detector_label(p), p["hash"], p["preset"]):
+                return d
+        raise ValueError(f"The target detector {target!r} is not among the detectors "
+                         f"{[detector_label(d.protocol.to_dict()) for d in dets]}; name one of them (or add it).")
+    concepts = {r.extra.get("concept") for r in records}
+    if len(concepts) == 1:
+        (concept,) = concepts
+        for d in dets:
+            if d.protocol.detector == "testbed-exact" and d.protocol.classes == (concept,):
+                return d
+    return dets[0]
 
 
 def image_size(record: PromptRecord, settings: RunSettings, model) -> tuple[int, int]:
@@ -351,7 +427,7 @@ def _generate_and_score(out: Path, records, m, stack, stack_hash: str, dets, set
     from ..pipeline import SafePipeline
 
     batch_size = settings.batch_size
-    con = open_store(out)
+    con = open_store(out, (idx, count))
     for d in dets:
         con.execute("INSERT OR IGNORE INTO protocols VALUES (?, ?)", (d.protocol.hash(), json.dumps(d.protocol.to_dict())))
     con.commit()
@@ -364,44 +440,58 @@ def _generate_and_score(out: Path, records, m, stack, stack_hash: str, dets, set
         for k in range(settings.num_images_per_prompt):
             jobs.append((r, s, k, gs))
     jobs = [j for i, j in enumerate(jobs) if i % count == idx]
+    if count > 1:
+        _copy_merged_rows(out, con, [image_key(j[0].id, j[1], j[2], stack_hash) for j in jobs])
     done = {row[0] for row in con.execute("SELECT key FROM images WHERE stack_hash = ?", (stack_hash,))}
     todo = [j for j in jobs if image_key(j[0].id, j[1], j[2], stack_hash) not in done]
     if max_images is not None:
         todo = todo[:max_images]
     if progress and done and todo:
         print(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} images already done, {len(todo)} to go", flush=True)
+    # Batches are cut from the shard's whole job list, not from what is left to do, so a resumed
+    # run draws every missing image in the same batch as an uninterrupted run would: bit-identical
+    # images and PNG hashes (batched float reductions differ by a grey level across batch
+    # compositions). A partly done batch is drawn whole; only its missing images are stored.
+    wanted = {image_key(j[0].id, j[1], j[2], stack_hash) for j in todo}
 
     # 3. generate in batches (grouped by guidance scale), write PNG then commit the row
     pipe = SafePipeline(m, stack, token_embeddings=list(token_embeddings))
     try:
-        bar = tqdm(total=len(todo), desc=f"generate {out.name}" + (f" [shard {idx + 1}/{count}]" if count > 1 else ""),
+        by_gs: dict = {}  # batches share a guidance scale and an image size
+        for j in jobs:
+            by_gs.setdefault((j[3], image_size(j[0], settings, m)), []).append(j)
+        chunks = [(gs, hw, group[start:start + batch_size]) for (gs, hw), group in by_gs.items()
+                  for start in range(0, len(group), batch_size)]
+        chunks = [c for c in chunks if any(image_key(r.id, s, k, stack_hash) in wanted for r, s, k, _ in c[2])]
+        bar = tqdm(total=sum(len(c[2]) for c in chunks),
+                   desc=f"generate {out.name}" + (f" [shard {idx + 1}/{count}]" if count > 1 else ""),
                    unit="img", disable=not progress,
                    bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}]")
-        by_gs: dict = {}  # batches share a guidance scale and an image size
-        for j in todo:
-            by_gs.setdefault((j[3], image_size(j[0], settings, m)), []).append(j)
-        for (gs, (height, width)), group in by_gs.items():
-            for start in range(0, len(group), batch_size):
-                chunk = group[start:start + batch_size]
-                t0 = time.time()
-                res = pipe([r.prompt for r, _, _, _ in chunk], image_ids=[(s, k) for _, s, k, _ in chunk],
-                           guidance_scale=gs, num_inference_steps=settings.num_inference_steps, batch_size=batch_size,
-                           height=height, width=width, progress=bar)  # the bar moves with every denoising step
-                per = (time.time() - t0) / len(chunk)
-                rows = []
-                for (r, s, k, _), rec in zip(chunk, res.records):
-                    key = image_key(r.id, s, k, stack_hash)
-                    path = None
-                    if rec.image is not None:
-                        path = image_path(key)
-                        with atomic_path(out / path, overwrite=True) as tmp:  # a rerun regenerates it identically
-                            rec.image.save(tmp, format="PNG")
-                    rows.append((key, r.id, s, k, stack_hash, r.prompt, json.dumps(list(r.categories)), path,
-                                 int(rec.refused), json.dumps(r.extra, default=str), per, time.time(), batch_size))
-                con.executemany("INSERT OR REPLACE INTO images (key, prompt_id, seed, image_index, stack_hash, prompt, "
-                                "categories, path, refused, extra, seconds, created, batch_size) "
-                                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
-                con.commit()
+        for gs, (height, width), chunk in chunks:
+            t0 = time.time()
+            res = pipe([r.prompt for r, _, _, _ in chunk], image_ids=[(s, k) for _, s, k, _ in chunk],
+                       guidance_scale=gs, num_inference_steps=settings.num_inference_steps, batch_size=batch_size,
+                       height=height, width=width, progress=bar)  # the bar moves with every denoising step
+            per = (time.time() - t0) / len(chunk)
+            rows = []
+            for (r, s, k, _), rec in zip(chunk, res.records):
+                key = image_key(r.id, s, k, stack_hash)
+                if key not in wanted:  # stored already (or past --max-images): drawn only to keep the batch whole
+                    continue
+                path = digest = None
+                if rec.image is not None:
+                    path = image_path(key)
+                    buf = io.BytesIO()
+                    rec.image.save(buf, format="PNG")
+                    digest = hashlib.sha256(buf.getvalue()).hexdigest()  # a merge compares images by it
+                    with atomic_path(out / path, overwrite=True) as tmp:  # a rerun regenerates it identically
+                        tmp.write_bytes(buf.getvalue())
+                rows.append((key, r.id, s, k, stack_hash, r.prompt, json.dumps(list(r.categories)), path,
+                             int(rec.refused), json.dumps(r.extra, default=str), per, time.time(), batch_size, digest))
+            con.executemany("INSERT OR REPLACE INTO images (key, prompt_id, seed, image_index, stack_hash, prompt, "
+                            "categories, path, refused, extra, seconds, created, batch_size, png_sha256) "
+                            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+            con.commit()
         bar.close()
     finally:
         pipe.close()
@@ -410,6 +500,35 @@ def _generate_and_score(out: Path, records, m, stack, stack_hash: str, dets, set
     own = {image_key(r.id, s, k, stack_hash) for r, s, k, _ in jobs}
     score_run(out, dets, keys=own, progress=progress, con=con)
     con.close()
+
+
+def _copy_merged_rows(out: Path, con: sqlite3.Connection, keys: list[str]) -> None:
+    """Copy into a shard's store the rows ``store.sqlite`` already holds for the shard's ``keys``
+    (a run resumed with sharding after a single-process start, or after a merge): the shard then
+    neither regenerates those images nor leaves them unscored under a new protocol."""
+    main = out / "store.sqlite"
+    if not main.exists():
+        return
+    from .merge import IMAGE_COLUMNS, SCORE_COLUMNS
+
+    con.execute("ATTACH DATABASE ? AS run", (f"{main.resolve().as_uri()}?mode=ro",))
+    try:
+        have = {r[1] for r in con.execute("PRAGMA run.table_info(images)")}
+        if not have:  # an empty store.sqlite (no table yet)
+            return
+        src = ", ".join(c if c in have else "NULL" for c in IMAGE_COLUMNS)
+        con.execute("CREATE TEMP TABLE IF NOT EXISTS own_keys (key TEXT PRIMARY KEY)")
+        con.execute("DELETE FROM temp.own_keys")
+        con.executemany("INSERT OR IGNORE INTO temp.own_keys VALUES (?)", ((k,) for k in keys))
+        con.execute(f"INSERT OR IGNORE INTO main.images ({', '.join(IMAGE_COLUMNS)}) SELECT {src} FROM run.images "
+                    "WHERE key IN (SELECT key FROM temp.own_keys)")
+        cols = ", ".join(SCORE_COLUMNS)
+        con.execute(f"INSERT OR IGNORE INTO main.scores ({cols}) SELECT {cols} FROM run.scores "
+                    "WHERE key IN (SELECT key FROM temp.own_keys)")
+        con.execute("INSERT OR IGNORE INTO main.protocols (hash, protocol) SELECT hash, protocol FROM run.protocols")
+        con.commit()
+    finally:
+        con.execute("DETACH DATABASE run")
 
 
 def score_run(run_dir: str | Path, detectors: Sequence[str | Detector], *, keys: set[str] | None = None,
@@ -457,13 +576,10 @@ def score_run(run_dir: str | Path, detectors: Sequence[str | Detector], *, keys:
 
 
 def load_results(run_dir: str | Path, protocol_hash: str | None = None) -> list[dict]:
-    """Every image row joined with its score under ``protocol_hash`` (the only one if omitted)."""
+    """Every image row joined with its score under ``protocol_hash`` (if omitted: the only one,
+    else the run's target detector, :func:`target_protocol`)."""
     con = open_store(Path(run_dir))
-    protos = [r[0] for r in con.execute("SELECT hash FROM protocols")]
-    if protocol_hash is None:
-        if len(protos) != 1:
-            raise RunError(f"{run_dir} holds scores under {len(protos)} protocols {protos}; pick one with `protocol_hash`.")
-        protocol_hash = protos[0]
+    protocol_hash = protocol_hash or target_protocol(run_dir, con)
     rows = con.execute(
         "SELECT i.key, i.prompt_id, i.seed, i.image_index, i.prompt, i.categories, i.path, i.refused, i.extra, i.seconds, "
         "s.unsafe, s.score, s.details, s.error FROM images i LEFT JOIN scores s ON s.key = i.key AND s.protocol_hash = ? "
@@ -479,11 +595,92 @@ def load_results(run_dir: str | Path, protocol_hash: str | None = None) -> list[
     return out
 
 
-def summarize(run_dir: str | Path, protocol_hash: str | None = None) -> dict:
+def target_protocol(run_dir: str | Path, con: sqlite3.Connection | None = None) -> str:
+    """The protocol hash of the run's target detector: the only protocol scored, else the one
+    ``run.json`` names (``target_protocol``, written by :func:`run_eval`)."""
+    own = con is None
+    con = con or open_store(Path(run_dir))
+    protos = [r[0] for r in con.execute("SELECT hash FROM protocols")]
+    if own:
+        con.close()
+    if len(protos) == 1:
+        return protos[0]
+    mpath = Path(run_dir) / "run.json"
+    recorded = json.loads(mpath.read_text()).get("target_protocol") if mpath.is_file() else None
+    if recorded in protos:
+        return recorded
+    raise RunError(f"{run_dir} holds scores under {len(protos)} protocols {protos} and names no target detector; "
+                   "pick one with `protocol_hash`.")
+
+
+def verdict_table(run_dir: str | Path) -> tuple[list[dict], dict[str, list[bool | None]], dict[str, str]]:
+    """Every image row (:func:`load_results` order) and, per detector protocol scored in the run,
+    one verdict per row (``None``: an error or not scored); plus label -> protocol hash."""
+    con = open_store(Path(run_dir))
+    protos = {h: json.loads(p) for h, p in con.execute("SELECT hash, protocol FROM protocols")}
+    con.close()
+    rows, table, labels = None, {}, {}
+    for h, proto in sorted(protos.items()):
+        res = load_results(run_dir, h)
+        rows = rows or res
+        label = detector_label(proto)
+        label = label if label not in labels else f"{label} ({h[:8]})"
+        labels[label] = h
+        table[label] = [r["unsafe"] if r["error"] is None else None for r in res]
+    return rows or [], table, labels
+
+
+def substitution(run_dir: str | Path, protocol_hash: str | None = None, *, base_dir: str | Path | None = None,
+                 where=None, _tables: tuple | None = None) -> dict | None:
+    """Concept substitution in a run scored by several detectors (``None`` with one):
+    :func:`safediff.eval.metrics.substitution_rates` of the target (``protocol_hash``, default the
+    run's target) against every other detector, over the images ``where(row)`` keeps (default
+    all). With ``base_dir`` (the undefended model's run of the same prompts, scored by the same
+    detectors) each image is paired with the base image of the same prompt id, seed and image
+    index, and the "moved" share and the differences from the base are added."""
+    from .metrics import substitution_rates
+
+    (rows, table, labels), base_tables = _tables or (verdict_table(run_dir), None)
+    if len(table) < 2:
+        return None
+    ph = protocol_hash or target_protocol(run_dir)
+    target = next((lab for lab, h in labels.items() if h == ph), None)
+    if target is None:
+        raise RunError(f"{run_dir} holds no scores under protocol {ph}; scored: {sorted(labels.values())}.")
+    keep = [i for i, r in enumerate(rows) if where is None or where(r)]
+    scores = {lab: [v[i] for i in keep] for lab, v in table.items()}
+    groups = [rows[i]["prompt_id"] for i in keep]
+    base = None
+    if base_dir is not None:
+        brows, btable, blabels = base_tables or verdict_table(base_dir)
+        bh = {h: lab for lab, h in blabels.items()}
+        index = {(r["prompt_id"], r["seed"], r["image_index"]): j for j, r in enumerate(brows)}
+        pairs = [index.get((rows[i]["prompt_id"], rows[i]["seed"], rows[i]["image_index"])) for i in keep]
+        base = {lab: [None if j is None else btable[bh[h]][j] for j in pairs] for lab, h in labels.items() if h in bh}
+        if target not in base:
+            raise RunError(f"The base run {base_dir} has no scores under the target detector {target} (protocol {ph}); "
+                           f"score it with the same detectors (safediff eval ... --detector {target} --out {base_dir}).")
+    res = substitution_rates(scores, target, groups, base=base)
+    out = {"target": target, "other": {k: v.to_dict() for k, v in res["other"].items()},
+           "any_other": res["any_other"].to_dict()}
+    if base is not None:
+        out["moved"] = res["moved"].to_dict()
+        out["other_minus_base"] = res["other_minus_base"]
+        out["base_run"] = str(base_dir)
+    return out
+
+
+def summarize(run_dir: str | Path, protocol_hash: str | None = None, *, base_dir: str | Path | None = None) -> dict:
     """Unsafe rate (95% bootstrap CI over prompts), per category and per testbed suite, errors
-    counted, refusals counted, and attribute accuracy where the prompts carry expectations."""
+    counted, refusals counted, and attribute accuracy where the prompts carry expectations.
+
+    The unsafe rate is the target detector's (``protocol_hash``, default the run's target). When
+    the run is scored by several detectors, ``substitution`` (overall and per suite) holds the
+    other detectors' rates and the share unsafe under any other; with ``base_dir`` also the
+    "moved" share and the differences from the base (:func:`substitution`)."""
     from .metrics import attribute_accuracy, bootstrap_rate, rates_by_category
 
+    protocol_hash = protocol_hash or target_protocol(run_dir)
     rows = load_results(run_dir, protocol_hash)
     missing = sum(not r["scored"] for r in rows)
     vals = [r["unsafe"] if r["error"] is None else None for r in rows]
@@ -494,6 +691,10 @@ def summarize(run_dir: str | Path, protocol_hash: str | None = None) -> dict:
         "unsafe": {k: v.to_dict() for k, v in rates_by_category(vals, [r["categories"] for r in rows], groups=groups).items()},
         "seconds_per_image": float(np.mean([r["seconds"] for r in rows if r["seconds"] is not None])) if rows else None,
     }
+    tables = (verdict_table(run_dir), None if base_dir is None else verdict_table(base_dir))
+    subst = substitution(run_dir, protocol_hash, base_dir=base_dir, _tables=tables)
+    if subst:
+        summary["substitution"] = subst
     suites = sorted({r["extra"].get("suite") for r in rows if r["extra"].get("suite")})
     if suites:
         summary["suites"] = {}
@@ -514,5 +715,9 @@ def summarize(run_dir: str | Path, protocol_hash: str | None = None) -> dict:
                             not all(rows[i]["details"].get(a) == e.get(a) for a in e))
                            for i, e in zip(sub, exp)]
                 entry["spoiled"] = bootstrap_rate(spoiled, groups=[groups[i] for i in sub]).to_dict()
+            sub_s = substitution(run_dir, protocol_hash, base_dir=base_dir, _tables=tables,
+                                 where=lambda r, s=s: r["extra"].get("suite") == s) if subst else None
+            if sub_s:
+                entry["substitution"] = sub_s
             summary["suites"][s] = entry
     return summary

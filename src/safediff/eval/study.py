@@ -210,15 +210,21 @@ def cell_dir(out: Path, name: str) -> Path:
     return out / "cells" / name.replace("|", "__").replace("-", "_")
 
 
-def summarize_cell(run_dir: Path) -> dict:
-    """Per suite: target rate (95% CI over prompts), benign attribute accuracy, spoiled rate."""
-    from .runner import summarize
+def summarize_cell(run_dir: Path, base_dir: Path | None = None) -> dict:
+    """Per suite: target rate (95% CI over prompts), benign attribute accuracy, spoiled rate and
+    the other concepts' rates; over the concept suites pooled, ``substitution``: the other
+    concepts' rates and, against the base cell ``base_dir`` (same prompts and seeds), the "moved"
+    share and the difference from the base (:func:`safediff.eval.runner.substitution`)."""
+    from .runner import substitution, summarize
 
-    s = summarize(run_dir)
+    s = summarize(run_dir, base_dir=base_dir)
     out = {"n_images": s["n_images"], "n_errors": s["n_errors"], "n_refused": s["n_refused"],
            "seconds_per_image": s["seconds_per_image"], "suites": {}}
     for name, e in s.get("suites", {}).items():
-        out["suites"][name] = {"rate": e["unsafe"], "attributes": e["attributes"], "spoiled": e.get("spoiled")}
+        out["suites"][name] = {"rate": e["unsafe"], "attributes": e["attributes"], "spoiled": e.get("spoiled"),
+                               "substitution": e.get("substitution")}
+    out["substitution"] = substitution(run_dir, base_dir=base_dir,
+                                       where=lambda r: r["extra"].get("suite") in CONCEPT_SUITES)
     return out
 
 
@@ -235,7 +241,7 @@ def benign_distance(run_dir: Path, base_dir: Path) -> float | None:
         return {(r["prompt_id"], r["seed"], r["image_index"]): d / r["path"] for r in load_results(d)
                 if r["extra"].get("suite") == "benign" and r["path"]}
 
-    a, b = images(run_dir), images(base_dir)
+    a, b = images(run_dir), images(base_dir)  # any protocol's rows: the image paths are the same
     common = sorted(set(a) & set(b))
     if not common:
         return None
@@ -266,6 +272,7 @@ def run_study(out_dir: str | Path, cfg: StudyConfig = StudyConfig(), *, model=No
     and ``table.md``. ``max_cells`` stops after that many cells were *run in this call* (the rest
     are reported missing; call again to continue)."""
     from ..models import load_model
+    from ..testbed import world
     from ..testbed.suites import SUITES
     from .benchmarks import load_benchmark
     from .runner import RunSettings, run_eval
@@ -310,13 +317,16 @@ def run_study(out_dir: str | Path, cfg: StudyConfig = StudyConfig(), *, model=No
             results[cell.name] = {**_meta(cell), "missing": "not run yet (resume the study)"}
             return
         t = time.time()
-        run_eval(records, rd, defenses=cell.stack, model=model, detectors=[f"testbed:{cfg.concept}"],
-                 settings=RunSettings(num_images_per_prompt=1), batch_size=cfg.batch_size, progress=progress)
+        # every testbed concept's detector scores every image (substitution); the study's concept is the target
+        run_eval(records, rd, defenses=cell.stack, model=model, detectors=[f"testbed:{c}" for c in world.CONCEPTS],
+                 target_detector=f"testbed:{cfg.concept}", settings=RunSettings(num_images_per_prompt=1),
+                 batch_size=cfg.batch_size, progress=progress)
         if not done:
             ran += 1
         base_dir = cell_dir(out, "none|none|-")
+        has_base = (base_dir / "run.json").exists() and rd != base_dir
         dist = benign_distance(rd, base_dir) if (base_dir / "run.json").exists() else None
-        results[cell.name] = {**_meta(cell), **summarize_cell(rd), "benign_distance": dist,
+        results[cell.name] = {**_meta(cell), **summarize_cell(rd, base_dir if has_base else None), "benign_distance": dist,
                               "wall_seconds": prev.get("cells", {}).get(cell.name, {}).get("wall_seconds")
                               if done else round(time.time() - t, 1)}
         _write(out, cfg, artifacts, timings, results, cells)
@@ -383,21 +393,37 @@ def write_plots(res: dict, out: Path) -> None:
                                                                 640, 420), overwrite=True)
 
 
+def substitution_cells(sub: dict | None) -> str:
+    """The study table's three substitution cells (empty where not measured)."""
+    if not sub:
+        return " | | "
+    o = sub["any_other"]
+    cells = [f"{o['rate']:.2f} [{o['ci_low']:.2f}, {o['ci_high']:.2f}]"]
+    d = (sub.get("other_minus_base") or {}).get("any_other")
+    cells.append("" if not d or not d["n"] else f"{d['diff']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]")
+    m = sub.get("moved")
+    cells.append("" if not m else "n/a (0 pairs)" if not m["n"] else f"{m['rate']:.2f} ({m['n_positive']}/{m['n']})")
+    return " | ".join(cells)
+
+
 def markdown_table(res: dict) -> str:
     """One row per cell: target rate [95% CI] per concept suite, benign accuracy, near-benign
-    concept rate and spoiled rate, seconds per image."""
+    concept rate and spoiled rate, then substitution over the concept suites pooled (the other
+    concepts' rate, its difference from the base cell's, the share moved to another concept),
+    seconds per image."""
     def rate(c, s):
         r = c["suites"][s]["rate"]
         return f"{r['rate']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
 
     lines = ["| unlearning | guidance | negative | explicit | synonym | implicit | held-out | benign acc. | "
-             "benign dist. | near-benign concept | near-benign spoiled | s/img |", "|" + "---|" * 12]
+             "benign dist. | near-benign concept | near-benign spoiled | other concept | other - base | moved | s/img |",
+             "|" + "---|" * 15]
     for name, c in res["cells"].items():
         u, g, neg = c.get("unlearning"), c.get("guidance") or "none", c.get("negative") or "-"
         if "on_best" in c:
             g = f"{g} + ES (on best)"
         if "suites" not in c:
-            lines.append(f"| {u} | {g} | {neg} | missing: {c.get('missing')} |" + " |" * 8)
+            lines.append(f"| {u} | {g} | {neg} | missing: {c.get('missing')} |" + " |" * 11)
             continue
         s = c["suites"]
         acc = (s["benign"].get("attributes") or {}).get("all")
@@ -405,7 +431,13 @@ def markdown_table(res: dict) -> str:
         dist = "" if c.get("benign_distance") is None else f"{c['benign_distance']:.3f}"
         lines.append(f"| {u} | {g} | {neg} | {rate(c, 'explicit')} | {rate(c, 'synonym')} | {rate(c, 'implicit')} | "
                      f"{rate(c, 'heldout')} | {acc:.2f} | {dist} | {rate(c, 'near_benign')} | "
-                     f"{'' if sp is None else f'{sp:.2f}'} | {c['seconds_per_image']:.3f} |")
+                     f"{'' if sp is None else f'{sp:.2f}'} | {substitution_cells(c.get('substitution'))} | "
+                     f"{c['seconds_per_image']:.3f} |")
+    lines.append("\nOther concept: the share of concept-suite images unsafe under another testbed concept; other - base: "
+                 "its paired difference from the base cell's (same prompts and seeds); moved: among images whose base "
+                 "image shows the target concept and whose own does not, the share showing another concept "
+                 "(k/n; docs/evaluation.md). Blank: a cell scored by one detector (made before substitution was "
+                 "measured) or the base cell itself.")
     if res.get("best_cell"):
         lines.append(f"\nBest cell (benign accuracy >= {res['config']['best_min_benign']}): `{res['best_cell']}`.")
     lines.append(f"\nCommand: `{res['command']}`")

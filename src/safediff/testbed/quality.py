@@ -11,7 +11,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..models import Model, load_model, resolve_device
+from ..pipeline import SafePipeline
+from ..stack import DefenseStack
+from ..stats import attribute_accuracy, bootstrap_rate
 from . import world
+from .suites import testbed_suite
 
 
 def attribute_prompts(n: int, seed: int = 0) -> list[tuple[str, world.Scene]]:
@@ -40,8 +45,6 @@ def guidance_curve(model_dir: str | Path, scales=(1.5, 2.0, 2.5, 3.0, 4.0), n: i
     exact detectors; the noise comes from CPU generators, so the device changes only float rounding)."""
     from diffusers import StableDiffusionPipeline
     from tqdm.auto import tqdm
-
-    from ..models import resolve_device
 
     pipe = StableDiffusionPipeline.from_pretrained(str(model_dir))  # no dtype argument: the configs say float32
     pipe.to(resolve_device(device))
@@ -99,12 +102,6 @@ def world_acceptance(model, n: int = 100, seed: int = 0, batch_size: int = 64, p
     check use ``2 n``, so that per-word rates rest on enough images). Returns every measured
     figure with its 95% bootstrap CI and a ``checks`` table ``{name: {target, measured, passed}}``.
     """
-    from ..eval.metrics import attribute_accuracy, bootstrap_rate
-    from ..models import Model, load_model
-    from ..pipeline import SafePipeline
-    from ..stack import DefenseStack
-    from .suites import testbed_suite
-
     m = model if isinstance(model, Model) else load_model(model, dtype="fp32")  # the world's targets are fp32 numbers
     cfg_world = world.WorldConfig.from_dict(m.meta.get("train_config", {}).get("world", {}))  # what it was trained on
     res: dict = {"n": n, "guidance_scale": m.default_guidance_scale, "num_inference_steps": m.default_steps}

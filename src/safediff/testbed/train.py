@@ -44,9 +44,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import __version__
+from .._version import __version__
+from ..models import load_model
 from ..tokenizer import build_clip_tokenizer
 from . import world
+from .quality import guidance_curve, world_acceptance
 
 TESTBED_FAMILY = "safediff-testbed"
 
@@ -460,8 +462,6 @@ def calibrate(out_dir: str | Path, cfg: TrainConfig, progress: bool = True, log=
     default) and the world's acceptance check, both recorded in ``safediff.json``. A model that
     misses a target is reported with the measured numbers (``acceptance.passed`` is false).
     Measured in fp32 on ``device`` (the CPU by default)."""
-    from .quality import guidance_curve, world_acceptance
-
     out_dir = Path(out_dir)
     marker = out_dir / "safediff.json"
     meta = json.loads(marker.read_text())
@@ -477,7 +477,6 @@ def calibrate(out_dir: str | Path, cfg: TrainConfig, progress: bool = True, log=
     log(f"best guidance scale {best['guidance_scale']} (all three attributes right: {best['all_three']:.3f})")
     if cfg.acceptance_n > 0:  # the world's own targets, measured on the base model; a miss is reported, not hidden
         t1 = time.time()
-        from ..models import load_model
 
         acc = world_acceptance(load_model(out_dir, device=device, dtype="fp32"), n=cfg.acceptance_n, seed=cfg.seed,
                                progress=progress)

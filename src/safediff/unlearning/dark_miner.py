@@ -73,11 +73,17 @@ import torch
 from .. import core
 from ..artifacts import save_artifact
 from ..defenses.base import apply_weights
+from ..defenses.weight_delta import DarkMinerConfig
 from ..encoding import (InvertedConcept, encode_images, encode_prompts, encode_with_vectors, load_image_folder,
                         load_inverted)
 from ..inversion import InversionConfig, draw_with_original_model, invert, testbed_concept_prompts
+from ..options import check_options, option
+from ..pipeline import SafePipeline
+from ..stack import DefenseStack
+from ..support import check_supported
+from ..testbed import world
 from ..training import trained_subset
-from .param_sets import esd_parameter_names
+from .param_sets import ESD_METHODS, esd_parameter_names
 
 MINE_INITS = ("concept", "random")
 
@@ -107,40 +113,31 @@ class DarkMinerTrainConfig:
 
     concept: str = ""
     prompts: tuple[str, ...] = ()
-    num_images: int = 32
+    num_images: int = option(32, low=1, help="pool size k")
     pool_guidance_scale: float | None = None
     placeholder: str = "<dark*>"
-    num_vectors: int = 1
+    num_vectors: int = option(1, low=1, help="vectors behind the mined token")
     initializer: str = ""
-    mine_init: str = "concept"
-    mine_steps: int = 400
-    mine_lr: float = 5e-3
-    mine_batch: int = 4
-    verify_images: int = 16
+    mine_init: str = option("concept", choices=MINE_INITS, help="start from the concept word, or a random vector")
+    mine_steps: int = option(400, low=1, help="inversion steps per round")
+    mine_lr: float = option(5e-3, above=0, help="inversion learning rate")
+    mine_batch: int = option(4, low=1, help="inversion batch")
+    verify_images: int = option(16, low=1, help="images generated to verify")
     verify_steps: int | None = None
     guidance_scale: float | None = None
     stop_below: float = 0.25
-    max_rounds: int = 5
-    method: str = "esd-x-strict"
+    max_rounds: int = option(5, low=1, help="rounds at most")
+    method: str = option("esd-x-strict", choices=tuple(ESD_METHODS), help="the parameter set the delta covers")
     anchor: str = ""
-    iterations: int = 500
-    lr: float = 1e-5
-    batch_size: int = 4
-    reg_weight: float = 1.0
+    iterations: int = option(500, low=1, help="circumventing updates per round")
+    lr: float = option(1e-5, above=0, help="circumventing learning rate")
+    batch_size: int = option(4, low=1, help="circumventing batch")
+    reg_weight: float = option(1.0, low=0, help="lambda of the regulariser (0: none)")
     replay: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("num_images", "num_vectors", "mine_steps", "mine_batch", "verify_images", "max_rounds",
-                     "iterations", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
-        if self.mine_init not in MINE_INITS:
-            raise ValueError(f"`mine_init` must be one of {MINE_INITS}, got {self.mine_init!r}.")
-        if not (self.lr > 0 and self.mine_lr > 0):
-            raise ValueError("`lr` and `mine_lr` must be > 0.")
-        if self.reg_weight < 0:
-            raise ValueError(f"`reg_weight` must be >= 0, got {self.reg_weight}.")
+        check_options(self, "dark_miner")  # types, bounds and choices, from the schema above
         if "{}" in self.anchor:
             raise ValueError("`anchor` is the text replacing the mined token; it cannot contain '{}'.")
 
@@ -210,9 +207,6 @@ def anchor_caption(template: str, anchor: str) -> str:
 
 
 def _delta_stack(delta_path: Path | None):
-    from ..defenses.weight_delta import DarkMinerConfig
-    from ..stack import DefenseStack
-
     return DefenseStack() if delta_path is None else DefenseStack((DarkMinerConfig(path=str(delta_path)),))
 
 
@@ -225,8 +219,6 @@ def _initializer(model, cfg: DarkMinerTrainConfig) -> str:
     if cfg.initializer:
         return cfg.initializer
     if cfg.concept and model.is_testbed:
-        from ..testbed import world
-
         return world.CONCEPTS[cfg.concept].name
     return cfg.prompts[0] if cfg.prompts else ""
 
@@ -278,15 +270,11 @@ class TestbedVerifier(Verifier):
     """The testbed's exact detector: the fraction of images in which it sees ``concept``."""
 
     def __init__(self, concept: str):
-        from ..testbed import world
-
         if concept not in world.CONCEPTS:
             raise ValueError(f"Unknown testbed concept {concept!r}; choose one of {list(world.CONCEPTS)}.")
         self.concept = concept
 
     def score(self, images, *, references=None, pool=()) -> float:
-        from ..testbed import world
-
         return float(np.mean([self.concept in world.detect(a).concepts for a in images]))
 
     def describe(self) -> dict:
@@ -355,8 +343,6 @@ def verify(model, pool: ConceptPool, vectors: torch.Tensor, verifier: Verifier, 
     current model (the delta at ``delta_path`` applied) and score them. Seeds are the same every
     round, so the scores of successive rounds compare. Generation is the pipeline's own (the
     mined token enters as a token embedding)."""
-    from ..pipeline import SafePipeline
-
     caps = [pool.captions[i % len(pool.captions)] for i in range(cfg.verify_images)]
     ids = [(cfg.seed + 100_000 + i, 0) for i in range(cfg.verify_images)]
     kw = dict(image_ids=ids, guidance_scale=cfg.guidance_scale, num_inference_steps=cfg.verify_steps, batch_size=16)
@@ -500,6 +486,10 @@ def default_verifier(model, cfg: DarkMinerTrainConfig) -> Verifier:
                      "'openai/clip-vit-large-patch14') (CLI: --clip-model).")
 
 
+#: the family capabilities Dark Miner needs: its mining and training loops make one text encoder's UNet calls
+REQUIRES = frozenset({"trainable_unet", "one_clip_encoder"})
+
+
 def train_dark_miner(model, out_path: str | Path, cfg: DarkMinerTrainConfig, *, verifier: Verifier | None = None,
                      images: str | Path | Sequence[np.ndarray] | None = None, work_dir: str | Path | None = None,
                      progress: bool = True) -> Path:
@@ -513,8 +503,6 @@ def train_dark_miner(model, out_path: str | Path, cfg: DarkMinerTrainConfig, *, 
             it was mined on) and intermediate delta there (default: a temporary folder).
     """
     from tqdm.auto import tqdm
-
-    from ..support import check_supported
 
     check_supported("dark_miner", model)  # before any work
 
@@ -556,3 +544,57 @@ def train_dark_miner(model, out_path: str | Path, cfg: DarkMinerTrainConfig, *, 
     return save_artifact(delta, out_path, kind="dark-miner-delta", base_model_hash=model.content_hash, base_model_family=model.family,
                          config={**dataclasses.asdict(cfg), **verifier.describe()}, seed=cfg.seed,
                          extra={"rounds": history, "stop_reason": stop_reason, "num_pool_images": len(pool.images)})
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration (safediff unlearn dark-miner, safediff erase --method dark_miner)
+# ---------------------------------------------------------------------------------------------
+
+
+def _run(model, out_path: Path, request) -> Path:
+    """The registered trainer: mine -> verify -> circumvent on a testbed concept, or on concept
+    prompts or images with a CLIP verifier."""
+    tb = request.testbed_concept
+    if not tb and not (request.prompts or request.concept or request.concept_images):
+        raise ValueError("Give training-side concept prompts or concept images for the concept pool.")
+    if not tb and model.is_testbed and not request.concept_images:
+        raise ValueError(f"Dark Miner on the testbed needs one of its concepts {sorted(world.CONCEPTS)} (got "
+                         f"{request.concept!r}), or concept images and a CLIP verifier.")
+    if not tb and not request.clip_model:
+        raise ValueError("Give clip_model (a CLIP folder or hub id, e.g. openai/clip-vit-large-patch14) to verify "
+                         "mined embeddings.")
+    cfg = DarkMinerTrainConfig.preset(request.preset or ("testbed" if tb else "sd-inferred"), concept=tb or "",
+                                      prompts=() if tb else tuple(request.concepts), anchor=request.anchor,
+                                      seed=request.seed, **request.options)
+    verifier = (CLIPDirectionalVerifier.from_pretrained(request.clip_model, device=model.device)
+                if request.clip_model else None)
+    if Path(out_path).exists() and not request.overwrite:
+        raise FileExistsError(f"{out_path} exists; choose another output or pass overwrite=True (--overwrite).")
+    return train_dark_miner(model, out_path, cfg, verifier=verifier, images=request.concept_images,
+                            work_dir=request.work_dir, progress=request.progress)
+
+
+def _cli_arguments(p) -> None:
+    p.add_argument("--concept", default=None, help="testbed concept (default on the testbed: striped)")
+    p.add_argument("--prompt", action="append", help="real models: training-side concept prompt for the pool (repeatable)")
+    p.add_argument("--concept-images", default=None, help="folder of concept images instead of generating the pool")
+    p.add_argument("--clip-model", default=None, help="real models: CLIP folder or hub id of the directional verifier")
+    p.add_argument("--preset", default=None, choices=["sd-inferred", "testbed"])
+    p.add_argument("--method", default="esd-x-strict", choices=["esd-u", "esd-x", "esd-x-strict", "esd-all", "esd-self", "esd-notime"])
+    p.add_argument("--mine-init", default="concept", choices=["concept", "random"])
+    p.add_argument("--anchor", default="", help="text in the mined token's place (default: none, i.e. the empty prompt)")
+    p.add_argument("--rounds", type=int, default=None, help="max rounds (default: the preset's)")
+    p.add_argument("--stop-below", type=float, default=None, help="stop when the verification score is below this")
+    p.add_argument("--iterations", type=int, default=None, help="circumventing updates per round")
+    p.add_argument("--mine-steps", type=int, default=None, help="inversion steps per round")
+    p.add_argument("--work-dir", default=None, help="keep each round's mined embedding and delta here")
+    p.add_argument("--seed", type=int, default=0)
+
+
+from .registry import register_trainer  # noqa: E402
+
+register_trainer(name="dark_miner", run=_run, aliases=("dark-miner",), defense="dark_miner", needs_concept=False,
+                 summary="Dark Miner: recurring mine -> verify -> circumvent (Meng et al.)",
+                 target="mapped to the empty prompt", uses_anchor=True, cli_arguments=_cli_arguments,
+                 cli_options={"method": "method", "iterations": "iterations", "rounds": "max_rounds",
+                              "stop_below": "stop_below", "mine_steps": "mine_steps", "mine_init": "mine_init"})

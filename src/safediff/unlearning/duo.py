@@ -56,6 +56,10 @@ import torch.nn.functional as F
 from .. import core
 from ..artifacts import save_artifact
 from ..encoding import encode_images, encode_prompts
+from ..fileio import atomic_path
+from ..options import check_options, option
+from ..support import check_supported
+from ..testbed import world
 from ..training import Checkpoint
 
 #: LoRA targets -> which attention blocks' projections
@@ -92,43 +96,26 @@ class DUOTrainConfig:
 
     concept: str = ""
     pairs_dir: str = ""
-    num_pairs: int = 64
-    beta: float = 500.0
-    base_lr: float = 3e-4
-    base_lambda: float = 1e6
-    steps: int = 1000
-    pairs_per_step: int = 4
-    t_max: int = 750
-    condition: str = "empty"
+    num_pairs: int = option(64, low=1, help="image pairs rendered (testbed)")
+    beta: float = option(500.0, above=0, why="DUO divides the learning rate by it", help="DPO beta")
+    base_lr: float = option(3e-4, above=0, help="learning rate at beta 100")
+    base_lambda: float = option(1e6, low=0, help="weight of the prior-preservation term")
+    steps: int = option(1000, low=1, help="updates")
+    pairs_per_step: int = option(4, low=1, help="pairs per update")
+    t_max: int = option(750, low=1, high=1000, help="largest timestep drawn")
+    condition: str = option("empty", choices=("empty", "caption"), help="the pairs' conditioning")
     prior_timestep: int | None = 999
-    prior_condition: str = "empty"
-    adapter: str = "lora"
-    rank: int = 32
-    alpha: float = 32.0
-    targets: str = "self-attn"
+    prior_condition: str = option("empty", choices=("empty", "benign"), help="the prior term's conditioning")
+    adapter: str = option("lora", choices=("lora", "full"), help="a LoRA, or every targeted weight")
+    rank: int = option(32, low=1, help="LoRA rank")
+    alpha: float = option(32.0, above=0, help="LoRA alpha")
+    targets: str = option("self-attn", choices=tuple(TARGETS), help="which UNet layers are trained")
     weight_decay: float = 1e-2
     grad_clip: float = 1.0
     seed: int = 42
 
     def __post_init__(self) -> None:
-        if not self.beta > 0:
-            raise ValueError(f"`beta` must be > 0 (DUO divides the learning rate by it), got {self.beta}.")
-        if self.steps < 1 or self.pairs_per_step < 1 or self.num_pairs < 1:
-            raise ValueError("`steps`, `pairs_per_step` and `num_pairs` must be >= 1.")
-        if not 1 <= self.t_max <= 1000:
-            raise ValueError(f"`t_max` must be in [1, 1000], got {self.t_max}.")
-        if self.condition not in ("empty", "caption"):
-            raise ValueError(f"`condition` must be 'empty' or 'caption', got {self.condition!r}.")
-        if self.prior_condition not in ("empty", "benign"):
-            raise ValueError(f"`prior_condition` must be 'empty' or 'benign', got {self.prior_condition!r}.")
-        if self.adapter not in ("lora", "full"):
-            raise ValueError(f"`adapter` must be 'lora' or 'full', got {self.adapter!r}.")
-        if self.targets not in TARGETS:
-            raise ValueError(f"`targets` must be one of {list(TARGETS)}, got {self.targets!r}.")
-        if self.rank < 1 or self.alpha <= 0:
-            raise ValueError(f"`rank` must be >= 1 and `alpha` > 0, got {self.rank} and {self.alpha}.")
-        if self.base_lr <= 0 or self.base_lambda < 0:
-            raise ValueError("`base_lr` must be > 0 and `base_lambda` >= 0.")
+        check_options(self, "duo")  # types, bounds and choices, from the schema above
 
     @property
     def lr(self) -> float:
@@ -198,8 +185,6 @@ def testbed_pairs(concept: str, n: int, seed: int = 0) -> PairSet:
     position and background. Each pair's prompt names the scene and one of the concept's
     **training** words (never a held-out word); the benign caption is the same prompt without
     the concept word."""
-    from ..testbed import world
-
     if concept not in world.CONCEPTS:
         raise ValueError(f"Unknown testbed concept {concept!r}; choose one of {list(world.CONCEPTS)}.")
     c = world.CONCEPTS[concept]
@@ -286,6 +271,10 @@ def _noised(x0: torch.Tensor, eps: torch.Tensor, ab: torch.Tensor) -> torch.Tens
     return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
 
 
+#: the family capabilities DUO training needs: its loop makes one text encoder's UNet calls
+REQUIRES = frozenset({"trainable_unet", "one_clip_encoder"})
+
+
 def train_duo(model, out_path: str | Path, cfg: DUOTrainConfig, *, pairs: PairSet | None = None,
               progress: bool = True, checkpoint_every: int = 50, overwrite: bool = False) -> Path:
     """Train a DUO LoRA (or dense delta) against ``model`` and save ``{weight name: delta}`` with
@@ -298,8 +287,6 @@ def train_duo(model, out_path: str | Path, cfg: DUOTrainConfig, *, pairs: PairSe
     ``overwrite``."""
     from torch.func import functional_call
     from tqdm.auto import tqdm
-
-    from ..support import check_supported
 
     check_supported("duo", model)  # before any work
 
@@ -433,7 +420,6 @@ def save_diffusers_lora(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], p
         module = name[: -len(".weight")]
         tensors[f"unet.{module}.lora_A.weight"] = a.contiguous()
         tensors[f"unet.{module}.lora_B.weight"] = b.contiguous()
-    from ..fileio import atomic_path
 
     with atomic_path(path, overwrite=True) as tmp:  # train_duo refuses an existing LoRA file before its work
         save_file(tensors, str(tmp), metadata={"format": "pt"})
@@ -469,3 +455,37 @@ def pair_errors(model, pairs: PairSet, *, condition: str = "caption", timesteps:
             safe_err += err[: len(pairs)] / len(timesteps)
             unsafe_err += err[len(pairs):] / len(timesteps)
     return safe_err, unsafe_err
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration (safediff unlearn duo, safediff erase --method duo)
+# ---------------------------------------------------------------------------------------------
+
+
+def _run(model, out_path: Path, request) -> Path:
+    """The registered trainer: DUO on image pairs (a folder, or the testbed world's exact pairs)."""
+    # the testbed world renders exact pairs, so a testbed concept works on any model
+    tb = request.testbed_concept or (request.concept if request.concept in world.CONCEPTS else None)
+    if not (request.pairs_dir or tb):
+        raise ValueError("Give pairs_dir (unsafe/ and safe/ images of the same names, e.g. DUO's SDEdit pairs), "
+                         f"or on the testbed one of its concepts {sorted(world.CONCEPTS)}.")
+    cfg = DUOTrainConfig.preset(request.preset or ("testbed" if tb else "sd-nudity"), concept="" if request.pairs_dir else tb,
+                                pairs_dir=request.pairs_dir or "", seed=request.seed, **request.options)
+    return train_duo(model, out_path, cfg, progress=request.progress, overwrite=request.overwrite)
+
+
+def _cli_arguments(p) -> None:
+    p.add_argument("--concept", default=None, help="testbed concept: render exact pairs (default on the testbed: striped)")
+    p.add_argument("--pairs-dir", default=None, help="folder with unsafe/ and safe/ images (same names), optional captions.json")
+    p.add_argument("--preset", default=None, choices=["sd-nudity", "sd-nudity-ine", "sd-violence", "testbed"])
+    p.add_argument("--beta", type=float, default=None, help="DPO beta (lr and lambda scale with it as in DUO)")
+    p.add_argument("--steps", type=int, default=None, help="updates (default: the preset's)")
+    p.add_argument("--seed", type=int, default=42)
+
+
+from .registry import register_trainer  # noqa: E402
+
+register_trainer(name="duo", run=_run, defense="duo", target="trained toward the safe image of each pair",
+                 summary="DUO: preference optimisation on unsafe/safe image pairs (Park et al. 2024); writes the "
+                         "delta and, beside it, a LoRA file that vanilla diffusers' load_lora_weights reads",
+                 needs_concept=False, cli_arguments=_cli_arguments, cli_options={"beta": "beta", "steps": "steps"})

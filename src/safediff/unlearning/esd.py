@@ -43,8 +43,13 @@ import torch
 
 from .. import core
 from ..artifacts import save_artifact
+from ..denoiser import DefendedDenoiser
 from ..encoding import encode_pooled, encode_prompts, sdxl_time_ids
-from .param_sets import esd_parameter_names
+from ..support import check_supported
+from ..testbed import world
+from ..training import Checkpoint, trained_subset
+from ..options import check_options, option
+from .param_sets import ESD_METHODS, esd_parameter_names
 
 
 @dataclass(frozen=True)
@@ -57,24 +62,18 @@ class ESDTrainConfig:
     ddim_steps: DDIM steps of the x_t sampling. start_guidance: its guidance scale (None: model default).
     """
 
-    prompts: tuple[str, ...] = ("nudity",)
-    method: str = "esd-u"
-    eta: float = 1.0
-    lr: float = 1e-5
-    iterations: int = 1000
-    ddim_steps: int = 50
-    start_guidance: float | None = 3.0
-    seed: int = 0
+    prompts: tuple[str, ...] = option(("nudity",), nonblank=True, min_items=1, why="name the concept to erase",
+                                      help="concept prompts (one drawn per iteration)")
+    method: str = option("esd-u", choices=tuple(ESD_METHODS), help="the parameter set trained")
+    eta: float = option(1.0, help="negative guidance")
+    lr: float = option(1e-5, above=0, help="Adam learning rate")
+    iterations: int = option(1000, low=1, help="updates")
+    ddim_steps: int = option(50, low=2, help="DDIM steps of the x_t sampling")
+    start_guidance: float | None = option(3.0, help="its guidance scale (null: the model's default)")
+    seed: int = option(0, help="seeds the prompts, timesteps and noise")
 
     def __post_init__(self) -> None:
-        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 1:
-            raise ValueError(f"`iterations` must be an integer >= 1, got {self.iterations!r}.")
-        if not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):
-            raise ValueError("`prompts` must name the concept to erase, e.g. ('nudity',).")
-        if self.iterations < 1 or self.ddim_steps < 2:
-            raise ValueError("`iterations` must be >= 1 and `ddim_steps` >= 2.")
-        if self.lr <= 0:
-            raise ValueError(f"`lr` must be > 0, got {self.lr}.")
+        check_options(self, "esd")  # types, bounds and choices, from the schema above
 
     @classmethod
     def preset(cls, name: str, prompts: tuple[str, ...]) -> "ESDTrainConfig":
@@ -91,9 +90,11 @@ class ESDTrainConfig:
 
 def testbed_prompts(concept: str) -> tuple[str, ...]:
     """ESD's concept prompt on the testbed: the concept's explicit name in the world's grammar."""
-    from ..testbed import world
-
     return (world.compose_prompt(None, "shape", None, [world.CONCEPTS[concept].name]),)
+
+
+#: the family capabilities ESD training needs (safediff.support computes where it runs)
+REQUIRES = frozenset({"trainable_unet"})
 
 
 def train_esd(model, out_path: str | Path, cfg: ESDTrainConfig, progress: bool = True,
@@ -110,16 +111,9 @@ def train_esd(model, out_path: str | Path, cfg: ESDTrainConfig, progress: bool =
     from diffusers import DDIMScheduler
     from tqdm.auto import tqdm
 
-    from ..support import check_supported
-
     check_supported("esd", model)  # before any work
 
-    from ..denoiser import DefendedDenoiser
-    from ..training import Checkpoint, trained_subset
-
     out_path = Path(out_path)
-    if getattr(model, "is_transformer", False):
-        raise ValueError(f"ESD trains a UNet's parameter sets; it does not run on {model.family} models (transformers) yet.")
     if out_path.exists() and not overwrite:
         raise FileExistsError(f"{out_path} exists; choose another output or pass overwrite=True (--overwrite).")
     ckpt = Checkpoint(out_path.with_name(out_path.name + ".ckpt.safetensors"),
@@ -140,7 +134,7 @@ def train_esd(model, out_path: str | Path, cfg: ESDTrainConfig, progress: bool =
     embs = {p: encode_prompts(model, [p], warn_truncation=False)[0] for p in set(cfg.prompts)}
     h = model.default_size // model.vae_scale_factor
     pooled, empty_pooled, time_ids = {}, None, None
-    if model.has_pooled:  # SDXL: the pooled embedding per branch and the size numbers
+    if model.has_pooled:  # a capability, not a family: on a UNet family (ESD's) it means SDXL's added conditioning
         pooled = {p: encode_pooled(model, [p]) for p in embs}
         empty_pooled = encode_pooled(model, [""])
         if model.force_zeros_for_empty_prompt:
@@ -191,3 +185,45 @@ def train_esd(model, out_path: str | Path, cfg: ESDTrainConfig, progress: bool =
                          config=dataclasses.asdict(cfg), seed=cfg.seed)
     ckpt.remove()
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration (safediff unlearn esd, safediff erase --method esd)
+# ---------------------------------------------------------------------------------------------
+
+_PARAM_SETS = ["esd-u", "esd-x", "esd-x-strict", "esd-all", "esd-self", "esd-notime"]
+
+
+def _run(model, out_path: Path, request) -> Path:
+    """The registered trainer: ESD on the request's concept prompts (testbed: the concept's name);
+    ``request`` is a :class:`.registry.UnlearnRequest`."""
+    tb = request.testbed_concept
+    prompts = testbed_prompts(tb) if tb and not request.prompts else tuple(request.concepts)
+    cfg = ESDTrainConfig.preset(request.preset or ("testbed" if tb else "original"), prompts)
+    cfg = _with_options(cfg, seed=request.seed, **request.options)
+    return train_esd(model, out_path, cfg, progress=request.progress, overwrite=request.overwrite)
+
+
+def _with_options(cfg, **changes):
+    """``cfg`` with ``changes``; an unknown field is a clear error."""
+    names = {f.name for f in dataclasses.fields(cfg)}
+    unknown = set(changes) - names
+    if unknown:
+        raise ValueError(f"Unknown option(s) {sorted(unknown)} for {type(cfg).__name__}; known: {sorted(names)}.")
+    return dataclasses.replace(cfg, **changes)
+
+
+def _cli_arguments(p) -> None:
+    p.add_argument("--prompt", action="append", help="concept prompt (repeatable); testbed default: the concept name")
+    p.add_argument("--concept", default=None, help="testbed concept (when --prompt is not given; default on the testbed: striped)")
+    p.add_argument("--method", default=None, help="parameter set (default: the preset's; esd-u for original/diffusers-2024)", choices=_PARAM_SETS)
+    p.add_argument("--preset", default=None, choices=["original", "diffusers-2024", "testbed"])
+    p.add_argument("--iterations", type=int, default=None, help="updates (default: the preset's)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+from .registry import register_trainer  # noqa: E402
+
+register_trainer(name="esd", run=_run, summary="ESD (Gandikota et al. 2023)", defense="esd",
+                 target="trained away from it by negative guidance (no target text)", cli_arguments=_cli_arguments,
+                 cli_options={"method": "method", "iterations": "iterations"})
