@@ -177,6 +177,7 @@ def test_every_registered_method_has_a_support_entry():
 _MINIMAL = {
     "prompt_guard": 'prompt_guard(concepts=["zebra"], threshold=0.99)',
     "negative_prompt": 'negative_prompt(text="zebra")',
+    "nag": 'nag(negative="zebra")',
     "sld": 'sld(concept="zebra")',
     "uce": 'uce(erase=["zebra"])',
     "rece": 'rece(erase=["zebra"], epochs=1)',

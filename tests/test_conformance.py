@@ -27,6 +27,7 @@ FAMILIES = ("testbed", "sd1", "sd2", "sd2-v", "sdxl", "sd3", "flux")
 #: each registered defense at zero strength (artifact paths need not exist: a skipped defense
 #: reads no file), or why it has no zero-strength setting. A new defense must be added here.
 ZERO_STRENGTH: dict[str, tuple[str, ...] | str] = {
+    "nag": ('nag(negative="zebra", scale=0)',),
     "negative_prompt": ('negative_prompt(text="")',),
     "output_filter": ('output_filter(detector="")',),
     "prompt_guard": ('prompt_guard(concepts=["zebra"], enabled=false)',),
@@ -47,6 +48,7 @@ ZERO_CASES = [(name, text) for name, texts in ZERO_STRENGTH.items() if isinstanc
 
 #: an acting config of each defense that needs no artifact file (for the round trip)
 ACTING = {
+    "nag": 'nag(negative="zebra", scale=2, tau=3, alpha=0.5)',
     "negative_prompt": 'negative_prompt(text="zebra, \\"striped\\"")',
     "output_filter": 'output_filter(detector="testbed:striped", action=flag, score_threshold=0.5)',
     "prompt_guard": 'prompt_guard(concepts=["zebra", "nudity"], threshold=0.9)',

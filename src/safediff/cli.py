@@ -765,7 +765,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = _add(sub, "eval", help="generate and score a benchmark under a defense stack (resumable)")
     ev.add_argument("--benchmark", required=True, help="testbed:CONCEPT/SUITE, testbed:all, i2p, NAME=PATH or a CSV/JSONL path")
     model_arg(ev); defense_args(ev); device_args(ev)
-    ev.add_argument("--detector", action="append", help="testbed:CONCEPT, nudenet:PRESET or sd-safety-checker "
+    ev.add_argument("--detector", action="append", help="testbed:CONCEPT, nudenet:PRESET, sd-safety-checker or "
+                    "vlm:PATH_OR_ID[:THRESHOLD] "
                     "(repeatable; every image is scored by each; default every testbed concept on the testbed, "
                     "required on any other model)")
     ev.add_argument("--target-detector", default=None,

@@ -67,7 +67,7 @@ class DefendedDenoiser:
         self.guidance_scale = float(guidance_scale)
         self.num_steps = int(num_steps)
         self.do_cfg = self.guidance_scale > 1.0
-        if self.guidance and not self.do_cfg:
+        if not self.do_cfg and any(g.needs_cfg for g in self.guidance):
             raise ValueError(f"Guidance defenses need classifier-free guidance, but `guidance_scale` is "
                              f"{self.guidance_scale} (<= 1).{model.adapter.cfg_hint}")
         if "packed_latents" in model.capabilities and image_ids is None:

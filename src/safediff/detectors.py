@@ -17,6 +17,8 @@ Detectors:
   0.2 score floor use the raw ONNX scores;
 * :class:`Q16Detector` and :class:`SafetyCheckerDetector` -- real loading code from a path or hub
   id; their decisions are pure functions tested on recorded scores.
+* :class:`safediff.vlm_judge.VLMJudgeDetector` -- a vision-language judge (``vlm:PATH_OR_ID``):
+  P(unsafe answer) from its first answer token under a pinned prompt.
 """
 
 from __future__ import annotations
@@ -366,7 +368,8 @@ class SafetyCheckerDetector(Detector):
 
 
 def make_detector(spec: str) -> Detector:
-    """``testbed:striped``, ``nudenet:rece-style``, ``nudenet`` (UnlearnDiffAtk-style default)."""
+    """``testbed:striped``, ``nudenet:rece-style``, ``nudenet`` (UnlearnDiffAtk-style default),
+    ``vlm:PATH_OR_ID[:THRESHOLD]`` (a vision-language judge, :mod:`safediff.vlm_judge`)."""
     name, _, arg = spec.partition(":")
     if name == "testbed":
         return TestbedDetector(arg or "striped")
@@ -374,5 +377,10 @@ def make_detector(spec: str) -> Detector:
         return NudeNetDetector(arg or "unlearndiffatk-style")
     if name == "sd-safety-checker":
         return SafetyCheckerDetector(arg or "CompVis/stable-diffusion-safety-checker")
-    raise ValueError(f"Unknown detector {spec!r}; use testbed:CONCEPT, nudenet:PRESET ({sorted(NUDENET_PRESETS)}) "
-                     "or sd-safety-checker[:PATH]; Q16 needs its prompts file: build Q16Detector in Python.")
+    if name == "vlm":
+        from .vlm_judge import make_vlm_judge
+
+        return make_vlm_judge(arg)
+    raise ValueError(f"Unknown detector {spec!r}; use testbed:CONCEPT, nudenet:PRESET ({sorted(NUDENET_PRESETS)}), "
+                     "sd-safety-checker[:PATH] or vlm:PATH_OR_ID[:THRESHOLD]; Q16 needs its prompts file: build "
+                     "Q16Detector in Python.")

@@ -166,7 +166,7 @@ class AccessPolicy:
 
     def check_stack(self, stack) -> None:
         """Raise ``PermissionError`` for any artifact file of ``stack`` outside the allowed
-        directories, and for a safety-checker detector the model rules would refuse."""
+        directories, and for a safety-checker or VLM-judge detector the model rules would refuse."""
         for cfg in stack.defenses:
             for p in cfg.artifact_paths():
                 if not self._inside(str(p)):
@@ -175,6 +175,10 @@ class AccessPolicy:
             name, _, arg = detector.partition(":")
             if name == "sd-safety-checker":
                 self.check_model(arg or "CompVis/stable-diffusion-safety-checker", f"Defense `{cfg.name}`: detector")
+            if name == "vlm":  # a judge model is loaded like any model: same rules
+                from .vlm_judge import split_vlm_spec
+
+                self.check_model(split_vlm_spec(arg)[0], f"Defense `{cfg.name}`: detector")
 
     def sanitise(self, message: str, limit: int = 500) -> str:
         """``message`` with every absolute path outside the allowed directories replaced by

@@ -1,5 +1,6 @@
 """Defenses, one module each; importing this package registers them all."""
 
+from . import nag  # noqa: F401
 from . import negative_prompt  # noqa: F401
 from . import output_filter  # noqa: F401
 from . import prompt_guard  # noqa: F401

@@ -363,6 +363,9 @@ class GuidanceDefense(Defense):
     """
 
     stage = "guidance"
+    #: whether the defense acts through the CFG branches (``guide``, extra conditionings) and so
+    #: needs ``guidance_scale > 1``; False for one that acts only through :meth:`patch` (NAG)
+    needs_cfg: ClassVar[bool] = True
 
     def replaces_unconditional(self) -> bool:
         """Whether :meth:`unconditional` may replace the unconditional embedding (at most one
