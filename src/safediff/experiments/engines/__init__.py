@@ -87,3 +87,22 @@ def run_in_driver(job, out, outcome: RunOutcome) -> None:
 def blocked_by(job, outcome: RunOutcome) -> str | None:
     """The failed or blocked dependency that keeps ``job`` from running, if any."""
     return next((d for d in job.deps if d in outcome.failed or d in outcome.blocked), None)
+
+
+def ready_jobs(pending: list, out, exp, outcome: RunOutcome) -> list:
+    """Sort ``pending`` for an engine that dispatches in rounds: jobs already done (now or by an
+    earlier launch) and jobs behind a failed one leave ``pending`` for ``outcome``; the jobs whose
+    dependencies are all done are returned (left in ``pending``: the engine decides when they leave)."""
+    from ..graph import is_done
+
+    ready = []
+    for job in list(pending):
+        if is_done(out, job, exp):
+            outcome.done.append(job.id)
+            pending.remove(job)
+        elif blocked_by(job, outcome):
+            outcome.blocked[job.id] = blocked_by(job, outcome)
+            pending.remove(job)
+        elif all(d in outcome.done for d in job.deps):
+            ready.append(job)
+    return ready

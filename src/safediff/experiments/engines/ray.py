@@ -14,8 +14,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from . import DRIVER_JOBS, RunOutcome, blocked_by, require_extra, run_in_driver
-from ..graph import Job, execute_job, is_done, mark
+from . import DRIVER_JOBS, RunOutcome, ready_jobs, require_extra, run_in_driver
+from ..graph import Job, execute_job, mark
 
 
 def _run_job(out: str, job_id: str) -> dict:
@@ -46,21 +46,14 @@ class RayEngine:
             pending = list(jobs)
             running: dict = {}  # object ref -> job
             while pending or running:
-                for job in list(pending):
-                    if is_done(out, job, exp):
-                        outcome.done.append(job.id)
-                        pending.remove(job)
-                    elif blocked_by(job, outcome):
-                        outcome.blocked[job.id] = blocked_by(job, outcome)
-                        pending.remove(job)
-                    elif all(d in outcome.done for d in job.deps):
-                        pending.remove(job)
-                        if job.kind in DRIVER_JOBS:
-                            run_in_driver(job, out, outcome)
-                            continue
-                        running[task.remote(str(out), job.id)] = job
-                        if progress:
-                            print(f"ray: submitted {job.id}", file=sys.stderr, flush=True)
+                for job in ready_jobs(pending, out, exp, outcome):
+                    pending.remove(job)
+                    if job.kind in DRIVER_JOBS:
+                        run_in_driver(job, out, outcome)
+                        continue
+                    running[task.remote(str(out), job.id)] = job
+                    if progress:
+                        print(f"ray: submitted {job.id}", file=sys.stderr, flush=True)
                 if not running:
                     continue  # the driver's jobs may have unblocked others
                 ready, _ = ray.wait(list(running), num_returns=1)

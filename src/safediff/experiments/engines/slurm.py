@@ -14,8 +14,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from . import DRIVER_JOBS, RunOutcome, blocked_by, require_extra, run_in_driver
-from ..graph import Job, execute_job, is_done, mark
+from . import DRIVER_JOBS, RunOutcome, ready_jobs, require_extra, run_in_driver
+from ..graph import Job, execute_job, mark
 
 
 def _run_job(out: str, job_id: str) -> dict:
@@ -64,19 +64,12 @@ class SlurmEngine:
         pending = list(jobs)
         while pending:
             wave = []
-            for job in list(pending):
-                if is_done(out, job, exp):
-                    outcome.done.append(job.id)
+            for job in ready_jobs(pending, out, exp, outcome):
+                if job.kind in DRIVER_JOBS:  # a merge or the report: seconds, no model, no array
                     pending.remove(job)
-                elif blocked_by(job, outcome):
-                    outcome.blocked[job.id] = blocked_by(job, outcome)
-                    pending.remove(job)
-                elif all(d in outcome.done for d in job.deps):
-                    if job.kind in DRIVER_JOBS:  # a merge or the report: seconds, no model, no array
-                        pending.remove(job)
-                        run_in_driver(job, out, outcome)
-                    else:
-                        wave.append(job)
+                    run_in_driver(job, out, outcome)
+                else:
+                    wave.append(job)
             if not wave:
                 continue
             if progress:
