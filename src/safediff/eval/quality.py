@@ -32,7 +32,6 @@ through :class:`QualityModels`.
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -39,7 +39,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import re
 import sqlite3
 import sys

@@ -499,7 +499,6 @@ def calibrate(out_dir: str | Path, cfg: TrainConfig, progress: bool = True, log=
 def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), overwrite: bool = False, progress: bool = True, log=print) -> Path:
     """Train the testbed model from scratch into ``out_dir`` (see module docstring)."""
     out_dir = Path(out_dir)
-    marker = out_dir / "safediff.json"
     _check_out_dir(out_dir, overwrite)
     work = out_dir.with_name(out_dir.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
