@@ -207,6 +207,15 @@ def experiment_from_dict(data: dict, lines: dict[tuple, int] | None = None, sour
                 fail((key, name), f"{key} name {name!r} must be letters, digits, _ . + - (it names a folder).")
         return v
 
+    def entry(where: tuple, kind: str, name: str, value, keys: set, shape: str) -> dict:
+        """One named artifact / attack: a mapping whose keys are all in ``keys``."""
+        if not isinstance(value, dict):
+            fail(where, f"{kind} {name!r} is a mapping with {shape}.")
+        bad = sorted(set(value) - keys)
+        if bad:
+            fail(where + (bad[0],), f"unknown {kind} key {bad[0]!r}; the keys are {sorted(keys)}.")
+        return value
+
     def integer(path: tuple, v, low: int) -> int:
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             fail(path, f"`{path[-1]}` must be a whole number >= {low}, got {v!r}.")
@@ -240,11 +249,7 @@ def experiment_from_dict(data: dict, lines: dict[tuple, int] | None = None, sour
     artifacts: dict[str, Artifact] = {}
     for aname, a in mapping("artifacts").items():
         where = ("artifacts", aname)
-        if not isinstance(a, dict):
-            fail(where, f"artifact {aname!r} is a mapping with `method` ({', '.join(ARTIFACT_METHODS)}).")
-        bad = sorted(set(a) - ARTIFACT_KEYS)
-        if bad:
-            fail(where + (bad[0],), f"unknown artifact key {bad[0]!r}; the keys are {sorted(ARTIFACT_KEYS)}.")
+        entry(where, "artifact", aname, a, ARTIFACT_KEYS, f"`method` ({', '.join(ARTIFACT_METHODS)})")
         if a.get("method") not in ARTIFACT_METHODS:
             fail(where + ("method",), f"artifact {aname!r}: unknown method {a.get('method')!r}; "
                                       f"choose one of {list(ARTIFACT_METHODS)}.")
@@ -338,11 +343,7 @@ def experiment_from_dict(data: dict, lines: dict[tuple, int] | None = None, sour
 
     for tname, t in mapping("attacks").items():
         where = ("attacks", tname)
-        if not isinstance(t, dict):
-            fail(where, f"attack {tname!r} is a mapping with `method` and `stack`.")
-        bad = sorted(set(t) - ATTACK_KEYS)
-        if bad:
-            fail(where + (bad[0],), f"unknown attack key {bad[0]!r}; the keys are {sorted(ATTACK_KEYS)}.")
+        entry(where, "attack", tname, t, ATTACK_KEYS, "`method` and `stack`")
         try:
             get_attack(str(t.get("method")))
         except ValueError as e:
