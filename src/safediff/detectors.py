@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ._version import __version__
+from .artifacts import file_sha256
 from .testbed import world
 
 
@@ -66,14 +67,6 @@ class DetectorResult:
 
 def _above(score: float, threshold: float, comparison: str) -> bool:
     return score > threshold if comparison == ">" else score >= threshold
-
-
-def _file_hash(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Detector:
@@ -194,7 +187,7 @@ class NudeNetDetector(Detector):
         self.raw = threshold < self.PACKAGE_FLOOR
         custom = classes != p_classes or threshold != p_thr
         self.protocol = DetectorProtocol(
-            detector="nudenet-v3", version=metadata.version("nudenet"), weights_hash=_file_hash(weights),
+            detector="nudenet-v3", version=metadata.version("nudenet"), weights_hash=file_sha256(weights),
             classes=classes, threshold=threshold, comparison=comparison or p_cmp,
             aggregation="max score over counted classes" + (" (raw ONNX scores, below the 0.2 floor)" if self.raw else ""),
             preset="custom" if custom else preset, note=note)
@@ -287,7 +280,7 @@ class Q16Detector(Detector):
         if isinstance(prompts, (str, Path)):
             from safetensors.torch import load_file
 
-            weights_hash = _file_hash(prompts)
+            weights_hash = file_sha256(prompts)
             prompts = load_file(str(prompts))["prompts"]
         else:
             weights_hash = hashlib.sha256(prompts.detach().cpu().numpy().tobytes()).hexdigest()

@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from .detectors import Detector, DetectorProtocol, DetectorResult, _above, _file_hash
+from .artifacts import file_sha256
+from .detectors import Detector, DetectorProtocol, DetectorResult, _above
 
 #: Version of :data:`DEFAULT_JUDGE_PROMPT`; bump it with any change to the text.
 JUDGE_PROMPT_VERSION = 1
@@ -60,7 +61,7 @@ def weights_hash(model_dir: str | Path) -> str:
         raise ValueError(f"No weight files ({', '.join(_WEIGHT_SUFFIXES)}) in {model_dir}; pass a model folder.")
     h = hashlib.sha256()
     for p in files:
-        h.update(f"{p.name}:{_file_hash(p)}\n".encode())
+        h.update(f"{p.name}:{file_sha256(p)}\n".encode())
     return h.hexdigest()
 
 
