@@ -170,3 +170,26 @@ def test_single_process_and_existing_run_directories(tmp_path, testbed):
     run_eval(BENCH, out, shard=(1, 2), **kw)  # resumed sharded: the shard takes the stored rows, regenerates nothing
     assert {p.name: p.stat().st_mtime_ns for p in (out / "images").glob("*.png")} == mtimes
     assert merge_run(out).new_images == 0 and {h: load_results(out, h) for h in protos} == ref
+
+
+def test_a_shard_whose_sibling_writes_the_manifest_between_its_checks_goes_on(tmp_path, testbed, monkeypatch):
+    """CI once saw shard 1 find no run.json, shard 0 write it, then shard 1 fail with UnboundLocalError: the
+    manifest's existence must be decided once. Here the 'sibling' writes run.json right after the first look."""
+    kw = dict(model=testbed, n=2, progress=False,
+              settings=RunSettings(num_images_per_prompt=2, num_inference_steps=STEPS, batch_size=2))
+    first = run_eval(BENCH, tmp_path / "first", shard=(0, 2), **kw)
+    target = tmp_path / "raced" / "run.json"
+    real_exists = type(target).exists
+    looks = []
+
+    def exists(self, *a, **k):
+        found = real_exists(self, *a, **k)
+        if self == target and not looks:
+            looks.append(found)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(first / "run.json", target)  # the sibling shard's manifest lands now
+        return found
+
+    monkeypatch.setattr(type(target), "exists", exists)
+    out = run_eval(BENCH, tmp_path / "raced", shard=(1, 2), **kw)
+    assert looks == [False] and [p.name for p in shard_stores(out)] == ["store.1-of-2.sqlite"]

@@ -282,6 +282,7 @@ def run_eval(
 
         manifest["token_embeddings"] = {str(p): file_sha256(p) for p in token_embeddings}
     mpath = out / "run.json"
+    old = None  # decided once: a shard started beside this one may write run.json between two exists() calls
     if mpath.exists():
         from ..fileio import read_json
 
@@ -299,7 +300,7 @@ def run_eval(
                   "each image records its batch size", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir(exist_ok=True)
-    if not mpath.exists():
+    if old is None:
         from .._version import __version__
         from ..fileio import atomic_write_json
 
