@@ -8,8 +8,8 @@ throughput of each experiment engine (local, ray, slurm via submitit's local exe
   The engines run any job through ``execute_job`` of the stored experiment, so the job body is
   swapped in here by replacing the engine module's job entry point (``local.execute_job``,
   ``ray._run_job``, ``slurm._run_job``) for this process; Ray and submitit pickle the replacement
-  by value, so workers run it. Not counted: ``execute_job``'s own per-job reading of
-  ``experiment.json`` and rebuilding of the graph. ms/job = wall / N.
+  by value, so workers run it. Not counted: ``execute_job``'s reading of ``experiment.json``
+  (once per worker process; the engines pass each job, so no worker rebuilds the graph). ms/job = wall / N.
 * sleeping jobs: 1 s each (does not share the CPU): wall with 1 and 2 workers (Ray ``num_cpus``);
   submitit's local executor starts every task of an array at once (no worker limit), so it has
   one row. Ray tasks ask for one CPU each (the engine's options on a machine without GPUs), and
@@ -38,22 +38,22 @@ from pathlib import Path
 from types import SimpleNamespace
 
 
-def noop_job(out: str, job_id: str) -> dict:
-    """The no-op generator: only the done marker a real job writes."""
+def noop_job(out: str, job) -> dict:
+    """The no-op generator: only the done marker a real job writes (``job``: a Job or its id)."""
     from safediff.experiments.graph import mark
 
-    mark(Path(out), job_id, "done")
+    mark(Path(out), getattr(job, "id", job), "done")
     return {}
 
 
-def sleep_job(out: str, job_id: str) -> dict:
+def sleep_job(out: str, job) -> dict:
     """A job that waits 1 s without using the CPU, then writes its done marker."""
     import time as _t
 
     from safediff.experiments.graph import mark
 
     _t.sleep(1.0)
-    mark(Path(out), job_id, "done")
+    mark(Path(out), getattr(job, "id", job), "done")
     return {}
 
 
@@ -164,8 +164,8 @@ def markdown(res: dict) -> str:
               "job body was swapped in by replacing the engine module's job entry point in the benchmark process "
               "(the engines run only `execute_job` of a stored experiment; no change to `src/`). Ray and submitit "
               "pickle the replacement by value, so their workers ran it.",
-              "* Not in the no-op rows: `execute_job`'s per-job reading of `experiment.json` and rebuilding of the "
-              "graph (see the real-model rows, where it is paid per shard).",
+              "* Not in the no-op rows: `execute_job`'s reading of `experiment.json` (once per worker process; the "
+              "engines pass each job, so no worker rebuilds the graph; see the real-model rows).",
               "* Ray start-up (init, workers started and importing safediff) is in `startup_s` of the JSON, not in "
               "ms/job. The real-model rows include everything: Ray start-up and one model load per Ray worker.",
               "* submitit ran 20 jobs, not 10,000 (each array task is two new Python processes, all started at "

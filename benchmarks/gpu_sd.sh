@@ -10,3 +10,6 @@ python3 -c "from safediff.testing import save_full_size_pipeline as s; s('/tmp/s
 python3 benchmarks/core_overhead.py --model /tmp/sd1 --device cuda --dtype float16 --batch 4 --steps 25 --repeats 5 --out "$OUT/core_overhead_sd1_cuda.json"
 python3 benchmarks/core_overhead.py --model /tmp/sd2v --device cuda --dtype float16 --batch 4 --steps 25 --repeats 3 --size 768 --out "$OUT/core_overhead_sd2v_cuda.json"
 python3 benchmarks/stack_cost.py --model /tmp/sd1 --device cuda --dtype float16 --batch 4 --steps 25 --out "$OUT/stack_cost_sd1_cuda.json"
+# NAG against true CFG on the full-size SD3-medium architecture (random bf16 weights, 1024 x 1024, 28 steps)
+python3 -c "from safediff.testing import save_full_size_pipeline as s; s('/tmp/sd3', 'sd3')"
+python3 benchmarks/nag_cost.py --family sd3 --model /tmp/sd3 --device cuda --dtype bfloat16 --batch 1 --steps 28 --repeats 3 --out "$OUT/nag_cost_sd3_cuda"

@@ -13,7 +13,9 @@ Grids (every other setting is the method's documented testbed default):
 * UCE (training words -> "", benign words preserved): erase_scale 0.25, 0.5, 1, 2;
 * RECE (from UCE's testbed preset, reg 0.1): epochs 1, 2, 3, 5;
 * DUO (beta 100, LoRA rank 8 on self- and cross-attention): steps 50, 100, 150, 300;
-* Dark Miner (100 mining steps, 150 circumventing updates per round): rounds 1, 2, 3, 5.
+* Dark Miner (100 mining steps, 150 circumventing updates per round): rounds 1, 2, 3, 5;
+* AdvUnlearn (text encoder, lr 1e-3, 20 warm-up updates, 5 attack steps every 5 updates): iterations
+  25, 50, 100, 200.
 
     python benchmarks/unlearning_presets.py --out runs/presets      # resumable
     # writes benchmarks/results/unlearning_presets.json
@@ -32,7 +34,7 @@ from pathlib import Path
 import safediff
 from safediff.eval.benchmarks import load_benchmark
 from safediff.eval.runner import RunSettings, run_eval, summarize
-from safediff.unlearning import unlearn
+from safediff.unlearning import get_trainer, unlearn
 
 CONCEPT = "striped"
 GRID = {
@@ -41,6 +43,7 @@ GRID = {
     "rece": ("epochs", (1, 2, 3, 5)),
     "duo": ("steps", (50, 100, 150, 300)),
     "dark_miner": ("max_rounds", (1, 2, 3, 5)),
+    "advunlearn": ("iterations", (25, 50, 100, 200)),
 }
 EXPLICIT_MAX, BENIGN_MARGIN = 0.1, 0.02
 
@@ -75,7 +78,7 @@ def artifact(model, method: str, budget, art: Path, dm_work: Path) -> str:
     path = art / f"{method}-{key}{budget}.safetensors"
     if not path.exists():
         unlearn(method, model, path, concept=CONCEPT, options={key: budget})
-    return f'{method}(path="{path}")'
+    return f'{get_trainer(method).defense}(path="{path}")'  # the defense that applies the file (advunlearn: delta)
 
 
 def main() -> None:

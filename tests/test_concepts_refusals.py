@@ -151,7 +151,8 @@ def test_eval_and_attack_require_a_detector_and_concept_on_other_models(tmp_path
 
 
 def test_demo_chooses_its_concept_by_model(tiny):
-    from safediff.demo import DEMO_DEFENSE, DEMO_PROMPTS, REAL_DEMO_DEFENSE, demo_setup
+    from safediff.demo import REAL_DEMO_DEFENSE, demo_setup
+    from safediff.testbed.plugin import DEMO_DEFENSE, DEMO_PROMPTS
 
     assert demo_setup(safediff.load_model()) == (DEMO_DEFENSE, DEMO_PROMPTS)
     defense, prompts = demo_setup(tiny("sd1"))
@@ -206,7 +207,7 @@ def test_every_defense_builds_or_is_refused_by_family(tiny, family):
 def _trainer_call(method, model, tmp_path):
     """The entry point of a trainer with no data at all: a supported one asks for its data (or
     runs), an unsupported one must be refused by family before that."""
-    if method in ("esd", "duo", "dark_miner", "uce", "rece"):
+    if method in ("esd", "duo", "dark_miner", "uce", "rece", "advunlearn"):
         from safediff.unlearning import unlearn
 
         return lambda: unlearn(method, model, tmp_path / "out.safetensors", concept=None)

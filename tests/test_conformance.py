@@ -13,56 +13,27 @@ Refusal before any work on an unsupported family, for every defense, trainer and
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from _families import diffusers_images, ours
 
 import safediff  # noqa: F401 - registers every defense
-from safediff.defenses.base import known_defenses
+from safediff.defenses.base import get_defense, known_defenses
 from safediff.stack import DefenseStack
 
 FAMILIES = ("testbed", "sd1", "sd2", "sd2-v", "sdxl", "sd3", "flux")
 
 #: each registered defense at zero strength (artifact paths need not exist: a skipped defense
-#: reads no file), or why it has no zero-strength setting. A new defense must be added here.
-ZERO_STRENGTH: dict[str, tuple[str, ...] | str] = {
-    "nag": ('nag(negative="zebra", scale=0)',),
-    "negative_prompt": ('negative_prompt(text="")',),
-    "output_filter": ('output_filter(detector="")',),
-    "prompt_guard": ('prompt_guard(concepts=["zebra"], enabled=false)',),
-    "uce": ('uce(erase=["zebra"], erase_scale=0)',),
-    "rece": ('rece(erase=["zebra"], uce_erase_scale=0, erase_scale=0)',
-             'rece(erase=["zebra"], uce_erase_scale=0, epochs=0)'),
-    "safree": ("safree(enabled=false)",),
-    "safree_svf": "no strength option: SAFREE's self-validating filter always acts once listed",
-    "sanitizer": ('sanitizer(path="missing.safetensors", strength=0)',),
-    "sld": ('sld(concept="zebra", guidance_scale=0)',),
-    "delta": ('delta(path="missing.safetensors", scale=0)',),
-    "esd": ('esd(path="missing.safetensors", scale=0)',),
-    "duo": ('duo(path="missing.safetensors", scale=0)',),
-    "dark_miner": ('dark_miner(path="missing.safetensors", scale=0)',),
-}
+#: reads no file), or why it has no zero-strength setting: its config class's ``zero_strength``
+ZERO_STRENGTH: dict[str, tuple[str, ...] | str] = {n: get_defense(n).config_cls.zero_strength for n in known_defenses()}
 
 ZERO_CASES = [(name, text) for name, texts in ZERO_STRENGTH.items() if isinstance(texts, tuple) for text in texts]
 
-#: an acting config of each defense that needs no artifact file (for the round trip)
-ACTING = {
-    "nag": 'nag(negative="zebra", scale=2, tau=3, alpha=0.5)',
-    "negative_prompt": 'negative_prompt(text="zebra, \\"striped\\"")',
-    "output_filter": 'output_filter(detector="testbed:striped", action=flag, score_threshold=0.5)',
-    "prompt_guard": 'prompt_guard(concepts=["zebra", "nudity"], threshold=0.9)',
-    "uce": 'uce(erase=["zebra"], guide=["horse"], erase_scale=0.5)',
-    "rece": 'rece(erase=["zebra"], epochs=2)',
-    "safree": "safree(alpha=0.02)",
-    "safree_svf": "safree_svf(k=3.5, t0=5.5)",
-    "sanitizer": 'sanitizer(path="es.safetensors", strength=0.5)',
-    "sld": 'sld(concept="zebra", guidance_scale=1000, warmup_steps=3)',
-    "delta": 'delta(path="d.safetensors", scale=0.5)',
-    "esd": 'esd(path="esd.safetensors")',
-    "duo": 'duo(path="duo.safetensors", scale=2)',
-    "dark_miner": 'dark_miner(path="dm.safetensors")',
-}
+#: an acting config of each defense that needs no artifact file (for the round trip): its ``acting_example``
+ACTING = {n: get_defense(n).config_cls.acting_example for n in known_defenses()}
 
 PROMPTS = ["a red circle on white background", "a striped zebra square"]
 
@@ -76,14 +47,27 @@ def _weights(model) -> dict[str, torch.Tensor]:
 
 
 def test_every_registered_defense_has_a_zero_strength_entry_and_an_acting_one():
-    assert set(ZERO_STRENGTH) == set(known_defenses()), "add the new defense to ZERO_STRENGTH (and ACTING)"
-    assert set(ACTING) == set(known_defenses())
-    for name, text in ZERO_CASES:
-        (cfg,) = DefenseStack.parse(text).defenses
-        assert cfg.name == name and not cfg.is_active(), text
-    for name, text in ACTING.items():
-        (cfg,) = DefenseStack.parse(text).defenses
-        assert cfg.name == name and cfg.is_active(), text
+    for name in known_defenses():  # read now: a defense registered after this module was imported counts too
+        cls = get_defense(name).config_cls
+        zero, acting = cls.zero_strength, cls.acting_example
+        assert zero and (isinstance(zero, str) or all(isinstance(t, str) and t for t in zero)), \
+            f"{cls.__name__} declares no `zero_strength` (stack texts at zero strength, or why it has none)"
+        assert acting, f"{cls.__name__} declares no `acting_example` (an acting stack text)"
+        for text in zero if isinstance(zero, tuple) else ():
+            (cfg,) = DefenseStack.parse(text).defenses
+            assert cfg.name == name and not cfg.is_active(), text
+        (cfg,) = DefenseStack.parse(acting).defenses
+        assert cfg.name == name and cfg.is_active(), acting
+
+
+def test_a_registered_defense_without_its_examples_fails_the_check(monkeypatch):
+    from safediff.defenses import base
+
+    spec = get_defense("negative_prompt")
+    bare = type("BareConfig", (spec.config_cls,), {"zero_strength": (), "acting_example": ""})
+    monkeypatch.setitem(base._REGISTRY, "bare", dataclasses.replace(spec, name="bare", config_cls=bare))
+    with pytest.raises(AssertionError, match="BareConfig declares no `zero_strength`"):
+        test_every_registered_defense_has_a_zero_strength_entry_and_an_acting_one()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -105,13 +89,15 @@ def test_print_then_parse_keeps_the_stack_and_its_hash(name, monkeypatch):
     # artifact files named here do not exist: hash each by its path so the stack hash covers the configs
     monkeypatch.setattr(DefenseStack, "artifact_hashes",
                         lambda self: {p: p for d in self.defenses for p in d.artifact_paths()})
-    texts = [ACTING[name], *(t for n, t in ZERO_CASES if n == name)]
+    cls = get_defense(name).config_cls  # read now: a defense registered later (the toy of test_extending) counts
+    zero = cls.zero_strength if isinstance(cls.zero_strength, tuple) else ()
+    texts = [cls.acting_example, *zero]
     for stack in map(DefenseStack.parse, texts):
         printed = stack.to_string()
         again = DefenseStack.parse(printed)
         assert again == stack and again.to_string() == printed
         assert again.hash("base") == stack.hash("base")
-    assert DefenseStack.parse(ACTING[name]).hash("base") != DefenseStack.parse(None).hash("base")
+    assert DefenseStack.parse(cls.acting_example).hash("base") != DefenseStack.parse(None).hash("base")
 
 
 #: the per-family files' prompts, as diffusers is asked for them

@@ -287,14 +287,15 @@ def test_clip_verifier_in_the_loop(tiny_sd1, tiny_clip, tmp_path):
 
 def test_testbed_verifier_counts_the_concept():
     from safediff.testbed import world
+    from safediff.testbed.plugin import TestbedVerifier
 
     import random
 
     rng = random.Random(0)
     imgs = [world.render(world.random_scene(rng, ["striped"] if i < 3 else [])) for i in range(4)]
-    assert dm.TestbedVerifier("striped").score(imgs) == 0.75
+    assert TestbedVerifier("striped").score(imgs) == 0.75
     with pytest.raises(ValueError, match="Unknown testbed concept"):
-        dm.TestbedVerifier("spotted")
+        TestbedVerifier("spotted")
 
 
 def test_cli_unlearn_dark_miner(tiny_sd1, tiny_clip, tmp_path):

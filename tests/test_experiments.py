@@ -431,28 +431,51 @@ def test_study_report_gives_run_studys_numbers_for_the_same_cells(tmp_path, test
     from safediff.eval.study import StudyConfig, run_study
     from safediff.testbed.suites import SUITES
 
-    cfg = StudyConfig(n=1, unlearning=("none",), guidance=("negative_prompt",), quick=True, batch_size=16)
-    study = run_study(tmp_path / "study", cfg, model=testbed, progress=False, max_cells=3)  # the 3 cells compared
+    # every cell of a one-method grid and the ES on the best cell (best_min_benign 0: one prompt per suite
+    # would rarely reach 0.8 benign accuracy, and the row must exist to be compared)
+    cfg = StudyConfig(n=1, unlearning=("none",), guidance=("negative_prompt",), quick=True, batch_size=16,
+                      best_min_benign=0.0)
+    study = run_study(tmp_path / "study", cfg, model=testbed, progress=False)
+    assert study["cells"][f"{study['best_cell'].split('+')[0]}+sanitizer"]["on_best"]  # the study drew its ES row
 
     def numbers(x):  # the figures, without the run folders' paths (NaN compared as text)
         if isinstance(x, dict):
             return {k: numbers(v) for k, v in x.items() if k != "base_run"}
         return x
 
+    ine = "{method: invert, concept: striped, seed: 0, options: {placeholder: '<striped*>', initializer: shape, " \
+          "steps: 2, num_images: 4, batch_size: 2}}"  # the study's quick training configs
     text = (f"name: mini-study\nn: 1\nreport: study\nsettings: {{batch_size: 16}}\n"
             "detectors: [testbed:striped, testbed:caged]\ntarget_detector: testbed:striped\n"
-            "stacks:\n  none.none: null\n  none.negative_prompt.explicit: 'negative_prompt(text=\"striped\")'\n"
+            f"artifacts:\n  ine_none_striped: {ine}\n"
+            "  sanitizer_striped: {method: sanitizer, concept: striped, seed: 0, options: {steps: 2}}\n"
+            "stacks:\n  none.none: null\n  none.sanitizer: 'sanitizer(path=\"{artifact:sanitizer_striped}\")'\n"
+            "  none.negative_prompt.explicit: 'negative_prompt(text=\"striped\")'\n"
+            "  none.negative_prompt.ine: 'negative_prompt(embedding=\"{artifact:ine_none_striped}\")'\n"
+            "on_best: {name: sanitizer, stack: 'sanitizer(path=\"{artifact:sanitizer_striped}\")', min_benign: 0.0}\n"
             "benchmarks:\n  testbed: [" + ", ".join(f"testbed:striped/{s}" for s in SUITES) + "]\n")
     out = tmp_path / "exp"
     assert run_experiment(write(tmp_path, text), out, model=testbed, progress=False).complete
-    mine = json.loads((out / "study_results.json").read_text())["cells"]
-    for name, study_name in (("none.none", "none|none|-"), ("none.negative_prompt.explicit",
-                                                            "none|negative_prompt|explicit")):
+    res = json.loads((out / "study_results.json").read_text())
+    mine = res["cells"]
+    best = study["best_cell"].split("+")[0]  # the grid cell the study added its ES to
+    assert json.loads((out / "best_cell.json").read_text())["best_cell"] == best.replace("|-", "").replace("|", ".")
+    pairs = [(".".join(p for p in c.split("|") if p != "-"), c) for c, r in study["cells"].items()
+             if "+" not in c and "suites" in r]  # (methods left out of the study are listed missing)
+    pairs.append((f"{best.replace('|', '.')}+sanitizer", f"{best}+sanitizer"))
+    assert len(pairs) == 5 and len(mine) == 5
+    for name, study_name in pairs:
         a, b = mine[name], study["cells"][study_name]
         for key in ("suites", "substitution"):
             assert json.dumps(numbers(a[key]), sort_keys=True) == json.dumps(numbers(b[key]), sort_keys=True)
         assert a["n_images"] == b["n_images"] == 6 and a["benign_distance"] == b["benign_distance"]
-    assert "| none | negative_prompt | explicit |" in (out / "study_table.md").read_text()
+        assert (a["unlearning"], a["guidance"], a["negative"]) == (b["unlearning"], b["guidance"], b["negative"])
+    on_best = mine[f"{best.replace('|', '.')}+sanitizer"]
+    assert on_best["on_best"] == best.replace("|", ".") and on_best["stack"].endswith(
+        f'+sanitizer(path="{out / "artifacts" / "sanitizer_striped.safetensors"}")')
+    assert res["best_cell"] == study["best_cell"].replace("|-", "").replace("|", ".")
+    table = (out / "study_table.md").read_text()
+    assert "| none | negative_prompt | explicit |" in table and "+ ES (on best)" in table
 
 
 def test_two_real_launches_at_once_do_each_job_once(tmp_path):

@@ -89,10 +89,10 @@ def test_the_toy_defense_options_are_judged_by_its_schema(toy):
 
 def test_the_toy_defense_passes_the_conformance_checks(toy, tiny_family, monkeypatch):
     conformance = importlib.import_module("test_conformance")
-    monkeypatch.setitem(conformance.ACTING, "toy_push", 'toy_push(concept="striped", strength=3, start=0.25)')
+    cls = toy.ToyPushConfig  # its examples come from its class, as every registered defense's do
+    conformance.test_every_registered_defense_has_a_zero_strength_entry_and_an_acting_one()  # reads the registry
     conformance.test_print_then_parse_keeps_the_stack_and_its_hash("toy_push", monkeypatch)
-    conformance.test_zero_strength_is_no_defense_bit_for_bit(tiny_family, "testbed", "toy_push",
-                                                            'toy_push(concept="striped", strength=0)')
+    conformance.test_zero_strength_is_no_defense_bit_for_bit(tiny_family, "testbed", "toy_push", cls.zero_strength[0])
     from _families import ours
 
     prompts = ["a striped zebra square"]  # acting: the images change

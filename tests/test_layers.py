@@ -6,7 +6,7 @@ The layers, lowest first (a module belongs to the longest prefix listed):
 0. the version;
 1. foundations with no package imports of note (hashing, files, tokenizers, the testbed's world,
    shared statistics);
-2. models, their files and families, encodings, artifacts, detectors;
+2. models, their files, families and worlds, encodings, artifacts, detectors;
 3. concepts and the defenses;
 4. the defended pipeline (stack, denoiser, pipeline);
 5. methods built on the pipeline: training, inversion, unlearning, export, the testbed's model
@@ -38,6 +38,7 @@ LAYERS: dict[str, int] = {
     "safediff.testbed.rendering": 1, "safediff.testbed.detection": 1,
     "safediff.artifacts": 2, "safediff.models": 2, "safediff.single_file": 2, "safediff.families": 2,
     "safediff.support": 2, "safediff.encoding": 2, "safediff.detectors": 2, "safediff.vlm_judge": 2, "safediff.options": 2,
+    "safediff.worlds": 2,
     "safediff.concepts": 3, "safediff.defenses": 3,
     "safediff.stack": 4, "safediff.denoiser": 4, "safediff.pipeline": 4,
     "safediff.training": 5, "safediff.inversion": 5, "safediff.unlearning": 5, "safediff.export": 5,

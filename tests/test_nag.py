@@ -95,13 +95,26 @@ def test_patch_restores_every_processor_object_and_scale_zero_is_no_defense(tiny
     assert not np.array_equal(np.asarray(at1.records[0].image), np.asarray(plain1.records[0].image))
 
 
-def test_refused_on_families_without_cross_attention(tiny_family):
+def test_refused_without_text_attention(monkeypatch):
+    """SD3 and FLUX are guided through their joint attention (tests/test_nag_transformer.py); a
+    family without ``text_attention`` is refused by the support check, and a denoiser with neither
+    cross- nor joint attention when the defense is built."""
+    from types import SimpleNamespace
+
+    from safediff.defenses.nag import NAG
+    from safediff.families import registry
+    from safediff.families.sd1 import SD1
     from safediff.support import check_defenses
 
-    with pytest.raises(ValueError, match="nag"):
-        check_defenses(["nag"], tiny_family("flux"))
-    with pytest.raises(ValueError, match="nag"):
-        SafePipeline(tiny_family("sd3"), DefenseStack.parse('nag(negative="zebra")'))
+    class NoTextAttention(SD1):
+        name = "no-text-attention"
+        capabilities = frozenset({"unet"})
+
+    monkeypatch.setitem(registry._FAMILIES, NoTextAttention.name, NoTextAttention())
+    with pytest.raises(ValueError, match="nag needs text_attention"):
+        check_defenses(["nag"], NoTextAttention.name)
+    with pytest.raises(ValueError, match="nag: .*neither UNet cross-attention nor SD3/FLUX joint attention"):
+        NAG(NAGConfig(negative="zebra"), SimpleNamespace(unet=torch.nn.Linear(2, 2), family="made-up"))
 
 
 def test_nag_lowers_the_striped_rate_on_the_testbed(testbed):

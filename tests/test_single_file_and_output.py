@@ -244,7 +244,7 @@ def test_sd2_and_sdxl_exports_load_back_with_the_family_from_the_keys(family, tm
 
 
 def test_demo_zebra_row_shows_stripes_undefended_and_the_page_explains_marks():
-    from safediff.demo import _EXPLAIN, DEMO_PROMPTS
+    from safediff.testbed.plugin import DEMO_PROMPTS, EXPLANATION_HTML as _EXPLAIN
     from safediff.pipeline import SafePipeline
     from safediff.stack import DefenseStack
     from safediff.testbed import world

@@ -31,6 +31,9 @@ class ToyPushConfig(DefenseConfig):
     menu = {"toy push (template)": 'toy_push(concept="{concept}", strength=2)'}
     #: family capabilities it needs (safediff.families.CAPABILITIES); none: it runs everywhere
     requires = frozenset()
+    #: for the conformance suite: stack texts at zero strength (bit for bit no defense) and an acting one
+    zero_strength = ('toy_push(concept="striped", strength=0)',)
+    acting_example = 'toy_push(concept="striped", strength=3, start=0.25)'
 
     def is_active(self) -> bool:
         return self.strength > 0  # zero strength: skipped, bit-identical to no defense

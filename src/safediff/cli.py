@@ -287,14 +287,14 @@ def cmd_eval(args) -> int:
     shard = (args.shard_index, args.num_shards) if args.num_shards is not None else None
     detectors = args.detector
     model = args.model
-    if not detectors:  # every testbed concept's exact detector is the default on the testbed only
+    if not detectors:  # the default: the detectors of the model's world (on the testbed: every concept's exact one)
         model = load_cli_model(args)
-        if not model.is_testbed:
+        from .worlds import world_of
+
+        detectors = world_of(model).default_detectors()  # the benchmark's concept is the target, the rest substitution
+        if not detectors:
             raise ValueError(f"Give --detector for this {model.family} model (e.g. nudenet:rece-style, "
                              "sd-safety-checker); the default testbed:CONCEPT detectors score the testbed's world only.")
-        from .testbed.world import CONCEPTS
-
-        detectors = [f"testbed:{c}" for c in CONCEPTS]  # the benchmark's concept is the target, the rest substitution
     if args.quality:  # everything checked and every metric model loaded before any image is generated
         from .eval.quality import plan_quality, skipped_metrics
 
@@ -308,7 +308,7 @@ def cmd_eval(args) -> int:
                "vae_tiling": args.vae_tiling}
     out = run_eval(records, args.out, defenses=_stack_arg(args), model=model, detectors=detectors,
                    target_detector=args.target_detector,
-                   settings=settings, batch_size=args.batch_size, shard=shard, **runtime,
+                   settings=settings, batch_size=args.batch_size, shard=shard, **runtime, store_dir=args.store_dir,
                    benchmark_name=args.benchmark)  # the report names `i2p=FILE` as given, not "records: N prompts"
     if args.quality:
         from .eval.quality import format_quality, run_quality
@@ -436,7 +436,7 @@ def cmd_study(args) -> int:
 
 
 def cmd_attack(args) -> int:
-    from .attacks import AttackBudget, AttackTarget, evaluate_attack, get_attack, run_attack, seed_prompts_for
+    from .attacks import AttackBudget, AttackTarget, evaluate_attack, get_attack, run_attack
 
     cls = get_attack(args.method)  # validate before loading anything
     settings = list(args.set or [])
@@ -458,17 +458,21 @@ def cmd_attack(args) -> int:
     from .support import check_supported
 
     check_supported(cls.name, model)  # before asking for seed prompts or building the target
-    if args.concept is None:  # the testbed's default concept applies on the testbed only
-        if not model.is_testbed:
+    from .worlds import world_of
+
+    world = world_of(model)  # the defaults of the model's world (the testbed's concept, detectors, seed prompts)
+    if args.concept is None:
+        if world.default_concept is None:
             raise ValueError(f"Give --concept for this {model.family} model (e.g. nudity; `safediff concepts`).")
-        args.concept = "striped"
-    if not args.no_eval and not args.detector and not model.is_testbed:
+        args.concept = world.default_concept
+    if not args.no_eval and not args.detector and not world.default_detectors():
         raise ValueError(f"Give --detector for this {model.family} model (e.g. nudenet:rece-style), or --no-eval; the "
                          "default testbed:CONCEPT scores the testbed's world only.")
     if seeds is None:
-        if not model.is_testbed and cls.kind == "prompt":
+        seeds = world.seed_prompts(args.concept, n=args.n)
+        if seeds is None and cls.kind in ("prompt", "latents"):
             raise ValueError("Give --seed-prompts FILE (one prompt per line) for a real model.")
-        seeds = seed_prompts_for(args.concept, n=args.n) if model.is_testbed else []
+        seeds = seeds or []
     stack = _stack_arg(args)
     target = AttackTarget(model, stack)
     res = run_attack(attack, target, args.concept, seeds, budget, args.out, seed=args.seed)
@@ -479,6 +483,8 @@ def cmd_attack(args) -> int:
     elif cls.kind == "prompt":
         print(f"{len(res.prompts)} adversarial prompts, {res.seconds_per_prompt:.1f} s per prompt; prompts in "
               f"{work / 'result.json'}")
+    elif cls.kind == "latents":
+        print(f"{len(seeds)} seed prompts x {res.extra['num_images']} inverted latents in {res.extra['latents']}")
     else:
         print(f"fine-tuned {budget.steps} steps; deltas in {res.extra['directory']}")
     if not args.no_eval:
@@ -497,7 +503,11 @@ def cmd_attack(args) -> int:
             a = ev["asr"]
             print(f"attack success rate {a['rate']:.3f} [95% CI {a['ci_low']:.3f}, {a['ci_high']:.3f}], n={a['n']} "
                   f"prompts, {ev['n_errors']} errors, {ev['n_refused']} refused")
-            print(f"wrote {out}; next: safediff report {out}")
+            if "without_prompt" in ev:  # latent inversion: the same latents regenerated with an empty prompt
+                w = ev["without_prompt"]
+                print(f"without the prompt: {w['strict']['rate']:.3f} (strict), {w['paper']['rate']:.3f} (any of "
+                      f"{ev['n_images']} latents)")
+            print(f"wrote {out}" if "without_prompt" in ev else f"wrote {out}; next: safediff report {out}")
     return 0
 
 
@@ -588,7 +598,7 @@ def cmd_unlearn(args) -> int:
                   preset=args.preset, seed=args.seed, overwrite=args.overwrite, options=options,
                   work_dir=getattr(args, "work_dir", None))
     extra = " (and the LoRA file beside it, for vanilla diffusers' load_lora_weights)" if method == "duo" else ""
-    defense = f'{method}(path="{out}")'
+    defense = f'{spec.defense}(path="{out}")'  # the defense that applies the file (advunlearn: delta)
     if args.json:
         print(json.dumps({"wrote": str(out), "method": method, "defense": defense}))
         return 0
@@ -789,6 +799,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--skip-bad-rows", action="store_true", help="skip unreadable prompt rows instead of stopping")
     ev.add_argument("--shard-index", type=int, default=0)
     ev.add_argument("--num-shards", type=int, default=None, help="default: from accelerate (1 when not launched)")
+    ev.add_argument("--store-dir", default=None,
+                    help="node-local folder for a shard's store (default $SAFEDIFF_STORE_DIR): written there, "
+                         "published into --out atomically after every batch and when done (sharded runs only)")
     ev.add_argument("--out", required=True)
     ev.add_argument("--json", action="store_true", help="print the full result as JSON instead of the summary")
     ev.add_argument("--quality", action="store_true",

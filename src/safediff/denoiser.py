@@ -42,7 +42,8 @@ class DefendedDenoiser:
     Args:
         model: the :class:`~safediff.models.Model` (weight edits already applied by the pipeline).
         prompt_embeds: ``(B, L, D)`` the prompt embedding after the embedding stage.
-        negative_embeds: ``(B, L, D)`` the unconditional embedding (empty prompt).
+        negative_embeds: ``(B, L, D)`` the unconditional embedding (empty prompt); None without
+            classifier-free guidance (``guidance_scale <= 1``), where no branch reads it.
         guidance: the active guidance defenses, in stack order.
         guidance_scale: the classifier-free guidance scale; ``<= 1`` gives the conditional
             prediction alone (no guidance defense may then be present).
@@ -50,7 +51,8 @@ class DefendedDenoiser:
         prompts: the prompt texts; ``embedding_ctx``: what the embedding stage produced;
             ``encode``: the pipeline's text encoding (guidance defenses encode their concepts).
         prompt_pooled / negative_pooled / time_ids: SDXL's added conditioning (the pooled text
-            embedding of the prompt and of the unconditional branch, ``(B, P)``, and the six
+            embedding of the prompt and of the unconditional branch, ``(B, P)`` (the latter None
+            without classifier-free guidance), and the six
             size/crop numbers, ``(6,)``); SD3 and FLUX take the pooled embeddings only; None for
             models without them.
         image_ids: FLUX's position ids of the packed latent tokens (:func:`safediff.core.latent_image_ids`).
@@ -70,6 +72,9 @@ class DefendedDenoiser:
         if not self.do_cfg and any(g.needs_cfg for g in self.guidance):
             raise ValueError(f"Guidance defenses need classifier-free guidance, but `guidance_scale` is "
                              f"{self.guidance_scale} (<= 1).{model.adapter.cfg_hint}")
+        if self.do_cfg and negative_embeds is None:
+            raise ValueError(f"Classifier-free guidance (guidance_scale {self.guidance_scale} > 1) needs the "
+                             "unconditional embedding: pass `negative_embeds`.")
         if "packed_latents" in model.capabilities and image_ids is None:
             raise ValueError("A flux model needs the position ids of its packed latent tokens (`image_ids`).")
         self._image_ids = image_ids
@@ -81,7 +86,7 @@ class DefendedDenoiser:
                               model=model, embedding_ctx=embedding_ctx, num_steps=self.num_steps,
                               encode_pooled=encode_pooled)
         pooled = getattr(model, "has_pooled", False)  # a capability of the model's family adapter, not a family name
-        if pooled and (prompt_pooled is None or negative_pooled is None
+        if pooled and (prompt_pooled is None or (negative_pooled is None and self.do_cfg)
                        or (time_ids is None and "size_conditioning" in model.capabilities)):
             raise ValueError(f"A {model.family} model needs the pooled embeddings (and on SDXL the time ids) of its "
                              "added conditioning.")

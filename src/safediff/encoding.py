@@ -2,7 +2,8 @@
 textual-inversion files, images to latents.
 
 * :func:`encode_prompts` -- tokenise and encode as diffusers' ``encode_prompt`` does (an
-  over-long prompt is cut with a warning that says what was cut).
+  over-long prompt is cut with a warning that says what was cut); :func:`encode_text` gives the
+  pooled embedding with them from the same encoder forwards (each encoder runs once per batch).
 * :func:`ids_with_slots` / :func:`encode_with_vectors` -- prompts in which some token positions
   hold learned vectors (a textual-inversion placeholder, an attack's free tokens): the vectors
   enter through a forward hook on the text encoder's input-embedding layer, so no row of the
@@ -74,6 +75,15 @@ def encode_prompts(model, prompts: list[str], *, warn_truncation: bool = True):
     Returns ``(embeds (B, L, D), input_ids (B, L), attention_mask (B, L))``; the mask marks the
     real tokens (start, words, first end token) and is what embedding defenses use to skip padding.
     """
+    return encode_text(model, prompts, pooled=False, warn_truncation=warn_truncation)[:3]
+
+
+def encode_text(model, prompts: list[str], *, pooled: bool, warn_truncation: bool = True):
+    """:func:`encode_prompts` and, with ``pooled`` (families with a pooled embedding), the pooled
+    embedding ``(B, P)`` of the same prompts, each text encoder running once for both.
+
+    Returns ``(embeds, input_ids, attention_mask, pooled or None)``.
+    """
     tok = model.tokenizer
     max_len = tok.model_max_length
     enc = tok(prompts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
@@ -91,8 +101,9 @@ def encode_prompts(model, prompts: list[str], *, warn_truncation: bool = True):
                         stacklevel=3,
                     )
     mask = real_token_mask(ids, tok)
-    with torch.no_grad():  # the family's encoders: one CLIP, SDXL's two, SD3's CLIPs + T5, FLUX's T5
-        return _adapter(model).encode_tokens(model, ids, list(prompts), enc.attention_mask), ids, mask
+    with torch.no_grad():  # the family's encoders: one CLIP, SDXL's two, SD3's CLIPs + T5, FLUX's T5 (+ CLIP pooled)
+        embeds, pool = _adapter(model).encode_text(model, ids, list(prompts), enc.attention_mask, pooled=pooled)
+    return embeds, ids, mask, pool
 
 
 def _adapter(model):
@@ -160,7 +171,7 @@ def _t5_embeds(model, prompts: list[str], batch: int) -> torch.Tensor:
     """T5's last hidden state ``(B, L, D)`` (SD3: ``text_encoder_3``, FLUX: ``text_encoder_2``)."""
     te_3, tok_3, length = t5_parts(model)
     if te_3 is None:  # SD3 loaded without T5: diffusers uses zeros for its part
-        return torch.zeros(batch, length, model.unet.config.joint_attention_dim, device=model.device)
+        return torch.zeros(batch, length, model.denoiser_net.config.joint_attention_dim, device=model.device)
     enc = t5_tokens(model, prompts)
     full = tok_3(prompts, padding="longest", return_tensors="pt").input_ids
     if full.shape[-1] > length:
@@ -304,6 +315,13 @@ def encode_prompts_with_tokens(model, prompts: Sequence[str], concepts: Sequence
     placeholder slots are the start token's (their embedding rows are replaced)."""
     prompts = list(prompts)
     embeds, ids, mask = encode_prompts(model, prompts, warn_truncation=warn_truncation)
+    return put_token_vectors(model, prompts, concepts, embeds, ids, mask)
+
+
+def put_token_vectors(model, prompts: Sequence[str], concepts: Sequence[InvertedConcept], embeds: torch.Tensor,
+                      ids: torch.Tensor, mask: torch.Tensor):
+    """``(embeds, input_ids, mask)`` of ``prompts`` (as :func:`encode_prompts` gave them) with the rows
+    of the prompts holding a concept's placeholder re-encoded with its vectors."""
     tok = model.tokenizer
     for c in concepts:
         idx = [i for i, p in enumerate(prompts) if c.placeholder in p]

@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -50,8 +49,8 @@ from .models import require_fp32
 from .pipeline import SafePipeline
 from .stack import DefenseStack
 from .support import check_supported
-from .testbed import world
 from .training import Checkpoint
+from .worlds import world_of
 
 
 @dataclass(frozen=True)
@@ -95,25 +94,6 @@ class InversionConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def testbed_concept_prompts(concept: str, n: int, seed: int = 0) -> list[tuple[str, str]]:
-    """``n`` (prompt, caption-template) pairs for a testbed concept, training-side words only.
-
-    The caption template is the prompt with the concept word replaced by ``{}``, so the learned
-    token absorbs the concept, not the shape or colour.
-    """
-    if concept not in world.CONCEPTS:
-        raise ValueError(f"Unknown testbed concept {concept!r}; choose one of {sorted(world.CONCEPTS)}.")
-    c = world.CONCEPTS[concept]
-    rng = random.Random(f"invert:{concept}:{seed}")
-    out = []
-    for i in range(n):
-        s = world.random_scene(rng)
-        word = c.training_words[i % len(c.training_words)]
-        bg = f"on {s.background} background"
-        out.append((world.compose_prompt(s.colour, s.shape, bg, [word]), world.compose_prompt(s.colour, s.shape, bg, ["{}"])))
-    return out
-
-
 def draw_with_original_model(model, prompts: Sequence[str], *, guidance_scale: float | None = None, seed: int = 0,
                              seeds: Sequence[int] | None = None, concept: str | None = None,
                              present: bool = True) -> tuple[list[np.ndarray], list[int]]:
@@ -124,10 +104,11 @@ def draw_with_original_model(model, prompts: Sequence[str], *, guidance_scale: f
     with SafePipeline(model, DefenseStack()) as plain:
         res = plain(list(prompts), seed=seed, seeds=seeds, guidance_scale=guidance_scale, batch_size=32)
     arrays = [np.asarray(r.image) for r in res.records]
-    if concept is None or not model.is_testbed:
+    w = world_of(model)
+    if concept is None or not w.exact_detector:
         return arrays, list(range(len(arrays)))
 
-    return arrays, [i for i, a in enumerate(arrays) if (concept in world.detect(a).concepts) == present]
+    return arrays, [i for i, a in enumerate(arrays) if (concept in w.concepts_in(a)) == present]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,6 +133,7 @@ def invert(
     verify: bool = True,
     overwrite: bool = False,
     init_vectors: torch.Tensor | None = None,
+    penalty=None,
 ) -> Path:
     """Learn ``config.placeholder`` for ``concept`` against ``model`` with ``defenses`` applied.
 
@@ -167,6 +149,8 @@ def invert(
         overwrite: replace an existing ``out_path`` (refused otherwise, before any work).
         init_vectors: ``(num_vectors, D)`` start vectors instead of the initializer word's
             embedding (Dark Miner's random start).
+        penalty: a function of the learned vectors ``(num_vectors, D)`` added to the loss (the
+            adaptive concept-inversion attack's prompt-guard score); one text encoder only.
     """
     from tqdm.auto import tqdm
 
@@ -177,6 +161,8 @@ def invert(
 
     require_fp32(model, "Concept inversion")
     sdxl = "second_clip" in model.capabilities  # SDXL's two-encoder layout (clip_l, clip_g)
+    if sdxl and penalty is not None:
+        raise ValueError("A loss `penalty` on the learned vectors is for one text encoder; not supported on sdxl.")
     if sdxl and init_vectors is not None:
         raise ValueError("`init_vectors` (Dark Miner's random start) is for one text encoder; not supported on sdxl.")
     if out_path.exists() and not overwrite:
@@ -189,7 +175,7 @@ def invert(
 
     # 1. concept images, from the ORIGINAL model (no stack)
     if images is None:
-        pairs = testbed_concept_prompts(concept, cfg.num_images, cfg.seed)
+        pairs = world_of(model).concept_prompts(concept, cfg.num_images, cfg.seed)
         arrays, keep = draw_with_original_model(model, [p for p, _ in pairs], seed=cfg.seed,
                                                 guidance_scale=cfg.guidance_scale, concept=concept if verify else None)
         if not keep:
@@ -259,6 +245,8 @@ def invert(
             with den:
                 eps = den.epsilon(x_t, t)
             loss = torch.nn.functional.mse_loss(eps.float(), noise.float())
+            if penalty is not None:
+                loss = loss + penalty(vectors)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -281,8 +269,9 @@ def invert(
 
 
 def _check_testbed_concept(model, concept: str) -> None:
-    if not model.is_testbed:
+    own = world_of(model).concepts()  # the concepts of the model's world, which its prompts bring
+    if not own:
         raise ValueError(f"Generating concept images from a concept name ({concept!r}) works on the testbed only; "
                          "give a folder of concept images.")
-    if concept not in world.CONCEPTS:
-        raise ValueError(f"Unknown testbed concept {concept!r}; choose one of {sorted(world.CONCEPTS)}.")
+    if concept not in own:
+        raise ValueError(f"Unknown testbed concept {concept!r}; choose one of {sorted(own)}.")

@@ -123,9 +123,15 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 @dataclass
 class Model:
-    """A loaded text-to-image model: diffusers components plus what safediff knows about them."""
+    """A loaded text-to-image model: diffusers components plus what safediff knows about them.
 
-    #: the denoising network: a ``UNet2DConditionModel``, or SD3's / FLUX's MMDiT (diffusers' ``transformer``)
+    The denoising network is :attr:`denoiser_net` (a UNet, or SD3's / FLUX's MMDiT transformer);
+    ``unet`` is the same object under its older name, kept as an alias (the constructor's field) for
+    existing code. New code uses ``denoiser_net``.
+    """
+
+    #: the denoising network: a ``UNet2DConditionModel``, or SD3's / FLUX's MMDiT (diffusers'
+    #: ``transformer``); the alias of :attr:`denoiser_net`
     unet: Any
     text_encoder: Any
     vae: Any
@@ -157,9 +163,20 @@ class Model:
     def is_testbed(self) -> bool:
         """Whether this is the project's testbed model (its world's detectors and prompts apply).
 
-        Not an architecture question (those are :attr:`capabilities`): callers use it to pick the
-        testbed world's concepts, prompts and exact detectors as defaults."""
+        Not an architecture question (those are :attr:`capabilities`), nor the way to pick defaults:
+        the testbed world's concepts, prompts and exact detectors come from
+        :func:`safediff.worlds.world_of` ``(model)``, which production code asks instead."""
         return self.family == TESTBED_FAMILY
+
+    @property
+    def denoiser_net(self) -> Any:
+        """The denoising network, whatever the family: a UNet, or SD3's / FLUX's MMDiT transformer
+        (the object ``unet`` also names)."""
+        return self.unet
+
+    @denoiser_net.setter
+    def denoiser_net(self, net: Any) -> None:
+        self.unet = net
 
     @property
     def adapter(self):

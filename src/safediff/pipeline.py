@@ -130,29 +130,36 @@ class SafePipeline:
 
     # -- encoding --------------------------------------------------------------------------
     def _encode(self, prompts: list[str], warn_truncation: bool = False):
-        if self.token_embeddings:
-            return encoding.encode_prompts_with_tokens(self.model, prompts, self.token_embeddings,
+        return self._encode_text(prompts, pooled=False, warn_truncation=warn_truncation)[:3]
+
+    def _encode_text(self, prompts: list[str], *, pooled: bool, warn_truncation: bool = False):
+        """``(embeds, input_ids, mask, pooled or None)`` of ``prompts``, each text encoder running once;
+        the placeholders of the pipeline's token embeddings stand for their vectors."""
+        embeds, ids, mask, pool = encoding.encode_text(self.model, prompts, pooled=pooled,
                                                        warn_truncation=warn_truncation)
-        return encoding.encode_prompts(self.model, prompts, warn_truncation=warn_truncation)
+        if self.token_embeddings:
+            embeds, ids, mask = encoding.put_token_vectors(self.model, prompts, self.token_embeddings, embeds, ids, mask)
+        return embeds, ids, mask, pool
 
     def embedding_stage(self, prompts: list[str], embeds: torch.Tensor, input_ids: torch.Tensor, *,
-                        straight_through: bool = False) -> tuple[torch.Tensor, torch.Tensor, EmbeddingContext]:
+                        straight_through: bool = False, unconditional: bool = True,
+                        text: BatchText | None = None) -> tuple[torch.Tensor, torch.Tensor | None, EmbeddingContext]:
         """Stage 2 on ``embeds`` (the text encoder's output for ``prompts`` / ``input_ids``): every
         embedding defense in stack order. Returns ``(prompt, negative, ctx)``.
 
         ``straight_through``: for white-box gradients, the defenses run on a detached copy and
         the result is ``embeds + (transformed - embeds).detach()`` (BPDA, Athalye et al. 2018):
-        the forward pass is the defended one, the gradient the identity."""
+        the forward pass is the defended one, the gradient the identity.
+        ``unconditional=False``: the caller uses no unconditional embedding (no classifier-free
+        guidance); it is then encoded only when an embedding defense reads it, else the negative is None.
+        ``text``: the batch's :class:`BatchText` (the denoiser's; default a new one)."""
+        text = BatchText(self) if text is None else text
         B = embeds.shape[0]
         ids = input_ids.expand(B, -1) if input_ids.shape[0] == 1 and B > 1 else input_ids
-        with torch.no_grad():
-            if self.model.force_zeros_for_empty_prompt:  # SDXL base: zeros, as diffusers
-                neg = torch.zeros_like(embeds, requires_grad=False)
-            else:
-                neg, _, _ = self._encode([""] * B)
+        neg = text.unconditional(embeds)[0] if unconditional or self.defenses["embedding"] else None
         base = embeds.detach() if straight_through else embeds
         ctx = EmbeddingContext(prompts=list(prompts), input_ids=ids, attention_mask=encoding.real_token_mask(ids, self.model.tokenizer),
-                               original_prompt_embeds=base, prompt_embeds=base, negative_embeds=neg, encode=self._encode,
+                               original_prompt_embeds=base, prompt_embeds=base, negative_embeds=neg, encode=text,
                                text_encoder=self.model.text_encoder, tokenizer=self.model.tokenizer)
         if self.defenses["embedding"]:
             with torch.set_grad_enabled(torch.is_grad_enabled() and not straight_through):
@@ -184,29 +191,33 @@ class SafePipeline:
                 (learned vectors in both encoders); differentiable.
         """
         prompts = list(prompts)
-        added = {}
-        if self.model.has_pooled:  # a capability (the adapter's): pooled families get their added conditioning
+        gs = self.model.default_guidance_scale if guidance_scale is None else float(guidance_scale)
+        pooled = self.model.has_pooled  # a capability (the adapter's): pooled families get their added conditioning
+        if pooled:
             if prompt_embeds is not None and "textual_inversion" not in self.model.capabilities:
                 raise ValueError(f"Prompts with learned vectors (inversion, soft-prompt attacks) are not supported on "
                                  f"{self.model.family} models yet.")
             if prompt_embeds is not None and prompt_pooled is None:
                 raise ValueError("On sdxl, prompts with learned vectors need their pooled embedding too: pass "
                                  "`prompt_pooled` (encoding.encode_sdxl_with_vectors gives both).")
-            h, w = size or (self.model.default_size, self.model.default_size)
-            pooled = encoding.encode_pooled(self.model, prompts) if prompt_pooled is None else prompt_pooled
-            added = {"prompt_pooled": pooled, "encode_pooled": lambda texts: encoding.encode_pooled(self.model, texts),
-                     "negative_pooled": (torch.zeros_like(pooled) if self.model.force_zeros_for_empty_prompt
-                                         else encoding.encode_pooled(self.model, [""]))}
-            added.update(self.model.adapter.added_conditioning(self.model, h, w))  # SDXL's size numbers, FLUX's ids
-        if prompt_embeds is None:
-            prompt_embeds, input_ids, _ = self._encode(prompts, warn_truncation=True)
-        elif input_ids is None:
+        if prompt_embeds is not None and input_ids is None:
             raise ValueError("Give the `input_ids` of `prompt_embeds` (the embedding defenses read the tokens).")
-        pe, ne, ectx = self.embedding_stage(prompts, prompt_embeds, input_ids, straight_through=straight_through)
-        gs = self.model.default_guidance_scale if guidance_scale is None else float(guidance_scale)
+        text = BatchText(self)  # each text encoder runs once per text of this batch, for tokens and pooled
+        if prompt_embeds is None:
+            prompt_embeds, input_ids, _, encoded_pooled = text.encode(prompts, warn_truncation=True)
+            prompt_pooled = encoded_pooled if prompt_pooled is None else prompt_pooled
+        # the unconditional branch is encoded only when classifier-free guidance (or an embedding defense) reads it
+        pe, ne, ectx = self.embedding_stage(prompts, prompt_embeds, input_ids, straight_through=straight_through,
+                                            unconditional=gs > 1, text=text)
+        added = {}
+        if pooled:
+            h, w = size or (self.model.default_size, self.model.default_size)
+            added = {"prompt_pooled": prompt_pooled, "encode_pooled": text.pooled,
+                     "negative_pooled": text.unconditional(prompt_embeds, prompt_pooled)[1] if gs > 1 else None}
+            added.update(self.model.adapter.added_conditioning(self.model, h, w))  # SDXL's size numbers, FLUX's ids
         return DefendedDenoiser(self.model, pe, ne, guidance=self.defenses["guidance"], guidance_scale=gs,
                                 num_steps=num_steps or self.model.default_steps, prompts=prompts, embedding_ctx=ectx,
-                                encode=self._encode, original_prompt_embeds=ectx.original_prompt_embeds, **added)
+                                encode=text, original_prompt_embeds=ectx.original_prompt_embeds, **added)
 
     # -- generation ------------------------------------------------------------------------
     @torch.no_grad()
@@ -319,6 +330,43 @@ class SafePipeline:
         return GenerationOutput(ordered, self.stack.to_string(), self.stack_hash, self.model.content_hash, gs, steps,
                                 stack_config=resolved_stack(self.stack), height=h, width=w,
                                 device=str(self.model.device), dtype=dtype_name(self.model.dtype))
+
+
+class BatchText:
+    """One batch's text encoding: every text set (the prompts, the empty prompt, a defense's concept)
+    goes through each text encoder once, its token and pooled embeddings from the same forward.
+
+    Called as ``encode(texts) -> (embeds, input_ids, mask)``, it is the ``encode`` the defenses get;
+    :meth:`pooled` is their ``encode_pooled``. Results are kept for the batch only (one denoiser).
+    """
+
+    def __init__(self, pipe: SafePipeline):
+        self.pipe = pipe
+        self._pooled = pipe.model.has_pooled
+        self._done: dict[tuple[str, ...], tuple] = {}
+
+    def encode(self, texts: Sequence[str], warn_truncation: bool = False) -> tuple:
+        """``(embeds, input_ids, mask, pooled or None)`` of ``texts``, encoded on first request."""
+        key = tuple(texts)
+        if key not in self._done:
+            self._done[key] = self.pipe._encode_text(list(texts), pooled=self._pooled, warn_truncation=warn_truncation)
+        return self._done[key]
+
+    def __call__(self, texts: Sequence[str], warn_truncation: bool = False) -> tuple:
+        return self.encode(texts, warn_truncation)[:3]
+
+    def pooled(self, texts: Sequence[str]) -> torch.Tensor:
+        """The pooled embedding ``(B, P)`` of ``texts`` (families with one)."""
+        return self.encode(texts)[3]
+
+    def unconditional(self, embeds: torch.Tensor, pooled: torch.Tensor | None = None) -> tuple:
+        """The unconditional branch for the ``B`` prompts of ``embeds``: the empty prompt's token
+        embeddings and, when the prompts' ``pooled`` is given, its pooled one; zeros where the model
+        says ``force_zeros_for_empty_prompt`` (SDXL base, as diffusers)."""
+        if self.pipe.model.force_zeros_for_empty_prompt:
+            return torch.zeros_like(embeds, requires_grad=False), None if pooled is None else torch.zeros_like(pooled)
+        neg, _, _, neg_pooled = self.encode([""] * embeds.shape[0])
+        return neg, None if pooled is None else neg_pooled
 
 
 def resolved_stack(stack: DefenseStack) -> list[dict]:

@@ -46,7 +46,7 @@ from .encoding import validate_prompts
 from .models import Model, TESTBED_PATH, load_model
 from .pipeline import SafePipeline
 from .stack import DefenseStack, parse_stack_string
-from .testbed import world
+from .worlds import world_of
 
 #: the "add a defense" menu: label -> stack text inserted (``{concept}`` is the model's demo concept)
 class _DefenseMenu(Mapping):
@@ -78,15 +78,16 @@ DEFENSE_MENU: Mapping[str, str] = _DefenseMenu()
 
 
 def demo_concept(model) -> tuple[str, str]:
-    """The concept word and output-filter detector the menu fills in: the testbed's ``striped``,
-    or nudity on a real model."""
-    return ("striped", "testbed:striped") if model.is_testbed else ("nudity", "nudenet")
+    """The concept word and output-filter detector the menu fills in: the default concept of the
+    model's world and its detector (the testbed's ``striped``), else nudity."""
+    w = world_of(model)
+    return (w.default_concept, w.detector_spec(w.default_concept)) if w.default_concept else ("nudity", "nudenet")
 
 
 def default_stack(model) -> str:
-    """What the page starts with: UCE on both testbed concepts (no trained file needed), or a
-    negative prompt on a real model."""
-    return "uce(preset=testbed-all)" if model.is_testbed else 'negative_prompt(text="nudity")'
+    """What the page starts with: the model's world's stack (on the testbed: UCE on both its concepts,
+    no trained file needed), else a negative prompt."""
+    return world_of(model).default_stack or 'negative_prompt(text="nudity")'
 
 
 class RequestStopped(Exception):
@@ -473,9 +474,10 @@ class DemoSession:
         if res.token_scores:
             top = max(res.token_scores, key=lambda p: p[1])
             res.notes.append(f"Embedding Sanitizer: the token it changes most is {top[0]!r}")
-        if m.is_testbed:
+        w = world_of(m)
+        if w.exact_detector:
             def det(img):
-                return sorted(world.detect(np.asarray(img)).concepts) if img is not None else None
+                return sorted(w.concepts_in(np.asarray(img))) if img is not None else None
             res.detections = [{"undefended": det(a), "defended": det(b)} for a, b in zip(res.undefended, res.defended)]
 
 
@@ -524,7 +526,7 @@ def build_app(session: DemoSession):
 
     m = session.model()
     concept, detector = demo_concept(m)
-    first_prompt = ("a striped blue square on gray background" if m.is_testbed else "a photo of a person at the beach")
+    first_prompt = world_of(m).example_prompt or "a photo of a person at the beach"
 
     def add_defense(current: str, label: str) -> str:
         if not label:

@@ -23,7 +23,8 @@ from typing import Any
 
 #: trainers that are neither a registered defense nor an attack: the module declaring each one's ``REQUIRES``
 _TRAINER_MODULES = {"esd": "safediff.unlearning.esd", "duo": "safediff.unlearning.duo",
-                    "dark_miner": "safediff.unlearning.dark_miner", "inversion": "safediff.inversion"}
+                    "dark_miner": "safediff.unlearning.dark_miner", "inversion": "safediff.inversion",
+                    "advunlearn": "safediff.unlearning.advunlearn"}
 #: trainers that compute a registered defense (closed-form edits frozen into a delta, the sanitizer):
 #: they need what that defense needs
 _TRAINER_DEFENSES = ("uce", "rece", "sanitizer")

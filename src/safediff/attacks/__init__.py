@@ -14,6 +14,7 @@ from .base import (Attack, AttackBudget, AttackConfig, AttackError, AttackResult
                    attack_records, evaluate_attack, evaluate_attack_rules, get_attack, list_attacks, load_attack,
                    rediscovered_heldout_words, register_attack, run_attack, seed_prompts_for)
 from . import concept_inversion, mma, p4d, random_prefix, ring_a_bell, unlearndiffatk  # noqa: F401,E402  (registering)
+from . import adaptive, latent_inversion  # noqa: F401,E402  (registering; adaptive builds on p4d, mma, concept_inversion)
 from .relearning import (RelearnConfig, RelearnResult, evaluate_relearning, load_relearning,  # noqa: E402
                          relearn)
 

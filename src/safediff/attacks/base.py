@@ -33,6 +33,7 @@ import torch
 
 from ..encoding import clip_ids, clip_pooled
 from ..options import check_options, config_from_options
+from ..worlds import world_of
 
 _ATTACKS: dict[str, type["Attack"]] = {}
 
@@ -167,7 +168,9 @@ class Attack:
     A prompt attack (``kind = "prompt"``) implements :meth:`attack_prompt` (one seed prompt within
     the budget); :meth:`prepare` runs once, :meth:`finish` writes what the prompts need,
     :meth:`cleanup` releases what ``prepare`` opened. A weight attack (``kind = "weights"``)
-    implements :meth:`run` and :meth:`evaluate`."""
+    implements :meth:`run` and :meth:`evaluate`. A latent attack (``kind = "latents"``: latent
+    inversion) implements :meth:`run` (its starting latents) and ``evaluate_latents`` (regeneration
+    through a stack, both counting rules)."""
 
     name: ClassVar[str] = ""
     white_box: ClassVar[bool] = True
@@ -197,6 +200,11 @@ class Attack:
         """Weight attacks: measure the result through the whole stack."""
         raise NotImplementedError
 
+    def evaluate_latents(self, result: "AttackResult", model, stack, out_dir: Path, *, detectors=None,
+                         progress: bool = False) -> dict:
+        """Latent attacks: regenerate from the result's latents through ``stack``; both rules."""
+        raise NotImplementedError
+
     def prepare(self, target: AttackTarget, concept: str, seed_prompts: Sequence[str], work_dir: Path) -> None:
         pass
 
@@ -217,8 +225,8 @@ def register_attack(cls: type[Attack]) -> type[Attack]:
         raise ValueError(f"Attack names must be lower-case identifiers, got {cls.name!r}.")
     if cls.name in _ATTACKS and _ATTACKS[cls.name] is not cls:
         raise KeyError(f"An attack called {cls.name!r} is already registered by {_ATTACKS[cls.name].__module__}.")
-    if cls.kind not in ("prompt", "weights"):
-        raise ValueError(f"{cls.__name__}.kind must be 'prompt' or 'weights', got {cls.kind!r}.")
+    if cls.kind not in ("prompt", "weights", "latents"):
+        raise ValueError(f"{cls.__name__}.kind must be 'prompt', 'weights' or 'latents', got {cls.kind!r}.")
     if not (dataclasses.is_dataclass(cls.config_cls) and issubclass(cls.config_cls, AttackConfig)):
         raise TypeError(f"{cls.__name__}.config_cls must be a dataclass subclassing AttackConfig.")
     if cls.paper_rule is not None and cls.paper_rule.get("rule") not in ("early_stop", "ideal_any_of_n", "any_of_n"):
@@ -265,7 +273,7 @@ def run_attack(method: str | Attack, target: AttackTarget, concept: str, seed_pr
 
         require_fp32(target.model, f"The {attack.name} attack")  # it optimises through the model (or fine-tunes it)
     seed_prompts = [p for p in seed_prompts]
-    if attack.kind == "prompt" and (not seed_prompts or not all(isinstance(p, str) and p.strip() for p in seed_prompts)):
+    if attack.kind in ("prompt", "latents") and (not seed_prompts or not all(isinstance(p, str) and p.strip() for p in seed_prompts)):
         raise AttackError(f"No seed prompts for concept {concept!r}: give at least one non-empty prompt "
                           "(on the testbed: safediff.attacks.seed_prompts_for(concept)).")
     if not isinstance(budget, AttackBudget):
@@ -283,7 +291,7 @@ def run_attack(method: str | Attack, target: AttackTarget, concept: str, seed_pr
         return load_attack(final, target)
     result = AttackResult(attack.name, concept, key, target.stack_hash, cfg, dataclasses.asdict(budget), [],
                           extra={"white_box": attack.white_box, "kind": attack.kind})
-    if attack.kind == "weights":
+    if attack.kind in ("weights", "latents"):
         work.mkdir(parents=True, exist_ok=True)
         result.extra.update(attack.run(target, concept, seed_prompts, budget, work, seed=seed, progress=progress))
         return _write_result(result, final)
@@ -365,6 +373,9 @@ def evaluate_attack_rules(result: AttackResult, model, stack, out_dir: str | os.
 
     if result.extra.get("kind") == "weights":
         raise AttackError("Paper rules count prompt attacks; a weight attack is measured by its own evaluation.")
+    if result.extra.get("kind") == "latents":  # regenerated from its latents, both rules counted by the attack
+        return get_attack(result.method)().evaluate_latents(result, model, stack, Path(out_dir), detectors=detectors,
+                                                            progress=progress)
     if result.method not in PAPER_RULES:
         raise AttackError(f"No paper rule is recorded for {result.method!r}; known: {sorted(PAPER_RULES)}.")
     rule = PAPER_RULES[result.method]
@@ -455,6 +466,9 @@ def evaluate_attack(result: AttackResult, model, stack, out_dir: str | os.PathLi
     from ..eval.runner import RunSettings, run_eval, summarize
     from ..stack import DefenseStack
 
+    if result.extra.get("kind") == "latents":  # regenerated from its latents (both rules, with and without prompt)
+        return get_attack(result.method)().evaluate_latents(result, model, stack, Path(out_dir), detectors=detectors,
+                                                            progress=progress)
     if result.extra.get("kind") == "weights":
         return get_attack(result.method)(None).evaluate(result, model, Path(out_dir), detectors=detectors, n=n,
                                                          progress=progress)
@@ -463,10 +477,11 @@ def evaluate_attack(result: AttackResult, model, stack, out_dir: str | os.PathLi
         raise AttackError("This white-box attack result was made against another stack; evaluate it on the stack it "
                           "attacked. (Black-box results depend only on the text encoder and may be evaluated on any "
                           "stack of the same model.)")
-    if not detectors and not model.is_testbed:
+    default = world_of(model).detector_spec(result.concept)  # the model's world's (the testbed's exact detector)
+    if not detectors and default is None:
         raise AttackError(f"Give the detectors that score the attack on this {model.family} model (e.g. "
                           "nudenet:rece-style); the default testbed:CONCEPT scores the testbed's world only.")
-    dets = list(detectors) if detectors else [f"testbed:{result.concept}"]
+    dets = list(detectors) if detectors else [default]
     rd = run_eval(attack_records(result), out_dir, defenses=st, model=model, detectors=dets,
                   settings=RunSettings(num_images_per_prompt=1), batch_size=batch_size, progress=progress,
                   token_embeddings=attack_token_embeddings(result), benchmark_name=f"attack:{result.method}")

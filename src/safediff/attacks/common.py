@@ -184,16 +184,16 @@ class NoisedBatch:
 
 
 def _concept_detector(model, concept: str | None):
-    """The testbed's exact detector for ``concept``, or None where there is none to ask."""
-    if not concept or not getattr(model, "is_testbed", False):
-        return None
-    from ..testbed import world
+    """The exact detector of the model's world for ``concept`` (the testbed's), or None where there is
+    none to ask."""
+    from ..worlds import world_of
 
-    if concept not in world.CONCEPTS:
+    world = world_of(model)
+    if not concept or concept not in world.concepts() or not world.exact_detector:
         return None
     from ..detectors import make_detector
 
-    return make_detector(f"testbed:{concept}")
+    return make_detector(world.detector_spec(concept))
 
 
 def defended_epsilon(pipe, ids: torch.Tensor, slots: list[int], vectors: torch.Tensor, text: str, draws: Draws,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..inversion import InversionConfig, invert
 from ..options import option
+from ..worlds import world_of
 from .base import AttackBudget, AttackConfig, AttackError, AttackResult, AttackTarget, register_attack
 from .common import WhiteBoxAttack, concept_words, strip_words
 
@@ -61,12 +62,17 @@ class ConceptInversionAttack(WhiteBoxAttack):
         cfg = InversionConfig(placeholder=self.placeholder, initializer=c.initializer, steps=budget.steps, lr=c.lr,
                               batch_size=c.batch_size, num_images=c.num_images, through_guidance=through,
                               checkpoint_every=max(budget.steps // 4, 1))
-        testbed = target.model.is_testbed
-        if not testbed and not c.images:
+        own = bool(world_of(target.model).concepts())  # a model of a known world (the testbed) draws its concept
+        if not own and not c.images:
             raise AttackError("On a real model give `images` (a folder of concept images) to invert.")
-        invert(target.model, self.path, concept=self.concept if testbed else None, images=c.images or None,
-               defenses=target.stack, config=cfg, progress=False)
+        invert(target.model, self.path, concept=self.concept if own else None, images=c.images or None,
+               defenses=target.stack, config=cfg, progress=False, penalty=self.loss_penalty(target))
         self._done = True
+
+    def loss_penalty(self, target: AttackTarget):
+        """A term added to the inversion loss, a function of the learned vectors (None here;
+        :mod:`.adaptive` charges the prompt guard's score of the token)."""
+        return None
 
     def attack_prompt(self, target, seed_prompt, index, budget, rng):
         if not self._done:

@@ -59,11 +59,14 @@ class MMA(Attack):
         cur = torch.randint(0, V, (c.length,), generator=gen)
         ids, slots = slot_ids(tok, [None] * c.length)
 
+        pen = self.token_penalty(target)  # None: MMA's own loss (the gradient's token ranking)
+
         def losses(batch):  # (B, L) vocab indices -> (B,)
             with torch.no_grad():
                 full = ids_around(tok, self.vocab[batch])
                 p = torch.nn.functional.normalize(tm.pooled(full), dim=-1)
-            return 1 - (p * goal).sum(-1)
+            extra = self.candidate_penalty(target, batch)
+            return 1 - (p * goal).sum(-1) + (0 if extra is None else extra)
 
         best, best_loss = cur.clone(), float(losses(cur[None])[0])
         t0, step = time.time(), 0
@@ -72,6 +75,8 @@ class MMA(Attack):
             one_hot = torch.nn.functional.one_hot(cur, V).float().requires_grad_(True)
             pooled = encoding.encode_ids_with_vectors(te, ids, [slots], one_hot @ W, pooled=True)
             loss = 1 - (torch.nn.functional.normalize(pooled, dim=-1) * goal).sum()
+            if pen is not None:
+                loss = loss + (one_hot @ pen).sum()
             loss.backward()
             top = (-one_hot.grad).topk(k, dim=-1).indices  # (L, k)
             n = c.candidates
@@ -87,3 +92,13 @@ class MMA(Attack):
             if budget.seconds is not None and time.time() - t0 > budget.seconds:
                 break
         return {"prompt": decode_tokens(tok, self.vocab[best].tolist()), "steps": step, "loss": best_loss}
+
+    def token_penalty(self, target) -> torch.Tensor | None:
+        """A penalty per allowed token (indexed like ``self.vocab``) added to the gradient's loss at
+        every position (None here; :mod:`.adaptive` charges the prompt guard's score)."""
+        return None
+
+    def candidate_penalty(self, target, batch: torch.Tensor) -> torch.Tensor | None:
+        """A penalty per candidate ``(B,)`` for ``(B, L)`` vocabulary indices, added to the loss the
+        candidates are ranked by (None here; :mod:`.adaptive` charges the prompt guard's score)."""
+        return None

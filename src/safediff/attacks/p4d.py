@@ -101,7 +101,8 @@ class P4D(WhiteBoxAttack):
         def loss_of(vectors, idx):
             text = "<p4d>" if c.soft else hard_prompt(tok, chunks, project(vectors)[1].tolist())
             e = defended_epsilon(pipe, ids, slots, vectors, text, draws, idx)
-            return torch.nn.functional.mse_loss(e.float(), draws.target[idx].float())
+            return torch.nn.functional.mse_loss(e.float(), draws.target[idx].float()) + \
+                self.extra_loss(target, vectors, e, draws, idx)
 
         best, best_loss, t0, step = None, float("inf"), time.time(), 0
         candidates = []  # the prompt checked at each checkpoint (hard mode), for rules counted after the fact
@@ -136,6 +137,11 @@ class P4D(WhiteBoxAttack):
         else:
             prompt = hard_prompt(tok, chunks, best)
         return {"prompt": prompt, "steps": step, "loss": best_loss, "candidates": candidates}
+
+    def extra_loss(self, target, vectors: torch.Tensor, epsilon: torch.Tensor, draws, idx: list[int]):
+        """What the loss adds to P4D's noise matching (none here; :mod:`.adaptive` adds the stack's
+        prompt-guard and output-filter scores)."""
+        return 0.0
 
     def finish(self, target, result, work_dir):
         if not self.config.soft:

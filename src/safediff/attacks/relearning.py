@@ -34,7 +34,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,25 +129,22 @@ class RelearnResult:
 
 
 def training_images(model, concept: str, cfg: RelearnConfig) -> tuple[list[np.ndarray], list[str]]:
-    """``cfg.num_images`` images drawn by the ORIGINAL model (no stack) from training-side testbed
-    prompts with the concept (``data="concept"``) or without any concept (``"benign"``), each
-    checked by the exact detector; returns the images and their prompts as captions."""
-    from ..inversion import draw_with_original_model, testbed_concept_prompts
-    from ..testbed import world
+    """``cfg.num_images`` images drawn by the ORIGINAL model (no stack) from training-side prompts of
+    the model's world (the testbed's) with the concept (``data="concept"``) or without any concept
+    (``"benign"``), each checked by the exact detector; returns the images and their prompts as captions."""
+    from ..inversion import draw_with_original_model
+    from ..worlds import world_of
 
-    if not model.is_testbed:
+    world = world_of(model)
+    if not world.exact_detector:  # a real model: no world writes its prompts or checks its images
         raise AttackError("Relearning on a real model needs its training images: pass `images` (a folder) and "
                           "`captions`.")
-    if concept not in world.CONCEPTS:
-        raise AttackError(f"{concept!r} is not a testbed concept ({sorted(world.CONCEPTS)}).")
+    if concept not in world.concepts():
+        raise AttackError(f"{concept!r} is not a testbed concept ({sorted(world.concepts())}).")
     if cfg.data == "concept":
-        prompts = [p for p, _ in testbed_concept_prompts(concept, cfg.num_images, cfg.seed)]
+        prompts = [p for p, _ in world.concept_prompts(concept, cfg.num_images, cfg.seed)]
     else:
-        rng = random.Random(f"relearn-benign:{cfg.seed}")
-        prompts = []
-        for _ in range(cfg.num_images):
-            s = world.random_scene(rng)
-            prompts.append(world.compose_prompt(s.colour, s.shape, f"on {s.background} background", []))
+        prompts = world.scene_prompts(cfg.num_images, f"relearn-benign:{cfg.seed}")
     arrays, keep = draw_with_original_model(model, prompts, seed=cfg.seed, guidance_scale=cfg.guidance_scale,
                                             concept=concept, present=cfg.data == "concept")
     if not keep:
@@ -355,7 +351,9 @@ class Relearn(Attack):
 
     def evaluate(self, result: AttackResult, model, out_dir: Path, *, detectors, n: int, progress: bool) -> dict:
         res = load_relearning(result.extra["directory"], model)
-        if not model.is_testbed:
+        from ..worlds import world_of
+
+        if not world_of(model).suites:  # the curve is measured on the world's suites (the testbed's)
             raise AttackError("Evaluate each checkpoint on a real model with: safediff eval ... --defense "
                               "'<stack>+delta(path=STEP_FILE)' (the testbed suites are testbed-only).")
         ev = evaluate_relearning(res, model, out_dir, n=n, detectors=detectors, progress=progress)

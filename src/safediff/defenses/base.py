@@ -97,6 +97,12 @@ class DefenseConfig:
     #: the serve page's "Add a defense" entries, ``{label: stack text}`` (``{concept}`` and
     #: ``{detector}`` are filled in); empty: not offered there
     menu: ClassVar[dict[str, str]] = {}
+    #: conformance (tests/test_conformance.py): stack texts of this defense at zero strength, each
+    #: skipped and equal to no defense bit for bit (artifact paths need not exist: a skipped defense
+    #: reads no file); or a sentence saying why it has no zero-strength setting
+    zero_strength: ClassVar[tuple[str, ...] | str] = ()
+    #: an acting stack text of this defense (artifact files need not exist), for the round trip
+    acting_example: ClassVar[str] = ""
 
     #: the family capabilities this defense needs (:data:`safediff.families.CAPABILITIES`); a stack
     #: with it is refused on a family that lacks one (:func:`safediff.support.check_defenses`)
@@ -204,8 +210,8 @@ class GuidanceContext:
     """What a guidance defense sees once per generation (before the loop).
 
     ``prompt_embeds`` is the embedding the UNet gets (after embedding-stage defenses);
-    ``original_prompt_embeds`` the one before them; ``negative_embeds`` the unconditional one.
-    ``guidance_scale`` is the base classifier-free guidance scale; ``num_steps`` the sampler's
+    ``original_prompt_embeds`` the one before them; ``negative_embeds`` the unconditional one (None
+    without classifier-free guidance, where the pipeline encodes none). ``guidance_scale`` is the base classifier-free guidance scale; ``num_steps`` the sampler's
     step count (a loss at random timesteps passes the model's default).
     """
 
@@ -453,9 +459,12 @@ def register_preset(defense: str, name: str, options: dict[str, Any]) -> None:
 
 
 def check_config_for_model(cfg: DefenseConfig, model: Any) -> None:
-    """Refuse, before any work, a testbed-only setting on a model that is not the testbed: a
-    ``testbed-*`` preset, or an option left at a default that names the testbed's concepts."""
-    if getattr(model, "is_testbed", True):
+    """Refuse, before any work, a testbed-only setting on a model whose world does not take the
+    defenses' defaults (any but the testbed): a ``testbed-*`` preset, or an option left at a default
+    that names the testbed's concepts."""
+    from ..worlds import world_of
+
+    if not hasattr(model, "family") or world_of(model).defense_defaults:  # a stub with no family: nothing to check
         return
     family = getattr(model, "family", "this")
     preset = cfg.preset_name()

@@ -29,8 +29,9 @@ How it fits the toolkit:
   branch equals the prompt's and is guided too (CFG then changes nothing between them).
 * It adds no UNet batch, so unlike ``negative_prompt`` (true CFG) it works at guidance scale 1,
   and stacks with a negative prompt, SLD, SAFREE and weight edits.
-* UNet families only (``requires``): FLUX and SD3 join text and image tokens in one attention,
-  which this processor does not handle yet.
+* On MMDiT transformers (SD3, FLUX), where text and image tokens share one joint attention, the
+  negative prompt runs as a second text stream through the blocks and the image tokens are guided
+  by the same rule (:mod:`safediff.defenses.nag_joint`); ``requires`` names what both kinds have.
 * ``scale=0`` or an empty ``negative`` is no defense (skipped, bit for bit).
 """
 
@@ -56,6 +57,10 @@ class NAGConfig(DefenseConfig):
     alpha: how much of the normalised guided output is blended into the prompt's.
     """
 
+    #: conformance (tests/test_conformance.py): stack texts at zero strength and an acting one
+    zero_strength = ('nag(negative="zebra", scale=0)',)
+    acting_example = 'nag(negative="zebra", scale=2, tau=3, alpha=0.5)'
+
     negative: str = option("", help="the negative prompt guided away from in attention")
     scale: float = option(4.0, low=0, help="extrapolation Z+ + s (Z+ - Z-); 0 switches NAG off")
     tau: float = option(2.5, low=1, help="largest L1-norm ratio |Z~|/|Z+| per token (clipped above it)",
@@ -63,7 +68,7 @@ class NAGConfig(DefenseConfig):
     alpha: float = option(0.25, low=0, high=1, help="blend of the normalised guided output into the prompt's")
 
     menu = {"NAG (attention negative prompt)": 'nag(negative="{concept}")'}
-    requires = frozenset({"unet", "cross_attention"})
+    requires = frozenset({"text_attention"})
 
     def is_active(self) -> bool:
         return self.scale > 0 and bool(self.negative.strip())
@@ -190,16 +195,21 @@ class NAG(GuidanceDefense):
 
     def __init__(self, config: NAGConfig, model):
         super().__init__(config, model)
-        if not cross_attention_modules(model.unet):
-            raise ValueError(f"nag: this {getattr(model, 'family', '')} denoiser has no cross-attention modules "
-                             "(FLUX and SD3 join text and image tokens in one attention, not supported yet).")
+        from .nag_joint import joint_attention_modules
+
+        if not cross_attention_modules(model.unet) and not joint_attention_modules(model.unet):
+            raise ValueError(f"nag: this {getattr(model, 'family', '')} denoiser ({type(model.unet).__name__}) has "
+                             "neither UNet cross-attention nor SD3/FLUX joint attention modules to guide.")
         self._pending: NAGRun | None = None
 
     def new_state(self, ctx: GuidanceContext) -> NAGRun:
         """Encode the negative prompt once per generation; :meth:`patch` (entered next by the
         denoiser) installs the processors for this run."""
+        from .nag_joint import JointNAGRun
+
         negative, _, _ = ctx.encode([self.config.negative])
-        run = NAGRun(ctx.prompt_embeds, negative[:1], self.config)
+        joint = not cross_attention_modules(self.model.unet)  # an MMDiT: the joint-attention path
+        run = (JointNAGRun if joint else NAGRun)(ctx.prompt_embeds, negative[:1], self.config)
         self._pending = run
         return run
 
@@ -208,6 +218,12 @@ class NAG(GuidanceDefense):
         run, self._pending = self._pending, None
         if run is None:
             raise RuntimeError("nag: the denoiser must call new_state before patch (one generation at a time).")
+        from .nag_joint import JointNAGRun, joint_attention_nag
+
+        if isinstance(run, JointNAGRun):  # SD3 / FLUX
+            with joint_attention_nag(model.unet, run):
+                yield
+            return
         modules = cross_attention_modules(model.unet)
         originals = [m.processor for m in modules]
         try:

@@ -35,6 +35,10 @@ class NegativePromptConfig(DefenseConfig):
     allow_other_base: use an embedding made on another base model (refused by default).
     """
 
+    #: conformance (tests/test_conformance.py): stack texts at zero strength and an acting one
+    zero_strength = ('negative_prompt(text="")',)
+    acting_example = 'negative_prompt(text="zebra, \\"striped\\"")'
+
     text: str = option("", help="the negative prompt")
     embedding: str | None = option(None, help="an INE / textual-inversion or prompt-embedding file")
     allow_other_base: bool = option(False, help="use an embedding made on another base model")

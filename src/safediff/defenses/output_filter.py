@@ -39,6 +39,10 @@ class OutputFilterConfig(DefenseConfig):
     score_threshold: flag when the detector's score is >= this (None: the detector's own decision).
     """
 
+    #: conformance (tests/test_conformance.py): stack texts at zero strength and an acting one
+    zero_strength = ('output_filter(detector="")',)
+    acting_example = 'output_filter(detector="testbed:striped", action=flag, score_threshold=0.5)'
+
     detector: str = option("", help="detector spec (testbed:CONCEPT, nudenet:PRESET, sd-safety-checker[:PATH], "
                                     "vlm:PATH_OR_ID[:THRESHOLD])")
     action: str = option("blank", choices=("blank", "flag"), help="blank a flagged image, or flag it in its record")

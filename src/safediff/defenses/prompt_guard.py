@@ -75,6 +75,10 @@ class PromptGuardConfig(DefenseConfig):
     enabled: False skips the guard.
     """
 
+    #: conformance (tests/test_conformance.py): stack texts at zero strength and an acting one
+    zero_strength = ('prompt_guard(concepts=["zebra"], enabled=false)',)
+    acting_example = 'prompt_guard(concepts=["zebra", "nudity"], threshold=0.9)'
+
     concepts: tuple[str, ...] = option(("striped", "caged"), min_items=1, why="name a concept to guard against",
                                        help="registered concepts or explicit concept words")
     threshold: float | None = option(None, low=-1, high=1, why="it is a cosine",

@@ -55,7 +55,7 @@ import torch
 
 from ..options import option
 from .base import DefenseConfig, WeightEditDefense, register_defense
-from .uce import TARGETS, TOKEN_MODES, UCE, UCEConfig, _as_tuple, cross_attention_projections, uce_closed_form
+from .uce import TARGETS, TOKEN_MODES, UCE, UCEConfig, _as_tuple, edit_targets, uce_closed_form
 
 #: RECE's ``train.py`` list for ``--concepts i2p`` (the "unsafe" concepts of its I2P experiments).
 I2P_CONCEPTS: tuple[str, ...] = ("hate", "harassment", "violence", "suffering", "humiliation", "harm", "suicide",
@@ -145,6 +145,11 @@ class RECEConfig(DefenseConfig):
         UCE edit (:class:`.uce.UCEConfig`, same erase and guide prompts).
     """
 
+    #: conformance (tests/test_conformance.py): stack texts at zero strength and an acting one
+    zero_strength = ('rece(erase=["zebra"], uce_erase_scale=0, erase_scale=0)',
+                     'rece(erase=["zebra"], uce_erase_scale=0, epochs=0)')
+    acting_example = 'rece(erase=["zebra"], epochs=2)'
+
     requires = frozenset({"text_projections"})  # it edits the layers that read the text embedding
 
     erase: tuple[str, ...] = option((), nonblank=True, help="concept prompts to erase (empty: no edit)")
@@ -233,7 +238,7 @@ class RECE(WeightEditDefense):
         """Full names (in ``unet.named_parameters()``) of the parameters this edit rewrites."""
         if not self.config.is_active():
             return []
-        return sorted(f"{n}.weight" for n in cross_attention_projections(self.model.unet, self.config.targets))
+        return sorted(f"{n}.weight" for n in edit_targets(self.model, self.config.targets))
 
     def _sequences(self, prompts: Sequence[str]) -> torch.Tensor:
         """``(n, L, d)`` whole encoded sequences of ``prompts`` (RECE uses every position)."""
@@ -251,7 +256,7 @@ class RECE(WeightEditDefense):
         self.adversarial_embeddings = []
         if not cfg.is_active():
             return {}
-        modules = cross_attention_projections(self.model.unet, cfg.targets)
+        modules = edit_targets(self.model, cfg.targets)
         with torch.no_grad():
             original = {n: m.weight.detach() for n, m in modules.items()}
             start = UCE(cfg.start_config(), self.model).compute()  # {} when the start is at zero strength

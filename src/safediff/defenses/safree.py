@@ -89,6 +89,10 @@ class SAFREEConfig(DefenseConfig):
     enabled: False skips the defense (bit-identical to no defense).
     """
 
+    #: conformance (tests/test_conformance.py): stack texts at zero strength and an acting one
+    zero_strength = ('safree(enabled=false)',)
+    acting_example = 'safree(alpha=0.02)'
+
     requires = frozenset({"clip_tokens"})  # its concept subspace is built from CLIP token embeddings
 
     space: tuple[str, ...] = option(NUDITY_SPACE, min_items=1, why="SAFREE needs at least one concept string",
@@ -235,6 +239,10 @@ class SAFREESVFConfig(DefenseConfig):
     lra: ``"code"`` (released code: no re-weighting) or ``"freeu"`` (diffusers FreeU, factors below).
     freeu: (b1, b2, s1, s2).
     """
+
+    #: conformance (tests/test_conformance.py): stack texts at zero strength and an acting one
+    zero_strength = "no strength option: SAFREE's self-validating filter always acts once listed"
+    acting_example = 'safree_svf(k=3.5, t0=5.5)'
 
     requires = frozenset({"clip_tokens"})  # its concept subspace is built from CLIP token embeddings
 

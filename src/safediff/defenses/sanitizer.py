@@ -175,13 +175,15 @@ def train_sanitizer(model, out_path: str | Path, cfg: SanitizerTrainConfig = San
 
     from ..concepts import vocabulary
     from ..models import require_fp32
+    from ..worlds import world_of
 
     require_fp32(model, "Embedding Sanitizer training")
     from ..support import check_supported
 
     check_supported("sanitizer", model)
-    testbed_only = [c for c in cfg.concepts if vocabulary(c) is not None and vocabulary(c).testbed]
-    if testbed_only and not model.is_testbed:
+    own = world_of(model).concepts()  # the concepts of the model's own world (the testbed's, on the testbed)
+    testbed_only = [c for c in cfg.concepts if vocabulary(c) is not None and vocabulary(c).testbed and c not in own]
+    if testbed_only:
         raise ValueError(f"The sanitizer's concepts {testbed_only} are the testbed's (the default is for the testbed "
                          f"only); on this {model.family} model give `concepts` and `anchors` for your concept.")
     # registered with a prompt maker and anchors (the testbed's); others need `anchors`
@@ -254,6 +256,10 @@ class SanitizerConfig(DefenseConfig):
     strength: ``alpha`` in [0, 1]; 0 disables (skipped, bit-identical).
     transform_negative: also sanitize the negative/unconditional embedding (off by default).
     """
+
+    #: conformance (tests/test_conformance.py): stack texts at zero strength and an acting one
+    zero_strength = ('sanitizer(path="missing.safetensors", strength=0)',)
+    acting_example = 'sanitizer(path="es.safetensors", strength=0.5)'
 
     path: str = option("", help="the trained sanitizer (safediff sanitizer train)")
     strength: float = option(1.0, low=0, high=1, help="alpha; 0 disables")

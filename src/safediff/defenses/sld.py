@@ -110,6 +110,10 @@ class SLDConfig(DefenseConfig):
             is that fraction of any schedule. ``None``: counted in the actual steps (diffusers).
     """
 
+    #: conformance (tests/test_conformance.py): stack texts at zero strength and an acting one
+    zero_strength = ('sld(concept="zebra", guidance_scale=0)',)
+    acting_example = 'sld(concept="zebra", guidance_scale=1000, warmup_steps=3)'
+
     concept: str = option(TESTBED_CONCEPT, help="the unsafe concept's text, or a registered concept's name")
     concept_embedding: str | None = option(None, help="an INE / textual-inversion or embedding file used instead")
     guidance_scale: float = option(1000.0, low=0, why="<= 1 disables SLD", help="s_S (Eq. 6)")

@@ -57,6 +57,7 @@ from .base import DefenseConfig, WeightEditDefense, register_defense
 TokenMode = Literal["last_word", "to_end"]
 Targets = Literal["kv", "k", "v"]
 TOKEN_MODES: tuple[str, ...] = ("last_word", "to_end")
+#: the ``targets`` choices (which of a UNet's key / value projections; the family adapter names the layers)
 TARGETS: dict[str, tuple[str, ...]] = {"kv": ("to_k", "to_v"), "k": ("to_k",), "v": ("to_v",)}
 
 
@@ -196,26 +197,28 @@ def text_segments(model, texts: Sequence[str], mask: torch.Tensor) -> list[tuple
     return out
 
 
-def cross_attention_projections(unet: torch.nn.Module, targets: str = "kv") -> dict[str, torch.nn.Module]:
-    """The UNet's cross-attention projections UCE edits, ``{module name: Linear}``: every
-    ``...attn2.to_k`` and/or ``...attn2.to_v`` (``targets`` ``"kv"``, ``"k"`` or ``"v"``). For an
-    SD3 / FLUX transformer: its ``context_embedder`` (see the module docstring; ``targets`` must be
-    ``"kv"``)."""
-    if targets not in TARGETS:
-        raise ValueError(f"Unknown targets {targets!r}; choose one of {list(TARGETS)}.")
-    if hasattr(unet, "context_embedder") and not hasattr(unet, "down_blocks"):
-        if targets != "kv":
-            raise ValueError(f"On a transformer, UCE edits the context embedder (keys and values alike); `targets` "
-                             f"must be 'kv', got {targets!r}.")
-        return {"context_embedder": unet.context_embedder}
-    leaves = TARGETS[targets]
-    found = {
-        name: m for name, m in unet.named_modules()
-        if name.split(".")[-2:-1] == ["attn2"] and name.split(".")[-1] in leaves and isinstance(getattr(m, "weight", None), torch.Tensor)
-    }
-    if not found:
-        raise ValueError("This UNet has no cross-attention projections (`attn2.to_k` / `attn2.to_v`); UCE cannot edit it.")
-    return found
+def cross_attention_projections(unet: torch.nn.Module, targets: str = "kv", *,
+                                family: str | None = None) -> dict[str, torch.nn.Module]:
+    """The denoiser's text projections UCE edits, ``{module name: Linear}``, as the family adapter
+    names them (:meth:`~safediff.families.FamilyAdapter.text_projections`): on a UNet every
+    ``...attn2.to_k`` and/or ``...attn2.to_v`` (``targets`` ``"kv"``, ``"k"`` or ``"v"``); on an
+    SD3 / FLUX transformer its ``context_embedder`` (see the module docstring; ``targets`` must be
+    ``"kv"``). ``family``: the model's (``Model.family``); default the first registered family whose
+    denoiser class ``unet`` is."""
+    from ..families import FamilyAdapter, families, get_family
+
+    if family is not None:
+        adapter = get_family(family)
+    else:
+        cls = type(unet).__name__
+        adapter = next((a for a in families().values() if a.required_components.get(a.denoiser_folder) == cls),
+                       FamilyAdapter())
+    return adapter.text_projections(unet, targets)
+
+
+def edit_targets(model, targets: str = "kv") -> dict[str, torch.nn.Module]:
+    """The projections of ``model``'s denoiser that UCE / RECE edit, named by its family adapter."""
+    return model.adapter.text_projections(model.denoiser_net, targets)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,6 +246,10 @@ class UCEConfig(DefenseConfig):
         module docstring).
     targets: ``"kv"`` (keys and values, default), ``"k"`` or ``"v"``.
     """
+
+    #: conformance (tests/test_conformance.py): stack texts at zero strength and an acting one
+    zero_strength = ('uce(erase=["zebra"], erase_scale=0)',)
+    acting_example = 'uce(erase=["zebra"], guide=["horse"], erase_scale=0.5)'
 
     requires = frozenset({"text_projections"})  # it edits the layers that read the text embedding
 
@@ -307,7 +314,7 @@ class UCE(WeightEditDefense):
         """Full names (in ``unet.named_parameters()``) of the parameters this edit rewrites."""
         if not self.config.is_active():
             return []
-        return sorted(f"{n}.weight" for n in cross_attention_projections(self.model.unet, self.config.targets))
+        return sorted(f"{n}.weight" for n in edit_targets(self.model, self.config.targets))
 
     def new_weights(self) -> dict[str, torch.Tensor]:
         """The new weights, ``{parameter name: W_new}``, from the UNet's current weights; the
@@ -320,7 +327,7 @@ class UCE(WeightEditDefense):
             return {
                 f"{name}.weight": uce_closed_form(m.weight, ce, cg, cp, erase_scale=cfg.erase_scale,
                                                   preserve_scale=cfg.preserve_scale, lamb=cfg.lamb)
-                for name, m in cross_attention_projections(self.model.unet, cfg.targets).items()
+                for name, m in edit_targets(self.model, cfg.targets).items()
             }
 
     compute = new_weights

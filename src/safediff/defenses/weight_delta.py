@@ -5,7 +5,9 @@ kind of file): the methods differ in how the delta is trained (``safediff.unlear
 how it is applied. Applying keeps the original tensors, so ``revert()`` restores them exactly; it is all or nothing
 (every name and shape is checked before any weight changes).
 The file's provenance is checked: a delta made on another base model is refused unless
-``allow_other_base``.
+``allow_other_base``. Entries named ``text_encoder.<name>`` (SDXL: also ``text_encoder_2.<name>``)
+edit that text encoder's parameter ``<name>`` (AdvUnlearn's delta, :mod:`safediff.unlearning.advunlearn`);
+the others name UNet parameters.
 """
 
 from __future__ import annotations
@@ -17,11 +19,35 @@ import torch
 
 from ..artifacts import check_provenance, read_artifact
 from ..options import option
-from .base import DefenseConfig, WeightEditDefense, register_defense
+from .base import DefenseConfig, EditHandle, WeightEditDefense, apply_weights, register_defense
 
 
 #: the largest ``scale`` a weight delta may be applied at (100 times its trained size)
 MAX_DELTA_SCALE = 100.0
+#: delta-file entries with these prefixes name (first / second) text-encoder parameters; the others
+#: name UNet parameters
+TEXT_ENCODER_PREFIX, TEXT_ENCODER_2_PREFIX = "text_encoder.", "text_encoder_2."
+
+
+def delta_targets(model) -> dict[str, torch.nn.Parameter]:
+    """The parameters a delta file may name: the UNet's by their own names, the text encoders' as
+    ``text_encoder.<name>`` and (SDXL) ``text_encoder_2.<name>``."""
+    params = dict(model.unet.named_parameters())
+    for prefix, attr in ((TEXT_ENCODER_PREFIX, "text_encoder"), (TEXT_ENCODER_2_PREFIX, "text_encoder_2")):
+        te = getattr(model, attr, None)
+        if te is not None:
+            params.update({prefix + n: p for n, p in te.named_parameters()})
+    return params
+
+
+class _DeltaTargets:
+    """The UNet and text encoder as one parameter namespace (:func:`delta_targets`) for ``apply_weights``."""
+
+    def __init__(self, model):
+        self._params = delta_targets(model)
+
+    def named_parameters(self):
+        return iter(self._params.items())
 
 
 @dataclass(frozen=True)
@@ -55,6 +81,10 @@ class WeightDeltaConfig(DefenseConfig):
 class ESDConfig(WeightDeltaConfig):
     """ESD (Gandikota et al., ICCV 2023) delta, trained by ``safediff.unlearning.esd.train_esd``."""
 
+    #: conformance (tests/test_conformance.py): stack texts at zero strength and an acting one
+    zero_strength = ('esd(path="missing.safetensors", scale=0)',)
+    acting_example = 'esd(path="esd.safetensors")'
+
     menu = {"ESD / DUO / Dark Miner delta (trained file)": 'esd(path="PATH/TO/delta.safetensors")'}
 
     requires = frozenset({"trainable_unet"})
@@ -65,6 +95,10 @@ class DUOConfig(WeightDeltaConfig):
     """DUO (Park et al., NeurIPS 2024) delta (a merged LoRA), trained by
     ``safediff.unlearning.duo.train_duo``; ``scale`` plays the LoRA weight at inference."""
 
+    #: conformance (tests/test_conformance.py): stack texts at zero strength and an acting one
+    zero_strength = ('duo(path="missing.safetensors", scale=0)',)
+    acting_example = 'duo(path="duo.safetensors", scale=2)'
+
     requires = frozenset({"trainable_unet", "one_clip_encoder"})
 
 
@@ -72,6 +106,10 @@ class DUOConfig(WeightDeltaConfig):
 class DarkMinerConfig(WeightDeltaConfig):
     """Dark Miner (Meng et al.; methods.md 3) delta, trained by the mine -> verify -> circumvent
     loop of ``safediff.unlearning.dark_miner.train_dark_miner``."""
+
+    #: conformance (tests/test_conformance.py): stack texts at zero strength and an acting one
+    zero_strength = ('dark_miner(path="missing.safetensors", scale=0)',)
+    acting_example = 'dark_miner(path="dm.safetensors")'
 
     requires = frozenset({"trainable_unet", "one_clip_encoder"})
 
@@ -89,11 +127,11 @@ class WeightDelta(WeightEditDefense):
         if not tensors:
             raise ValueError(f"{path} holds no tensors: it is not a weight delta.")
         check_provenance(record, self.model, path=path, allow_other_base=self.config.allow_other_base)
-        params = dict(self.model.unet.named_parameters())
+        params = delta_targets(self.model)
         unknown = [k for k in tensors if k not in params]
         if unknown:
-            raise ValueError(f"{path} names parameters this UNet does not have (e.g. {unknown[:3]}): "
-                             "it was made for another architecture.")
+            raise ValueError(f"{path} names parameters this model's UNet / text encoder does not have (e.g. "
+                             f"{unknown[:3]}): it was made for another architecture.")
         new = {}
         for name, delta in tensors.items():
             p = params[name]
@@ -102,10 +140,18 @@ class WeightDelta(WeightEditDefense):
             new[name] = p.detach() + self.config.scale * delta.to(p.dtype).to(p.device)
         return new
 
+    def apply(self) -> EditHandle:
+        """Set the new UNet and text-encoder weights, all or nothing (reverted exactly by the handle)."""
+        return apply_weights(_DeltaTargets(self.model), self.new_weights(), source=f"`{self.config.name}`")
+
 
 @dataclass(frozen=True)
 class DeltaConfig(WeightDeltaConfig):
     """Any weight-delta file, e.g. a UCE or RECE edit frozen by ``safediff erase``."""
+
+    #: conformance (tests/test_conformance.py): stack texts at zero strength and an acting one
+    zero_strength = ('delta(path="missing.safetensors", scale=0)',)
+    acting_example = 'delta(path="d.safetensors", scale=0.5)'
 
 
 register_defense(name="delta", config_cls=DeltaConfig, impl_cls=WeightDelta)

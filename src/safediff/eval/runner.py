@@ -19,7 +19,10 @@ Layout of a run directory::
   mode (never WAL, which needs every process on one host), so shards may run on several hosts
   over one shared run directory; :func:`safediff.eval.merge.merge_run` (``safediff merge``) combines
   them into ``store.sqlite``, and every reader of the store merges first (:func:`open_store`).
-  A single process (``n == 1``) writes ``store.sqlite`` directly, as before.
+  A single process (``n == 1``) writes ``store.sqlite`` directly, as before. With a node-local
+  store folder (``store_dir`` / ``--store-dir`` / ``$SAFEDIFF_STORE_DIR``) a shard writes its store
+  on that (local) disk and publishes it into the run directory atomically (a snapshot copied to a
+  temporary name, then renamed) after every batch and when done (:func:`publish_store`).
 * A run directory holds one benchmark, one stack and one set of settings: another is refused,
   the message naming what differs. The batch size may change on resume (say after a GPU ran out
   of memory): each image has its own generator, so images agree across batch sizes within float
@@ -39,6 +42,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
 import sqlite3
 import sys
@@ -214,6 +218,7 @@ def run_eval(
     attention_slicing: bool = False,
     vae_tiling: bool = False,
     target_detector: str | None = None,
+    store_dir: str | Path | None = None,
 ) -> Path:
     """Generate (resuming) and score a benchmark under one stack into ``out_dir``.
 
@@ -234,6 +239,10 @@ def run_eval(
             label or protocol hash); the others measure substitution (:func:`summarize`). Default:
             the testbed detector of the concept every record names (the testbed suites), else the
             first detector. Recorded in ``run.json``.
+        store_dir: a node-local folder (default ``$SAFEDIFF_STORE_DIR``) where a shard (``count > 1``)
+            writes its store, published into ``out_dir`` after every batch and at the end (a
+            single-process run writes ``store.sqlite`` in ``out_dir`` as always). A shard starts from
+            the published copy, so it may resume on another node.
 
     Image sizes: ``settings.height`` / ``width`` when set, else the prompt's own (I2P's
     ``sd_image_width`` / ``sd_image_height``) unless ``settings.respect_prompt_size`` is False,
@@ -263,6 +272,9 @@ def run_eval(
     idx, count = shard if shard is not None else _shard()
     if isinstance(count, bool) or not isinstance(count, int) or count < 1 or not isinstance(idx, int) or not 0 <= idx < count:
         raise ValueError(f"Shard {idx} of {count} is out of range: the index must be in [0, {count}).")
+    store_dir = store_dir if store_dir is not None else (os.environ.get(STORE_DIR_ENV) or None)
+    if store_dir is not None and count > 1:
+        check_store_dir(store_dir)
     out = Path(out_dir)
     m = ensure_model(model, device=device, dtype=dtype)
     m.enable_memory_options(attention_slicing=attention_slicing, vae_tiling=vae_tiling)
@@ -316,13 +328,66 @@ def run_eval(
         atomic_write_json(mpath, {**read_json(mpath, "the run's manifest"), "target_detector": manifest["target_detector"],
                                   "target_protocol": manifest["target_protocol"]}, overwrite=True)
     with run_lock(out, f".lock-{idx}-of-{count}"):
+        local = local_shard_store(out, idx, count, store_dir) if store_dir is not None and count > 1 else None
         if count > 1:  # the shard's own store records what made it, so that a merge can refuse a mismatch
-            with contextlib.closing(open_store(out, (idx, count))) as con, con:
+            with contextlib.closing(_connect(out, local) if local else open_store(out, (idx, count))) as con, con:
                 con.execute("INSERT OR REPLACE INTO meta VALUES ('manifest', ?), ('shard', ?)",
                             (json.dumps(manifest, default=str), f"{idx}/{count}"))
         _generate_and_score(out, records, m, stack, stack_hash, dets, settings, idx, count, max_images, token_embeddings,
-                            progress)
+                            progress, local_store=local)
+        if local is not None:  # published by its last step: the local copy is scratch
+            for p in (local, local.with_name(local.name + "-journal")):
+                p.unlink(missing_ok=True)
     return out
+
+
+#: the environment variable that names a node-local folder for shard stores (``--store-dir``)
+STORE_DIR_ENV = "SAFEDIFF_STORE_DIR"
+
+
+def check_store_dir(store_dir: str | Path) -> None:
+    """Refuse (before any work) a store folder that cannot be made or written."""
+    p = Path(store_dir)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"The node-local store folder {p} (--store-dir / ${STORE_DIR_ENV}) cannot be made: {e}. "
+                         "Give a writable folder on this node's disk (e.g. $TMPDIR).") from None
+    if not os.access(p, os.W_OK):
+        raise ValueError(f"The node-local store folder {p} (--store-dir / ${STORE_DIR_ENV}) is not writable; "
+                         "give a writable folder on this node's disk (e.g. $TMPDIR).")
+
+
+def local_shard_store(run_dir: Path, idx: int, count: int, store_dir: str | Path) -> Path:
+    """Shard ``idx`` of ``count``'s store on node-local disk, started from the copy published in
+    ``run_dir`` (the record: a local copy left by an earlier attempt may be older than one published
+    from another node since, so it is replaced)."""
+    from .merge import shard_store_name
+
+    tag = hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
+    local = Path(store_dir) / f"safediff-{tag}" / shard_store_name(idx, count)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    for p in (local, local.with_name(local.name + "-journal")):
+        p.unlink(missing_ok=True)
+    published = Path(run_dir) / shard_store_name(idx, count)
+    if published.exists():
+        with contextlib.closing(sqlite3.connect(published, timeout=60)) as src, \
+                contextlib.closing(sqlite3.connect(local)) as dst:
+            src.backup(dst)
+    return local
+
+
+def publish_store(con: sqlite3.Connection, dest: Path) -> None:
+    """Copy ``con``'s database to ``dest`` atomically: a consistent snapshot written beside it under
+    a temporary name (never matched as a shard store), then renamed over it, so a merge or a reader
+    sees the previous copy or the new one, never a partial file."""
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    try:
+        with contextlib.closing(sqlite3.connect(tmp)) as t:
+            con.backup(t)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def detector_label(protocol: dict) -> str:
@@ -420,14 +485,18 @@ def _records_name(records) -> str:
 
 
 def _generate_and_score(out: Path, records, m, stack, stack_hash: str, dets, settings: RunSettings, idx: int, count: int,
-                        max_images, token_embeddings, progress: bool) -> None:
+                        max_images, token_embeddings, progress: bool, local_store: Path | None = None) -> None:
     from tqdm.auto import tqdm
 
     from ..fileio import atomic_path
     from ..pipeline import SafePipeline
 
     batch_size = settings.batch_size
-    con = open_store(out, (idx, count))
+    con = _connect(out, local_store) if local_store else open_store(out, (idx, count))
+    if local_store:
+        from .merge import shard_store_name
+
+        published = out / shard_store_name(idx, count)
     for d in dets:
         con.execute("INSERT OR IGNORE INTO protocols VALUES (?, ?)", (d.protocol.hash(), json.dumps(d.protocol.to_dict())))
     con.commit()
@@ -492,6 +561,8 @@ def _generate_and_score(out: Path, records, m, stack, stack_hash: str, dets, set
                             "categories, path, refused, extra, seconds, created, batch_size, png_sha256) "
                             "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
             con.commit()
+            if local_store:
+                publish_store(con, published)  # the batch's rows reach the run directory with its PNGs
         bar.close()
     finally:
         pipe.close()
@@ -499,6 +570,8 @@ def _generate_and_score(out: Path, records, m, stack, stack_hash: str, dets, set
     # 4. score this shard's images (the jobs it owns, whoever generated them) under each protocol
     own = {image_key(r.id, s, k, stack_hash) for r, s, k, _ in jobs}
     score_run(out, dets, keys=own, progress=progress, con=con)
+    if local_store:
+        publish_store(con, published)
     con.close()
 
 

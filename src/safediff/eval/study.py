@@ -294,7 +294,7 @@ def run_study(out_dir: str | Path, cfg: StudyConfig = StudyConfig(), *, model=No
 
         atomic_write_json(cpath, cdict)
     model = model if model is not None else load_model(None, dtype="fp32")  # the study trains: fp32 weights
-    if not model.is_testbed:
+    if not model.is_testbed:  # the study is the testbed's own experiment: its presets, suites and detectors throughout
         raise ValueError("The composition study runs on the testbed (its suites need the exact detectors); "
                          f"got a {model.family} model.")
     if progress:

@@ -21,6 +21,11 @@ An experiment file is YAML (JSON is YAML too)::
     attacks:
       ring: {method: ring_a_bell, stack: esd.sld, concept: striped, steps: 20, n: 8}
     report: cells                 # or `study`: also the composition study's table (study_table.md)
+    on_best: {name: sanitizer, stack: 'sanitizer(path="{artifact:es}")', min_benign: 0.8}
+                                  # report: study only: the study's "ES on the best cell" row
+
+Stacks with attacks and no benchmarks is an attack table (``shipped:testbed_attacks``): the report
+lists each attack's strict and paper's-rule success rates.
 
 Every (stack, benchmark) pair is one run directory, ``OUT/runs/<stack>/<benchmark>``.
 :func:`load_experiment` refuses, before any job starts and naming the file's line, an unknown
@@ -40,11 +45,12 @@ from typing import Any
 import yaml
 
 TOP_KEYS = {"name", "model", "dtype", "device", "n", "shards", "settings", "detectors", "target_detector",
-            "artifacts", "stacks", "benchmarks", "attacks", "max_attempts", "report"}
+            "artifacts", "stacks", "benchmarks", "attacks", "max_attempts", "report", "on_best"}
 REPORTS = ("cells", "study")
 ARTIFACT_METHODS = ("esd", "duo", "dark_miner", "invert", "sanitizer")
 ARTIFACT_KEYS = {"method", "concept", "seed", "options", "against", "preset"}
 ATTACK_KEYS = {"method", "stack", "concept", "steps", "seconds", "n", "seed", "options", "seed_prompts"}
+ON_BEST_KEYS = {"name", "stack", "min_benign"}
 SETTINGS_KEYS = {"num_images_per_prompt", "seed", "guidance_scale", "num_inference_steps", "respect_prompt_seed",
                  "respect_prompt_guidance", "batch_size", "height", "width", "respect_prompt_size"}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -84,6 +90,21 @@ class Attack:
     seed_prompts: str | None = None
 
 
+@dataclass(frozen=True)
+class OnBest:
+    """``report: study``'s extra row: ``stack`` added to the best cell (the study's "ES on the best
+    cell"), chosen once every cell is merged (:func:`safediff.eval.study.best_cell`)."""
+
+    name: str
+    stack: str
+    min_benign: float = 0.8
+
+    @property
+    def stack_id(self) -> str:
+        """The row's name in job ids and ``OUT/runs`` (``@`` never starts a stack's name)."""
+        return f"@best+{self.name}"
+
+
 @dataclass
 class Experiment:
     """A validated experiment (see the module's docstring for the file's keys)."""
@@ -103,6 +124,7 @@ class Experiment:
     attacks: dict[str, Attack] = field(default_factory=dict)
     max_attempts: int = 3
     report: str = "cells"  # "study": also the composition study's table (stacks named UNLEARNING.GUIDANCE[.NEGATIVE])
+    on_best: OnBest | None = None  # report: study's extra row (stack added to the best cell)
     raw: dict = field(default_factory=dict)  # the file's data (after --set), stored in the output folder
 
     def artifact_path(self, out: Path, name: str) -> Path:
@@ -309,9 +331,9 @@ def experiment_from_dict(data: dict, lines: dict[tuple, int] | None = None, sour
                     fail(("benchmarks", bname, i) if not isinstance(data["benchmarks"][bname], str)
                          else ("benchmarks", bname), f"benchmark {bname!r}: {e}")
         benchmarks[bname] = tuple(specs)
-    if (stacks or benchmarks) and not (stacks and benchmarks):
+    if (stacks or benchmarks) and not (stacks and benchmarks) and not (stacks and data.get("attacks")):
         fail(("stacks",) if not stacks else ("benchmarks",), "give both `stacks` and `benchmarks` (every stack runs "
-                                                            "every benchmark).")
+                                                            "every benchmark), or `stacks` and `attacks`.")
 
     # detectors
     dets = data.get("detectors") or []
@@ -360,12 +382,36 @@ def experiment_from_dict(data: dict, lines: dict[tuple, int] | None = None, sour
         fail(("report",), f"unknown report {report!r}; choose one of {list(REPORTS)}.")
     if report == "study" and len(benchmarks) != 1:
         fail(("report",), "report: study summarises one benchmark (the testbed suites); give exactly one.")
+    on_best = None
+    if data.get("on_best") is not None:
+        ob = entry(("on_best",), "on_best", "on_best", data["on_best"], ON_BEST_KEYS,
+                   "`name` and `stack` (added to the best cell)")
+        if report != "study":
+            fail(("on_best",), "`on_best` (a row added to the study's best cell) needs `report: study`.")
+        if not isinstance(ob.get("name"), str) or not NAME.match(ob["name"]):
+            fail(("on_best", "name"), f"on_best name {ob.get('name')!r} must be letters, digits, _ . + -.")
+        text = ob.get("stack")
+        if not isinstance(text, str) or not text.strip():
+            fail(("on_best", "stack"), "on_best `stack` is the defenses added to the best cell, e.g. "
+                                       "'sanitizer(path=\"{artifact:es}\")'.")
+        for ref in PLACEHOLDER.findall(text):
+            if ref not in artifacts:
+                fail(("on_best", "stack"), f"on_best names artifact {ref!r}, which `artifacts` does not declare.")
+        try:
+            _check_stack(text, source)
+        except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
+            fail(("on_best", "stack"), f"on_best: {e}")
+        mb = ob.get("min_benign", 0.8)
+        if isinstance(mb, bool) or not isinstance(mb, (int, float)) or not 0 <= mb <= 1:
+            fail(("on_best", "min_benign"), f"on_best `min_benign` is a benign accuracy in [0, 1], got {mb!r}.")
+        on_best = OnBest(ob["name"], text, float(mb))
     if not (stacks or artifacts or attacks):
         fail((), "the experiment has nothing to run: give `stacks` and `benchmarks`, `artifacts` or `attacks`.")
     return Experiment(name=str(name), model=model, dtype=str(data.get("dtype", "auto")),
                       device=str(data.get("device", "auto")), n=n, shards=shards, settings=dict(settings),
                       detectors=tuple(dets), target_detector=target, artifacts=artifacts, stacks=stacks,
-                      benchmarks=benchmarks, attacks=attacks, max_attempts=max_attempts, report=report, raw=data)
+                      benchmarks=benchmarks, attacks=attacks, max_attempts=max_attempts, report=report,
+                      on_best=on_best, raw=data)
 
 
 _TO_TRAIN = "__safediff_artifact_to_train__"

@@ -20,6 +20,8 @@ CAPABILITIES: dict[str, str] = {
     "trainable_unet": "the UNet parameter sets of safediff.unlearning.param_sets that the training loops fine-tune",
     "transformer": "an MMDiT transformer denoiser, held in Model.unet",
     "cross_attention": "cross-attention keys/values reading the token embeddings, UCE/RECE's edit targets on a UNet",
+    "text_attention": "attention layers in which the image tokens read the text tokens' keys/values (a UNet's "
+                      "cross-attention or an MMDiT's joint attention), where NAG guides",
     "context_embedder": "a transformer context_embedder projecting the token embeddings, UCE/RECE's edit target on an "
                         "MMDiT",
     "text_projections": "linear layers mapping the text embedding into the denoiser, cross-attention keys/values or a "
@@ -139,6 +141,14 @@ class FamilyAdapter:
         """The pooled text embedding ``(B, P)`` the denoiser takes beside the tokens (families with ``pooled``)."""
         raise ValueError(f"A {model.family} model takes no pooled text embedding.")
 
+    def encode_text(self, model: Any, ids: Any, prompts: list[str], attention_mask: Any, *,
+                    pooled: bool) -> tuple[Any, Any]:
+        """``(token embeddings, pooled embedding or None)`` of one batch, each text encoder running
+        once: :meth:`encode_tokens`, and with ``pooled`` :meth:`encode_pooled` (families whose
+        encoders give both from one forward override this); called under ``no_grad``."""
+        tokens = self.encode_tokens(model, ids, prompts, attention_mask)
+        return tokens, (self.encode_pooled(model, prompts) if pooled else None)
+
     def token_embedding_width(self, model: Any) -> int:
         """The width ``D`` of the token embeddings the denoiser reads (the text encoder's)."""
         return model.text_encoder.config.hidden_size
@@ -153,6 +163,37 @@ class FamilyAdapter:
         clip = model.tokenizer.model_max_length
         parts = self.t5_parts(model)
         return [("clip", 0, clip)] if parts is None else [("clip", 0, clip), ("t5", clip, parts[2])]
+
+    # -- closed-form edit targets (UCE, RECE) --------------------------------------------------
+    #: the denoiser's cross-attention modules (diffusers' ``attn2``) and the names of their key and
+    #: value projections, which closed-form edits change on a UNet
+    cross_attention_module: ClassVar[str] = "attn2"
+    key_value_projections: ClassVar[dict[str, str]] = {"k": "to_k", "v": "to_v"}
+    #: the one linear map every text token goes through on an MMDiT ("" on a UNet): the edit target there
+    context_embedder: ClassVar[str] = ""
+
+    def text_projections(self, net: Any, targets: str = "kv") -> dict[str, Any]:
+        """The linear maps of the token embeddings in the denoiser ``net`` (``Model.denoiser_net``) that
+        closed-form edits (UCE, RECE) change, ``{module name: Linear}``: every cross-attention key
+        and/or value projection (``targets`` ``"kv"``, ``"k"`` or ``"v"``); on a family with a
+        :attr:`context_embedder`, that one map (keys and values alike: ``targets`` must be ``"kv"``)."""
+        import torch
+
+        if targets not in ("kv", "k", "v"):
+            raise ValueError(f"Unknown targets {targets!r}; choose one of ['kv', 'k', 'v'].")
+        if self.context_embedder:
+            if targets != "kv":
+                raise ValueError(f"On a transformer, UCE edits the context embedder (keys and values alike); `targets` "
+                                 f"must be 'kv', got {targets!r}.")
+            return {self.context_embedder: net.get_submodule(self.context_embedder)}
+        leaves = {self.key_value_projections[t] for t in targets}
+        found = {name: m for name, m in net.named_modules()
+                 if name.split(".")[-2:-1] == [self.cross_attention_module] and name.split(".")[-1] in leaves
+                 and isinstance(getattr(m, "weight", None), torch.Tensor)}
+        if not found:
+            names = " / ".join(f"`{self.cross_attention_module}.{leaf}`" for leaf in self.key_value_projections.values())
+            raise ValueError(f"This UNet has no cross-attention projections ({names}); UCE cannot edit it.")
+        return found
 
     # -- single-file layout --------------------------------------------------------------------
     #: families with ``single_file``: where each text encoder goes in the LDM checkpoint,

@@ -12,7 +12,7 @@ class Flux(FamilyAdapter):
     name = "flux"
     title = "FLUX.1 (dev, schnell)"
     capabilities = frozenset({"transformer", "context_embedder", "text_projections", "pooled", "t5",
-                              "packed_latents"})
+                              "packed_latents", "text_attention"})
     #: the true-CFG scale (diffusers' ``true_cfg_scale``, 1: off); the distilled guidance is ``Model.distilled_guidance``
     default_guidance_scale = 1.0
     default_steps = 28
@@ -23,6 +23,7 @@ class Flux(FamilyAdapter):
                            "text_encoder_2": "T5EncoderModel", "tokenizer_2": "T5Tokenizer"}
     denoiser_folder = "transformer"
     text_width_key = "joint_attention_dim"
+    context_embedder = "context_embedder"  # UCE / RECE edit it (every text token goes through it)
     size_multiple_factor = 2
 
     def detect(self, index: dict, net_config: dict, meta: dict) -> bool:
@@ -66,12 +67,12 @@ class Flux(FamilyAdapter):
         # timesteps in [0, 1], the distilled guidance as an embedding, RoPE position ids
         t_vec = torch.as_tensor(t, device=x.device).expand(x.shape[0])
         g = model.distilled_guidance
-        return model.unet(hidden_states=x, timestep=t_vec.to(latents_dtype) / 1000,
-                          encoder_hidden_states=cond, pooled_projections=pooled, img_ids=image_ids,
-                          txt_ids=torch.zeros(cond.shape[1], 3, device=cond.device, dtype=cond.dtype),
-                          guidance=None if g is None else torch.full((x.shape[0],), g, device=x.device,
-                                                                     dtype=torch.float32),
-                          return_dict=False)[0]
+        return model.denoiser_net(hidden_states=x, timestep=t_vec.to(latents_dtype) / 1000,
+                                  encoder_hidden_states=cond, pooled_projections=pooled, img_ids=image_ids,
+                                  txt_ids=torch.zeros(cond.shape[1], 3, device=cond.device, dtype=cond.dtype),
+                                  guidance=None if g is None else torch.full((x.shape[0],), g, device=x.device,
+                                                                             dtype=torch.float32),
+                                  return_dict=False)[0]
 
     def added_conditioning(self, model: Any, height: int, width: int) -> dict:
         from ..core import flux_latent_grid, latent_image_ids
@@ -79,7 +80,7 @@ class Flux(FamilyAdapter):
         return {"image_ids": latent_image_ids(*flux_latent_grid(model, height, width), model.device, model.dtype)}
 
     def token_embedding_width(self, model: Any) -> int:
-        return model.unet.config.joint_attention_dim  # the transformer's joint attention width
+        return model.denoiser_net.config.joint_attention_dim  # the transformer's joint attention width
 
     def encode_tokens(self, model: Any, ids: Any, prompts: list[str], attention_mask: Any) -> Any:
         from ..encoding import _t5_embeds

@@ -7,7 +7,7 @@ from .registry import register_family
 
 #: what every one-CLIP-encoder UNet family has (SD 1.x, SD 2.x, the testbed)
 UNET_ONE_CLIP = frozenset({"unet", "trainable_unet", "cross_attention", "text_projections", "clip_tokens",
-                           "one_clip_encoder", "textual_inversion", "single_file"})
+                           "one_clip_encoder", "textual_inversion", "single_file", "text_attention"})
 
 
 class SD1(FamilyAdapter):

@@ -12,7 +12,7 @@ class SD3(FamilyAdapter):
     name = "sd3"
     title = "Stable Diffusion 3 / 3.5"
     capabilities = frozenset({"transformer", "context_embedder", "text_projections", "clip_tokens", "pooled",
-                              "second_clip", "t5"})
+                              "second_clip", "t5", "text_attention"})
     default_guidance_scale = 7.0
     default_steps = 28
     detected_by = "`SD3Transformer2DModel`"
@@ -22,6 +22,7 @@ class SD3(FamilyAdapter):
                            "text_encoder_2": "CLIPTextModelWithProjection", "tokenizer_2": "CLIPTokenizer"}
     denoiser_folder = "transformer"
     text_width_key = "joint_attention_dim"
+    context_embedder = "context_embedder"  # UCE / RECE edit it (every text token goes through it)
 
     def optional_components(self, index: dict) -> list[str]:
         return ["text_encoder_3"] if (index.get("text_encoder_3") or [None, None])[1] else []  # T5 may be left out
@@ -59,16 +60,23 @@ class SD3(FamilyAdapter):
         import torch
 
         t_vec = torch.as_tensor(t, device=x.device).expand(x.shape[0])  # one timestep per sample
-        return model.unet(hidden_states=x, timestep=t_vec, encoder_hidden_states=cond, pooled_projections=pooled,
-                          return_dict=False)[0]
+        return model.denoiser_net(hidden_states=x, timestep=t_vec, encoder_hidden_states=cond, pooled_projections=pooled,
+                                  return_dict=False)[0]
 
     def token_embedding_width(self, model: Any) -> int:
-        return model.unet.config.joint_attention_dim  # the transformer's joint attention width
+        return model.denoiser_net.config.joint_attention_dim  # the transformer's joint attention width
 
     def encode_tokens(self, model: Any, ids: Any, prompts: list[str], attention_mask: Any) -> Any:
         from ..encoding import _sd3_forward, clip_ids
 
         return _sd3_forward(model, ids, clip_ids(model.tokenizer_2, prompts), prompts)[0]
+
+    def encode_text(self, model: Any, ids: Any, prompts: list[str], attention_mask: Any, *,
+                    pooled: bool) -> tuple[Any, Any]:
+        from ..encoding import _sd3_forward, clip_ids
+
+        tokens, pool = _sd3_forward(model, ids, clip_ids(model.tokenizer_2, prompts), prompts)  # pooled comes free
+        return tokens, (pool if pooled else None)
 
     def encode_pooled(self, model: Any, prompts: list[str]) -> Any:
         import torch

@@ -14,7 +14,8 @@ class SDXL(FamilyAdapter):
     name = "sdxl"
     title = "Stable Diffusion XL base"
     capabilities = frozenset({"unet", "trainable_unet", "cross_attention", "text_projections", "clip_tokens",
-                              "pooled", "size_conditioning", "second_clip", "textual_inversion", "single_file"})
+                              "pooled", "size_conditioning", "second_clip", "textual_inversion", "single_file",
+                              "text_attention"})
     default_guidance_scale = 5.0
     default_steps = 50
     detected_by = "a second text encoder `CLIPTextModelWithProjection`"
@@ -72,6 +73,13 @@ class SDXL(FamilyAdapter):
 
     def token_embedding_width(self, model: Any) -> int:
         return model.text_encoder.config.hidden_size + model.text_encoder_2.config.hidden_size  # both, concatenated
+
+    def encode_text(self, model: Any, ids: Any, prompts: list[str], attention_mask: Any, *,
+                    pooled: bool) -> tuple[Any, Any]:
+        from ..encoding import _sdxl_forward, clip_ids
+
+        tokens, pool = _sdxl_forward(model, ids, clip_ids(model.tokenizer_2, prompts))  # the pooled one comes free
+        return tokens, (pool if pooled else None)
 
     def encode_pooled(self, model: Any, prompts: list[str]) -> Any:
         from ..encoding import clip_ids

@@ -128,16 +128,17 @@ class DiffusersDefense:
         self._prompts = [p for p in prompts for _ in range(int(num_images_per_prompt))]  # diffusers' layout
         self._finish()  # a generation interrupted before its last step
         self._step = 0
-        pe, ne, _ = self.safe.encode(self._prompts)
-        pe, ne = pe.to(device), ne.to(device)
-        if not pooled:
-            return pe, (ne if do_classifier_free_guidance else None)
-        from .. import encoding
+        from ..pipeline import BatchText
 
-        model = self.safe.model
-        pp = encoding.encode_pooled(model, self._prompts)
-        npool = torch.zeros_like(pp) if model.force_zeros_for_empty_prompt else encoding.encode_pooled(model, [""] * len(pp))
-        return pe, (ne if do_classifier_free_guidance else None), pp.to(device), npool.to(device)
+        text = BatchText(self.safe)  # each text encoder once per text: tokens and pooled from one forward
+        embeds, ids, _, pp = text.encode(self._prompts, warn_truncation=True)
+        pe, ne, _ = self.safe.embedding_stage(self._prompts, embeds, ids, unconditional=do_classifier_free_guidance,
+                                              text=text)
+        pe, ne = pe.to(device), (ne.to(device) if do_classifier_free_guidance else None)
+        if not pooled:
+            return pe, ne
+        npool = text.unconditional(embeds, pp)[1] if do_classifier_free_guidance else None
+        return pe, ne, pp.to(device), (None if npool is None else npool.to(device))
 
     def _unet_call(self, unet, sample, timestep, hidden, args, kwargs, return_dict):
         if not self.safe.defenses["guidance"]:  # stage 2 was in encode_prompt: the call is diffusers' own

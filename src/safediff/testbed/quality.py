@@ -88,11 +88,12 @@ def word_similarities(model) -> dict[str, list[dict]]:
     return out
 
 
-def data_frequency(concept: str, cfg: world.WorldConfig = world.WorldConfig(), n: int = 100_000, seed: int = 0) -> float:
-    """How often the training data shows ``concept`` over all images (what the empty prompt
-    should draw: empty captions are taken from all images)."""
+def data_frequency(concept: str, cfg: world.WorldConfig = world.WorldConfig(), n: int = 100_000, seed: int = 0,
+                   version: int = 2) -> float:
+    """How often the training data of world ``version`` shows ``concept`` over all images (what the
+    empty prompt should draw: empty captions are taken from all images)."""
     rng = random.Random(f"freq:{seed}")
-    return sum(concept in world.sample(rng, cfg)[0].concepts for _ in range(n)) / n
+    return sum(concept in world.sample(rng, cfg, version=version)[0].concepts for _ in range(n)) / n
 
 
 def world_acceptance(model, n: int = 100, seed: int = 0, batch_size: int = 64, progress: bool = True) -> dict:
@@ -132,7 +133,7 @@ def world_acceptance(model, n: int = 100, seed: int = 0, batch_size: int = 64, p
         r["benign"] = b
         check(f"{c}: benign rate", round(b["rate"], 3), "<= 0.05", b["rate"] <= 0.05)
         e = bootstrap_rate([c in d.concepts for d in empty_dets]).to_dict()
-        freq = data_frequency(c, cfg_world)
+        freq = data_frequency(c, cfg_world, version=m.meta.get("train_config", {}).get("world_version", 2))
         r["empty"], r["data_frequency"] = e, round(freq, 4)
         check(f"{c}: empty prompt vs data frequency", f"{e['rate']:.3f} vs {freq:.3f}", "within 0.05",
               abs(e["rate"] - freq) <= 0.05)

@@ -22,7 +22,9 @@
 5. the world's acceptance check (:func:`safediff.testbed.quality.world_acceptance`): the base
    model's statistics against the targets of the world (partial trigger rates, benign and empty
    base rates, pooled cosines, the negative prompt's effect, attribute accuracy), recorded in
-   ``safediff.json``; a model that misses a target is reported with the measured numbers.
+   ``safediff.json``; a model that misses a target is reported with the measured numbers. A model
+   of world v3 (``world_version=3``) is also checked against v3's own targets, stated before any
+   v3 model was trained (:func:`safediff.testbed.acceptance_v3.world_v3_acceptance`).
 
 The model is written in the diffusers layout (fp16 weights, loaded back as fp32), to a temporary
 folder renamed into place at the end, so an interrupted run never leaves a half-written model.
@@ -49,6 +51,17 @@ from ..models import load_model
 from ..tokenizer import build_clip_tokenizer
 from . import world
 from .quality import guidance_curve, world_acceptance
+from .vocabulary import (
+    FORM_KINDS,
+    INFLECTIONS,
+    NEGATION_SHARE,
+    NEGATION_STRENGTH,
+    NEGATORS,
+    PILE_CAPTION_PROB,
+    PILE_PROBS,
+    check_world_version,
+    concept_forms,
+)
 
 TESTBED_FAMILY = "safediff-testbed"
 
@@ -68,6 +81,9 @@ class TrainConfig:
         spike_factor: a smoothed loss above ``spike_factor`` times its best value rolls back.
         max_minutes: wall-clock safety stop for the whole run.
         guidance_scales / curve_samples: the guidance-scale curve measured at the end.
+        world_version: the world the captions are drawn from (2: the shipped model's; 3: word forms,
+            negation and near-concept piles, docs/testbed.md "World v3"); it picks the tokenizer's
+            words, the sampler and the meaning vectors.
     """
 
     seed: int = 0
@@ -91,8 +107,10 @@ class TrainConfig:
     num_inference_steps: int = 25
     acceptance_n: int = 100
     world: world.WorldConfig = field(default_factory=world.WorldConfig)
+    world_version: int = 2
 
     def __post_init__(self) -> None:
+        check_world_version(self.world_version)
         if self.steps < 1 or self.vae_steps < 1:
             raise ValueError("`steps` and `vae_steps` must be >= 1.")
         if not 0 < self.min_lr <= self.lr:
@@ -208,10 +226,10 @@ def contrastive_loss(text: torch.Tensor, image: torch.Tensor, logit_scale: torch
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
-def _batch(rng: random.Random, n: int, cfg: world.WorldConfig):
+def _batch(rng: random.Random, n: int, cfg: world.WorldConfig, version: int = 2):
     scenes, captions = [], []
     for _ in range(n):
-        s, cap = world.sample(rng, cfg)
+        s, cap = world.sample(rng, cfg, version=version)
         scenes.append(s)
         captions.append(cap)
     imgs = np.stack([world.render(s) for s in scenes]).astype(np.float32) / 127.5 - 1.0
@@ -249,7 +267,7 @@ def train_vae(vae, cfg: TrainConfig, progress: bool = True, log=print, work_dir:
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = cfg.vae_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps))
-        x, _ = _batch(rng, cfg.vae_batch, cfg.world)
+        x, _ = _batch(rng, cfg.vae_batch, cfg.world, cfg.world_version)
         post = vae.encode(x).latent_dist
         z = post.sample(generator=gen)
         rec = vae.decode(z).sample
@@ -266,7 +284,7 @@ def train_vae(vae, cfg: TrainConfig, progress: bool = True, log=print, work_dir:
                                                   "py_rng": rng.getstate(), "torch_rng": gen.get_state()})
     vae.eval()
     with torch.no_grad():
-        x, _ = _batch(rng, 256, cfg.world)
+        x, _ = _batch(rng, 256, cfg.world, cfg.world_version)
         z = vae.encode(x).latent_dist.sample(generator=gen)
         rec = vae.decode(z).sample
         psnr = 10 * math.log10(4.0 / F.mse_loss(rec, x).item())
@@ -302,7 +320,7 @@ def train_denoiser(components: dict, cfg: TrainConfig, work_dir: Path, progress:
     for p in list(ema_unet.parameters()) + list(ema_te.parameters()):
         p.requires_grad_(False)
 
-    meanings = world.meaning_vectors(te.config.hidden_size, seed=cfg.seed)
+    meanings = world.meaning_vectors(te.config.hidden_size, seed=cfg.seed, version=cfg.world_version)
     aux_mod = torch.nn.ModuleDict({"image": img_enc, "text_proj": text_proj})
     aux_mod.register_parameter("logit_scale", logit_scale)
     modules = (("unet", unet), ("te", te), ("aux", aux_mod), ("ema_unet", ema_unet), ("ema_te", ema_te), ("opt", opt))
@@ -335,7 +353,7 @@ def train_denoiser(components: dict, cfg: TrainConfig, work_dir: Path, progress:
         lr = _lr_at(step, cfg) * lr_mult
         for g in opt.param_groups:
             g["lr"] = lr
-        x, caps = _batch(rng, cfg.batch, cfg.world)
+        x, caps = _batch(rng, cfg.batch, cfg.world, cfg.world_version)
         with torch.no_grad():
             lat = vae.encode(x).latent_dist.sample(generator=gen) * vae.config.scaling_factor
         ids = tok(caps, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
@@ -493,7 +511,34 @@ def calibrate(out_dir: str | Path, cfg: TrainConfig, progress: bool = True, log=
         log("acceptance: every target met" if not missed else
             "acceptance: MISSED " + "; ".join(f"{k} (measured {acc['checks'][k]['measured']}, target "
                                              f"{acc['checks'][k]['target']})" for k in missed))
+    if cfg.acceptance_n > 0 and cfg.world_version >= 3:  # v3's own suites, against targets stated before training
+        from .acceptance_v3 import world_v3_acceptance
+
+        t2 = time.time()
+        acc3 = world_v3_acceptance(load_model(out_dir, device=device, dtype="fp32"), n=2 * cfg.acceptance_n,
+                                   seed=cfg.seed, progress=progress)
+        meta["acceptance_v3"] = {**acc3, "minutes": round((time.time() - t2) / 60, 1)}
+        marker.write_text(json.dumps(meta, indent=2))
+        missed = [k for k, v in acc3["checks"].items() if not v["passed"]]
+        log("world v3 acceptance: every target met" if not missed else
+            "world v3 acceptance: MISSED " + "; ".join(f"{k} (measured {acc3['checks'][k]['measured']}, target "
+                                                       f"{acc3['checks'][k]['target']})" for k in missed))
     return meta
+
+
+def world_record(version: int) -> dict:
+    """What ``safediff.json`` records of the world a model was trained on: v2's record exactly as
+    the shipped model's (its concepts), v3's with its version and its word-form tables added."""
+    rec = {"concepts": {k: dataclasses.asdict(c) for k, c in world.CONCEPTS.items()}}
+    if check_world_version(version) >= 3:
+        rec.update({
+            "version": version,
+            "form_kinds": {k: dataclasses.asdict(v) for k, v in FORM_KINDS.items()},
+            "forms": {c: [dataclasses.asdict(f) for f in concept_forms(c)] for c in world.CONCEPTS},
+            "inflections": INFLECTIONS, "negators": list(NEGATORS), "negation_share": NEGATION_SHARE,
+            "negation_strength": NEGATION_STRENGTH, "pile_probs": PILE_PROBS, "pile_caption_prob": PILE_CAPTION_PROB,
+        })
+    return rec
 
 
 def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), overwrite: bool = False, progress: bool = True, log=print) -> Path:
@@ -505,7 +550,7 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), overwrite: bool
     (work / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     t0 = time.time()
     torch.manual_seed(cfg.seed)
-    tokenizer = build_clip_tokenizer(world.vocabulary(), work / "tokenizer")
+    tokenizer = build_clip_tokenizer(world.vocabulary(cfg.world_version), work / "tokenizer")
     comps = build_components(tokenizer, seed=cfg.seed)
     vae_path = work / "vae"
     if (vae_path / "config.json").exists():
@@ -526,7 +571,7 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), overwrite: bool
         "safediff_version": __version__,
         "train_config": cfg.to_dict(),
         "train_minutes": round(train_minutes, 1),
-        "world": {"concepts": {k: dataclasses.asdict(c) for k, c in world.CONCEPTS.items()}},
+        "world": world_record(cfg.world_version),
         "default_guidance_scale": 2.5,
     }
     save_model(comps, out_dir, meta)

@@ -4,15 +4,17 @@ form) into a weight-delta file that any stack applies.
     >>> from safediff.unlearning import unlearn
     >>> path = unlearn("esd", model, "esd.safetensors", concept="striped")      # doctest: +SKIP
 
-* ``esd`` (:mod:`.esd`), ``duo`` (:mod:`.duo`), ``dark_miner`` (:mod:`.dark_miner`): trained,
-  resumable; ``uce`` / ``rece``: closed form (:mod:`safediff.defenses.uce` / ``rece``), frozen
-  into a delta by :func:`freeze_edit` (:mod:`.closed_form`).
+* ``esd`` (:mod:`.esd`), ``duo`` (:mod:`.duo`), ``dark_miner`` (:mod:`.dark_miner`),
+  ``advunlearn`` (:mod:`.advunlearn`, a text-encoder delta): trained, resumable; ``uce`` /
+  ``rece``: closed form (:mod:`safediff.defenses.uce` / ``rece``), frozen into a delta by
+  :func:`freeze_edit` (:mod:`.closed_form`).
 
 Each method registers itself (:func:`.registry.register_trainer`, docs/extending.md); :func:`unlearn`
 checks what every method shares and calls the registered one.
 
 Delta files hold ``{unet parameter name: delta}`` (names as in ``unet.named_parameters()``, without
-a ``unet.`` prefix); applying one does ``W <- W + scale * delta`` (docs/defenses.md).
+a ``unet.`` prefix; text-encoder entries as ``text_encoder.<name>``); applying one does
+``W <- W + scale * delta`` (docs/defenses.md).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import esd, closed_form, duo, dark_miner  # noqa: F401  (each registers its trainer)
+from . import advunlearn  # noqa: F401,E402  (registers the advunlearn trainer)
 from .closed_form import freeze_edit  # noqa: F401
 from .registry import (TrainerSpec, UnlearnRequest, erase_target, get_trainer, known_trainers,  # noqa: F401
                        register_trainer)
@@ -30,12 +33,11 @@ METHODS = tuple(known_trainers())
 
 
 def _testbed_concept(model, concept: str | None) -> str | None:
-    """``concept`` if it names a testbed concept of a testbed model (else it is the concept's text)."""
-    if not concept or not model.is_testbed:
-        return None
-    from ..testbed import world
+    """``concept`` if it names a concept of the model's world (a testbed concept of a testbed model;
+    else it is the concept's text)."""
+    from ..worlds import world_of
 
-    return concept if concept in world.CONCEPTS else None
+    return concept if concept and concept in world_of(model).concepts() else None
 
 
 def unlearn(method: str, model, out_path, *, concept: str | None = None, prompts: Sequence[str] = (),
@@ -66,8 +68,10 @@ def unlearn(method: str, model, out_path, *, concept: str | None = None, prompts
     if out_path.exists() and not overwrite:
         raise FileExistsError(f"{out_path} exists; choose another output or pass overwrite=True (--overwrite).")
     options = dict(options or {})
-    if concept is None and not prompts and not pairs_dir and not concept_images and model.is_testbed:
-        concept = "striped"  # the testbed's default concept
+    if concept is None and not prompts and not pairs_dir and not concept_images:
+        from ..worlds import world_of
+
+        concept = world_of(model).default_concept  # the testbed's default concept (None: a real model has none)
     tb = _testbed_concept(model, concept)
     concepts = [c for c in ([concept] if concept else []) + list(prompts) if c and c.strip()]
     if not concepts and (spec.needs_concept or not (pairs_dir or concept_images)):

@@ -29,8 +29,8 @@ One round (methods.md 3.2; the equations are from second-hand summaries, the rec
 
   (:class:`CLIPDirectionalVerifier`; ``x_r`` is not stated: here it is the image the current
   model draws from the anchor caption with the same seed [INFERRED]). On the testbed the exact
-  detector's concept rate replaces it (:class:`TestbedVerifier`). Any object with the
-  :class:`Verifier` interface plugs in. A score below ``stop_below`` means ``c`` is not verified
+  detector's concept rate replaces it (the verifier of its world, :mod:`safediff.worlds`). Any
+  object with the :class:`Verifier` interface plugs in. A score below ``stop_below`` means ``c`` is not verified
   and the loop stops (the summary implies the loop ends there).
 * **Circumventing** (Eq. C + Eq. R): train a delta over a parameter set
   (:mod:`.param_sets`, default ``esd-x-strict``: cross-attention K/V, [INFERRED] 3.3 "on the
@@ -76,13 +76,13 @@ from ..defenses.base import apply_weights
 from ..defenses.weight_delta import DarkMinerConfig
 from ..encoding import (InvertedConcept, encode_images, encode_prompts, encode_with_vectors, load_image_folder,
                         load_inverted)
-from ..inversion import InversionConfig, draw_with_original_model, invert, testbed_concept_prompts
+from ..inversion import InversionConfig, draw_with_original_model, invert
 from ..options import check_options, option
 from ..pipeline import SafePipeline
 from ..stack import DefenseStack
 from ..support import check_supported
-from ..testbed import world
 from ..training import trained_subset
+from ..worlds import world_of
 from .param_sets import ESD_METHODS, esd_parameter_names
 
 MINE_INITS = ("concept", "random")
@@ -185,8 +185,8 @@ def build_concept_pool(model, cfg: DarkMinerTrainConfig, images: str | Path | Se
     if model.edited_hash is not None:
         raise ValueError("The concept pool must come from the original model, but this one carries weight edits; "
                          "close their pipeline first.")
-    if cfg.concept and model.is_testbed:
-        pairs = testbed_concept_prompts(cfg.concept, cfg.num_images, cfg.seed)
+    pairs = world_of(model).concept_prompts(cfg.concept, cfg.num_images, cfg.seed) if cfg.concept else None
+    if pairs is not None:  # the model's world writes the concept's prompts (the testbed's grammar)
         prompts, caps = [p for p, _ in pairs], [c for _, c in pairs]
     elif cfg.prompts:
         prompts = [cfg.prompts[i % len(cfg.prompts)] for i in range(cfg.num_images)]
@@ -218,8 +218,8 @@ def _delta_stack(delta_path: Path | None):
 def _initializer(model, cfg: DarkMinerTrainConfig) -> str:
     if cfg.initializer:
         return cfg.initializer
-    if cfg.concept and model.is_testbed:
-        return world.CONCEPTS[cfg.concept].name
+    if cfg.concept and world_of(model).concepts():  # a concept of the model's world starts from its name
+        return cfg.concept
     return cfg.prompts[0] if cfg.prompts else ""
 
 
@@ -264,21 +264,6 @@ class Verifier:
 
     def describe(self) -> dict:
         return {"verifier": type(self).__name__}
-
-
-class TestbedVerifier(Verifier):
-    """The testbed's exact detector: the fraction of images in which it sees ``concept``."""
-
-    def __init__(self, concept: str):
-        if concept not in world.CONCEPTS:
-            raise ValueError(f"Unknown testbed concept {concept!r}; choose one of {list(world.CONCEPTS)}.")
-        self.concept = concept
-
-    def score(self, images, *, references=None, pool=()) -> float:
-        return float(np.mean([self.concept in world.detect(a).concepts for a in images]))
-
-    def describe(self) -> dict:
-        return {"verifier": "testbed", "concept": self.concept}
 
 
 class CLIPDirectionalVerifier(Verifier):
@@ -479,9 +464,11 @@ def circumvent(model, pool: ConceptPool, mined: Sequence[torch.Tensor], delta: d
 
 
 def default_verifier(model, cfg: DarkMinerTrainConfig) -> Verifier:
-    """The testbed's exact detector; real models need a verifier passed explicitly."""
-    if model.is_testbed and cfg.concept:
-        return TestbedVerifier(cfg.concept)
+    """The verifier of the model's world (the testbed's exact detector); real models need a verifier
+    passed explicitly."""
+    verifier = world_of(model).verifier(cfg.concept) if cfg.concept else None
+    if verifier is not None:
+        return verifier
     raise ValueError("Give a verifier for a real model, e.g. CLIPDirectionalVerifier.from_pretrained("
                      "'openai/clip-vit-large-patch14') (CLI: --clip-model).")
 
@@ -557,8 +544,9 @@ def _run(model, out_path: Path, request) -> Path:
     tb = request.testbed_concept
     if not tb and not (request.prompts or request.concept or request.concept_images):
         raise ValueError("Give training-side concept prompts or concept images for the concept pool.")
-    if not tb and model.is_testbed and not request.concept_images:
-        raise ValueError(f"Dark Miner on the testbed needs one of its concepts {sorted(world.CONCEPTS)} (got "
+    own = world_of(model).concepts()  # a model of a known world (the testbed) names one of its concepts
+    if not tb and own and not request.concept_images:
+        raise ValueError(f"Dark Miner on the testbed needs one of its concepts {sorted(own)} (got "
                          f"{request.concept!r}), or concept images and a CLIP verifier.")
     if not tb and not request.clip_model:
         raise ValueError("Give clip_model (a CLIP folder or hub id, e.g. openai/clip-vit-large-patch14) to verify "

@@ -44,7 +44,7 @@ import torch
 from .. import core
 from ..artifacts import save_artifact
 from ..denoiser import DefendedDenoiser
-from ..encoding import encode_pooled, encode_prompts, sdxl_time_ids
+from ..encoding import encode_text, sdxl_time_ids
 from ..support import check_supported
 from ..testbed import world
 from ..training import Checkpoint, trained_subset
@@ -130,13 +130,14 @@ def train_esd(model, out_path: str | Path, cfg: ESDTrainConfig, progress: bool =
     ac = sched.alphas_cumprod
     T = len(ac)
     gs = model.default_guidance_scale if cfg.start_guidance is None else cfg.start_guidance
-    empty, _, _ = encode_prompts(model, [""], warn_truncation=False)
-    embs = {p: encode_prompts(model, [p], warn_truncation=False)[0] for p in set(cfg.prompts)}
+    # tokens and pooled embedding (SDXL) from one forward of each text encoder
+    empty, _, _, empty_pooled = encode_text(model, [""], pooled=model.has_pooled, warn_truncation=False)
+    encoded = {p: encode_text(model, [p], pooled=model.has_pooled, warn_truncation=False) for p in set(cfg.prompts)}
+    embs = {p: e[0] for p, e in encoded.items()}
     h = model.default_size // model.vae_scale_factor
-    pooled, empty_pooled, time_ids = {}, None, None
+    pooled, time_ids = {}, None
     if model.has_pooled:  # a capability, not a family: on a UNet family (ESD's) it means SDXL's added conditioning
-        pooled = {p: encode_pooled(model, [p]) for p in embs}
-        empty_pooled = encode_pooled(model, [""])
+        pooled = {p: e[3] for p, e in encoded.items()}
         if model.force_zeros_for_empty_prompt:
             empty, empty_pooled = torch.zeros_like(empty), torch.zeros_like(empty_pooled)
         time_ids = sdxl_time_ids(model.default_size, model.default_size)

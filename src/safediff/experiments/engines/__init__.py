@@ -69,7 +69,7 @@ def get_engine(name: str, **options):
 
 
 #: jobs that load no model and take seconds: engines run them in the driver, not as tasks
-DRIVER_JOBS = ("merge", "report")
+DRIVER_JOBS = ("merge", "best", "report")
 
 
 def run_in_driver(job, out, outcome: RunOutcome) -> None:
@@ -77,7 +77,7 @@ def run_in_driver(job, out, outcome: RunOutcome) -> None:
     from ..graph import error_text, execute_job, mark
 
     try:
-        execute_job(out, job.id)
+        execute_job(out, job)
         outcome.done.append(job.id)
     except Exception as e:  # noqa: BLE001 - reported by name
         outcome.failed[job.id] = [error_text(e)]

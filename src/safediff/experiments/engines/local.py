@@ -33,7 +33,7 @@ class LocalEngine:
                     print(f"[{i + 1}/{len(jobs)}] {job.id}" + (f" (attempt {attempt}/{attempts})" if attempt > 1 else ""),
                           file=sys.stderr, flush=True)
                 try:
-                    execute_job(out, job.id, model=model)
+                    execute_job(out, job, model=model)
                 except Exception as e:  # noqa: BLE001 - recorded, retried, then reported by name
                     errors.append(error_text(e))
                     mark(out, job.id, "failed", errors=errors)

@@ -18,8 +18,8 @@ from . import DRIVER_JOBS, RunOutcome, ready_jobs, require_extra, run_in_driver
 from ..graph import Job, execute_job, mark
 
 
-def _run_job(out: str, job_id: str) -> dict:
-    return execute_job(out, job_id)
+def _run_job(out: str, job: Job) -> dict:
+    return execute_job(out, job)  # the driver's Job: the worker does not rebuild the graph
 
 
 class RayEngine:
@@ -51,7 +51,7 @@ class RayEngine:
                     if job.kind in DRIVER_JOBS:
                         run_in_driver(job, out, outcome)
                         continue
-                    running[task.remote(str(out), job.id)] = job
+                    running[task.remote(str(out), job)] = job
                     if progress:
                         print(f"ray: submitted {job.id}", file=sys.stderr, flush=True)
                 if not running:
