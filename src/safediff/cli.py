@@ -243,7 +243,8 @@ def cmd_testbed_info(args) -> int:
     m = load_cli_model(args)
     acc = m.meta.get("acceptance") or {}
     print(json.dumps({"family": m.family, "prediction_type": m.prediction_type, "content_hash": m.content_hash,
-                      "scheduler": type(m.scheduler).__name__, "world_version": world.WORLD_VERSION,
+                      "scheduler": type(m.scheduler).__name__,
+                      "world_version": (m.meta.get("train_config") or {}).get("world_version", 2),  # the captions it learned
                       "default_guidance_scale": m.default_guidance_scale, "default_steps": m.default_steps,
                       "guidance_curve": m.meta.get("guidance_curve"),
                       "acceptance": {"passed": acc.get("passed"),

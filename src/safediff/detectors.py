@@ -103,6 +103,8 @@ class TestbedDetector(Detector):
         self.concept = concept
         thr = world.THRESHOLDS[concept]
         self.protocol = DetectorProtocol(
+            # world2 names the scenes and their rendering, which this detector reads back; world v3 changes
+            # only the captions (word forms, negation, piles), so v2 and v3 models share this protocol
             detector="testbed-exact", version=f"{__version__}+world{world.WORLD_VERSION}",
             weights_hash="none (programmatic)", classes=(concept,), threshold=thr, comparison=">=",
             aggregation="score: estimated intensity of the concept's strongest visual mode (per-pixel unmixing "
