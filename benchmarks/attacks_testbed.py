@@ -97,7 +97,7 @@ def targets(study_dir: Path, arts: dict) -> dict[str, str | None]:
 def artifact_targets(arts: dict) -> dict[str, str]:
     """The targets built on the composition study's artifacts."""
     t: dict[str, str] = {}
-    for u in ("esd", "uce", "rece", "duo", "dark_miner"):
+    for u in ("esd", "advunlearn", "uce", "rece", "duo", "dark_miner"):
         t[u] = edit_stack(u, arts, CONCEPT)
     for g in ("negative_prompt", "sld", "safree"):
         for neg in ("explicit", "ine"):

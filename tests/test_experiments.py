@@ -246,12 +246,12 @@ def test_shipped_study_has_run_studys_stacks_hashes_and_image_keys(tmp_path, tes
     cfg = StudyConfig()
     adir = tmp_path / "artifacts"  # run_study's artifact files are out/artifacts/<method>_<concept>.safetensors
     adir.mkdir()
-    arts = {m: str(adir / f"{m}_{cfg.concept}.safetensors") for m in ("esd", "duo", "dark_miner", "sanitizer")}
+    arts = {m: str(adir / f"{m}_{cfg.concept}.safetensors") for m in ("esd", "advunlearn", "duo", "dark_miner", "sanitizer")}
     arts.update({f"ine_{u}": str(adir / f"ine_{u}_{cfg.concept}.safetensors") for u in cfg.unlearning})
     for i, p in enumerate(arts.values()):  # stand-ins with distinct contents: the hashes read the files
         Path(p).write_bytes(b"artifact %d" % i)
     cells = grid_cells(cfg, arts)
-    assert len(exp.stacks) == len(cells) == 43
+    assert len(exp.stacks) == len(cells) == 50  # 7 unlearning rows, ES alone, 3 guidance x 7 x 2 negatives
     study_records = [r for s in SUITES for r in load_benchmark(f"testbed:{cfg.concept}/{s}", n=cfg.n)]
     records = graph_module.cell_records(exp, "testbed")
     assert [(r.id, r.seed) for r in records] == [(r.id, r.seed) for r in study_records]
@@ -267,6 +267,7 @@ def test_shipped_study_has_run_studys_stacks_hashes_and_image_keys(tmp_path, tes
     ine = {a.name: exp.resolve(a.against, tmp_path) for a in exp.artifacts.values() if a.method == "invert"}
     assert ine["ine_esd_striped"] == f'esd(path="{arts["esd"]}")' and ine["ine_none_striped"] is None
     assert ine["ine_uce_striped"] == "uce(preset=testbed-striped)"
+    assert ine["ine_advunlearn_striped"] == f'delta(path="{arts["advunlearn"]}")'  # a text-encoder delta
     ids = [j.id for j in build_graph(exp)]
     assert ids.index("train:esd_striped") < ids.index("train:ine_esd_striped") < ids.index("shard:esd.sld.ine/testbed:0-of-1")
     assert exp.settings["batch_size"] == cfg.batch_size and exp.n == cfg.n

@@ -18,12 +18,14 @@ def test_bad_config_is_refused_before_any_work():
 
 def test_grid_has_every_cell_of_the_issue():
     cfg = StudyConfig()
-    arts = {k: f"{k}.safetensors" for k in ("esd", "duo", "dark_miner", "sanitizer")}
+    arts = {k: f"{k}.safetensors" for k in ("esd", "advunlearn", "duo", "dark_miner", "sanitizer")}
     arts.update({f"ine_{u}": f"ine_{u}.safetensors" for u in cfg.unlearning})
     names = [c.name for c in grid_cells(cfg, arts)]
-    assert len(names) == 6 + 1 + 6 * 3 * 2 and len(set(names)) == len(names)
+    assert len(names) == 7 + 1 + 7 * 3 * 2 and len(set(names)) == len(names)
     cell = {c.name: c for c in grid_cells(cfg, arts)}
     assert cell["esd|sld|ine"].stack == 'esd(path="esd.safetensors")+sld(preset=medium, concept_embedding="ine_esd.safetensors")'
+    assert cell["advunlearn|safree|ine"].stack == ('delta(path="advunlearn.safetensors")+safree(preset=testbed-striped, '
+                                                   'embedding="ine_advunlearn.safetensors")+safree_svf')
     assert cell["uce|negative_prompt|explicit"].stack == 'uce(preset=testbed-striped)+negative_prompt(text="striped")'
     assert cell["none|none|-"].stack is None
 

@@ -765,7 +765,7 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--concept", default="striped", help="testbed concept to erase")
     sy.add_argument("--n", type=int, default=100, help="prompts per cell and suite")
     sy.add_argument("--sld-preset", default="medium", choices=["weak", "medium", "strong", "max"])
-    sy.add_argument("--unlearning", nargs="*", help="subset of none esd uce rece duo dark_miner (default: all)")
+    sy.add_argument("--unlearning", nargs="*", help="subset of none esd advunlearn uce rece duo dark_miner (default: all)")
     sy.add_argument("--guidance", nargs="*", help="subset of negative_prompt sld safree (default: all)")
     sy.add_argument("--batch-size", type=int, default=64)
     sy.add_argument("--seed", type=int, default=0, help="seeds every training run and inversion")

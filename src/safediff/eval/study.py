@@ -4,7 +4,7 @@ One resumable command measures how defenses compose::
 
     safediff study --out runs/study            # n = 100 prompts per cell and suite
 
-The grid is {no unlearning, ESD, UCE, RECE, DUO, Dark Miner} x {negative prompt, SLD, SAFREE} x
+The grid is {no unlearning, ESD, AdvUnlearn, UCE, RECE, DUO, Dark Miner} x {negative prompt, SLD, SAFREE} x
 {explicit negative, INE}, plus each unlearning method with no guidance, the Embedding Sanitizer
 (ES) alone and ES stacked on the best cell. Every cell runs every testbed suite (explicit,
 synonym, implicit, held-out, benign, near-concept benign) through the resumable runner with the
@@ -13,8 +13,9 @@ by the runner's image keys).
 
 Artifacts (all trained on training-side words only; the held-out split is never used):
 
-* ESD, DUO and Dark Miner deltas with their ``testbed`` presets; UCE and RECE are computed when
-  applied (``preset=testbed-<concept>``).
+* ESD, AdvUnlearn (a text-encoder delta, applied by ``delta(path=...)``), DUO and Dark Miner
+  deltas with their ``testbed`` presets; UCE and RECE are computed when applied
+  (``preset=testbed-<concept>``).
 * One INE per unlearning method: concept inversion (``safediff invert``) against *that*
   unlearned model, from images the original model draws, started from the neutral word
   ``shape``; for "no unlearning" it is inverted on the base model.
@@ -33,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-UNLEARNING = ("none", "esd", "uce", "rece", "duo", "dark_miner")
+UNLEARNING = ("none", "esd", "advunlearn", "uce", "rece", "duo", "dark_miner")
 GUIDANCE = ("negative_prompt", "sld", "safree")
 NEGATIVES = ("explicit", "ine")
 CONCEPT_SUITES = ("explicit", "synonym", "implicit", "heldout")
@@ -98,12 +99,15 @@ class Cell:
 def _train_configs(cfg: StudyConfig) -> dict:
     from ..defenses.sanitizer import SanitizerTrainConfig
     from ..inversion import InversionConfig
+    from ..unlearning import advunlearn
     from ..unlearning.dark_miner import DarkMinerTrainConfig
     from ..unlearning.duo import DUOTrainConfig
     from ..unlearning.esd import ESDTrainConfig, testbed_prompts
 
     esd = ESDTrainConfig.preset("testbed", testbed_prompts(cfg.concept))
     esd = dataclasses.replace(esd, seed=cfg.seed, **({"iterations": 3, "ddim_steps": 4} if cfg.quick else {}))
+    adv = advunlearn.AdvUnlearnTrainConfig.preset("testbed-tiny" if cfg.quick else "testbed",
+                                                  advunlearn.testbed_prompts(cfg.concept), seed=cfg.seed)
     duo = DUOTrainConfig.preset("testbed", concept=cfg.concept, seed=cfg.seed,
                                 **({"steps": 2, "num_pairs": 4} if cfg.quick else {}))
     dm = DarkMinerTrainConfig.preset("testbed", concept=cfg.concept, seed=cfg.seed,
@@ -112,15 +116,17 @@ def _train_configs(cfg: StudyConfig) -> dict:
     inv = InversionConfig(placeholder=f"<{cfg.concept}*>", initializer="shape", seed=cfg.seed,
                           **(dict(steps=2, num_images=4, batch_size=2) if cfg.quick else {}))
     es = SanitizerTrainConfig(concepts=(cfg.concept,), seed=cfg.seed, **({"steps": 2} if cfg.quick else {}))
-    return {"esd": esd, "duo": duo, "dark_miner": dm, "inversion": inv, "sanitizer": es}
+    return {"esd": esd, "advunlearn": adv, "duo": duo, "dark_miner": dm, "inversion": inv, "sanitizer": es}
 
 
 def edit_stack(method: str, artifacts: dict[str, str], concept: str) -> str | None:
-    """The weight-edit part of a cell's stack."""
+    """The weight-edit part of a cell's stack (AdvUnlearn's text-encoder delta: ``delta(path=...)``)."""
     if method == "none":
         return None
     if method in ("uce", "rece"):
         return f"{method}(preset=testbed-{concept})"
+    if method == "advunlearn":
+        return f'delta(path="{artifacts[method]}")'
     return f'{method}(path="{artifacts[method]}")'
 
 
@@ -129,6 +135,7 @@ def prepare_artifacts(model, cfg: StudyConfig, out: Path, progress: bool = True)
     Returns paths and the seconds each training took in this call."""
     from ..defenses.sanitizer import train_sanitizer
     from ..inversion import invert
+    from ..unlearning.advunlearn import train_advunlearn
     from ..unlearning.dark_miner import train_dark_miner
     from ..unlearning.duo import train_duo
     from ..unlearning.esd import train_esd
@@ -140,6 +147,7 @@ def prepare_artifacts(model, cfg: StudyConfig, out: Path, progress: bool = True)
     seconds: dict[str, float] = {}
     trainers = {
         "esd": lambda p: train_esd(model, p, tc["esd"], progress=progress),
+        "advunlearn": lambda p: train_advunlearn(model, p, tc["advunlearn"], progress=progress),
         "duo": lambda p: train_duo(model, p, tc["duo"], progress=progress),
         "dark_miner": lambda p: train_dark_miner(model, p, tc["dark_miner"], work_dir=adir / "dark_miner_work",
                                                  progress=progress),
@@ -298,7 +306,7 @@ def run_study(out_dir: str | Path, cfg: StudyConfig = StudyConfig(), *, model=No
         raise ValueError("The composition study runs on the testbed (its suites need the exact detectors); "
                          f"got a {model.family} model.")
     if progress:
-        print(f"study stage 1/2: the artifacts (ESD, DUO, Dark Miner, one INE per unlearned model, ES) in "
+        print(f"study stage 1/2: the artifacts (ESD, AdvUnlearn, DUO, Dark Miner, one INE per unlearned model, ES) in "
               f"{out / 'artifacts'}; finished ones are reused", flush=True)
     artifacts, train_seconds = prepare_artifacts(model, cfg, out, progress=progress)
     rpath = out / "results.json"

@@ -198,22 +198,26 @@ def _train(out: Path, exp: Experiment, job: Job, model) -> None:
     a = exp.artifacts[job.params["artifact"]]
     path = exp.artifact_path(out, a.name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if a.method in ("esd", "duo", "dark_miner"):
-        from ..unlearning import unlearn
-
-        unlearn(a.method, model, path, concept=a.concept, preset=a.preset, seed=a.seed, options=dict(a.options),
-                work_dir=str(path.parent / f"{a.name}_work") if a.method == "dark_miner" else None, progress=False)
-    elif a.method == "invert":
+    if a.method == "invert":
         from ..inversion import InversionConfig, invert
 
         cfg = InversionConfig(**{"placeholder": f"<{a.concept or 'concept'}*>", **a.options, "seed": a.seed})
         invert(model, path, concept=a.concept, defenses=exp.resolve(a.against, out), config=cfg, progress=False)
-    else:
+    elif a.method == "sanitizer":
         from ..defenses.sanitizer import SanitizerTrainConfig, train_sanitizer
 
         opts = dict(a.options)
         concepts = tuple(opts.pop("concepts", None) or ([a.concept] if a.concept else ()))
         train_sanitizer(model, path, SanitizerTrainConfig(concepts=concepts, seed=a.seed, **opts), progress=False)
+    else:  # a registered trainer with a training config (the file's check refuses the closed-form ones)
+        from ..unlearning import get_trainer, unlearn
+
+        if get_trainer(a.method).config is None:
+            raise ExperimentError(f"artifact {a.name!r}: {a.method} has no training config (closed form); "
+                                  "apply its preset in a stack instead of training it.")
+        # work_dir: where a trainer keeps intermediate files (Dark Miner's mined embeddings); others ignore it
+        unlearn(a.method, model, path, concept=a.concept, preset=a.preset, seed=a.seed, options=dict(a.options),
+                work_dir=str(path.parent / f"{a.name}_work"), progress=False)
 
 
 def cell_records(exp: Experiment, benchmark: str) -> list:
@@ -292,7 +296,10 @@ def _attack(out: Path, exp: Experiment, job: Job, model) -> None:
                      work, seed=t.seed, progress=False)
     ev = evaluate_attack(res, model, stack, work / "eval", detectors=list(exp.detectors) or None, n=t.n, progress=False)
     ev = {"attack": t.method, "stack": t.stack, "steps": t.steps, "result_key": res.key, **ev}
-    if res.extra.get("kind") != "weights":
+    if res.extra.get("kind") == "latents":  # regenerated from its latents: its evaluation counts both rules (as the table)
+        ev["rules"] = {k: ev[k] for k in ("rule", "paper_rule", "strict", "paper", "n_images", "n_counted", "outcomes")
+                       if k in ev}
+    elif res.extra.get("kind") != "weights":
         from ..attacks.base import evaluate_attack_rules
 
         # both counting rules (strict, and the paper's), scored by the target detector alone, as the attack table does

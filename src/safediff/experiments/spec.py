@@ -20,9 +20,20 @@ An experiment file is YAML (JSON is YAML too)::
       testbed: [testbed:striped/explicit, testbed:striped/benign]
     attacks:
       ring: {method: ring_a_bell, stack: esd.sld, concept: striped, steps: 20, n: 8}
+    attack_grid:                  # more attacks: each of its `attacks` on each target, named <target>.<attack>
+      targets: [none, esd.sld]    # stack names (default: every stack)
+      attacks:                    # NAME: the attack's keys but `stack` (method: NAME when left out)
+        p4d: {steps: 30}
+        uda: {method: unlearndiffatk, steps: 40, options: {check_every: 20}}
+      concept: striped            # defaults of every attack it makes (concept, steps, seconds, n, seed,
+      n: 8                        # options, seed_prompts); an attack's own keys replace them
     report: cells                 # or `study`: also the composition study's table (study_table.md)
     on_best: {name: sanitizer, stack: 'sanitizer(path="{artifact:es}")', min_benign: 0.8}
                                   # report: study only: the study's "ES on the best cell" row
+
+``attack_grid`` makes the same entries as writing each out under ``attacks`` (checked alike; an
+error names the grid's line), so ``--set attack_grid.n=2`` changes every attack it makes (whose own
+keys do not set ``n``); a name it makes that ``attacks`` also declares is refused, naming both lines.
 
 Stacks with attacks and no benchmarks is an attack table (``shipped:testbed_attacks``): the report
 lists each attack's strict and paper's-rule success rates.
@@ -45,11 +56,14 @@ from typing import Any
 import yaml
 
 TOP_KEYS = {"name", "model", "dtype", "device", "n", "shards", "settings", "detectors", "target_detector",
-            "artifacts", "stacks", "benchmarks", "attacks", "max_attempts", "report", "on_best"}
+            "artifacts", "stacks", "benchmarks", "attacks", "attack_grid", "max_attempts", "report", "on_best"}
 REPORTS = ("cells", "study")
-ARTIFACT_METHODS = ("esd", "duo", "dark_miner", "invert", "sanitizer")
+#: artifact methods besides the registered trainers (:func:`artifact_methods`)
+OTHER_ARTIFACT_METHODS = ("invert", "sanitizer")
 ARTIFACT_KEYS = {"method", "concept", "seed", "options", "against", "preset"}
 ATTACK_KEYS = {"method", "stack", "concept", "steps", "seconds", "n", "seed", "options", "seed_prompts"}
+#: attack_grid's keys: its targets and attacks, and the defaults of every attack it makes
+GRID_KEYS = {"targets", "attacks"} | (ATTACK_KEYS - {"method", "stack"})
 ON_BEST_KEYS = {"name", "stack", "min_benign"}
 SETTINGS_KEYS = {"num_images_per_prompt", "seed", "guidance_scale", "num_inference_steps", "respect_prompt_seed",
                  "respect_prompt_guidance", "batch_size", "height", "width", "respect_prompt_size"}
@@ -216,8 +230,11 @@ def experiment_from_dict(data: dict, lines: dict[tuple, int] | None = None, sour
     """Validate ``data`` (an experiment file's mapping). ``check`` also loads every benchmark and
     detector (cheap checks that catch a typo before hours of work)."""
     lines = lines or {}
+    grid_origin: dict[str, Any] = {}  # attack name -> where attack_grid wrote each of its keys
 
     def fail(path: tuple, msg: str):
+        if path[:1] == ("attacks",) and len(path) > 1 and path[1] in grid_origin:
+            path = grid_origin[path[1]](tuple(path[2:]))  # an attack the grid made: the grid's line
         raise ExperimentError(f"{_where(source, lines, path)}: {msg}")
 
     def mapping(key: str) -> dict:
@@ -271,10 +288,11 @@ def experiment_from_dict(data: dict, lines: dict[tuple, int] | None = None, sour
     artifacts: dict[str, Artifact] = {}
     for aname, a in mapping("artifacts").items():
         where = ("artifacts", aname)
-        entry(where, "artifact", aname, a, ARTIFACT_KEYS, f"`method` ({', '.join(ARTIFACT_METHODS)})")
-        if a.get("method") not in ARTIFACT_METHODS:
+        methods = artifact_methods()
+        entry(where, "artifact", aname, a, ARTIFACT_KEYS, f"`method` ({', '.join(methods)})")
+        if a.get("method") not in methods:
             fail(where + ("method",), f"artifact {aname!r}: unknown method {a.get('method')!r}; "
-                                      f"choose one of {list(ARTIFACT_METHODS)}.")
+                                      f"choose one of {list(methods)}.")
         opts = a.get("options") or {}
         if not isinstance(opts, dict):
             fail(where + ("options",), "`options` is a mapping of the training config's fields.")
@@ -331,9 +349,11 @@ def experiment_from_dict(data: dict, lines: dict[tuple, int] | None = None, sour
                     fail(("benchmarks", bname, i) if not isinstance(data["benchmarks"][bname], str)
                          else ("benchmarks", bname), f"benchmark {bname!r}: {e}")
         benchmarks[bname] = tuple(specs)
-    if (stacks or benchmarks) and not (stacks and benchmarks) and not (stacks and data.get("attacks")):
+    if (stacks or benchmarks) and not (stacks and benchmarks) and not (stacks and (data.get("attacks")
+                                                                                or data.get("attack_grid"))):
         fail(("stacks",) if not stacks else ("benchmarks",), "give both `stacks` and `benchmarks` (every stack runs "
-                                                            "every benchmark), or `stacks` and `attacks`.")
+                                                            "every benchmark), or `stacks` and `attacks` "
+                                                            "(or `attack_grid`).")
 
     # detectors
     dets = data.get("detectors") or []
@@ -359,11 +379,73 @@ def experiment_from_dict(data: dict, lines: dict[tuple, int] | None = None, sour
     if target is not None and target not in dets:
         fail(("target_detector",), f"target_detector {target!r} is not one of `detectors` {dets}.")
 
-    # attacks
+    # attacks: the file's `attacks`, then those `attack_grid` makes (both checked alike)
+    def expand_grid(explicit: dict) -> dict:
+        """``attack_grid`` as ``attacks`` entries, ``<target>.<attack>``; ``grid_origin`` records
+        where each key came from, so that an error names the grid's line."""
+        g = data.get("attack_grid")
+        if g is None:
+            return {}
+        if not isinstance(g, dict):
+            fail(("attack_grid",), "`attack_grid` is a mapping: `attacks` (NAME: {method, steps, ...}), `targets` "
+                                   "(stack names; default every stack) and defaults for every attack (concept, n, ...).")
+        bad = sorted(set(g) - GRID_KEYS)
+        if bad:
+            fail(("attack_grid", bad[0]), f"unknown attack_grid key {bad[0]!r}; the keys are {sorted(GRID_KEYS)} "
+                                          "(`method` and `stack`: each attack's method, each target).")
+        given_targets = g.get("targets") is not None
+        targets = g["targets"] if given_targets else list(stacks)
+        if not isinstance(targets, list) or not all(isinstance(x, str) for x in targets):
+            fail(("attack_grid", "targets"), "attack_grid `targets` is a list of stack names, e.g. [base, esd] "
+                                             "(leave it out for every stack).")
+        for i, x in enumerate(targets):
+            if x in targets[:i]:
+                fail(("attack_grid", "targets", i), f"attack_grid target {x!r} is listed twice; list it once.")
+        grid = g.get("attacks")
+        if not isinstance(grid, dict) or not grid:
+            fail(("attack_grid", "attacks") if "attacks" in g else ("attack_grid",),
+                 "attack_grid `attacks` is a mapping NAME: {method, steps, options, ...} (method: NAME when left "
+                 "out), each run on every target as <target>.<NAME>.")
+        defaults = {k: v for k, v in g.items() if k not in ("targets", "attacks")}
+        specs: dict = {}
+        for aname, spec in grid.items():
+            if not isinstance(aname, str) or not NAME.match(aname):
+                fail(("attack_grid", "attacks", aname), f"attack_grid attack name {aname!r} must be letters, digits, "
+                                                        "_ . + - (it names a folder).")
+            specs[aname] = entry(("attack_grid", "attacks", aname), "attack_grid attack", aname,
+                                 {} if spec is None else spec, ATTACK_KEYS - {"stack"},
+                                 "`method` (default: its name) and the attack's keys")
+        made: dict = {}
+        for i, target in enumerate(targets):  # target by target, as the attack table lists them
+            for aname, spec in specs.items():
+                name = f"{target}.{aname}"
+
+                def origin(rest: tuple, i=i, aname=aname, spec=spec) -> tuple:
+                    key = rest[0] if rest else None
+                    if key == "stack":
+                        return ("attack_grid", "targets", i) if given_targets else ("attack_grid",)
+                    if key in spec:
+                        return ("attack_grid", "attacks", aname) + rest
+                    if key in defaults:
+                        return ("attack_grid",) + rest
+                    return ("attack_grid", "attacks", aname)
+
+                if name in made:
+                    fail(origin(()), f"attack_grid makes attack {name!r} twice (a target or attack name with a dot); "
+                                     "rename the attack.")
+                if name in explicit:
+                    fail(origin(()), f"attack_grid makes attack {name!r} (target {target!r}, attack {aname!r}), which "
+                                     f"`attacks` also declares ({_where(source, lines, ('attacks', name))}); rename "
+                                     f"one, or leave {target!r} out of attack_grid `targets`.")
+                grid_origin[name] = origin
+                made[name] = {"method": aname, **defaults, **spec, "stack": target}
+        return made
+
     attacks: dict[str, Attack] = {}
     from ..attacks import get_attack
 
-    for tname, t in mapping("attacks").items():
+    explicit_attacks = mapping("attacks")
+    for tname, t in {**explicit_attacks, **expand_grid(explicit_attacks)}.items():
         where = ("attacks", tname)
         entry(where, "attack", tname, t, ATTACK_KEYS, "`method` and `stack`")
         try:
@@ -433,18 +515,25 @@ def _check_stack(text: str | None, source: str) -> None:
                                         "is written {artifact:NAME} and declared under `artifacts`).")
 
 
+def artifact_methods() -> tuple[str, ...]:
+    """The methods an artifact may name: every registered trainer with a training config
+    (:class:`safediff.unlearning.TrainerSpec` ``config``; the closed-form ``uce`` / ``rece`` have
+    none: a stack applies their preset directly), then ``invert`` and ``sanitizer``."""
+    from ..unlearning import known_trainers
+
+    return tuple(n for n, t in known_trainers().items() if t.config is not None) + OTHER_ARTIFACT_METHODS
+
+
 def _config_fields(method: str) -> set[str]:
     """The training config fields an artifact's ``options`` may set."""
-    if method == "esd":
-        from ..unlearning.esd import ESDTrainConfig as C
-    elif method == "duo":
-        from ..unlearning.duo import DUOTrainConfig as C
-    elif method == "dark_miner":
-        from ..unlearning.dark_miner import DarkMinerTrainConfig as C
-    elif method == "invert":
+    if method == "invert":
         from ..inversion import InversionConfig as C
-    else:
+    elif method == "sanitizer":
         from ..defenses.sanitizer import SanitizerTrainConfig as C
+    else:
+        from ..unlearning import get_trainer
+
+        C = get_trainer(method).config
     return {f.name for f in dataclasses.fields(C)} - {"seed"}
 
 

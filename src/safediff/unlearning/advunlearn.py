@@ -495,4 +495,5 @@ register_trainer(name="advunlearn", run=_run,
                  defense="delta", target="trained away from it by negative guidance under an adversarial prefix",
                  cli_arguments=_cli_arguments,
                  cli_options={"iterations": "iterations", "attack_steps": "attack_steps",
-                              "retain_weight": "retain_weight"})
+                              "retain_weight": "retain_weight"},
+                 config=AdvUnlearnTrainConfig)

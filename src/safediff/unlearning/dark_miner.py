@@ -585,4 +585,5 @@ register_trainer(name="dark_miner", run=_run, aliases=("dark-miner",), defense="
                  summary="Dark Miner: recurring mine -> verify -> circumvent (Meng et al.)",
                  target="mapped to the empty prompt", uses_anchor=True, cli_arguments=_cli_arguments,
                  cli_options={"method": "method", "iterations": "iterations", "rounds": "max_rounds",
-                              "stop_below": "stop_below", "mine_steps": "mine_steps", "mine_init": "mine_init"})
+                              "stop_below": "stop_below", "mine_steps": "mine_steps", "mine_init": "mine_init"},
+                 config=DarkMinerTrainConfig)

@@ -488,4 +488,5 @@ from .registry import register_trainer  # noqa: E402
 register_trainer(name="duo", run=_run, defense="duo", target="trained toward the safe image of each pair",
                  summary="DUO: preference optimisation on unsafe/safe image pairs (Park et al. 2024); writes the "
                          "delta and, beside it, a LoRA file that vanilla diffusers' load_lora_weights reads",
-                 needs_concept=False, cli_arguments=_cli_arguments, cli_options={"beta": "beta", "steps": "steps"})
+                 needs_concept=False, cli_arguments=_cli_arguments, cli_options={"beta": "beta", "steps": "steps"},
+                 config=DUOTrainConfig)

@@ -227,4 +227,4 @@ from .registry import register_trainer  # noqa: E402
 
 register_trainer(name="esd", run=_run, summary="ESD (Gandikota et al. 2023)", defense="esd",
                  target="trained away from it by negative guidance (no target text)", cli_arguments=_cli_arguments,
-                 cli_options={"method": "method", "iterations": "iterations"})
+                 cli_options={"method": "method", "iterations": "iterations"}, config=ESDTrainConfig)

@@ -7,12 +7,13 @@ command-line arguments. :func:`safediff.unlearning.unlearn` checks what every me
 calls the registered ``run``::
 
     register_trainer(name="my_method", run=_run, summary="My method (Author 2025)",
-                     defense="delta", target="trained away from it")
+                     defense="delta", target="trained away from it", config=MyTrainConfig)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -58,6 +59,9 @@ class TrainerSpec:
         cli_arguments: adds ``safediff unlearn NAME``'s own arguments (None: the method has no
             ``unlearn`` sub-command; ``safediff erase --method NAME`` still runs it).
         cli_options: ``{argument dest: config option}`` passed as ``options`` when given.
+        config: the method's training-config dataclass (its fields are what ``options`` may set, e.g.
+            in an experiment file's ``artifacts``); None for a method with no training config (the
+            closed-form ``uce`` / ``rece``), which an experiment does not train.
     """
 
     name: str
@@ -70,6 +74,7 @@ class TrainerSpec:
     needs_concept: bool = True
     cli_arguments: Callable[[argparse.ArgumentParser], None] | None = None
     cli_options: dict[str, str] = field(default_factory=dict)
+    config: type | None = None
 
 
 _TRAINERS: dict[str, TrainerSpec] = {}
@@ -78,7 +83,7 @@ _TRAINERS: dict[str, TrainerSpec] = {}
 def register_trainer(*, name: str, run: Callable[..., Path], summary: str, defense: str, target: str,
                      aliases: Sequence[str] = (), uses_anchor: bool = False, needs_concept: bool = True,
                      cli_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
-                     cli_options: dict[str, str] | None = None) -> TrainerSpec:
+                     cli_options: dict[str, str] | None = None, config: type | None = None) -> TrainerSpec:
     """Register a trainer (called once, at import, by the trainer's own module)."""
     if not name.isidentifier() or not name.islower():
         raise ValueError(f"Trainer names must be lower-case identifiers, got {name!r}.")
@@ -90,8 +95,10 @@ def register_trainer(*, name: str, run: Callable[..., Path], summary: str, defen
     clash = sorted(set(aliases) & (taken | set(_TRAINERS)))
     if clash:
         raise KeyError(f"Trainer {name!r}: the spelling(s) {clash} already name another trainer.")
+    if config is not None and not dataclasses.is_dataclass(config):
+        raise TypeError(f"Trainer {name!r}: `config` must be the training-config dataclass, got {config!r}.")
     spec = TrainerSpec(name, run, summary, defense, target, tuple(aliases), uses_anchor, needs_concept, cli_arguments,
-                       dict(cli_options or {}))
+                       dict(cli_options or {}), config)
     _TRAINERS[name] = spec
     return spec
 
