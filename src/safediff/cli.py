@@ -861,7 +861,8 @@ def build_parser() -> argparse.ArgumentParser:
     iv.add_argument("--concept-images", default=None, help="folder of concept images")
     iv.add_argument("--concept", default=None, help="testbed concept: generate its images with the original model")
     iv.add_argument("--placeholder", default=None, help="the learned token (default <CONCEPT*>)")
-    iv.add_argument("--initializer", default=None, help="word the vectors start from (default: the concept)")
+    iv.add_argument("--initializer", default=None,
+                    help="word the vectors start from (default: the concept), or :concept (CCE's start) / :neutral")
     iv.add_argument("--num-vectors", type=int, default=1, help="vectors behind the placeholder")
     iv.add_argument("--steps", type=int, default=400, help="optimisation steps (Adam)")
     iv.add_argument("--lr", type=float, default=1e-2, help="learning rate")

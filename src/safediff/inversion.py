@@ -57,7 +57,10 @@ from .worlds import world_of
 class InversionConfig:
     """Args:
     placeholder: the new token, e.g. ``"<striped*>"``.
-    initializer: word whose embedding initialises every vector (default: the first concept word).
+    initializer: word whose embedding initialises every vector (default: the first concept word),
+        or a named start: ``":concept"`` (:data:`CONCEPT_INIT`, the concept word, as CCE initialises
+        its token; needs ``concept``) or ``":neutral"`` (:data:`NEUTRAL_INIT`, the word
+        :data:`NEUTRAL_WORD`, which has no visual content of its own).
     num_vectors: vectors behind the placeholder.
     steps / lr / batch_size: optimisation (Adam, constant lr).
     num_images: concept images generated when no folder is given.
@@ -87,6 +90,30 @@ class InversionConfig:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
         if not self.lr > 0:
             raise ValueError(f"`lr` must be > 0, got {self.lr}.")
+        if self.initializer.startswith(":") and self.initializer not in NAMED_INITIALIZERS:
+            raise ValueError(f"Unknown named initializer {self.initializer!r}; choose {sorted(NAMED_INITIALIZERS)} "
+                             "or give a word.")
+
+
+#: ``InversionConfig.initializer``: start from the concept word (CCE's initialisation)
+CONCEPT_INIT = ":concept"
+#: ``InversionConfig.initializer``: start from :data:`NEUTRAL_WORD`
+NEUTRAL_INIT = ":neutral"
+#: the neutral start word: the article, in almost every caption (the testbed's and real ones), with
+#: no visual content of its own (the testbed's other neutral start, ``shape``, is its generic noun)
+NEUTRAL_WORD = "a"
+NAMED_INITIALIZERS = frozenset({CONCEPT_INIT, NEUTRAL_INIT})
+
+
+def initializer_word(initializer: str, concept: str | None) -> str:
+    """The word whose embedding starts the vectors ("" = the mean of the embedding table)."""
+    if initializer == CONCEPT_INIT:
+        if not concept:
+            raise ValueError(f"initializer={CONCEPT_INIT!r} starts from the concept word: give `concept`.")
+        return concept
+    if initializer == NEUTRAL_INIT:
+        return NEUTRAL_WORD
+    return initializer or (concept or "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,6 +199,7 @@ def invert(
     if concept is not None and images is None:
         _check_testbed_concept(model, concept)
     cfg = config
+    init_word = initializer_word(cfg.initializer, concept)  # before any work
 
     # 1. concept images, from the ORIGINAL model (no stack)
     if images is None:
@@ -189,7 +217,6 @@ def invert(
     caps = [c.replace("{}", cfg.placeholder) for c in caps]
 
     tok = model.tokenizer
-    init_word = cfg.initializer or (concept or "")
     init_ids = tok(init_word, add_special_tokens=False).input_ids if init_word else []
     table = model.text_encoder.get_input_embeddings().weight
     init = table[init_ids].mean(0) if init_ids else table.mean(0)
@@ -262,6 +289,7 @@ def invert(
     save_artifact(tensors, out_path, kind="textual-inversion",
                   base_model_hash=model.content_hash, base_model_family=model.family, edited_model_hash=edited_hash, seed=cfg.seed,
                   config={**dataclasses.asdict(cfg), "concept": concept, "stack": stack.to_string(),
+                          "initializer_word": init_word,
                           "num_concept_images": len(arrays)},
                   extra={"placeholder": cfg.placeholder})
     ckpt.remove()

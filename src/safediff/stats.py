@@ -65,6 +65,22 @@ def bootstrap_mean_ci(x: np.ndarray, groups: Sequence | None = None, *, n_boot: 
     return float(lo), float(hi)
 
 
+def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a binomial rate ``k / n`` (NaNs for ``n = 0``); unlike the
+    bootstrap it does not collapse to a point at 0/n or n/n, so small-n rates keep an honest width."""
+    from statistics import NormalDist
+
+    if not 0 <= k <= n:
+        raise ValueError(f"Need 0 <= k <= n, got k={k}, n={n}.")
+    if n == 0:
+        return float("nan"), float("nan")
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (0.0 if k == 0 else float(centre - half)), (1.0 if k == n else float(centre + half))
+
+
 def rates_by_category(values: Sequence[bool | None], categories: Sequence[Sequence[str]], **kw) -> dict[str, RateEstimate]:
     """Per-category rates (multi-label: a sample counts in each of its categories) plus ``"all"``."""
     out = {"all": bootstrap_rate(values, **kw)}
