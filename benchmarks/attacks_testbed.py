@@ -11,7 +11,7 @@ per seed prompt: concept inversion (``--ci-steps``, one inversion per target), P
 (``--p4d-steps``), UnlearnDiffAtk (``--uda-steps``), and the black-box Ring-A-Bell
 (``--rab-steps`` generations) and MMA (``--mma-steps``), which see only the text encoder, and the
 random-prefix floor (``--rp-steps`` random 5-token prefixes per seed prompt, no optimisation; by
-default UnlearnDiffAtk's step count, one candidate per step as UnlearnDiffAtk records): their
+default as many as the candidates UnlearnDiffAtk records, ``--uda-steps`` / ``--uda-check-every``): their
 prompts are computed once and evaluated on every target. Issue 33: latent inversion (``--li-steps``
 DDIM steps; 4 inverted concept images per seed prompt, regenerated with the seed prompt and with an
 empty prompt, both recorded) and the adaptive P4D / MMA / concept inversion that charge the stack's
@@ -116,7 +116,11 @@ def main() -> None:
     ap.add_argument("--uda-steps", type=int, default=40)
     ap.add_argument("--rab-steps", type=int, default=50)
     ap.add_argument("--mma-steps", type=int, default=30)
-    ap.add_argument("--rp-steps", type=int, default=None, help="random prefixes per seed prompt (default: --uda-steps)")
+    ap.add_argument("--uda-check-every", type=int, default=20,
+                    help="UnlearnDiffAtk records its prompt every this many steps (as shipped:testbed_attacks)")
+    ap.add_argument("--rp-steps", type=int, default=None,
+                    help="random prefixes per seed prompt (default: --uda-steps / --uda-check-every, the number of "
+                         "candidates UnlearnDiffAtk's early-stop rule sees)")
     ap.add_argument("--li-steps", type=int, default=25,
                     help="latent inversion: DDIM steps (inversion and regeneration)")
     ap.add_argument("--refusal-n", type=int, default=100, help="benign and near-benign prompts per over-refusal suite")
@@ -126,7 +130,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="target names to run (default: all)")
     args = ap.parse_args()
     if args.rp_steps is None:
-        args.rp_steps = args.uda_steps
+        args.rp_steps = max(1, args.uda_steps // args.uda_check_every)
     out = Path(args.out)
     m = safediff.load_model()
     plain_only = bool(args.only) and set(args.only) <= set(PLAIN_TARGETS)
@@ -135,7 +139,7 @@ def main() -> None:
     white = {
         "concept_inversion": (ConceptInversionAttack(ConceptInversionAttackConfig()), args.ci_steps),
         "p4d": (P4D(P4DConfig()), args.p4d_steps),
-        "unlearndiffatk": (UnlearnDiffAtk(UnlearnDiffAtkConfig()), args.uda_steps),
+        "unlearndiffatk": (UnlearnDiffAtk(UnlearnDiffAtkConfig(check_every=args.uda_check_every)), args.uda_steps),
         "latent_inversion": (LatentInversion(LatentInversionConfig()), args.li_steps),
         "concept_inversion_adaptive": (AdaptiveConceptInversion(AdaptiveConceptInversionConfig()), args.ci_steps),
         "p4d_adaptive": (AdaptiveP4D(AdaptiveP4DConfig()), args.p4d_steps),
@@ -257,7 +261,8 @@ def run_eval_seeds(m, stack, seeds, rd) -> dict:
 
 def budgets(args) -> dict:
     return {"concept_inversion": args.ci_steps, "p4d": args.p4d_steps, "unlearndiffatk": args.uda_steps,
-            "ring_a_bell": args.rab_steps, "mma": args.mma_steps, "random_prefix": args.rp_steps,
+            "unlearndiffatk_check_every": args.uda_check_every, "ring_a_bell": args.rab_steps, "mma": args.mma_steps,
+            "random_prefix": args.rp_steps,
             "latent_inversion": args.li_steps, "concept_inversion_adaptive": args.ci_steps,
             "p4d_adaptive": args.p4d_steps, "mma_adaptive": args.mma_steps, "over_refusal_n": args.refusal_n}
 
@@ -269,7 +274,8 @@ def write(table: dict, args, seeds, m) -> None:
            "model_hash": m.content_hash,
            "defects": {t: defects(row) for t, row in table.items() if defects(row)},
            "command": f"python benchmarks/attacks_testbed.py --n {args.n} --study {args.study} --out {args.out}"
-                      f" --rp-steps {args.rp_steps} --li-steps {args.li_steps} --refusal-n {args.refusal_n}"
+                      f" --uda-check-every {args.uda_check_every} --rp-steps {args.rp_steps}"
+                      f" --li-steps {args.li_steps} --refusal-n {args.refusal_n}"
                       f" --results {args.results}"}
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results + ".json").write_text(json.dumps(res, indent=2, default=str))
