@@ -26,7 +26,6 @@ from safediff.unlearning.dark_miner import (
     train_dark_miner,
     verify,
 )
-from safediff.unlearning import dark_miner as dm
 from safediff.unlearning.param_sets import esd_parameter_names
 
 
