@@ -61,24 +61,23 @@ def build_graph(exp: Experiment) -> list[Job]:
         train(name)
     from .spec import PLACEHOLDER
 
+    def cell(s: str, b: str, needs: tuple) -> Job:
+        """Add the shard jobs of cell (stack ``s``, benchmark ``b``); return its merge job."""
+        shards = [Job(f"shard:{s}/{b}:{i}-of-{exp.shards}", "shard", needs,
+                      {"stack": s, "benchmark": b, "index": i, "count": exp.shards}) for i in range(exp.shards)]
+        jobs.extend(shards)
+        return Job(f"merge:{s}/{b}", "merge", tuple(j.id for j in shards), {"stack": s, "benchmark": b})
+
     merges = []
     for s, text in exp.stacks.items():
         needs = tuple(f"train:{a}" for a in PLACEHOLDER.findall(text or ""))
-        for b in exp.benchmarks:
-            shards = [Job(f"shard:{s}/{b}:{i}-of-{exp.shards}", "shard", needs,
-                          {"stack": s, "benchmark": b, "index": i, "count": exp.shards}) for i in range(exp.shards)]
-            jobs += shards
-            merges.append(Job(f"merge:{s}/{b}", "merge", tuple(j.id for j in shards), {"stack": s, "benchmark": b}))
+        merges += [cell(s, b, needs) for b in exp.benchmarks]
     jobs += merges
     if exp.on_best is not None:  # the study's "ES on the best cell": chosen once every cell is merged
         jobs.append(Job("best", "best", tuple(j.id for j in merges)))
-        s = exp.on_best.stack_id
         needs = ("best",) + tuple(f"train:{a}" for a in PLACEHOLDER.findall(exp.on_best.stack))
         for b in exp.benchmarks:
-            shards = [Job(f"shard:{s}/{b}:{i}-of-{exp.shards}", "shard", needs,
-                          {"stack": s, "benchmark": b, "index": i, "count": exp.shards}) for i in range(exp.shards)]
-            jobs += shards
-            merges.append(Job(f"merge:{s}/{b}", "merge", tuple(j.id for j in shards), {"stack": s, "benchmark": b}))
+            merges.append(cell(exp.on_best.stack_id, b, needs))
             jobs.append(merges[-1])
     attacks = []
     for t in exp.attacks.values():
