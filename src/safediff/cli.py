@@ -268,7 +268,7 @@ def cmd_testbed_check(args) -> int:
         cfg = dataclasses.replace(cfg, acceptance_n=args.n)
     from .models import resolve_device
 
-    calibrate(path, cfg, device=str(resolve_device(args.device)))
+    calibrate(path, cfg, device=str(resolve_device(args.device)), guidance_scale=args.guidance_scale)
     return 0
 
 
@@ -928,6 +928,9 @@ def build_parser() -> argparse.ArgumentParser:
     tc = _add(tb, "check", help="re-measure a testbed model's guidance curve and its world acceptance (writes safediff.json)")
     tc.add_argument("model", help="the model folder")
     tc.add_argument("--n", type=int, default=None, help="prompts per acceptance suite (default: the model's config)")
+    tc.add_argument("--guidance-scale", type=float, default=None,
+                    help="pin the default guidance scale instead of re-measuring the curve (the recorded curve is kept) "
+                         "and measure the acceptances at it; docs/testbed.md, 'Decision on the misses'")
     device_args(tc, dtype_default="fp32", fp32_only=True, memory=False)
     tc.set_defaults(func=cmd_testbed_check)
     return p

@@ -475,24 +475,41 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
                               "--overwrite to replace it.")
 
 
-def calibrate(out_dir: str | Path, cfg: TrainConfig, progress: bool = True, log=print, device: str = "cpu") -> dict:
+def calibrate(out_dir: str | Path, cfg: TrainConfig, progress: bool = True, log=print, device: str = "cpu",
+              guidance_scale: float | None = None) -> dict:
     """Stages 4 and 5 on a saved model: the guidance-scale curve (its best scale becomes the
     default) and the world's acceptance check, both recorded in ``safediff.json``. A model that
     misses a target is reported with the measured numbers (``acceptance.passed`` is false).
-    Measured in fp32 on ``device`` (the CPU by default)."""
+    Measured in fp32 on ``device`` (the CPU by default).
+
+    ``guidance_scale`` pins the default scale instead: the curve is not re-measured (the recorded
+    one stays), the pinned scale and the fact that it was pinned are recorded
+    (``default_guidance_scale_source``), and the acceptances are measured at it (docs/testbed.md,
+    "Decision on the misses": a retrained world keeps the shipped model's scale unless another beats
+    it by more than twice the standard error of the difference)."""
     out_dir = Path(out_dir)
     marker = out_dir / "safediff.json"
     meta = json.loads(marker.read_text())
-    t0 = time.time()
-    curve = guidance_curve(out_dir, scales=cfg.guidance_scales, n=cfg.curve_samples, steps=cfg.num_inference_steps,
-                           seed=cfg.seed, progress=progress, device=device)
-    best = max(curve, key=lambda r: r["all_three"])
-    meta["guidance_curve"] = curve
-    meta["default_guidance_scale"] = best["guidance_scale"]
-    meta["default_steps"] = cfg.num_inference_steps
-    meta["curve_minutes"] = round((time.time() - t0) / 60, 1)
-    marker.write_text(json.dumps(meta, indent=2))
-    log(f"best guidance scale {best['guidance_scale']} (all three attributes right: {best['all_three']:.3f})")
+    if guidance_scale is not None:
+        if not 1.0 <= float(guidance_scale) <= 30.0:
+            raise ValueError(f"guidance_scale {guidance_scale} is outside [1, 30]; give the scale to pin, e.g. 4.0.")
+        meta["default_guidance_scale"] = float(guidance_scale)
+        meta["default_steps"] = cfg.num_inference_steps
+        meta["default_guidance_scale_source"] = "pinned by `safediff testbed check --guidance-scale` (the curve is kept)"
+        marker.write_text(json.dumps(meta, indent=2))
+        log(f"guidance scale pinned at {float(guidance_scale)} (the recorded curve is kept)")
+    else:
+        t0 = time.time()
+        curve = guidance_curve(out_dir, scales=cfg.guidance_scales, n=cfg.curve_samples, steps=cfg.num_inference_steps,
+                               seed=cfg.seed, progress=progress, device=device)
+        best = max(curve, key=lambda r: r["all_three"])
+        meta["guidance_curve"] = curve
+        meta["default_guidance_scale"] = best["guidance_scale"]
+        meta["default_guidance_scale_source"] = "the guidance curve's best scale (all three attributes right)"
+        meta["default_steps"] = cfg.num_inference_steps
+        meta["curve_minutes"] = round((time.time() - t0) / 60, 1)
+        marker.write_text(json.dumps(meta, indent=2))
+        log(f"best guidance scale {best['guidance_scale']} (all three attributes right: {best['all_three']:.3f})")
     if cfg.acceptance_n > 0:  # the world's own targets, measured on the base model; a miss is reported, not hidden
         t1 = time.time()
 

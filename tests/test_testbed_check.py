@@ -1,0 +1,40 @@
+"""`safediff testbed check --guidance-scale`: pins the default scale without re-measuring the curve
+(docs/testbed.md, "Decision on the misses")."""
+
+import json
+import shutil
+
+import pytest
+
+from safediff.models import TESTBED_PATH, load_model
+from safediff.testbed.train import TrainConfig, calibrate
+
+
+@pytest.fixture()
+def model_copy(tmp_path):
+    dst = tmp_path / "model"
+    shutil.copytree(TESTBED_PATH, dst)
+    meta = json.loads((dst / "safediff.json").read_text())
+    meta["default_guidance_scale"] = 2.0
+    (dst / "safediff.json").write_text(json.dumps(meta))
+    return dst, meta
+
+
+def test_pinned_scale_is_recorded_and_used_and_the_curve_is_kept(model_copy):
+    path, before = model_copy
+    cfg = TrainConfig.from_dict({**before["train_config"], "acceptance_n": 0})
+    meta = calibrate(path, cfg, progress=False, log=lambda *_: None, guidance_scale=4.0)
+    on_disk = json.loads((path / "safediff.json").read_text())
+    assert meta["default_guidance_scale"] == on_disk["default_guidance_scale"] == 4.0
+    assert "pinned" in on_disk["default_guidance_scale_source"]
+    assert on_disk["guidance_curve"] == before["guidance_curve"]  # not re-measured
+    assert load_model(path, device="cpu", dtype="fp32").default_guidance_scale == 4.0
+
+
+@pytest.mark.parametrize("bad", [0.5, 100.0])
+def test_a_scale_outside_the_range_is_refused_before_writing(model_copy, bad):
+    path, before = model_copy
+    cfg = TrainConfig.from_dict({**before["train_config"], "acceptance_n": 0})
+    with pytest.raises(ValueError, match="outside"):
+        calibrate(path, cfg, progress=False, log=lambda *_: None, guidance_scale=bad)
+    assert json.loads((path / "safediff.json").read_text())["default_guidance_scale"] == 2.0
