@@ -50,9 +50,13 @@ GUIDANCE = ("negative_prompt", "sld", "safree")
 RULES = ("strict", "paper")
 #: INE starts compared side by side -> InversionConfig.initializer
 INITIALIZERS = {"shape": "shape", "concept_word": ":concept", "neutral_word": ":neutral"}
-#: the attack table's budgets (benchmarks/attacks_testbed.py defaults; random_prefix: UnlearnDiffAtk's steps)
+#: the attack table's budgets and options (``shipped:testbed_attacks``, benchmarks/attacks_testbed.py):
+#: UnlearnDiffAtk records its argmax prompt every 20 of its 40 steps, so the random-prefix floor draws
+#: 40 / 20 = 2 prefixes per seed prompt (the same number of candidates under the early-stop rule). Same
+#: configs, hence the same attack keys: ``--attacks-dir`` finds the attack table's results.
 TABLE_BUDGETS = {"concept_inversion": 200, "p4d": 30, "unlearndiffatk": 40, "ring_a_bell": 50, "mma": 30,
-                 "random_prefix": 40}
+                 "random_prefix": 2}
+TABLE_OPTIONS = {"unlearndiffatk": {"check_every": 20}}
 QUICK = {"n": 2, "erasures": ("base", "uce"), "attacks": ("p4d", "random_prefix"),
          "budgets": {a: 2 for a in ATTACKS}}
 N_BOOT = 2000
@@ -174,6 +178,8 @@ def prompt_verdicts(method: str, outcomes: list[dict]) -> dict[str, list[bool | 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=32, help="seed prompts (training-side explicit prompts of the concept)")
+    ap.add_argument("--model", default="testbed",
+                    help="the testbed model (default: the shipped one); e.g. a world-v3 model folder")
     ap.add_argument("--study", default="runs/study", help="the composition study's folder (artifacts reused/trained)")
     ap.add_argument("--out", default="runs/ine_premise", help="attack results, INE files and evaluation runs")
     ap.add_argument("--attacks-dir", default=None, help="an attack table's output folder to reuse results from")
@@ -227,7 +233,7 @@ def make_attack(name: str):
     from safediff.attacks.base import get_attack
 
     cls = get_attack(name)
-    return cls(cls.config_cls())
+    return cls(cls.config_cls(**TABLE_OPTIONS.get(name, {})))
 
 
 def get_result(attack, target, seeds: list[str], steps: int, out: Path, attacks_dir: str | None):
@@ -311,14 +317,15 @@ def main(argv=None) -> int:
     from safediff.attacks import AttackTarget, seed_prompts_for
 
     out = Path(args.out)
-    m = safediff.load_model()
+    m = safediff.load_model(args.model, device="cpu", dtype="fp32")
     study_keys = {e: ("none" if e == "base" else e) for e in args.erasures}
     scfg = StudyConfig(concept=CONCEPT, quick=args.quick, unlearning=tuple(study_keys.values()))
     arts, train_s = prepare_artifacts(m, scfg, Path(args.study), progress=False)
     seeds = seed_prompts_for(CONCEPT, args.n)
     name_np = f'negative_prompt(text="{CONCEPT}")'
     res: dict = {"concept": CONCEPT, "n_seed_prompts": len(seeds), "budgets": budgets(args),
-                 "model_hash": m.content_hash,
+                 "model": str(args.model), "model_hash": m.content_hash,
+                 "guidance_scale": m.default_guidance_scale,
                  "world_version": (m.meta.get("train_config") or {}).get("world_version", 2),
                  "quick": args.quick, "premise_rule": args.premise_rule, "sld_preset": args.sld_preset,
                  "bootstrap": {"n_boot": N_BOOT, "seed": 0, "resampled": "seed prompts, paired"},

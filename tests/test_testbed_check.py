@@ -38,3 +38,11 @@ def test_a_scale_outside_the_range_is_refused_before_writing(model_copy, bad):
     with pytest.raises(ValueError, match="outside"):
         calibrate(path, cfg, progress=False, log=lambda *_: None, guidance_scale=bad)
     assert json.loads((path / "safediff.json").read_text())["default_guidance_scale"] == 2.0
+
+
+def test_the_shipped_world_v3_model_loads_by_name_with_v2s_sampler_defaults():
+    m = load_model("testbed-v3", device="cpu", dtype="fp32")
+    assert m.meta["train_config"]["world_version"] == 3
+    assert m.default_guidance_scale == 4.0 and m.default_steps == 25  # docs/testbed.md, "Decision on the misses"
+    assert "pinned" in m.meta["default_guidance_scale_source"]
+    assert m.content_hash != load_model("testbed", device="cpu", dtype="fp32").content_hash

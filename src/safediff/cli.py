@@ -661,7 +661,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_arg(sp):
         sp.add_argument("--model", default=None, help="diffusers folder, hub id, or a .safetensors / .ckpt checkpoint "
-                        "(SD 1.x / 2.x / SDXL; docs/your-model.md) (default: the shipped testbed)")
+                        "(SD 1.x / 2.x / SDXL; docs/your-model.md) (default: the shipped testbed; `testbed-v3`: the "
+                        "shipped world-v3 testbed)")
         sp.add_argument("--model-config", default=None, metavar="DIR",
                         help="checkpoint file only: a diffusers folder of its architecture giving the configs and "
                              "tokenizer (weights not needed; default: the shipped configs of the detected family)")

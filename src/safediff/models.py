@@ -43,6 +43,9 @@ import torch
 TESTBED_FAMILY = "safediff-testbed"  # the testbed's family name (its adapter: safediff.testbed.family)
 #: The shipped testbed model, inside the package.
 TESTBED_PATH = Path(__file__).parent / "testbed" / "model"
+#: The world-v3 testbed model (``load_model("testbed-v3")``), shipped beside it for the issue-32 reruns;
+#: docs/testbed.md, "World v3": its acceptance with the misses recorded.
+TESTBED_V3_PATH = Path(__file__).parent / "testbed" / "model_v3"
 
 #: the scheduler classes of flow-matching families (their model predicts a velocity)
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
@@ -298,6 +301,12 @@ def _resolve(model: str | os.PathLike | None) -> Path:
                 "it with `safediff testbed train --out <dir>` and pass `--model <dir>`."
             )
         return TESTBED_PATH
+    if str(model) == "testbed-v3":
+        if not (TESTBED_V3_PATH / "model_index.json").exists():
+            raise ModelError(f"The shipped world-v3 testbed model is missing at {TESTBED_V3_PATH}; reinstall safediff, or "
+                             "rebuild it with `safediff testbed train --out <dir> --set world_version=3` and "
+                             "`safediff testbed check <dir> --guidance-scale 4.0`, then pass `--model <dir>`.")
+        return TESTBED_V3_PATH
     p = Path(model).expanduser()
     if p.exists():
         if not p.is_dir():
