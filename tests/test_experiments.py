@@ -176,6 +176,33 @@ def test_local_run_shards_merges_reports_and_resumes_without_redoing(tmp_path, t
         run_experiment(tiny(tmp_path), out, model=testbed, progress=False, overrides=["n=3"])
 
 
+def test_a_relaunch_that_only_adds_grows_the_experiment_and_redoes_nothing_done(tmp_path, testbed):
+    out = tmp_path / "out"
+    assert run_experiment(tiny(tmp_path, shards=1), out, model=testbed, progress=False).complete
+    first = images(out / "runs" / "np" / "explicit")
+    calls = []
+    real = graph_module._shard
+    graph_module._shard = lambda *a: calls.append(a[2].id) or real(*a)
+    try:  # a new stack and a new benchmark: only their cells run, the report is redone
+        outcome = run_experiment(tiny(tmp_path, shards=1), out, model=testbed, progress=False,
+                                 overrides=['stacks.np2=negative_prompt(text="caged")',
+                                            "benchmarks.benign=testbed:striped/benign"])
+    finally:
+        graph_module._shard = real
+    assert outcome.complete
+    assert sorted(calls) == ["shard:none/benign:0-of-1", "shard:np/benign:0-of-1", "shard:np2/benign:0-of-1",
+                             "shard:np2/explicit:0-of-1"]
+    assert images(out / "runs" / "np" / "explicit") == first
+    stored = json.loads((out / "experiment.json").read_text())
+    assert "np2" in stored["stacks"] and "benign" in stored["benchmarks"]
+    assert set(json.loads((out / "results.json").read_text())["cells"]) == {
+        f"{s}/{b}" for s in ("none", "np", "np2") for b in ("explicit", "benign")}
+    # changing an entry that exists is still refused, naming it
+    with pytest.raises(ExperimentError, match="stacks.np2"):
+        run_experiment(tiny(tmp_path, shards=1), out, model=testbed, progress=False,
+                       overrides=['stacks.np2=negative_prompt(text="striped")', "benchmarks.benign=testbed:striped/benign"])
+
+
 def test_a_job_failing_three_times_is_reported_by_name_and_the_run_is_incomplete(tmp_path, testbed, monkeypatch):
     calls = []
     real = graph_module._shard
