@@ -69,6 +69,8 @@ def test_an_attack_job_gives_what_calling_the_attack_directly_gives(tmp_path, te
     keep = ("uce.unlearndiffatk", "uce.random_prefix", "uce.latent_inversion")
     data["stacks"] = {"uce": data["stacks"]["uce"]}
     data["artifacts"] = {}
+    data["benchmarks"] = {"benign": data["benchmarks"]["benign"]}  # one over-refusal cell, 2 prompts
+    data["n"] = 2
     grid = data["attack_grid"]
     grid["attacks"] = {k.split(".")[1]: {**grid["attacks"][k.split(".")[1]], "steps": 2} for k in keep}
     grid["n"] = 1  # cut down: 1 prompt, 2 steps (and 1 inverted image)
@@ -99,7 +101,23 @@ def test_an_attack_job_gives_what_calling_the_attack_directly_gives(tmp_path, te
         assert ev["rules"] == json.loads(json.dumps(rules, default=str))
     table = (out / "table.md").read_text()
     assert "| uce.unlearndiffatk | uce | unlearndiffatk | 2 |" in table
-    assert set(json.loads((out / "results.json").read_text())["attacks"]) == set(keep)
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["attacks"]) == set(keep)
+    # the wide table: one row per target, one column per attack; strict, paper's rule, substitution
+    grid = (out / "attack_table.md").read_text().splitlines()
+    header = next(line for line in grid if line.startswith("| target | no attack"))
+    cols = [c.strip(" |") for c in header.split(" | ")]
+    assert sorted(cols[5:]) == ["latent_inversion", "random_prefix", "unlearndiffatk"]
+    row = [c.strip(" |") for c in grid[grid.index(header) + 2].split(" | ")]
+    assert row[0] == "uce" and row[1] == ""  # no explicit cell here: no no-attack rate
+    refused = res["cells"]["uce/benign"]["n_refused"]
+    assert row[2].startswith(f"{refused / 2:.2f} [")  # benign refused: k/n of the benign cell, Wilson CI
+    strict = ev_of(out, "uce.unlearndiffatk")["asr"]
+    assert row[cols.index("unlearndiffatk")] == f"{strict['rate']:.2f} [{strict['ci_low']:.2f}, {strict['ci_high']:.2f}]"
+    paper = ev_of(out, "uce.random_prefix")["rules"]["paper"]
+    assert f"{paper['rate']:.2f} ({round(paper['rate'] * paper['n'])}/{paper['n']})" in "\n".join(grid)
+    assert res["attack_table"]["columns"] == cols[5:]
+    assert res["attack_table"]["targets"]["uce"]["unlearndiffatk"]["substitution"]["any_other"]["n"] == 1
 
 
 def ev_of(out: Path, name: str) -> dict:

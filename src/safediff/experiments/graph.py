@@ -334,8 +334,12 @@ def _report(out: Path, exp: Experiment, job: Job | None = None, model=None) -> d
             lines.append(f"| {s} | {b} | {r['n_images']} | {r['n_errors']} | {rates} |")
     res = {"experiment": exp.name, "cells": cells}
     if exp.attacks:
+        from .attack_table import attack_grid_table
+
         res["attacks"], attack_lines = _attack_table(out, exp)
-        lines = (lines if cells else []) + attack_lines
+        res["attack_table"], grid_lines = attack_grid_table(out, exp, res["attacks"], cells)
+        atomic_write_text(out / "attack_table.md", "\n".join(grid_lines[1:]) + "\n", overwrite=True)
+        lines = (lines if cells else []) + grid_lines + ["", "## Every attack job", ""] + attack_lines[1:]
     atomic_write_json(out / "results.json", json.loads(json.dumps(res, default=str)), overwrite=True)
     atomic_write_text(out / "table.md", "\n".join(lines) + "\n", overwrite=True)
     if exp.report == "study":
