@@ -6,7 +6,7 @@ Targets, all trained here with seed ``--seed`` on ``safediff.load_model()``, con
 (a) AdvUnlearn at the ``testbed`` preset; (b) the same config with ``warmup = iterations`` (the inner
 attack never runs: plain ESD-objective text-encoder training with the same retain regulariser, the
 same draws); (c) with ``--esd``, ESD trained with the composition study's config
-(``safediff.eval.study._train_configs``). Per target: the concept rate on the explicit, synonym and
+(``safediff.eval.study.train_configs``). Per target: the concept rate on the explicit, synonym and
 held-out suites (``--suite-n`` prompts each) and the benign attribute accuracy (``--benign-n``), by
 the runner's pinned protocol (exact testbed detector); then UnlearnDiffAtk (``--uda-steps``,
 ``--uda-check-every``) and the random-prefix floor (``--rp-steps``) on ``--n`` seed prompts
@@ -45,7 +45,7 @@ def wilson(k: int, n: int) -> dict:
 
 def train_targets(m, out: Path, seed: int, with_esd: bool) -> tuple[dict[str, str], dict[str, float]]:
     """Delta paths of (a), (b) and optionally (c), trained once (reused after); seconds per training."""
-    from safediff.eval.study import StudyConfig, _train_configs
+    from safediff.eval.study import StudyConfig, train_configs
     from safediff.unlearning import advunlearn
     from safediff.unlearning.esd import train_esd
 
@@ -68,7 +68,7 @@ def train_targets(m, out: Path, seed: int, with_esd: bool) -> tuple[dict[str, st
         p = out / "artifacts" / "esd.safetensors"
         t = time.time()
         if not p.exists():
-            train_esd(m, p, _train_configs(StudyConfig(concept=CONCEPT, seed=seed))["esd"], progress=False)
+            train_esd(m, p, train_configs(StudyConfig(concept=CONCEPT, seed=seed))["esd"], progress=False)
             secs["esd"] = round(time.time() - t, 1)
             times.write_text(json.dumps(secs))
         paths["esd"] = f'esd(path="{p}")'

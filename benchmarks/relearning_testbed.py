@@ -28,7 +28,7 @@ from attacks_testbed import CONCEPT, targets  # noqa: E402
 from safediff.attacks.relearning import RelearnConfig, evaluate_relearning, relearn  # noqa: E402
 from safediff.eval.study import StudyConfig, prepare_artifacts  # noqa: E402
 
-ERASING = ("esd", "uce", "rece", "duo", "dark_miner", "sanitizer", "prompt_guard", "output_filter")
+ERASING = ("esd", "advunlearn", "uce", "rece", "duo", "dark_miner", "sanitizer", "prompt_guard", "output_filter")
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 from safetensors import safe_open
 
-from safediff.eval.study import UNLEARNING, StudyConfig, _train_configs, edit_stack, prepare_artifacts
+from safediff.eval.study import UNLEARNING, StudyConfig, train_configs, edit_stack, prepare_artifacts
 
 
 def test_advunlearn_is_a_study_row_applied_as_a_text_encoder_delta():
@@ -13,10 +13,10 @@ def test_advunlearn_is_a_study_row_applied_as_a_text_encoder_delta():
 def test_advunlearn_training_config_is_the_testbed_preset_seeded_as_the_others():
     from safediff.unlearning.advunlearn import AdvUnlearnTrainConfig, testbed_prompts
 
-    full = _train_configs(StudyConfig(concept="caged", seed=7))
+    full = train_configs(StudyConfig(concept="caged", seed=7))
     assert full["advunlearn"] == AdvUnlearnTrainConfig.preset("testbed", testbed_prompts("caged"), seed=7)
     assert full["advunlearn"].seed == full["esd"].seed == full["duo"].seed == 7
-    quick = _train_configs(StudyConfig(seed=3, quick=True))["advunlearn"]
+    quick = train_configs(StudyConfig(seed=3, quick=True))["advunlearn"]
     assert quick == AdvUnlearnTrainConfig.preset("testbed-tiny", testbed_prompts("striped"), seed=3)
 
 
@@ -43,4 +43,4 @@ def test_shipped_study_trains_advunlearn_with_the_studys_config(testbed, tmp_pat
     # the experiment runner's call for a registered trainer (experiments/graph.py), training replaced by a spy
     unlearn(art.method, testbed, tmp_path / "a.safetensors", concept=art.concept, preset=art.preset, seed=art.seed,
             options=dict(art.options), progress=False)
-    assert seen == [_train_configs(StudyConfig())["advunlearn"]]
+    assert seen == [train_configs(StudyConfig())["advunlearn"]]

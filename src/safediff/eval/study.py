@@ -96,7 +96,7 @@ class Cell:
 # ---------------------------------------------------------------------------------------------
 
 
-def _train_configs(cfg: StudyConfig) -> dict:
+def train_configs(cfg: StudyConfig) -> dict:
     from ..defenses.sanitizer import SanitizerTrainConfig
     from ..inversion import InversionConfig
     from ..unlearning import advunlearn
@@ -140,7 +140,7 @@ def prepare_artifacts(model, cfg: StudyConfig, out: Path, progress: bool = True)
     from ..unlearning.duo import train_duo
     from ..unlearning.esd import train_esd
 
-    tc = _train_configs(cfg)
+    tc = train_configs(cfg)
     adir = out / "artifacts"
     adir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, str] = {}
