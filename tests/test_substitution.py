@@ -168,6 +168,13 @@ def test_study_cell_and_table_carry_substitution(tmp_path):
     assert "| other concept | other - base | moved |" in lines[0]
     assert len({line.count("|") for line in lines[:4]}) == 1  # every row has the header's columns
     assert "| 0.40 [" in lines[2] and "| +0.40 [" in lines[2] and "| 0.50 (1/2) |" in lines[2]
+    # suites beyond v2's six (world v3's hidden forms) get their own table, one column each
+    v3 = {"rate": {"rate": 0.3, "ci_low": 0.2, "ci_high": 0.4}}
+    res["cells"]["duo|none|-"]["suites"] = {**suites, "negation": v3, "obfuscated": v3}
+    text = markdown_table(res)
+    assert "| unlearning | guidance | negative | negation | obfuscated |" in text
+    assert "| duo | none | - | 0.30 [0.20, 0.40] | 0.30 [0.20, 0.40] |" in text
+    assert "| old | none | - |  |  |" in text
 
 
 def test_cli_eval_scores_every_testbed_concept_with_the_suite_concept_as_target(tmp_path, capsys):

@@ -446,6 +446,18 @@ def markdown_table(res: dict) -> str:
                  "image shows the target concept and whose own does not, the share showing another concept "
                  "(k/n; docs/evaluation.md). Blank: a cell scored by one detector (made before substitution was "
                  "measured) or the base cell itself.")
+    shown = {"explicit", "synonym", "implicit", "heldout", "benign", "near_benign"}
+    extra = sorted({s for c in res["cells"].values() for s in c.get("suites", {})} - shown)
+    if extra:  # other suites drawn with the study's (e.g. world v3's hidden forms): the target rate in each
+        lines += ["", "Other suites (target concept rate [95% CI]; "
+                  "world v3: docs/testbed.md, 'The v3 suites'):", "",
+                  "| unlearning | guidance | negative | " + " | ".join(extra) + " |", "|" + "---|" * (3 + len(extra))]
+        for c in res["cells"].values():
+            if "suites" not in c:
+                continue
+            u, g, neg = c.get("unlearning"), c.get("guidance") or "none", c.get("negative") or "-"
+            lines.append(f"| {u} | {g} | {neg} | "
+                         + " | ".join(rate(c, s) if s in c["suites"] else "" for s in extra) + " |")
     if res.get("best_cell"):
         lines.append(f"\nBest cell (benign accuracy >= {res['config']['best_min_benign']}): `{res['best_cell']}`.")
     lines.append(f"\nCommand: `{res['command']}`")
