@@ -238,3 +238,21 @@ def test_an_experiment_trains_any_registered_trainer_with_a_config(tmp_path, tes
 
     with safe_open(str(out / "artifacts" / "adv.safetensors"), "pt") as f:
         assert f.keys() and all(k.startswith("text_encoder.") for k in f.keys())  # AdvUnlearn's text-encoder delta
+
+
+def test_a_black_box_attack_is_made_once_for_every_target(tmp_path, testbed):
+    """Ring-A-Bell, MMA and the random floor see only the text encoder: one set of prompts per
+    experiment (OUT/attack_prompts), evaluated through each target's stack."""
+    (tmp_path / "bb.yaml").write_text(GRID_STACKS + "detectors: [testbed:striped]\nattack_grid:\n  attacks:\n"
+                                      "    random_prefix: {steps: 2}\n  concept: striped\n  n: 1\n")
+    out = tmp_path / "out"
+    outcome = run_experiment(tmp_path / "bb.yaml", out, model=testbed, progress=False)
+    assert outcome.complete, outcome.describe()
+    made = sorted(p.name for p in (out / "attack_prompts").iterdir() if p.is_dir())
+    assert len(made) == 1 and made[0].startswith("random_prefix-")
+    keys = {ev_of(out, f"{s}.random_prefix")["result_key"] for s in ("base", "uce")}
+    assert len(keys) == 1 and made[0].endswith(next(iter(keys))[:12])
+    assert not any(p.name.startswith("random_prefix-") for s in ("base", "uce")
+                   for p in (out / "attacks" / f"{s}.random_prefix").iterdir())
+    # each target evaluated the shared prompts through its own stack
+    assert ev_of(out, "base.random_prefix")["stack"] == "base" and ev_of(out, "uce.random_prefix")["stack"] == "uce"

@@ -288,11 +288,21 @@ def _attack(out: Path, exp: Experiment, job: Job, model) -> None:
         seeds = world.seed_prompts(concept, n=t.n) or []
     stack = exp.resolve(exp.stacks[t.stack], out)
     work = out / "attacks" / t.name
-    # a black-box attack sees only the text encoder: its prompts are the same for every stack (as
-    # benchmarks/attacks_testbed.py computes them once), then evaluated through this job's stack
     target = AttackTarget(model, stack if cls.white_box else None)
-    res = run_attack(attack, target, concept, seeds, AttackBudget(steps=t.steps, seconds=t.seconds),
-                     work, seed=t.seed, progress=False)
+    budget = AttackBudget(steps=t.steps, seconds=t.seconds)
+    if cls.white_box:
+        res = run_attack(attack, target, concept, seeds, budget, work, seed=t.seed, progress=False)
+    else:
+        # a black-box attack sees only the text encoder: its prompts are the same for every stack (as
+        # benchmarks/attacks_testbed.py computes them once). They are made once per experiment in
+        # OUT/attack_prompts (keyed by config, budget and seed prompts; a job that finds another
+        # making them waits for it), then evaluated through this job's stack.
+        from ..eval.runner import run_lock
+
+        shared = out / "attack_prompts"
+        shared.mkdir(parents=True, exist_ok=True)
+        with run_lock(shared, f".{cls.name}.lock", wait=True):
+            res = run_attack(attack, target, concept, seeds, budget, shared, seed=t.seed, progress=False)
     ev = evaluate_attack(res, model, stack, work / "eval", detectors=list(exp.detectors) or None, n=t.n, progress=False)
     ev = {"attack": t.method, "stack": t.stack, "steps": t.steps, "result_key": res.key, **ev}
     if res.extra.get("kind") == "latents":  # regenerated from its latents: its evaluation counts both rules (as the table)
