@@ -524,3 +524,24 @@ def test_two_real_launches_at_once_do_each_job_once(tmp_path):
     assert len(started) == 4, started  # 2 stacks x 2 shards, each run by one launch only
     for stack in ("none", "np"):
         assert images(out / "runs" / stack / "explicit")["n_rows"] == 2
+
+
+def test_what_counts_as_growing():
+    from safediff.experiments import _additions
+
+    old = {"name": "x", "stacks": {"base": None, "esd.none": "esd()"},
+           "attack_grid": {"attacks": {"p4d": {"steps": 30}}, "targets": ["base"], "n": 32}}
+    new = {"name": "x", "stacks": {"base": None, "esd.none": "esd()", "uce": "uce()"},
+           "attack_grid": {"attacks": {"p4d": {"steps": 30}, "mma": {"steps": 3}}, "targets": ["base", "uce"], "n": 32},
+           "attacks": {"uce.extra": {"method": "p4d_adaptive", "stack": "uce"}},
+           "benchmarks": {"benign": "testbed:striped/benign"}, "n": 100}
+    added, other = _additions(old, new)
+    assert other == [] and sorted(added) == sorted(["stacks.uce", "attack_grid.attacks.mma", "attack_grid.targets +uce",
+                                                    "attacks.uce.extra", "benchmarks.benign", "n"])
+    # changing, removing or reordering what exists is not growing
+    assert _additions(old, {**old, "stacks": {"base": None, "esd.none": "esd(x)"}})[1] == [
+        'stacks.esd.none: "esd()" -> "esd(x)"']
+    assert _additions(old, {**old, "stacks": {"base": None}})[1] == ['stacks.esd.none: "esd()" -> null']
+    assert _additions(old, {**old, "attack_grid": {**old["attack_grid"], "targets": ["uce", "base"]}})[1]
+    assert _additions(old, {**old, "attack_grid": {**old["attack_grid"], "n": 16}})[1] == ["attack_grid.n: 32 -> 16"]
+    assert _additions(old, {**old, "n": 3})[1] == ["n: null -> 3"]  # an n without benchmarks changes nothing it grows

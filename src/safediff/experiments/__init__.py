@@ -51,8 +51,8 @@ GROWABLE_LISTS = (("attack_grid", "targets"),)
 
 def _additions(old: dict, new: dict) -> tuple[list[str], list[str]]:
     """Split what differs between a stored experiment and a relaunch's into what only *adds* jobs
-    (a new stack, artifact, benchmark or attack name; attack-grid targets appended after the
-    stored ones; the first benchmarks, and their ``n``, of an experiment that had none) and
+    (a new stack, artifact, benchmark or attack name, the first of their kind included; attack-grid
+    targets appended after the stored ones; the first benchmarks' ``n``) and
     everything else (refused). Adding cannot change a job that exists: job ids name their stack,
     benchmark and attack, and every entry the stored experiment has is compared as before."""
     import copy
@@ -74,10 +74,10 @@ def _additions(old: dict, new: dict) -> tuple[list[str], list[str]]:
             for name in [k for k in tm if k not in om]:
                 added.append(".".join(path + (name,)))
                 del tm[name]
-        elif om is None and path == ("benchmarks",):  # the first cells of an attack-only experiment
-            added += [f"benchmarks.{name}" for name in tm]
-            del t["benchmarks"]
-            if "n" in trimmed and "n" not in old:
+        elif om is None and len(path) == 1:  # the first entries (e.g. the first cells of an attack-only experiment)
+            added += [f"{path[0]}.{name}" for name in tm]
+            del t[path[0]]
+            if path == ("benchmarks",) and "n" in trimmed and "n" not in old:
                 added.append("n")
                 del trimmed["n"]
     for path in GROWABLE_LISTS:
