@@ -189,6 +189,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.add_argument(f"--{a.replace('_', '-')}-steps", type=int, default=steps, help=f"{a} budget (steps)")
     ap.add_argument("--ine-steps", type=int, default=None,
                     help="INE inversion steps (default: the study's INE config, whose shape-start file is reused)")
+    ap.add_argument("--guidance", nargs="*", default=list(GUIDANCE),
+                    help="guidance defenses of the comparison (default: all three)")
     ap.add_argument("--sld-preset", default="medium", choices=("weak", "medium", "strong", "max"))
     ap.add_argument("--premise-rule", default="either", choices=("strict", "paper", "either"),
                     help="counting rule(s) under which the name's loss of effect selects a pair")
@@ -202,6 +204,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"unknown erasure(s) {bad}; choose from {list(ERASURES)}")
     if "base" not in args.erasures:
         ap.error("--erasures must include base: the name's share removed on the base model is the reference")
+    bad = [g for g in args.guidance if g not in GUIDANCE]
+    if bad or not args.guidance:
+        ap.error(f"--guidance: choose one or more of {list(GUIDANCE)}, got {bad or 'none'}")
     bad = [a for a in args.attacks if a not in ATTACKS]
     if bad:
         ap.error(f"unknown attack(s) {bad}; choose from {list(ATTACKS)} (prompt attacks only)")
@@ -369,7 +374,7 @@ def main(argv=None) -> int:
         edit = edit_stack(study_keys[e], arts, CONCEPT)
         rd = out / "eval" / e / f"{a}-{r.key[:12]}"
         cell: dict = {}
-        for g in GUIDANCE:
+        for g in args.guidance:
             name = evaluate(r, m, join(edit, guidance_stack(g, "explicit", "", CONCEPT, args.sld_preset)),
                             rd / f"{g}-name")
             cell[g] = {"name": name}
@@ -383,6 +388,7 @@ def main(argv=None) -> int:
         print("compared", e, a, flush=True)
     res["ine"] = ine_info
     res["comparison"] = comparison
+    res["guidance"] = list(args.guidance)
     res["verdict"] = verdict(pairs, comparison)
     res["wall_seconds"] = round(time.time() - t0, 1)
     res["command"] = "python benchmarks/ine_premise.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -399,7 +405,7 @@ def verdict(pairs: list[dict], comparison: dict) -> str:
     for init in INITIALIZERS:
         helps = worse = total = 0
         for cell in comparison.values():
-            for g in GUIDANCE:
+            for g in cell:
                 for rule in RULES:
                     d = cell[g][f"ine_{init}"]["name_minus_ine"][rule]
                     if d["value"] is None:
