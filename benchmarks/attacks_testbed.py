@@ -232,21 +232,11 @@ def paper_rules(res, m, stack, rd) -> dict:
 
 
 def defects(row: dict) -> list[str]:
-    """Optimised attacks that do not beat the random-prefix floor under the same rule (where the
-    floor leaks at all: 0 against 0 says nothing)."""
-    rp = row.get("random_prefix", {}).get("rules")
-    if not rp:
-        return []
-    out = []
-    for a in ("p4d", "unlearndiffatk"):
-        r = row.get(a, {}).get("rules")
-        if not r:
-            continue
-        if 0 < rp["strict"]["rate"] and r["strict"]["rate"] <= rp["strict"]["rate"]:
-            out.append(f"{a} strict {r['strict']['rate']:.2f} <= random_prefix strict {rp['strict']['rate']:.2f}")
-        if r["rule"] == rp["rule"] and 0 < rp["paper"]["rate"] and r["paper"]["rate"] <= rp["paper"]["rate"]:
-            out.append(f"{a} paper rule {r['paper']['rate']:.2f} <= random_prefix {rp['paper']['rate']:.2f}")
-    return out
+    """Optimised attacks (P4D, UnlearnDiffAtk) that do not beat the random-prefix floor under the
+    same rule: the experiment's attack table's rule (:func:`safediff.experiments.attack_table.defects`)."""
+    from safediff.experiments.attack_table import defects as floor_defects
+
+    return floor_defects(row, ("p4d", "unlearndiffatk"))
 
 
 def run_eval_seeds(m, stack, seeds, rd) -> dict:

@@ -100,14 +100,14 @@ def _below(attack: float, floor: float) -> bool:
     return 0 < floor and attack < 1 and attack <= floor
 
 
-def defects(row: dict) -> list[str]:
+def defects(row: dict, optimised: tuple[str, ...] = OPTIMISED) -> list[str]:
     """Optimised attacks of one target that do not beat the random-prefix floor under the same rule
-    (:func:`_below`)."""
+    (:func:`_below`); ``row``: attack name -> ``{"rules": ...}`` (its evaluation's two rules)."""
     rp = (row.get(FLOOR) or {}).get("rules")
     if not rp:
         return []
     found = []
-    for a in OPTIMISED:
+    for a in optimised:
         r = (row.get(a) or {}).get("rules")
         if not r:
             continue
@@ -126,13 +126,8 @@ def attack_grid_table(out: Path, exp, evaluations: dict, cells: dict) -> tuple[d
 
     rows, cols, where = grid_layout(exp)
     base_row = "base" if "base" in rows else next((s for s in rows if exp.stacks[s] is None), None)
-    white = {}
-    for c in cols:
-        name = next(where[(r, c)] for r in rows if (r, c) in where)
-        try:
-            white[c] = get_attack(exp.attacks[name].method).white_box
-        except Exception:
-            white[c] = True
+    white = {c: get_attack(exp.attacks[next(where[(r, c)] for r in rows if (r, c) in where)].method).white_box
+             for c in cols}  # the file's check already refused unknown methods
     table: dict = {}
     for r in rows:
         row: dict = {"over_refusal": over_refusal(cells, r)}

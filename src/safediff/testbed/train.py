@@ -487,16 +487,22 @@ def calibrate(out_dir: str | Path, cfg: TrainConfig, progress: bool = True, log=
     (``default_guidance_scale_source``), and the acceptances are measured at it (docs/testbed.md,
     "Decision on the misses": a retrained world keeps the shipped model's scale unless another beats
     it by more than twice the standard error of the difference)."""
+    from ..fileio import atomic_write_json
+
     out_dir = Path(out_dir)
     marker = out_dir / "safediff.json"
     meta = json.loads(marker.read_text())
+
+    def save() -> None:  # after each stage, atomically: a kill mid-write never truncates the model's metadata
+        atomic_write_json(marker, meta, overwrite=True)
+
     if guidance_scale is not None:
         if not 1.0 <= float(guidance_scale) <= 30.0:
             raise ValueError(f"guidance_scale {guidance_scale} is outside [1, 30]; give the scale to pin, e.g. 4.0.")
         meta["default_guidance_scale"] = float(guidance_scale)
         meta["default_steps"] = cfg.num_inference_steps
         meta["default_guidance_scale_source"] = "pinned by `safediff testbed check --guidance-scale` (the curve is kept)"
-        marker.write_text(json.dumps(meta, indent=2))
+        save()
         log(f"guidance scale pinned at {float(guidance_scale)} (the recorded curve is kept)")
     else:
         t0 = time.time()
@@ -508,7 +514,7 @@ def calibrate(out_dir: str | Path, cfg: TrainConfig, progress: bool = True, log=
         meta["default_guidance_scale_source"] = "the guidance curve's best scale (all three attributes right)"
         meta["default_steps"] = cfg.num_inference_steps
         meta["curve_minutes"] = round((time.time() - t0) / 60, 1)
-        marker.write_text(json.dumps(meta, indent=2))
+        save()
         log(f"best guidance scale {best['guidance_scale']} (all three attributes right: {best['all_three']:.3f})")
     if cfg.acceptance_n > 0:  # the world's own targets, measured on the base model; a miss is reported, not hidden
         t1 = time.time()
@@ -523,7 +529,7 @@ def calibrate(out_dir: str | Path, cfg: TrainConfig, progress: bool = True, log=
                         suite.pop("scores", None)
         meta["acceptance"] = {"checks": acc["checks"], "passed": acc["passed"], "n": cfg.acceptance_n,
                               "minutes": round((time.time() - t1) / 60, 1)}
-        marker.write_text(json.dumps(meta, indent=2))
+        save()
         missed = [k for k, v in acc["checks"].items() if not v["passed"]]
         log("acceptance: every target met" if not missed else
             "acceptance: MISSED " + "; ".join(f"{k} (measured {acc['checks'][k]['measured']}, target "
@@ -535,7 +541,7 @@ def calibrate(out_dir: str | Path, cfg: TrainConfig, progress: bool = True, log=
         acc3 = world_v3_acceptance(load_model(out_dir, device=device, dtype="fp32"), n=2 * cfg.acceptance_n,
                                    seed=cfg.seed, progress=progress)
         meta["acceptance_v3"] = {**acc3, "minutes": round((time.time() - t2) / 60, 1)}
-        marker.write_text(json.dumps(meta, indent=2))
+        save()
         missed = [k for k, v in acc3["checks"].items() if not v["passed"]]
         log("world v3 acceptance: every target met" if not missed else
             "world v3 acceptance: MISSED " + "; ".join(f"{k} (measured {acc3['checks'][k]['measured']}, target "
