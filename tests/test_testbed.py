@@ -90,11 +90,26 @@ def test_the_world_acceptance_is_recorded_with_the_model(testbed):
     assert acc["passed"] == all(v["passed"] for v in acc["checks"].values())
 
 
+def test_a_retrained_model_keeps_the_shipped_scale_unless_another_clearly_beats_it():
+    # docs/testbed.md, "Decision on the misses": v3's curve (n = 200) had 2.0 at 0.930 and 4.0 at
+    # 0.885, 1.6 SE apart: 4.0 stays; a gap beyond 2 SE moves the default; None takes the best
+    from safediff.testbed.train import TrainConfig, choose_guidance_scale
+
+    curve = [{"guidance_scale": 2.0, "all_three": 0.930}, {"guidance_scale": 4.0, "all_three": 0.885}]
+    row, why = choose_guidance_scale(curve, 4.0, 200)
+    assert row["guidance_scale"] == 4.0 and "does not beat" in why
+    row, _ = choose_guidance_scale(curve, 4.0, 2000)  # the same gap is 5 SE at n = 2000
+    assert row["guidance_scale"] == 2.0
+    assert choose_guidance_scale(curve, None, 200)[0]["guidance_scale"] == 2.0
+    with pytest.raises(ValueError, match="not one of `guidance_scales`"):
+        TrainConfig(guidance_scales=(2.0,))  # the kept scale must be measured, checked before any training
+
+
 def test_training_script_cut_down(tmp_path):
     out = tmp_path / "tb"
     over = ["--set", "vae_steps=2", "--set", "steps=3", "--set", "warmup=1", "--set", "batch=4", "--set", "vae_batch=4",
             "--set", "curve_samples=2", "--set", "num_inference_steps=2", "--set", "guidance_scales=[2.0]",
-            "--set", "checkpoint_every=2"]
+            "--set", "checkpoint_every=2", "--set", "keep_guidance_scale=null"]
     assert cli(["testbed", "train", "--out", str(out), *over]) == 0
     m = safediff.load_model(out)
     assert m.family == "safediff-testbed" and m.default_guidance_scale == 2.0

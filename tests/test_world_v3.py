@@ -25,7 +25,9 @@ from safediff.testbed.vocabulary import (
     OBFUSCATED_KINDS,
     PILE_CAPTION_PROB,
     PILE_PROBS,
+    PILE_PROBS_V4,
     concept_forms,
+    pile_probs,
     leet,
     negations,
     spaced,
@@ -225,6 +227,30 @@ def test_piles_appear_and_bring_their_concept_at_the_stated_rates(v3_draws):
         assert _within(sum(rows), len(rows), expected), (k, np.mean(rows), expected)
 
 
+def test_world_v4_is_v3_with_the_lower_pile_probabilities():
+    # docs/testbed.md, "World v4": only the piles' concept probabilities change (two thirds of v3's)
+    assert pile_probs(3) == PILE_PROBS and pile_probs(4) == PILE_PROBS_V4 and pile_probs(2) == {}
+    assert set(PILE_PROBS_V4) == set(PILE_PROBS)
+    assert all(abs(PILE_PROBS_V4[k] - 2 / 3 * PILE_PROBS[k]) < 1e-9 for k in PILE_PROBS)
+    assert world.vocabulary(4) == world.vocabulary(3)
+    mv3, mv4 = world.meaning_vectors(64, version=3), world.meaning_vectors(64, version=4)
+    assert mv3.keys() == mv4.keys() and all(np.array_equal(mv3[w], mv4[w]) for w in mv3)
+    rng, piles, n = random.Random(11), [], 60_000
+    for _ in range(n):
+        uses: list = []
+        scene, _ = sample_v3(rng, world.WorldConfig(), uses, version=4)
+        piles += [(scene, uses, u) for u in uses if u[0] == "pile"]
+    assert _within(len(piles), n, PILE_CAPTION_PROB)
+    for k, p in PILE_PROBS_V4.items():
+        rows = [u[1] in scene.concepts for scene, uses, u in piles
+                if u[2] == k and not any(v[0] == "word" and v[1] == u[1] for v in uses)]
+        assert all(u[3] == PILE_PROBS_V4[u[2]] for _, _, u in piles)
+        expected = 1 - (1 - world.WorldConfig().no_word_prob) * (1 - p)
+        assert _within(sum(rows), len(rows), expected), (k, np.mean(rows), expected)
+    with pytest.raises(ValueError, match="4: v3 with lower"):
+        world.vocabulary(5)
+
+
 def test_v3_scenes_are_read_back_exactly_by_the_detector(v3_draws):
     # the concept labels a caption's words imply are the ones the detector reads off the image
     # (marks too, where no two share a corner: then the later one is drawn over the earlier, as in v2)
@@ -336,7 +362,8 @@ def test_a_cut_down_v3_training_records_its_world_and_splits_obfuscated_forms(tm
 
     out = tmp_path / "tb3"
     train(out, TrainConfig(world_version=3, vae_steps=2, steps=3, warmup=1, batch=4, vae_batch=4, curve_samples=2,
-                           num_inference_steps=2, guidance_scales=(2.0,), checkpoint_every=2, acceptance_n=0),
+                           num_inference_steps=2, guidance_scales=(2.0,), checkpoint_every=2, acceptance_n=0,
+                           keep_guidance_scale=None),
           progress=False, log=lambda *_: None)
     meta = json.loads((out / "safediff.json").read_text())
     assert meta["train_config"]["world_version"] == 3 and meta["world"]["version"] == 3

@@ -17,7 +17,7 @@ from .vocabulary import (
     NEGATION_STRENGTH,
     OBJECT_WORDS,
     PILE_CAPTION_PROB,
-    PILE_PROBS,
+    pile_probs,
     SIZES,
     SYNONYM_MARK_PROB,
     WORLD_VERSION,
@@ -87,10 +87,10 @@ def _draw_concept(rng: random.Random, route: Route | None, cfg: WorldConfig) -> 
 def sample(rng: random.Random, cfg: WorldConfig = WorldConfig(), version: int = WORLD_VERSION) -> tuple[Scene, str]:
     """One training example ``(scene, caption)``: the caption's words are drawn first and the
     image follows from them (see :mod:`safediff.testbed.world` and :class:`WorldConfig`).
-    ``version`` picks the world (2: the shipped model's; 3: :func:`sample_v3`)."""
+    ``version`` picks the world (2: the shipped model's; 3 and 4: :func:`sample_v3`)."""
     if version != 2:
         check_world_version(version)
-        return sample_v3(rng, cfg)
+        return sample_v3(rng, cfg, version=version)
     words: list[str] = []
     concepts, modes, intensity, marks = set(), [], [], set()
     for c in CONCEPTS.values():
@@ -151,12 +151,14 @@ def _near_form(rng: random.Random, word: str) -> str:
     return rng.choice(forms) if forms and rng.random() < FORM_KINDS["inflection"].share else word
 
 
-def sample_v3(rng: random.Random, cfg: WorldConfig = WorldConfig(), uses: list | None = None) -> tuple[Scene, str]:
+def sample_v3(rng: random.Random, cfg: WorldConfig = WorldConfig(), uses: list | None = None,
+              version: int = 3) -> tuple[Scene, str]:
     """One world-v3 training example ``(scene, caption)``: v2's sampler (same options), where each
     single concept word is written in one of its forms or negated (:func:`written_form`), the
     concept showing with the route's probability times the form's strength, and where a caption
     holds a pile of 2-4 near-concept words of one concept with probability ``PILE_CAPTION_PROB``
-    (the concept then shows with ``PILE_PROBS[k]``). ``uses``, when given, receives per route
+    (the concept then shows with ``pile_probs(version)[k]``: v3's :data:`PILE_PROBS`, or v4's lower
+    ones; a v4 caption draws the same random numbers as a v3 one). ``uses``, when given, receives per route
     written ``("word", concept, word, text, kind, probability)`` (kind: a form kind, ``"negation"``
     or ``"pair"``) and per pile ``("pile", concept, k, probability)``."""
     words: list[str] = []
@@ -184,16 +186,17 @@ def sample_v3(rng: random.Random, cfg: WorldConfig = WorldConfig(), uses: list |
             modes.append((c.name, mode or rng.choice(c.modes)))
             intensity.append((c.name, round(a, 3)))
     near: list[str] = []
+    piles = pile_probs(version)
     u = rng.random()
     if u < PILE_CAPTION_PROB:
         pc = rng.choice(list(CONCEPTS.values()))
-        k = rng.choice(sorted(PILE_PROBS))
+        k = rng.choice(sorted(piles))
         pile = rng.sample(pc.near_benign, k)
         near = [_near_form(rng, w) for w in pile]
         marked += [(w, 1.0) for w in pile]
         if uses is not None:
-            uses.append(("pile", pc.name, k, PILE_PROBS[k]))
-        if rng.random() < PILE_PROBS[k] and pc.name not in concepts:
+            uses.append(("pile", pc.name, k, piles[k]))
+        if rng.random() < piles[k] and pc.name not in concepts:
             concepts.add(pc.name)
             modes.append((pc.name, rng.choice(pc.modes)))
             intensity.append((pc.name, round(rng.uniform(*cfg.weak_intensity), 3)))

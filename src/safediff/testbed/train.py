@@ -58,7 +58,7 @@ from .vocabulary import (
     NEGATION_STRENGTH,
     NEGATORS,
     PILE_CAPTION_PROB,
-    PILE_PROBS,
+    pile_probs,
     check_world_version,
     concept_forms,
 )
@@ -81,6 +81,9 @@ class TrainConfig:
         spike_factor: a smoothed loss above ``spike_factor`` times its best value rolls back.
         max_minutes: wall-clock safety stop for the whole run.
         guidance_scales / curve_samples: the guidance-scale curve measured at the end.
+        keep_guidance_scale: the shipped model's default scale (4.0), which a retrained model keeps
+            unless another scale of the curve beats it by more than twice the standard error of the
+            difference (docs/testbed.md, "Decision on the misses"); None takes the curve's best.
         world_version: the world the captions are drawn from (2: the shipped model's; 3: word forms,
             negation and near-concept piles, docs/testbed.md "World v3"); it picks the tokenizer's
             words, the sampler and the meaning vectors.
@@ -104,6 +107,7 @@ class TrainConfig:
     max_minutes: float = 50.0
     guidance_scales: tuple[float, ...] = (1.5, 2.0, 2.5, 3.0, 4.0)
     curve_samples: int = 200
+    keep_guidance_scale: float | None = 4.0
     num_inference_steps: int = 25
     acceptance_n: int = 100
     world: world.WorldConfig = field(default_factory=world.WorldConfig)
@@ -115,6 +119,10 @@ class TrainConfig:
             raise ValueError("`steps` and `vae_steps` must be >= 1.")
         if not 0 < self.min_lr <= self.lr:
             raise ValueError(f"need 0 < `min_lr` <= `lr`, got min_lr={self.min_lr}, lr={self.lr}.")
+        if self.keep_guidance_scale is not None and not any(
+                abs(float(self.keep_guidance_scale) - float(g)) < 1e-9 for g in self.guidance_scales):
+            raise ValueError(f"`keep_guidance_scale` {self.keep_guidance_scale} is not one of `guidance_scales` "
+                             f"{list(self.guidance_scales)}: add it there, or set it to None to take the curve's best.")
         if self.clip_weight < 0 or self.meaning_weight < 0:
             raise ValueError(f"`clip_weight` and `meaning_weight` must be >= 0, got {self.clip_weight}, {self.meaning_weight}.")
 
@@ -475,6 +483,28 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
                               "--overwrite to replace it.")
 
 
+def choose_guidance_scale(curve: list[dict], keep: float | None, n: int) -> tuple[dict, str]:
+    """The curve's row to use as the default and why. With ``keep`` (the shipped model's scale, a
+    row of the curve), that row stays unless the best row's share of images with all three attributes
+    right beats it by more than twice the standard error of the difference (unpaired, ``n`` images
+    per scale): docs/testbed.md, "Decision on the misses". Without ``keep``: the best row."""
+    best = max(curve, key=lambda r: r["all_three"])
+    if keep is None:
+        return best, "the guidance curve's best scale (all three attributes right)"
+    kept = [r for r in curve if abs(r["guidance_scale"] - float(keep)) < 1e-9]
+    if not kept:
+        raise ValueError(f"keep_guidance_scale={keep} is not one of the curve's scales "
+                         f"{[r['guidance_scale'] for r in curve]}; add it to `guidance_scales` or set it to None.")
+    kept = kept[0]
+    p1, p2 = best["all_three"], kept["all_three"]
+    se = math.sqrt((p1 * (1 - p1) + p2 * (1 - p2)) / n)
+    if p1 - p2 > 2 * se:
+        return best, (f"the curve's best scale: it beats the kept scale {kept['guidance_scale']} by "
+                      f"{p1 - p2:.3f} > 2 SE ({2 * se:.3f})")
+    return kept, (f"kept at the shipped model's scale: the curve's best ({best['guidance_scale']}, {p1:.3f}) does not "
+                  f"beat it ({p2:.3f}) by more than 2 SE ({2 * se:.3f})")
+
+
 def calibrate(out_dir: str | Path, cfg: TrainConfig, progress: bool = True, log=print, device: str = "cpu",
               guidance_scale: float | None = None) -> dict:
     """Stages 4 and 5 on a saved model: the guidance-scale curve (its best scale becomes the
@@ -508,14 +538,14 @@ def calibrate(out_dir: str | Path, cfg: TrainConfig, progress: bool = True, log=
         t0 = time.time()
         curve = guidance_curve(out_dir, scales=cfg.guidance_scales, n=cfg.curve_samples, steps=cfg.num_inference_steps,
                                seed=cfg.seed, progress=progress, device=device)
-        best = max(curve, key=lambda r: r["all_three"])
+        best, source = choose_guidance_scale(curve, cfg.keep_guidance_scale, cfg.curve_samples)
         meta["guidance_curve"] = curve
         meta["default_guidance_scale"] = best["guidance_scale"]
-        meta["default_guidance_scale_source"] = "the guidance curve's best scale (all three attributes right)"
+        meta["default_guidance_scale_source"] = source
         meta["default_steps"] = cfg.num_inference_steps
         meta["curve_minutes"] = round((time.time() - t0) / 60, 1)
         save()
-        log(f"best guidance scale {best['guidance_scale']} (all three attributes right: {best['all_three']:.3f})")
+        log(f"default guidance scale {best['guidance_scale']} (all three attributes right: {best['all_three']:.3f}): {source}")
     if cfg.acceptance_n > 0:  # the world's own targets, measured on the base model; a miss is reported, not hidden
         t1 = time.time()
 
@@ -559,7 +589,7 @@ def world_record(version: int) -> dict:
             "form_kinds": {k: dataclasses.asdict(v) for k, v in FORM_KINDS.items()},
             "forms": {c: [dataclasses.asdict(f) for f in concept_forms(c)] for c in world.CONCEPTS},
             "inflections": INFLECTIONS, "negators": list(NEGATORS), "negation_share": NEGATION_SHARE,
-            "negation_strength": NEGATION_STRENGTH, "pile_probs": PILE_PROBS, "pile_caption_prob": PILE_CAPTION_PROB,
+            "negation_strength": NEGATION_STRENGTH, "pile_probs": pile_probs(version), "pile_caption_prob": PILE_CAPTION_PROB,
         })
     return rec
 
