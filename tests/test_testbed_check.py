@@ -46,3 +46,12 @@ def test_the_shipped_world_v3_model_loads_by_name_with_v2s_sampler_defaults():
     assert m.default_guidance_scale == 4.0 and m.default_steps == 25  # docs/testbed.md, "Decision on the misses"
     assert "pinned" in m.meta["default_guidance_scale_source"]
     assert m.content_hash != load_model("testbed", device="cpu", dtype="fp32").content_hash
+
+
+def test_a_missing_shipped_testbed_names_its_rebuild_command(monkeypatch, tmp_path):
+    from safediff import models
+
+    monkeypatch.setitem(models.SHIPPED_TESTBEDS, "testbed-v4",
+                        (tmp_path / "absent", models.SHIPPED_TESTBEDS["testbed-v4"][1]))
+    with pytest.raises(models.ModelError, match="'testbed-v4' is missing.*testbed_v4_train.json"):
+        load_model("testbed-v4")

@@ -46,6 +46,16 @@ TESTBED_PATH = Path(__file__).parent / "testbed" / "model"
 #: The world-v3 testbed model (``load_model("testbed-v3")``), shipped beside it for the issue-32 reruns;
 #: docs/testbed.md, "World v3": its acceptance with the misses recorded.
 TESTBED_V3_PATH = Path(__file__).parent / "testbed" / "model_v3"
+#: The world-v4 testbed model (``load_model("testbed-v4")``): docs/testbed.md, "World v4".
+TESTBED_V4_PATH = Path(__file__).parent / "testbed" / "model_v4"
+#: Every testbed model shipped inside the package, by the name ``load_model`` and ``--model`` take,
+#: with the command that rebuilds it (said when its folder is missing).
+SHIPPED_TESTBEDS: dict[str, tuple[Path, str]] = {
+    "testbed": (TESTBED_PATH, "`safediff testbed train --out <dir>`"),
+    "testbed-v3": (TESTBED_V3_PATH, "`safediff testbed train --out <dir> --set world_version=3` and "
+                                    "`safediff testbed check <dir> --guidance-scale 4.0`"),
+    "testbed-v4": (TESTBED_V4_PATH, "`safediff testbed train --out <dir> --config benchmarks/configs/testbed_v4_train.json`"),
+}
 
 #: the scheduler classes of flow-matching families (their model predicts a velocity)
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
@@ -294,19 +304,13 @@ def _read_json(path: Path) -> dict:
 
 
 def _resolve(model: str | os.PathLike | None) -> Path:
-    if model is None or str(model) == "testbed":
-        if not (TESTBED_PATH / "model_index.json").exists():
-            raise ModelError(
-                f"The shipped testbed model is missing at {TESTBED_PATH}; reinstall safediff, or rebuild "
-                "it with `safediff testbed train --out <dir>` and pass `--model <dir>`."
-            )
-        return TESTBED_PATH
-    if str(model) == "testbed-v3":
-        if not (TESTBED_V3_PATH / "model_index.json").exists():
-            raise ModelError(f"The shipped world-v3 testbed model is missing at {TESTBED_V3_PATH}; reinstall safediff, or "
-                             "rebuild it with `safediff testbed train --out <dir> --set world_version=3` and "
-                             "`safediff testbed check <dir> --guidance-scale 4.0`, then pass `--model <dir>`.")
-        return TESTBED_V3_PATH
+    name = "testbed" if model is None else str(model)
+    if name in SHIPPED_TESTBEDS:
+        path, rebuild = SHIPPED_TESTBEDS[name]
+        if not (path / "model_index.json").exists():
+            raise ModelError(f"The shipped testbed model {name!r} is missing at {path}; reinstall safediff, or "
+                             f"rebuild it with {rebuild}, then pass `--model <dir>`.")
+        return path
     p = Path(model).expanduser()
     if p.exists():
         if not p.is_dir():

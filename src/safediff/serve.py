@@ -43,7 +43,7 @@ import numpy as np
 
 from .defenses.sanitizer import EmbeddingSanitizer, explain
 from .encoding import validate_prompts
-from .models import TESTBED_PATH, TESTBED_V3_PATH, Model, load_model
+from .models import SHIPPED_TESTBEDS, Model, load_model
 from .pipeline import SafePipeline
 from .stack import DefenseStack, parse_stack_string
 from .worlds import world_of
@@ -137,9 +137,9 @@ class AccessPolicy:
 
     def __init__(self, allow_dirs: Iterable[str | os.PathLike] | None = None, allow_models: Iterable[str] = (),
                  allow_hub: bool = False):
-        dirs = [TESTBED_PATH, TESTBED_V3_PATH, Path("runs")] if allow_dirs is None else list(allow_dirs)
+        dirs = [*(path for path, _ in SHIPPED_TESTBEDS.values()), Path("runs")] if allow_dirs is None else list(allow_dirs)
         self.allow_dirs = tuple(Path(os.path.realpath(os.path.expanduser(d))) for d in dirs)
-        self.allow_models = frozenset(str(m) for m in allow_models) | {"testbed", "testbed-v3"}
+        self.allow_models = frozenset(str(m) for m in allow_models) | set(SHIPPED_TESTBEDS)
         self.allow_hub = bool(allow_hub)
 
     def _inside(self, value: str) -> bool:
