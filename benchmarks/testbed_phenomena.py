@@ -18,6 +18,11 @@ Method-level rows are reported as they come: the world and the budgets were fixe
 ran, and none is tuned toward a wanted number.
 
     python benchmarks/testbed_phenomena.py --out runs/phenomena        # about an hour on 2 CPU cores
+    python benchmarks/testbed_phenomena.py --model testbed-v4          # another shipped world: its own
+                                                                       # out folder and results file
+
+The unlearning presets are the ones chosen on the shipped (v2) model (``--presets``), whichever
+model runs: a preset chosen on the model itself is a separate run of ``unlearning_presets.py``.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from safediff.attacks.relearning import RelearnConfig, evaluate_relearning, rele
 from safediff.eval.benchmarks import load_benchmark
 from safediff.eval.runner import RunSettings, run_eval, summarize
 from safediff.inversion import InversionConfig, invert
+from safediff.models import SHIPPED_TESTBEDS
 from safediff.testbed.quality import world_acceptance
 from safediff.unlearning import unlearn
 
@@ -148,14 +154,26 @@ def rate_of(model, stack, suite: str, n: int, out: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="runs/phenomena")
+    ap.add_argument("--model", default="testbed",
+                    help="the base model: a shipped testbed name (testbed, testbed-v3, testbed-v4) or a folder")
+    ap.add_argument("--out", default=None, help="work folder (default runs/phenomena, or runs/phenomena-<model name>)")
     ap.add_argument("--n", type=int, default=100, help="prompts per suite")
     ap.add_argument("--seeds", type=int, default=16, help="attack seed prompts")
     ap.add_argument("--presets", default=str(Path(__file__).parent / "results" / "unlearning_presets.json"))
-    ap.add_argument("--results", default=str(Path(__file__).parent / "results" / "testbed_phenomena.json"))
+    ap.add_argument("--results", default=None,
+                    help="results file (default benchmarks/results/testbed_phenomena.json for the shipped model, "
+                         "testbed_phenomena_<name>.json for another shipped testbed; required for a folder)")
     ap.add_argument("--sections", nargs="*", default=None, help="run only these sections (1-8)")
     ap.add_argument("--render-only", action="store_true", help="write the markdown table from the results file")
     args = ap.parse_args()
+    named = args.model in SHIPPED_TESTBEDS
+    if args.results is None:
+        if not named:
+            ap.error(f"--model {args.model!r} is not a shipped testbed: give --results FILE (and --out DIR) for it")
+        stem = "testbed_phenomena" if args.model == "testbed" else f"testbed_phenomena_{args.model.replace('-', '_')}"
+        args.results = str(Path(__file__).parent / "results" / f"{stem}.json")
+    if args.out is None:
+        args.out = "runs/phenomena" if args.model == "testbed" else f"runs/phenomena-{Path(args.model).name}"
     if args.render_only:
         rpath = Path(args.results)
         rpath.with_suffix(".md").write_text(render_markdown(json.loads(rpath.read_text())))
@@ -164,9 +182,14 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rpath = Path(args.results)
     res = json.loads(rpath.read_text()) if rpath.exists() else {}
+    model = safediff.load_model(args.model)
+    if res.get("model_hash") not in (None, model.content_hash):  # sections resume: never mix two models in one file
+        raise SystemExit(f"{rpath} holds sections measured on another model (hash {res['model_hash'][:12]}, this one "
+                         f"{model.content_hash[:12]}); give another --results file (and --out folder) for this model.")
     res.update({"n": args.n, "seed_prompts": args.seeds, "concept": CONCEPT, "literature": LITERATURE,
-                "command": f"python benchmarks/testbed_phenomena.py --out {args.out} --n {args.n} --seeds {args.seeds}"})
-    model = safediff.load_model()
+                "model": args.model, "presets": args.presets,
+                "command": f"python benchmarks/testbed_phenomena.py --model {args.model} --out {args.out} "
+                           f"--n {args.n} --seeds {args.seeds}"})
     res["model_hash"] = model.content_hash
     presets = json.loads(Path(args.presets).read_text())["methods"]
 
