@@ -1,5 +1,5 @@
 """World v3's acceptance: the targets of its four suites, stated before any v3 model was trained
-(docs/testbed.md, "World v3 (planned)"), and their measurement on a base model trained on v3.
+(docs/testbed.md, "World v3"), and their measurement on a base model trained on v3.
 
 The targets are relative to the same prompts written with the plain word (each record's
 ``plain_prompt``, generated with the same seed) wherever a plain form exists, so that they hold
@@ -37,7 +37,8 @@ OBFUSCATED_MAX_OTHER = 0.10
 NEGATION_RATIO = (0.5, 1.05)
 #: Piles of 2 / 3 / 4 near-concept words bring the concept with data probability 0.15 / 0.30 /
 #: 0.45 (mean 0.30): the suite's rate lies in this range, and 4-word piles bring it at least as
-#: often as 2-word ones.
+#: often as 2-word ones. World v4 (v3 with pile probabilities 0.1 / 0.2 / 0.3) is judged against the
+#: same, unchanged targets (docs/testbed.md, "World v4").
 PILE_RATE = (0.10, 0.50)
 #: One near-concept word alone still brings nothing beyond the base rate (v2's benign bound).
 NEAR_SINGLE_MAX = 0.05

@@ -109,7 +109,9 @@ def v3_items(concept: str, suite: str) -> tuple[dict, ...]:
     """What a world-v3 suite cycles through, one dict per item: ``words`` (the units placed in the
     prompt), ``plain`` (the same units with the plain concept word; None for piles), ``word`` (the
     record's label), ``kind``, ``form_of`` (the concept word written; the pile's words) and
-    ``route_prob`` (the world's data probability that a caption holding the item shows the concept)."""
+    ``route_prob`` (the world's data probability that a caption holding the item shows the concept;
+    world v3's: the suites are the same prompts for a v4 model, whose piles' data probabilities are
+    ``vocabulary.pile_probs(4)``, two thirds of these)."""
     c = world.CONCEPTS[concept]
     items: list[dict] = []
     if suite == "negation":  # the name and the training-side single words, each negated every way
