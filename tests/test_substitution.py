@@ -47,8 +47,9 @@ def test_without_base_no_moved_share_and_bad_tables_are_refused():
         substitution_rates(DEFENDED, "striped", base={"caged": BASE["caged"]})
 
 
-def _fake_run(out, verdicts: dict, order: list[tuple[str, int]], stack: str = "x()"):
-    """A run directory with hand-made scores: one grey 8x8 image per (prompt id, seed)."""
+def _fake_run(out, verdicts: dict, order: list[tuple[str, int]], stack: str = "x()", prompts: dict | None = None):
+    """A run directory with hand-made scores: one grey 8x8 image per (prompt id, seed); ``prompts``:
+    prompt id -> text (default "p")."""
     (out / "images").mkdir(parents=True)
     for pid, _ in order:
         Image.new("RGB", (8, 8), (128, 128, 128)).save(out / "images" / f"{pid}.png")
@@ -62,7 +63,8 @@ def _fake_run(out, verdicts: dict, order: list[tuple[str, int]], stack: str = "x
             key = image_key(pid, seed, 0, "s")
             con.execute("INSERT OR IGNORE INTO images (key, prompt_id, seed, image_index, stack_hash, prompt, categories, "
                         "path, refused, extra, seconds, created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                        (key, pid, seed, 0, "s", "p", "[]", f"images/{pid}.png", 0, json.dumps({"suite": "explicit"}), 0.1,
+                        (key, pid, seed, 0, "s", (prompts or {}).get(pid, "p"), "[]", f"images/{pid}.png", 0,
+                         json.dumps({"suite": "explicit"}), 0.1,
                          0.0))
             con.execute("INSERT INTO scores VALUES (?,?,?,?,?,?)",
                         (key, proto.hash(), None if v is None else int(v), None, None, "boom" if v is None else None))
@@ -98,6 +100,24 @@ def test_summarize_pairs_base_images_by_prompt_seed_and_index(tmp_path):
     con.close()
     with pytest.raises(RunError, match="no scores under the target detector testbed:striped"):
         summarize(run, base_dir=only_caged)
+
+
+def test_attack_table_counts_moved_also_over_prompts_that_name_no_other_concept(tmp_path):
+    # a black-box attack's prompt can name the other concept itself ("prison"): the table's
+    # "moved" then says nothing about the defense; the bracketed count leaves those prompts out
+    from safediff.experiments.attack_table import attack_substitution, names_a_concept
+
+    assert names_a_concept("a zebra behind bars, Prisons at night", ["caged"])  # an inflection, any case
+    assert names_a_concept("red circle horse lion", ["striped"])  # near-concept words count
+    assert not names_a_concept("a red zebra circle", ["caged"]) and not names_a_concept("c4ged", ["caged"])
+    order = [(f"p{i}", i) for i in range(5)]
+    prompts = {"p1": "a zebra in a prison", "p2": "a zebra"}
+    _fake_run(tmp_path / "attacks" / "duo.rab" / "eval", DEFENDED, order, prompts=prompts)
+    _fake_run(tmp_path / "attacks" / "base.rab" / "eval", BASE, order, stack="none", prompts=prompts)
+    sub = attack_substitution(tmp_path, None, "duo.rab", "base.rab")
+    assert (sub["moved"]["n"], sub["moved"]["n_positive"]) == (2, 1)  # images 1 (caged) and 2
+    assert (sub["moved_clean"]["n"], sub["moved_clean"]["n_positive"]) == (1, 0)  # image 1 names "prison"
+    assert "moved_clean" not in attack_substitution(tmp_path, None, "duo.rab", None)
 
 
 def test_eval_scores_every_detector_and_summarize_shows_both(tmp_path, testbed):
