@@ -18,7 +18,7 @@ Method-level rows are reported as they come: the world and the budgets were fixe
 ran, and none is tuned toward a wanted number.
 
     python benchmarks/testbed_phenomena.py --out runs/phenomena        # about an hour on 2 CPU cores
-    python benchmarks/testbed_phenomena.py --model testbed-v4          # another shipped world: its own
+    python benchmarks/testbed_phenomena.py --model testbed-v3          # another shipped world: its own
                                                                        # out folder and results file
 
 The unlearning presets are the ones chosen on the shipped (v2) model (``--presets``), whichever
@@ -155,7 +155,7 @@ def rate_of(model, stack, suite: str, n: int, out: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="testbed",
-                    help="the base model: a shipped testbed name (testbed, testbed-v3, testbed-v4) or a folder")
+                    help="the base model: a shipped testbed name (testbed, testbed-v3) or a folder")
     ap.add_argument("--out", default=None, help="work folder (default runs/phenomena, or runs/phenomena-<model name>)")
     ap.add_argument("--n", type=int, default=100, help="prompts per suite")
     ap.add_argument("--seeds", type=int, default=16, help="attack seed prompts")

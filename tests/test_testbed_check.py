@@ -51,7 +51,6 @@ def test_the_shipped_world_v3_model_loads_by_name_with_v2s_sampler_defaults():
 def test_a_missing_shipped_testbed_names_its_rebuild_command(monkeypatch, tmp_path):
     from safediff import models
 
-    monkeypatch.setitem(models.SHIPPED_TESTBEDS, "testbed-v4",
-                        (tmp_path / "absent", models.SHIPPED_TESTBEDS["testbed-v4"][1]))
-    with pytest.raises(models.ModelError, match="'testbed-v4' is missing.*testbed_v4_train.json"):
-        load_model("testbed-v4")
+    monkeypatch.setitem(models.SHIPPED_TESTBEDS, "testbed-v3", (tmp_path / "absent", models.SHIPPED_TESTBEDS["testbed-v3"][1]))
+    with pytest.raises(models.ModelError, match="'testbed-v3' is missing.*world_version=3.*--guidance-scale 4.0"):
+        load_model("testbed-v3")

@@ -46,15 +46,12 @@ TESTBED_PATH = Path(__file__).parent / "testbed" / "model"
 #: The world-v3 testbed model (``load_model("testbed-v3")``), shipped beside it for the issue-32 reruns;
 #: docs/testbed.md, "World v3": its acceptance with the misses recorded.
 TESTBED_V3_PATH = Path(__file__).parent / "testbed" / "model_v3"
-#: The world-v4 testbed model (``load_model("testbed-v4")``): docs/testbed.md, "World v4".
-TESTBED_V4_PATH = Path(__file__).parent / "testbed" / "model_v4"
 #: Every testbed model shipped inside the package, by the name ``load_model`` and ``--model`` take,
 #: with the command that rebuilds it (said when its folder is missing).
 SHIPPED_TESTBEDS: dict[str, tuple[Path, str]] = {
     "testbed": (TESTBED_PATH, "`safediff testbed train --out <dir>`"),
     "testbed-v3": (TESTBED_V3_PATH, "`safediff testbed train --out <dir> --set world_version=3` and "
                                     "`safediff testbed check <dir> --guidance-scale 4.0`"),
-    "testbed-v4": (TESTBED_V4_PATH, "`safediff testbed train --out <dir> --config benchmarks/configs/testbed_v4_train.json`"),
 }
 
 #: the scheduler classes of flow-matching families (their model predicts a velocity)
