@@ -90,8 +90,8 @@ def test_the_shipped_models_world_record_and_config_read_as_v2():
     cfg = TrainConfig.from_dict(meta["train_config"])  # written before world_version existed
     assert cfg.world_version == 2 and TrainConfig().world_version == 2
     assert TrainConfig.from_dict({**TrainConfig().to_dict(), "world_version": 3}).world_version == 3
-    with pytest.raises(ValueError, match=r"Unknown testbed world version 4; choose one of \[2, 3\]"):
-        TrainConfig(world_version=4)
+    with pytest.raises(ValueError, match=r"Unknown testbed world version 5; choose one of \[2, 3, 4\]"):
+        TrainConfig(world_version=5)
 
 
 def test_testbed_all_is_still_v2s_six_suites():
@@ -103,7 +103,7 @@ def test_testbed_all_is_still_v2s_six_suites():
 
 
 def test_unknown_world_versions_are_refused_with_the_known_ones():
-    for bad in (1, 4, True, "3"):
+    for bad in (1, 5, True, "3"):
         with pytest.raises(ValueError, match="choose one of"):
             world.vocabulary(bad)
         with pytest.raises(ValueError, match="choose one of"):
