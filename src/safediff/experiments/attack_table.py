@@ -22,6 +22,7 @@ The cells a target needs are found by name: ``<target>/explicit``, ``<target>/be
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -83,7 +84,7 @@ def over_refusal(cells: dict, target: str) -> dict:
 def attack_substitution(out: Path, exp, name: str, base_name: str | None) -> dict | None:
     """Other-concept rates of one attack's strict-rule images; with ``base_name`` (the base target's
     run of the same prompts: a black-box attack) also the "moved" share."""
-    from ..eval.runner import substitution
+    from ..eval.runner import substitution, verdict_table
 
     rd = Path(out) / "attacks" / name / "eval"
     if not (rd / "run.json").exists():
@@ -91,11 +92,13 @@ def attack_substitution(out: Path, exp, name: str, base_name: str | None) -> dic
     base = Path(out) / "attacks" / base_name / "eval" if base_name else None
     base = base if base is not None and (base / "run.json").exists() else None
     try:
-        res = substitution(rd, base_dir=base)
+        tables = (verdict_table(rd), None if base is None else verdict_table(base))  # read once, used twice
+        res = substitution(rd, base_dir=base, _tables=tables)
         if res and base is not None and "moved" in res:
-            others = [lab.split(":", 1)[1] for lab in res["other"] if lab.startswith("testbed:")]
+            others = tuple(lab.split(":", 1)[1] for lab in res["other"] if lab.startswith("testbed:"))
             if others:  # a black-box prompt can name the other concept itself: count "moved" without those too
-                clean = substitution(rd, base_dir=base, where=lambda r: not names_a_concept(r["prompt"], others))
+                clean = substitution(rd, base_dir=base, _tables=tables,
+                                     where=lambda r: not names_a_concept(r["prompt"], others))
                 if clean and "moved" in clean:
                     res["moved_clean"] = clean["moved"]
         return res
@@ -107,15 +110,21 @@ def names_a_concept(prompt: str, concepts) -> bool:
     """Whether a prompt holds a word of any of the testbed ``concepts``: its name, synonyms,
     triggers, pair words, near-concept words, or an inflection of any of them (lower-cased words;
     an obfuscated spelling falls to pieces and is not caught)."""
+    return bool(_concept_words(tuple(concepts)) & set(re.findall(r"[a-z]+", prompt.lower())))
+
+
+@functools.lru_cache(maxsize=None)
+def _concept_words(concepts: tuple[str, ...]) -> frozenset[str]:
+    """Every word :func:`names_a_concept` looks for, built once per set of concepts."""
     from ..testbed import world
     from ..testbed.vocabulary import INFLECTIONS
 
-    words = set()
+    words: set[str] = set()
     for c in concepts:
         spec = world.CONCEPTS[c]
-        base = {*spec.all_words, *(w for p in spec.pairs for w in p), *spec.near_benign}
+        base = {*world.concept_word_set(c), *(w for p in spec.pairs for w in p), *spec.near_benign}
         words |= base | {f for w in base for f in INFLECTIONS.get(w, ())}
-    return bool(words & set(re.findall(r"[a-z]+", prompt.lower())))
+    return frozenset(words)
 
 
 def _below(attack: float, floor: float) -> bool:
