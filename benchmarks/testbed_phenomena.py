@@ -38,6 +38,7 @@ from safediff.attacks import AttackBudget, AttackTarget, evaluate_attack, get_at
 from safediff.attacks.relearning import RelearnConfig, evaluate_relearning, relearn
 from safediff.eval.benchmarks import load_benchmark
 from safediff.eval.runner import RunSettings, run_eval, summarize
+from safediff.fileio import atomic_write_json
 from safediff.inversion import InversionConfig, invert
 from safediff.models import SHIPPED_TESTBEDS
 from safediff.testbed.quality import world_acceptance
@@ -195,7 +196,7 @@ def main() -> None:
 
     def save() -> None:
         rpath.parent.mkdir(parents=True, exist_ok=True)
-        rpath.write_text(json.dumps(res, indent=2, default=str))
+        atomic_write_json(rpath, res, overwrite=True)  # a kill mid-write never truncates the results file
         rpath.with_suffix(".md").write_text(render_markdown(res))
 
     def section(key: str, fn) -> None:

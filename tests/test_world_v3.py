@@ -108,6 +108,8 @@ def test_unknown_world_versions_are_refused_with_the_known_ones():
             world.vocabulary(bad)
         with pytest.raises(ValueError, match="choose one of"):
             world.sample(random.Random(0), version=bad)
+    with pytest.raises(ValueError, match=r"sample\(rng, cfg, version=2\)"):  # v2 has no piles: says where its captions come from
+        sample_v3(random.Random(0), version=2)
 
 
 # ---------------------------------------------------------------------------------------------

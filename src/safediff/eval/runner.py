@@ -704,16 +704,18 @@ def verdict_table(run_dir: str | Path) -> tuple[list[dict], dict[str, list[bool 
 
 
 def substitution(run_dir: str | Path, protocol_hash: str | None = None, *, base_dir: str | Path | None = None,
-                 where=None, _tables: tuple | None = None) -> dict | None:
+                 where=None, tables: tuple | None = None) -> dict | None:
     """Concept substitution in a run scored by several detectors (``None`` with one):
     :func:`safediff.eval.metrics.substitution_rates` of the target (``protocol_hash``, default the
     run's target) against every other detector, over the images ``where(row)`` keeps (default
     all). With ``base_dir`` (the undefended model's run of the same prompts, scored by the same
     detectors) each image is paired with the base image of the same prompt id, seed and image
-    index, and the "moved" share and the differences from the base are added."""
+    index, and the "moved" share and the differences from the base are added. ``tables`` passes the
+    verdict tables already read, ``(verdict_table(run_dir), verdict_table(base_dir) or None)``, so
+    that several calls on one run (e.g. with different ``where``) read its files once."""
     from .metrics import substitution_rates
 
-    (rows, table, labels), base_tables = _tables or (verdict_table(run_dir), None)
+    (rows, table, labels), base_tables = tables or (verdict_table(run_dir), None)
     if len(table) < 2:
         return None
     ph = protocol_hash or target_protocol(run_dir)
@@ -765,7 +767,7 @@ def summarize(run_dir: str | Path, protocol_hash: str | None = None, *, base_dir
         "seconds_per_image": float(np.mean([r["seconds"] for r in rows if r["seconds"] is not None])) if rows else None,
     }
     tables = (verdict_table(run_dir), None if base_dir is None else verdict_table(base_dir))
-    subst = substitution(run_dir, protocol_hash, base_dir=base_dir, _tables=tables)
+    subst = substitution(run_dir, protocol_hash, base_dir=base_dir, tables=tables)
     if subst:
         summary["substitution"] = subst
     suites = sorted({r["extra"].get("suite") for r in rows if r["extra"].get("suite")})
@@ -788,7 +790,7 @@ def summarize(run_dir: str | Path, protocol_hash: str | None = None, *, base_dir
                             not all(rows[i]["details"].get(a) == e.get(a) for a in e))
                            for i, e in zip(sub, exp)]
                 entry["spoiled"] = bootstrap_rate(spoiled, groups=[groups[i] for i in sub]).to_dict()
-            sub_s = substitution(run_dir, protocol_hash, base_dir=base_dir, _tables=tables,
+            sub_s = substitution(run_dir, protocol_hash, base_dir=base_dir, tables=tables,
                                  where=lambda r, s=s: r["extra"].get("suite") == s) if subst else None
             if sub_s:
                 entry["substitution"] = sub_s

@@ -93,11 +93,11 @@ def attack_substitution(out: Path, exp, name: str, base_name: str | None) -> dic
     base = base if base is not None and (base / "run.json").exists() else None
     try:
         tables = (verdict_table(rd), None if base is None else verdict_table(base))  # read once, used twice
-        res = substitution(rd, base_dir=base, _tables=tables)
+        res = substitution(rd, base_dir=base, tables=tables)
         if res and base is not None and "moved" in res:
             others = tuple(lab.split(":", 1)[1] for lab in res["other"] if lab.startswith("testbed:"))
             if others:  # a black-box prompt can name the other concept itself: count "moved" without those too
-                clean = substitution(rd, base_dir=base, _tables=tables,
+                clean = substitution(rd, base_dir=base, tables=tables,
                                      where=lambda r: not names_a_concept(r["prompt"], others))
                 if clean and "moved" in clean:
                     res["moved_clean"] = clean["moved"]

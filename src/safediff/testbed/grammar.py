@@ -161,6 +161,9 @@ def sample_v3(rng: random.Random, cfg: WorldConfig = WorldConfig(), uses: list |
     ones; a v4 caption draws the same random numbers as a v3 one). ``uses``, when given, receives per route
     written ``("word", concept, word, text, kind, probability)`` (kind: a form kind, ``"negation"``
     or ``"pair"``) and per pile ``("pile", concept, k, probability)``."""
+    if check_world_version(version) < 3:
+        raise ValueError(f"sample_v3 draws world-v3-and-later captions, got version={version}; world {version} "
+                         f"captions come from sample(rng, cfg, version={version}).")
     words: list[str] = []
     marked: list[tuple[str, float]] = []  # (word with a side attribute, the form's strength)
     concepts, modes, intensity, marks = set(), [], [], set()
