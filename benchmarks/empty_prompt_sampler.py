@@ -1,0 +1,116 @@
+"""Is the empty-prompt miss of the testbed's acceptance the model's or the sampler's?
+
+Every trained world (v2, v3, v4) draws the concepts from the empty prompt less often than the
+training data shows them (0.065-0.18 against about 0.24; docs/testbed.md). The empty prompt's
+conditional and unconditional branches are the same, so guidance does nothing there: what is
+sampled is the unconditional model through the sampler. This measures, on the same seeds, the
+empty prompt's concept rates at the model's own sampler (its scheduler, its default steps), at
+more steps of the same scheduler, and with a deterministic DDIM sampler, beside the detector's rate
+on rendered training scenes (the data frequency the check compares with). If more steps close the
+gap, the miss is the 25-step sampler's; if no sampler does, it is the model's unconditional branch.
+
+    python benchmarks/empty_prompt_sampler.py runs/testbed-v4 runs/testbed-v4-s1 --n 200 \\
+        --results benchmarks/results/empty_prompt_sampler
+
+A diagnostic only: the acceptance check itself stays at the shipped sampler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def empty_rates(model, n: int, steps: int, scheduler: str | None, batch_size: int = 64) -> dict[str, float]:
+    """Concept rates of ``n`` empty-prompt images (seeds 10,000 + i, as the acceptance) at
+    ``steps`` steps with the model's scheduler (``scheduler=None``) or diffusers' ``DDIMScheduler``
+    built from its config."""
+    from safediff.pipeline import SafePipeline
+    from safediff.stack import DefenseStack
+    from safediff.testbed import world
+
+    own = model.scheduler
+    if scheduler == "ddim":
+        from diffusers import DDIMScheduler
+        model.scheduler = DDIMScheduler.from_config(own.config)
+    try:
+        with SafePipeline(model, DefenseStack.parse(None)) as pipe:
+            out = pipe([""] * n, image_ids=[(10_000 + i, 0) for i in range(n)], num_inference_steps=steps,
+                       batch_size=batch_size, allow_empty=True)
+    finally:
+        model.scheduler = own
+    found = [world.detect(np.asarray(r.image)).concepts for r in out.records]
+    return {c: round(float(np.mean([c in f for f in found])), 3) for c in world.CONCEPTS}
+
+
+def data_rates(meta: dict, n: int = 5000) -> dict[str, float]:
+    """The detector's concept rates on ``n`` rendered scenes of the model's training world (its
+    recorded world options and version); on every world so far these equal the scenes' own concept
+    frequencies (the detector is exact on clean renders)."""
+    from safediff.testbed import world
+    from safediff.testbed.detection import detect
+    from safediff.testbed.rendering import render
+
+    tc = meta.get("train_config", {})
+    cfg = world.WorldConfig.from_dict(tc.get("world", {}))
+    rng = random.Random("freq:0")
+    hits = {c: 0 for c in world.CONCEPTS}
+    for _ in range(n):
+        scene, _ = world.sample(rng, cfg, version=tc.get("world_version", 2))
+        d = detect(render(scene))
+        for c in world.CONCEPTS:
+            hits[c] += c in d.concepts
+    return {c: round(hits[c] / n, 3) for c in world.CONCEPTS}
+
+
+SETTINGS = (("own scheduler, default steps", None, None), ("own scheduler, 50 steps", None, 50),
+            ("own scheduler, 100 steps", None, 100), ("DDIM, 50 steps", "ddim", 50))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import safediff
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("models", nargs="+", help="testbed model folders or shipped names")
+    ap.add_argument("--n", type=int, default=200, help="empty-prompt images per setting (the acceptance uses 2 x 100)")
+    ap.add_argument("--results", required=True, help="output path without suffix (writes .json and .md)")
+    args = ap.parse_args(argv)
+    if args.n < 10:
+        ap.error("--n must be at least 10")
+    rows = []
+    for name in args.models:
+        t0 = time.time()
+        model = safediff.load_model(name, dtype="fp32")
+        row = {"model": name, "content_hash": model.content_hash, "scheduler": type(model.scheduler).__name__,
+               "default_steps": model.default_steps, "guidance_scale": model.default_guidance_scale,
+               "data": data_rates(model.meta), "settings": {}}
+        for label, sched, steps in SETTINGS:
+            row["settings"][label] = empty_rates(model, args.n, steps or model.default_steps, sched)
+            print(name, label, row["settings"][label], flush=True)
+        row["minutes"] = round((time.time() - t0) / 60, 2)
+        rows.append(row)
+    from safediff.fileio import atomic_write_json
+    out = Path(args.results)
+    res = {"n": args.n, "rows": rows, "machine": "see docs (this 2-core CPU unless said)",
+           "command": "python benchmarks/empty_prompt_sampler.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    atomic_write_json(out.with_suffix(".json"), res, overwrite=True)
+    concepts = list(rows[0]["data"])
+    lines = [f"Empty-prompt concept rates (n = {args.n} per setting; seeds 10,000 + i), striped / caged.", "",
+             "| model | data | " + " | ".join(label for label, _, _ in SETTINGS) + " |",
+             "|---|---|" + "---|" * len(SETTINGS)]
+    for r in rows:
+        fmt = lambda d: " / ".join(f"{d[c]:.3f}" for c in concepts)  # noqa: E731
+        lines.append(f"| {r['model']} | {fmt(r['data'])} | " + " | ".join(fmt(r['settings'][lab]) for lab, _, _ in SETTINGS) + " |")
+    lines += ["", f"`{res['command']}`"]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
