@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             print(name, label, row["settings"][label], flush=True)
         row["minutes"] = round((time.time() - t0) / 60, 2)
         rows.append(row)
-    from safediff.fileio import atomic_write_json
+    from safediff.fileio import atomic_write_json, atomic_write_text
     out = Path(args.results)
     res = {"n": args.n, "rows": rows, "machine": "see docs (this 2-core CPU unless said)",
            "command": "python benchmarks/empty_prompt_sampler.py " + " ".join(sys.argv[1:] if argv is None else argv)}
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         fmt = lambda d: " / ".join(f"{d[c]:.3f}" for c in concepts)  # noqa: E731
         lines.append(f"| {r['model']} | {fmt(r['data'])} | " + " | ".join(fmt(r['settings'][lab]) for lab, _, _ in SETTINGS) + " |")
     lines += ["", f"`{res['command']}`"]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n", overwrite=True)
     print("\n".join(lines))
     return 0
 

@@ -109,7 +109,7 @@ def read_model(path: Path) -> dict:
     rec = {"model": str(path), "seed": tc.get("seed"), "world_version": tc.get("world_version"),
            "train_minutes": meta.get("train_minutes"), "default_guidance_scale": meta.get("default_guidance_scale"),
            "default_guidance_scale_source": meta.get("default_guidance_scale_source"),
-           "tables": {}}
+           "recipe": tc, "tables": {}}
     if "acceptance" in meta:
         rec["tables"]["v2"] = {"n": meta["acceptance"]["n"], "checks": meta["acceptance"]["checks"]}
     if "acceptance_v3" in meta:
@@ -201,20 +201,16 @@ def main(argv: list[str] | None = None) -> int:
     missing = [str(p) for p in paths if not (p / "safediff.json").exists()]
     if missing:
         ap.error(f"no safediff.json in {missing}: give trained testbed model folders")
-    models = []
-    for p in paths:
-        rec = read_model(p)
-        rec["recipe"] = json.loads((p / "safediff.json").read_text()).get("train_config", {})
-        models.append(rec)
+    models = [read_model(p) for p in paths]
     summary = summarize(models)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    from safediff.fileio import atomic_write_json
+    from safediff.fileio import atomic_write_json, atomic_write_text
     atomic_write_json(out.with_suffix(".json"), {"models": models, **summary,
                                                  "command": "python benchmarks/training_seed_variation.py "
                                                             + " ".join(sys.argv[1:] if argv is None else argv)},
                       overwrite=True)
-    out.with_suffix(".md").write_text(render(summary, models))
+    atomic_write_text(out.with_suffix(".md"), render(summary, models), overwrite=True)
     print(render(summary, models))
     return 0
 

@@ -50,3 +50,20 @@ def tiny_family(tiny_dir, request):
         return cache[family]
 
     return get
+
+
+def load_benchmark_script(name: str):
+    """``benchmarks/<name>.py`` as a module (the benchmark scripts are not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def benchmark_script():
+    """A loader of benchmark scripts: ``benchmark_script("ine_premise")``."""
+    return load_benchmark_script

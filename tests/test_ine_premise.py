@@ -5,7 +5,6 @@ and the named INE starts (concept word, neutral word)."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import shutil
 from pathlib import Path
 
@@ -21,11 +20,8 @@ T, F = True, False
 
 
 @pytest.fixture(scope="module")
-def script():
-    spec = importlib.util.spec_from_file_location("ine_premise", ROOT / "benchmarks" / "ine_premise.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def script(benchmark_script):
+    return benchmark_script("ine_premise")
 
 
 def test_wilson_interval_matches_the_textbook_values():

@@ -4,7 +4,6 @@ recorded checks reproduces every recorded verdict, and the recipe rule judges th
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,11 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def sv():
-    spec = importlib.util.spec_from_file_location("training_seed_variation", ROOT / "benchmarks" / "training_seed_variation.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def sv(benchmark_script):
+    return benchmark_script("training_seed_variation")
 
 
 @pytest.fixture(scope="module")
