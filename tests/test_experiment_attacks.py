@@ -4,7 +4,6 @@ shipped file's targets and budgets, and an attack job that gives what calling th
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -17,16 +16,8 @@ from safediff.experiments import build_graph, load_experiment, run_experiment, s
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def attack_script():
-    """benchmarks/attacks_testbed.py as a module (its targets, detectors and counting)."""
-    spec = importlib.util.spec_from_file_location("attacks_testbed", ROOT / "benchmarks" / "attacks_testbed.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_shipped_attack_table_has_the_scripts_targets_attacks_and_budgets(tmp_path):
-    script = attack_script()
+def test_shipped_attack_table_has_the_scripts_targets_attacks_and_budgets(tmp_path, benchmark_script):
+    script = benchmark_script("attacks_testbed")  # its targets, detectors and counting
     exp = load_experiment(shipped_experiment("testbed_attacks"))
     arts = {m: str(tmp_path / f"{m}.safetensors")
             for m in ("esd", "advunlearn", "duo", "dark_miner", "sanitizer", "ine_none", "ine_duo")}
@@ -59,11 +50,11 @@ def test_shipped_attack_table_has_the_scripts_targets_attacks_and_budgets(tmp_pa
     assert ids.index("train:advunlearn_striped") < ids.index("attack:advunlearn.latent_inversion")
 
 
-def test_an_attack_job_gives_what_calling_the_attack_directly_gives(tmp_path, testbed):
+def test_an_attack_job_gives_what_calling_the_attack_directly_gives(tmp_path, testbed, benchmark_script):
     from safediff.attacks import AttackBudget, AttackTarget, get_attack, run_attack, seed_prompts_for
     from safediff.attacks.base import evaluate_attack
 
-    script = attack_script()
+    script = benchmark_script("attacks_testbed")
     data = yaml.safe_load(shipped_experiment("testbed_attacks").read_text())
     # white-box (on the stack), black-box (text encoder only) and latent (regenerated from inverted latents)
     keep = ("uce.unlearndiffatk", "uce.random_prefix", "uce.latent_inversion")
