@@ -13,7 +13,6 @@ import yaml
 
 from safediff.experiments import build_graph, load_experiment, run_experiment, shipped_experiment
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_shipped_attack_table_has_the_scripts_targets_attacks_and_budgets(tmp_path, benchmark_script):
