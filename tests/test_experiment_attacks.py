@@ -14,7 +14,6 @@ import yaml
 from safediff.experiments import build_graph, load_experiment, run_experiment, shipped_experiment
 
 
-
 def test_shipped_attack_table_has_the_scripts_targets_attacks_and_budgets(tmp_path, benchmark_script):
     script = benchmark_script("attacks_testbed")  # its targets, detectors and counting
     exp = load_experiment(shipped_experiment("testbed_attacks"))
