@@ -105,6 +105,22 @@ def test_a_retrained_model_keeps_the_shipped_scale_unless_another_clearly_beats_
         TrainConfig(guidance_scales=(2.0,))  # the kept scale must be measured, checked before any training
 
 
+def test_loss_weighting_min_snr_or_plain_v():
+    # min-SNR-5 on the v loss is min(SNR, 5) / (SNR + 1): SNR 0.25 -> 0.2, SNR 1 -> 0.5, SNR 9 -> 0.5;
+    # None is the plain v loss (weight 1 at every step); a non-positive gamma is refused before training
+    import torch
+
+    from safediff.testbed.train import TrainConfig, loss_weights
+
+    snr = torch.tensor([0.25, 1.0, 9.0])
+    assert torch.allclose(loss_weights(snr, 5.0), torch.tensor([0.2, 0.5, 0.5]))
+    assert torch.equal(loss_weights(snr, None), torch.ones(3))
+    assert TrainConfig.from_dict({"min_snr_gamma": None}).min_snr_gamma is None
+    for bad in (0, -1.0, True):
+        with pytest.raises(ValueError, match="min_snr_gamma"):
+            TrainConfig(min_snr_gamma=bad)
+
+
 def test_training_script_cut_down(tmp_path):
     out = tmp_path / "tb"
     over = ["--set", "vae_steps=2", "--set", "steps=3", "--set", "warmup=1", "--set", "batch=4", "--set", "vae_batch=4",

@@ -75,7 +75,10 @@ class TrainConfig:
         vae_steps / vae_batch / vae_lr: autoencoder stage.
         steps / batch / lr / min_lr / warmup: denoiser + text-encoder stage (cosine decay to min_lr).
         ema_decay: EMA of the denoiser and text encoder.
-        min_snr_gamma: min-SNR weighting of the v-prediction loss.
+        min_snr_gamma: min-SNR-gamma weighting of the v-prediction loss (Hang et al., ICCV 2023:
+            weight ``min(SNR, gamma) / (SNR + 1)`` on the v loss, i.e. ``min(SNR, gamma)`` on the
+            x0 error); ``None`` trains on the plain v loss (weight 1, as Stable Diffusion 2.x's
+            v-prediction models were trained), which weighs the high-noise steps far more.
         checkpoint_every: steps between in-memory EMA checkpoints (the roll-back points) and
             on-disk resume checkpoints.
         spike_factor: a smoothed loss above ``spike_factor`` times its best value rolls back.
@@ -101,7 +104,7 @@ class TrainConfig:
     min_lr: float = 1e-4
     warmup: int = 200
     ema_decay: float = 0.999
-    min_snr_gamma: float = 5.0
+    min_snr_gamma: float | None = 5.0
     checkpoint_every: int = 250
     spike_factor: float = 4.0
     max_minutes: float = 50.0
@@ -123,6 +126,9 @@ class TrainConfig:
                 abs(float(self.keep_guidance_scale) - float(g)) < 1e-9 for g in self.guidance_scales):
             raise ValueError(f"`keep_guidance_scale` {self.keep_guidance_scale} is not one of `guidance_scales` "
                              f"{list(self.guidance_scales)}: add it there, or set it to None to take the curve's best.")
+        if self.min_snr_gamma is not None and (isinstance(self.min_snr_gamma, bool) or not self.min_snr_gamma > 0):
+            raise ValueError(f"`min_snr_gamma` must be a positive number, or None for the plain v loss; "
+                             f"got {self.min_snr_gamma!r}.")
         if self.clip_weight < 0 or self.meaning_weight < 0:
             raise ValueError(f"`clip_weight` and `meaning_weight` must be >= 0, got {self.clip_weight}, {self.meaning_weight}.")
 
@@ -302,6 +308,14 @@ def train_vae(vae, cfg: TrainConfig, progress: bool = True, log=print, work_dir:
     return scale
 
 
+def loss_weights(snr: torch.Tensor, min_snr_gamma: float | None) -> torch.Tensor:
+    """Per-example weights of the v-prediction loss: min-SNR-gamma (``min(SNR, gamma) / (SNR + 1)``,
+    Hang et al., ICCV 2023, for v-prediction) or, with ``None``, 1 (the plain v loss)."""
+    if min_snr_gamma is None:
+        return torch.ones_like(snr)
+    return torch.clamp(snr, max=min_snr_gamma) / (snr + 1)
+
+
 def _save_ckpt(path: Path, step: int, cfg: TrainConfig, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save({"step": step, "config": cfg.to_dict(), **state}, tmp)
@@ -372,9 +386,7 @@ def train_denoiser(components: dict, cfg: TrainConfig, work_dir: Path, progress:
         noisy = noise_sched.add_noise(lat, noise, t)
         target = noise_sched.get_velocity(lat, noise, t)
         pred = unet(noisy, t, emb).sample
-        snr = snr_all[t]
-        w = torch.clamp(snr, max=cfg.min_snr_gamma) / (snr + 1)
-        loss = (w * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
+        loss = (loss_weights(snr_all[t], cfg.min_snr_gamma) * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
         total = loss
         keep = [i for i, c in enumerate(caps) if c]  # empty captions carry no text to align
         if cfg.clip_weight > 0 and len(keep) > 1:
