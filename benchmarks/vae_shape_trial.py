@@ -11,6 +11,10 @@ concepts kept at weak intensity (0.3-0.5, where a blurry decoder loses them firs
 
     python benchmarks/vae_shape_trial.py --steps 1200 4000 --world-version 4 \\
         --results benchmarks/results/vae_shape_trial
+    python benchmarks/vae_shape_trial.py --vae runs/testbed-v5.work/vae --results ...   # a trained one
+
+``--vae`` measures saved autoencoders instead (a model folder's ``vae``, or a training's work folder
+after its autoencoder stage), with no training.
 
 Nothing here looks at a defense or an attack; it decides an autoencoder setting from the
 autoencoder's own reconstruction of the world's images.
@@ -67,12 +71,22 @@ def main(argv: list[str] | None = None) -> int:
     from safediff.testbed.train import TrainConfig, build_components, train_vae
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, nargs="+", required=True, help="autoencoder steps to try")
+    ap.add_argument("--steps", type=int, nargs="+", default=[], help="autoencoder steps to try")
+    ap.add_argument("--vae", nargs="+", default=[], help="saved autoencoder folders to measure (no training)")
     ap.add_argument("--world-version", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0, help="training seed of the autoencoder stage")
     ap.add_argument("--results", required=True, help="output path without suffix (writes .json and .md)")
     args = ap.parse_args(argv)
+    if not args.steps and not args.vae:
+        ap.error("give --steps to train autoencoders, or --vae to measure saved ones")
     rows = []
+    for path in args.vae:
+        from diffusers import AutoencoderKL
+
+        row = {"vae": path, "vae_steps": _recorded_steps(Path(path)), "train_minutes": None,
+               **measure(AutoencoderKL.from_pretrained(path).eval())}
+        print(row, flush=True)
+        rows.append(row)
     for steps in args.steps:
         cfg = TrainConfig(seed=args.seed, vae_steps=steps, world_version=args.world_version)
         vae = build_components(tokenizer=_Tok(), seed=cfg.seed)["vae"]
@@ -88,17 +102,29 @@ def main(argv: list[str] | None = None) -> int:
            "command": "python benchmarks/vae_shape_trial.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     atomic_write_json(out.with_suffix(".json"), res, overwrite=True)
     lines = ["Testbed autoencoder: what the round trip keeps (600 benign scenes; 300 weak-intensity scenes "
-             "per concept).", "", "| VAE steps | minutes | shape | shape by radius (6-8 px) | colour | "
+             "per concept).", "", "| VAE (steps, or folder) | minutes | shape | shape by radius (6-8 px) | colour | "
              "weak striped / caged kept |", "|---|---|---|---|---|---|"]
     for r in rows:
         rad = ", ".join(f"{k}: {v:.2f}" for k, v in r["shape_by_radius"].items())
         w = r["weak_concept_recall"]
-        lines.append(f"| {r['vae_steps']} | {r['train_minutes']} | {r['shape']:.3f} | {rad} | {r['colour']:.3f} | "
+        lines.append(f"| {r.get('vae', r['vae_steps'])} | {r['train_minutes'] or '-'} | {r['shape']:.3f} | {rad} | {r['colour']:.3f} | "
                      f"{w['striped']:.3f} / {w['caged']:.3f} |")
     lines += ["", f"`{res['command']}`"]
     atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n", overwrite=True)
     print("\n".join(lines))
     return 0
+
+
+def _recorded_steps(vae_dir: Path) -> int | None:
+    """The autoencoder steps of the training that made ``vae_dir`` (its work folder's config.json,
+    or its model's safediff.json), when recorded."""
+    import json
+
+    for f in (vae_dir.parent / "config.json", vae_dir.parent / "safediff.json"):
+        if f.exists():
+            d = json.loads(f.read_text())
+            return d.get("vae_steps", d.get("train_config", {}).get("vae_steps"))
+    return None
 
 
 class _Tok:
