@@ -105,6 +105,21 @@ def test_a_retrained_model_keeps_the_shipped_scale_unless_another_clearly_beats_
         TrainConfig(guidance_scales=(2.0,))  # the kept scale must be measured, checked before any training
 
 
+def test_a_checkpoint_from_before_an_option_existed_still_resumes():
+    # a run stopped in one version resumes in the next: an option the checkpoint does not record
+    # counts as its default; a different value, or an option the recipe no longer has, does not match
+    from safediff.testbed.train import TrainConfig, same_config
+
+    cfg = TrainConfig(world_version=4, steps=9000)
+    saved = cfg.to_dict()
+    assert same_config(saved, cfg)
+    older = {k: v for k, v in saved.items() if k != "min_snr_gamma"}  # written before the option existed
+    assert same_config(older, cfg)
+    assert not same_config(older, TrainConfig(world_version=4, steps=9000, min_snr_gamma=None))
+    assert not same_config({**saved, "steps": 6000}, cfg)
+    assert not same_config({**saved, "retired_option": 1}, cfg)
+
+
 def test_loss_weighting_min_snr_or_plain_v():
     # min-SNR-5 on the v loss is min(SNR, 5) / (SNR + 1): SNR 0.25 -> 0.2, SNR 1 -> 0.5, SNR 9 -> 0.5;
     # None is the plain v loss (weight 1 at every step); a non-positive gamma is refused before training

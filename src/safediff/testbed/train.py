@@ -270,7 +270,7 @@ def train_vae(vae, cfg: TrainConfig, progress: bool = True, log=print, work_dir:
     start = 0
     if ckpt_path is not None and ckpt_path.exists():
         ck = torch.load(ckpt_path, weights_only=True)  # tensors and plain values only: no code
-        if ck["config"] != cfg.to_dict():
+        if not same_config(ck["config"], cfg):
             raise ValueError(f"The checkpoint at {ckpt_path} was made with another training config; delete it to "
                              "start over, or resume with the config it was made with.")
         vae.load_state_dict(ck["vae"]); opt.load_state_dict(ck["opt"]); start = ck["step"]
@@ -306,6 +306,17 @@ def train_vae(vae, cfg: TrainConfig, progress: bool = True, log=print, work_dir:
     vae.register_to_config(scaling_factor=scale)
     log(f"vae: PSNR {psnr:.1f} dB on 256 fresh images, latent scaling factor {scale:.4f}")
     return scale
+
+
+def same_config(saved: dict, cfg: TrainConfig) -> bool:
+    """Whether a checkpoint's recorded config is ``cfg``: compared after reading it back through
+    :meth:`TrainConfig.from_dict`, so that an option added to the recipe after the checkpoint was
+    written counts as its default (a run stopped in one version resumes in the next) while any
+    recorded value that differs, or an option the recipe no longer has, does not match."""
+    try:
+        return TrainConfig.from_dict(saved).to_dict() == cfg.to_dict()
+    except (TypeError, ValueError):
+        return False
 
 
 def loss_weights(snr: torch.Tensor, min_snr_gamma: float | None) -> torch.Tensor:
@@ -352,7 +363,7 @@ def train_denoiser(components: dict, cfg: TrainConfig, work_dir: Path, progress:
     gen = torch.Generator().manual_seed(cfg.seed + 201)
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, weights_only=True)
-        if ck["config"] != cfg.to_dict():
+        if not same_config(ck["config"], cfg):
             raise ValueError(
                 f"The checkpoint at {ckpt_path} was made with another training config; "
                 "delete it to start over, or resume with the config it was made with."
