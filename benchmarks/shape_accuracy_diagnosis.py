@@ -33,8 +33,9 @@ import numpy as np
 
 def autoencoder_shape_accuracy(model, n: int, seed: int = 0) -> dict:
     """Shape accuracy of the detector on ``n`` rendered benign scenes after the model's autoencoder
-    round trip (posterior mean), beside the same on the clean renders (1.0 by the detector's tests)."""
-    import torch
+    round trip (posterior mean; ``vae_shape_trial.round_trip``, the same loop), beside the same on
+    the clean renders (1.0 by the detector's tests)."""
+    from vae_shape_trial import round_trip  # benchmarks/ is the script's folder, so on sys.path
 
     from safediff.testbed import world
     from safediff.testbed.detection import detect
@@ -42,18 +43,8 @@ def autoencoder_shape_accuracy(model, n: int, seed: int = 0) -> dict:
 
     rng = random.Random(f"vae-shape:{seed}")
     scenes = [world.random_scene(rng) for _ in range(n)]
-    imgs = np.stack([render(s) for s in scenes])  # uint8 HWC
-    clean = np.mean([detect(im).shape == s.shape for im, s in zip(imgs, scenes)])
-    vae = model.vae
-    out = []
-    with torch.no_grad():
-        for i in range(0, n, 64):
-            x = torch.from_numpy(imgs[i:i + 64]).permute(0, 3, 1, 2).float() / 127.5 - 1
-            x = x.to(dtype=next(vae.parameters()).dtype)
-            rec = vae.decode(vae.encode(x).latent_dist.mean).sample
-            out.append(((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
-    rec = np.concatenate(out)
-    dets = [detect(im) for im in rec]
+    clean = np.mean([detect(render(s)).shape == s.shape for s in scenes])
+    dets = round_trip(model.vae, scenes)
     by_radius: dict[int, list[bool]] = {}
     for d, s in zip(dets, scenes):
         by_radius.setdefault(s.radius, []).append(d.shape == s.shape)
