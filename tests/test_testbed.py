@@ -120,6 +120,38 @@ def test_a_checkpoint_from_before_an_option_existed_still_resumes():
     assert not same_config({**saved, "retired_option": 1}, cfg)
 
 
+def test_denoiser_size_is_a_recipe_option_with_the_shipped_default():
+    # the default builds the shipped model's denoiser; a wider / deeper one has more parameters;
+    # a JSON list reads back as the same recipe (so a saved run resumes); a bad size is refused before training
+    import json
+
+    from safediff.testbed.train import TrainConfig, build_components, same_config
+
+    class Tok:  # build_components reads only the text encoder's sizes from the tokenizer
+        bos_token_id, eos_token_id, pad_token_id, model_max_length = 0, 1, 1, 16
+
+        def __len__(self) -> int:
+            return 8
+
+    tok = Tok()
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    default = build_components(tok, seed=0)["unet"]
+    assert tuple(default.config.block_out_channels) == (64, 128, 128) and default.config.layers_per_block == 1
+    wide = build_components(tok, seed=0, unet_channels=(96, 192, 192), unet_layers_per_block=2)["unet"]
+    assert tuple(wide.config.block_out_channels) == (96, 192, 192) and wide.config.layers_per_block == 2
+    assert count(wide) > 3 * count(default)
+    cfg = TrainConfig(unet_channels=(96, 192, 192))
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    saved = TrainConfig().to_dict()
+    older = {k: v for k, v in saved.items() if k not in ("unet_channels", "unet_layers_per_block")}
+    assert same_config(older, TrainConfig()) and not same_config(older, cfg)
+    for bad in ((64, 128), (64, 100, 128), (64, 128, 0), [64.0, 128, 128]):
+        with pytest.raises(ValueError, match="unet_channels"):
+            TrainConfig.from_dict({"unet_channels": bad})
+    with pytest.raises(ValueError, match="unet_layers_per_block"):
+        TrainConfig(unet_layers_per_block=0)
+
+
 def test_loss_weighting_min_snr_or_plain_v():
     # min-SNR-5 on the v loss is min(SNR, 5) / (SNR + 1): SNR 0.25 -> 0.2, SNR 1 -> 0.5, SNR 9 -> 0.5;
     # None is the plain v loss (weight 1 at every step); a non-positive gamma is refused before training

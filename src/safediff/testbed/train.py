@@ -87,6 +87,10 @@ class TrainConfig:
         keep_guidance_scale: the shipped model's default scale (4.0), which a retrained model keeps
             unless another scale of the curve beats it by more than twice the standard error of the
             difference (docs/testbed.md, "Decision on the misses"); None takes the curve's best.
+        unet_channels / unet_layers_per_block: the denoiser's width per resolution level and its
+            ResNet blocks per level (defaults: the shipped model's, 6.6 M parameters); a
+            capacity option for trials (benchmarks/denoiser_size_trial.py), each channel count a
+            multiple of 32 (the group norm's groups).
         world_version: the world the captions are drawn from (2: the shipped model's; 3: word forms,
             negation and near-concept piles, docs/testbed.md "World v3"); it picks the tokenizer's
             words, the sampler and the meaning vectors.
@@ -115,9 +119,19 @@ class TrainConfig:
     acceptance_n: int = 100
     world: world.WorldConfig = field(default_factory=world.WorldConfig)
     world_version: int = 2
+    unet_channels: tuple[int, int, int] = (64, 128, 128)
+    unet_layers_per_block: int = 1
 
     def __post_init__(self) -> None:
         check_world_version(self.world_version)
+        channels = tuple(self.unet_channels)
+        if len(channels) != 3 or any(isinstance(c, bool) or not isinstance(c, int) or c < 32 or c % 32
+                                     for c in channels):
+            raise ValueError(f"`unet_channels` must be three whole multiples of 32 (one per resolution level, "
+                             f"e.g. [64, 128, 128]); got {self.unet_channels!r}.")
+        if isinstance(self.unet_layers_per_block, bool) or not isinstance(self.unet_layers_per_block, int) \
+                or self.unet_layers_per_block < 1:
+            raise ValueError(f"`unet_layers_per_block` must be a whole number >= 1, got {self.unet_layers_per_block!r}.")
         if self.steps < 1 or self.vae_steps < 1:
             raise ValueError("`steps` and `vae_steps` must be >= 1.")
         if not 0 < self.min_lr <= self.lr:
@@ -140,6 +154,8 @@ class TrainConfig:
         d = dict(d)
         d["world"] = world.WorldConfig.from_dict(d.get("world", {}))
         d["guidance_scales"] = tuple(d.get("guidance_scales", cls.guidance_scales))
+        if "unet_channels" in d and isinstance(d["unet_channels"], (list, tuple)):
+            d["unet_channels"] = tuple(d["unet_channels"])
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -152,8 +168,10 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_components(tokenizer, seed: int = 0) -> dict:
-    """Untrained testbed components (stock diffusers/transformers classes)."""
+def build_components(tokenizer, seed: int = 0, unet_channels: tuple[int, int, int] = (64, 128, 128),
+                     unet_layers_per_block: int = 1) -> dict:
+    """Untrained testbed components (stock diffusers/transformers classes); the denoiser's size
+    is TrainConfig's ``unet_channels`` / ``unet_layers_per_block`` (defaults: the shipped model's)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -176,10 +194,10 @@ def build_components(tokenizer, seed: int = 0) -> dict:
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(64, 128, 128),
-        layers_per_block=1,
+        block_out_channels=tuple(unet_channels),
+        layers_per_block=unet_layers_per_block,
         cross_attention_dim=64,
-        attention_head_dim=4,  # diffusers' name for the number of heads: 128 / 4 = 32 per head
+        attention_head_dim=4,  # diffusers' name for the number of heads: 4 heads (32 channels each at 128)
         norm_num_groups=32,
     )
     torch.manual_seed(seed + 2)
@@ -627,7 +645,8 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), overwrite: bool
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     tokenizer = build_clip_tokenizer(world.vocabulary(cfg.world_version), work / "tokenizer")
-    comps = build_components(tokenizer, seed=cfg.seed)
+    comps = build_components(tokenizer, seed=cfg.seed, unet_channels=cfg.unet_channels,
+                             unet_layers_per_block=cfg.unet_layers_per_block)
     vae_path = work / "vae"
     if (vae_path / "config.json").exists():
         from diffusers import AutoencoderKL
