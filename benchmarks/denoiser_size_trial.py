@@ -30,24 +30,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from results_file import command_line, refuse_existing, write_results  # noqa: E402
 from weighting_trial import measure  # noqa: E402  (the same measurement as the loss-weighting trial)
 
 
 def main(argv: list[str] | None = None) -> int:
-    import safediff
-    from safediff.fileio import atomic_write_json, atomic_write_text
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("models", nargs="+", help="the trial's model folders (the reference arm first)")
     ap.add_argument("--results", required=True, help="output path without suffix (writes .json and .md)")
+    ap.add_argument("--overwrite", action="store_true", help="replace existing results files")
     args = ap.parse_args(argv)
+    refuse_existing(args.results, args.overwrite)
     rows = []
     for name in args.models:
-        row = measure(name)
-        unet = safediff.load_model(name, dtype="fp32").unet
-        row["unet_channels"] = list(unet.config.block_out_channels)
-        row["unet_layers_per_block"] = unet.config.layers_per_block
-        row["unet_params_m"] = round(sum(p.numel() for p in unet.parameters()) / 1e6, 2)
+        row = measure(name)  # records the denoiser's size too
         rows.append(row)
         print(row, flush=True)
     ref = rows[0]
@@ -58,12 +54,10 @@ def main(argv: list[str] | None = None) -> int:
                     + [ref["benign_shape"] - r["benign_shape"]])
         r["rule"] = {"empty_mean_rise": round(rise, 3), "largest_fall_elsewhere": round(worse, 3),
                      "adopted": bool(rise >= 0.05 and worse <= 0.05)}
-    out = Path(args.results)
     res = {"rows": rows, "machine": "this 2-core CPU unless said",
            "rule": "adopt if the empty prompt's mean rises >= 0.05 over the first row and no explicit rate "
                    "or the benign shape accuracy falls by more than 0.05",
-           "command": "python benchmarks/denoiser_size_trial.py " + " ".join(sys.argv[1:] if argv is None else argv)}
-    atomic_write_json(out.with_suffix(".json"), res, overwrite=True)
+           "command": command_line(__file__, argv)}
     lines = ["Denoiser-size trial (cut-down trainings, 3,000 steps; striped / caged).", "",
              "| model | denoiser channels | params (M) | empty prompt | explicit | benign shape | benign, any concept | rule |",
              "|---|---|---|---|---|---|---|---|"]
@@ -75,9 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['unet_params_m']} | {r['empty']['striped']:.3f} / {r['empty']['caged']:.3f} | "
                      f"{r['explicit']['striped']:.2f} / {r['explicit']['caged']:.2f} | {r['benign_shape']:.3f} | "
                      f"{r['benign_any_concept']:.3f} | {rule} |")
-    lines += ["", f"`{res['command']}`"]
-    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n", overwrite=True)
-    print("\n".join(lines))
+    write_results(args.results, res, lines, overwrite=args.overwrite)
     return 0
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -122,11 +121,10 @@ def main(argv: list[str] | None = None) -> int:
             print(name, label, row["settings"][label], flush=True)
         row["minutes"] = round((time.time() - t0) / 60, 2)
         rows.append(row)
-    from safediff.fileio import atomic_write_json, atomic_write_text
+    from results_file import command_line, write_results
     out = Path(args.results)
     res = {"n": args.n, "rows": rows, "machine": "see docs (this 2-core CPU unless said)",
-           "command": "python benchmarks/empty_prompt_sampler.py " + " ".join(sys.argv[1:] if argv is None else argv)}
-    atomic_write_json(out.with_suffix(".json"), res, overwrite=True)
+           "command": command_line(__file__, argv)}
     concepts = list(rows[0]["data"])
     lines = [f"Empty-prompt concept rates (n = {args.n} per setting; seeds 10,000 + i), striped / caged.", "",
              "| model | data | " + " | ".join(label for label, _, _ in settings) + " |",
@@ -143,9 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             dd, gd = r["data_detail"][c], r["detail"][label][c]
             f3 = lambda d: f"{d['below_0.1']:.3f} / {d['faint']:.3f} / {d['counted']:.3f}"  # noqa: E731
             lines.append(f"| {r['model']} | {c} | {f3(dd)} | {f3(gd)} | {dd['modes']} | {gd['modes']} |")
-    lines += ["", f"`{res['command']}`"]
-    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n", overwrite=True)
-    print("\n".join(lines))
+    write_results(out, res, lines, overwrite=True)  # the benchmark's own results, replaced on a rerun
     return 0
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -99,11 +98,10 @@ def main(argv: list[str] | None = None) -> int:
             print(name, row["generated"][-1], flush=True)
         row["minutes"] = round((time.time() - t0) / 60, 2)
         rows.append(row)
-    from safediff.fileio import atomic_write_json, atomic_write_text
+    from results_file import command_line, write_results
     out = Path(args.results)
     res = {"n": args.n, "rows": rows, "machine": "see docs (this 2-core CPU unless said)",
-           "command": "python benchmarks/shape_accuracy_diagnosis.py " + " ".join(sys.argv[1:] if argv is None else argv)}
-    atomic_write_json(out.with_suffix(".json"), res, overwrite=True)
+           "command": command_line(__file__, argv)}
     lines = [f"Benign shape accuracy (n = {args.n} prompts per setting, autoencoder on {2 * args.n} scenes).", "",
              "| model | clean render | autoencoder round trip | " + " | ".join(
                  f"generated, {g['steps']} steps" for g in rows[0]["generated"]) + " | commonest errors (default steps) |",
@@ -112,9 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         errs = ", ".join(f"{k} {v}" for k, v in list(r["generated"][0]["errors"].items())[:4])
         lines.append(f"| {r['model']} | {r['autoencoder']['clean']:.3f} | {r['autoencoder']['round_trip']:.3f} | "
                      + " | ".join(f"{g['shape']:.3f}" for g in r["generated"]) + f" | {errs} |")
-    lines += ["", f"`{res['command']}`"]
-    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n", overwrite=True)
-    print("\n".join(lines))
+    write_results(out, res, lines, overwrite=True)  # the benchmark's own results, replaced on a rerun
     return 0
 
 

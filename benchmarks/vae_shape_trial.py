@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -67,7 +66,7 @@ def measure(vae, n: int = 600, seed: int = 0) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from safediff.fileio import atomic_write_json, atomic_write_text
+    from results_file import command_line, write_results
     from safediff.testbed.train import TrainConfig, build_components, train_vae
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -99,8 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.results)
     res = {"rows": rows, "world_version": args.world_version, "seed": args.seed,
            "machine": "this 2-core CPU unless said",
-           "command": "python benchmarks/vae_shape_trial.py " + " ".join(sys.argv[1:] if argv is None else argv)}
-    atomic_write_json(out.with_suffix(".json"), res, overwrite=True)
+           "command": command_line(__file__, argv)}
     lines = ["Testbed autoencoder: what the round trip keeps (600 benign scenes; 300 weak-intensity scenes "
              "per concept).", "", "| VAE (steps, or folder) | minutes | shape | shape by radius (6-8 px) | colour | "
              "weak striped / caged kept |", "|---|---|---|---|---|---|"]
@@ -109,9 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         w = r["weak_concept_recall"]
         lines.append(f"| {r.get('vae', r['vae_steps'])} | {r['train_minutes'] or '-'} | {r['shape']:.3f} | {rad} | {r['colour']:.3f} | "
                      f"{w['striped']:.3f} / {w['caged']:.3f} |")
-    lines += ["", f"`{res['command']}`"]
-    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n", overwrite=True)
-    print("\n".join(lines))
+    write_results(out, res, lines, overwrite=True)  # the benchmark's own results, replaced on a rerun
     return 0
 
 

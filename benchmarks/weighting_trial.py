@@ -20,7 +20,6 @@ A design-time measurement of the base model only; no defense or attack is involv
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -37,7 +36,10 @@ def measure(name: str) -> dict:
     model = safediff.load_model(name, dtype="fp32")
     row: dict = {"model": name, "content_hash": model.content_hash,
                  "min_snr_gamma": model.meta.get("train_config", {}).get("min_snr_gamma"),
-                 "steps": model.meta.get("train_config", {}).get("steps")}
+                 "steps": model.meta.get("train_config", {}).get("steps"),
+                 "unet_channels": list(model.unet.config.block_out_channels),
+                 "unet_layers_per_block": model.unet.config.layers_per_block,
+                 "unet_params_m": round(sum(p.numel() for p in model.unet.parameters()) / 1e6, 2)}
 
     def detect(pipe, prompts, ids):
         out = pipe(prompts, image_ids=ids, batch_size=64, allow_empty=True, progress=False)
@@ -61,7 +63,7 @@ def measure(name: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from safediff.fileio import atomic_write_json, atomic_write_text
+    from results_file import command_line, write_results
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("models", nargs="+", help="the trial's model folders")
@@ -73,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         print(rows[-1], flush=True)
     out = Path(args.results)
     res = {"rows": rows, "machine": "this 2-core CPU unless said",
-           "command": "python benchmarks/weighting_trial.py " + " ".join(sys.argv[1:] if argv is None else argv)}
-    atomic_write_json(out.with_suffix(".json"), res, overwrite=True)
+           "command": command_line(__file__, argv)}
     lines = ["Loss-weighting trial (cut-down trainings; striped / caged).", "",
              "| model | min_snr_gamma | steps | empty prompt | explicit | benign shape | benign, any concept |",
              "|---|---|---|---|---|---|---|"]
@@ -82,9 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {r['model']} | {r['min_snr_gamma']} | {r['steps']} | {r['empty']['striped']:.3f} / "
                      f"{r['empty']['caged']:.3f} | {r['explicit']['striped']:.2f} / {r['explicit']['caged']:.2f} | "
                      f"{r['benign_shape']:.3f} | {r['benign_any_concept']:.3f} |")
-    lines += ["", f"`{res['command']}`"]
-    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n", overwrite=True)
-    print("\n".join(lines))
+    write_results(out, res, lines, overwrite=True)  # the benchmark's own results, replaced on a rerun
     return 0
 
 

@@ -124,7 +124,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_world_version(self.world_version)
-        channels = tuple(self.unet_channels)
+        if not isinstance(self.unet_channels, (list, tuple)):
+            raise ValueError(f"`unet_channels` must be three whole multiples of 32 (one per resolution level, "
+                             f"e.g. [64, 128, 128]); got {self.unet_channels!r}.")
+        channels = tuple(self.unet_channels)  # a JSON list, or a list passed in, is the same recipe as the tuple
+        object.__setattr__(self, "unet_channels", channels)
         if len(channels) != 3 or any(isinstance(c, bool) or not isinstance(c, int) or c < 32 or c % 32
                                      for c in channels):
             raise ValueError(f"`unet_channels` must be three whole multiples of 32 (one per resolution level, "
@@ -154,8 +158,6 @@ class TrainConfig:
         d = dict(d)
         d["world"] = world.WorldConfig.from_dict(d.get("world", {}))
         d["guidance_scales"] = tuple(d.get("guidance_scales", cls.guidance_scales))
-        if "unet_channels" in d and isinstance(d["unet_channels"], (list, tuple)):
-            d["unet_channels"] = tuple(d["unet_channels"])
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
